@@ -1,0 +1,134 @@
+//! Process settings: the command line of DESIGN.md, parsed once and validated.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ztp_proto::parse_duration;
+
+/// ZTP data plane: a zero-trust mTLS gateway. Clients present a certificate, name a
+/// service with SNI, and are forwarded to its backend if their identity is allowed.
+#[derive(Debug, Parser)]
+#[command(name = "ztp-dataplane", version, about, max_term_width = 100)]
+pub struct Args {
+    /// Validate a snapshot file, print the result and exit (0 valid, 1 invalid).
+    #[arg(long, value_name = "FILE")]
+    pub check: Option<PathBuf>,
+
+    /// Address clients connect to; `[::]` is dual-stack.
+    #[arg(long, default_value = "[::]:9743", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// The server certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// The server certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// CA certificates that client certificates must chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// The snapshot file (YAML) to serve.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: Option<PathBuf>,
+
+    /// Address of /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9790", value_name = "ADDR")]
+    pub admin_listen: SocketAddr,
+
+    /// Time a client has from connect to a completed handshake.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+
+    /// A connection with no byte moving either way for this long is closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+
+    /// Time allowed to connect to a tcp backend (then 504).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// Time a udp or quic backend has to answer a datagram.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub udp_timeout: Duration,
+
+    /// Concurrent client connections; more are closed at once.
+    #[arg(long, default_value_t = 20000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
+    pub max_connections: u32,
+
+    /// On SIGTERM, time live connections get to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
+    pub threads: Option<u16>,
+
+    /// Log format on stderr.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], value_name = "FORMAT")]
+    pub log_format: String,
+}
+
+/// A data plane's validated settings.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls: crate::tls::TlsFiles,
+    pub snapshot: PathBuf,
+    pub admin_listen: SocketAddr,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub max_connections: u32,
+    pub drain_timeout: Duration,
+    pub threads: usize,
+}
+
+impl Args {
+    /// Checks what clap cannot: the files a serving node needs.
+    pub fn into_config(self) -> Result<Config, String> {
+        let need = |v: Option<PathBuf>, flag: &str| {
+            v.ok_or_else(|| format!("{flag} is required (see --help)"))
+        };
+        let cert = need(self.cert, "--cert")?;
+        let key = need(self.key, "--key")?;
+        let client_ca = need(self.client_ca, "--client-ca")?;
+        let snapshot = need(self.snapshot, "--snapshot")?;
+        for (name, d) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--udp-timeout", self.udp_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be greater than zero"));
+            }
+        }
+        let threads = match self.threads {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(Config {
+            listen: self.listen,
+            tls: crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            },
+            snapshot,
+            admin_listen: self.admin_listen,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            connect_timeout: self.connect_timeout,
+            udp_timeout: self.udp_timeout,
+            max_connections: self.max_connections,
+            drain_timeout: self.drain_timeout,
+            threads,
+        })
+    }
+}

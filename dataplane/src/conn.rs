@@ -1,0 +1,236 @@
+//! One connection's path, top to bottom, as DESIGN.md draws it:
+//!
+//! `accept → preauth → TLS handshake → identity → service lookup → authorize → protocol
+//! → handler`
+//!
+//! Each stage is one call returning a typed value; a stage that refuses ends the
+//! connection the way DESIGN.md prescribes (an alert or close in the handshake, a
+//! `ZTP-ERROR` line after it). Whatever happens, one `connection` event is logged at the
+//! end with who, what, the decision and its reason, bytes each way and duration: never
+//! key material or payload.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::authz;
+use crate::handler::{self, ClientStream, HandlerLimits};
+use crate::identity;
+use crate::protocol;
+use crate::refusal::{self, Refusal};
+use crate::snapshot::Active;
+use crate::tls::{self, HandshakeError, HelloAlert};
+
+/// What every connection shares: the published state and the limits.
+#[derive(Debug)]
+pub struct ConnContext {
+    pub state: watch::Receiver<Arc<Active>>,
+    pub handshake_timeout: Duration,
+    pub handler: HandlerLimits,
+}
+
+/// Serves one accepted connection to its end, then logs its record.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ConnContext>) {
+    let mut rec = Record::new(peer);
+    run(tcp, &ctx, &mut rec).await;
+    rec.emit();
+}
+
+async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
+    // TLS: the ClientHello decides the service before anything is signed.
+    let handshake = tokio::time::timeout(ctx.handshake_timeout, gate(tcp, ctx, rec)).await;
+    let mut client = match handshake {
+        Ok(Some(client)) => client,
+        Ok(None) => return,
+        Err(_) => return rec.deny(HandshakeError::Timeout.reason()),
+    };
+
+    // Everything after the handshake is decided on the newest snapshot.
+    let active = ctx.state.borrow().clone();
+    if let Err(e) = tls::recheck_resumed(&client, &active.tls.verifier) {
+        tracing::debug!(error = %e, "resumed session refused");
+        return refuse(
+            &mut client,
+            rec,
+            Refusal::Forbidden,
+            "resumed certificate refused",
+        )
+        .await;
+    }
+
+    // Identity.
+    let Some(leaf) = tls::peer_chain(&client).first() else {
+        return refuse(
+            &mut client,
+            rec,
+            Refusal::Forbidden,
+            "no client certificate",
+        )
+        .await;
+    };
+    let identity = match identity::extract(leaf) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::debug!(error = %e, "no identity");
+            return refuse(&mut client, rec, Refusal::Forbidden, "no identity").await;
+        }
+    };
+    rec.identity = Some(identity.id.clone());
+
+    // Service lookup.
+    let sni = rec.sni.clone().unwrap_or_default();
+    let Some(route) = active.policy.routes.lookup(&sni) else {
+        return refuse(&mut client, rec, Refusal::Misdirected, "service vanished").await;
+    };
+    rec.service = Some(route.name.clone());
+
+    // Authorization.
+    let permit = match authz::authorize(&active.policy.directory, &identity, route) {
+        Ok(p) => p,
+        Err((denial, user)) => {
+            rec.user = user.map(|u| u.name.clone());
+            return refuse(&mut client, rec, Refusal::Forbidden, denial_reason(denial)).await;
+        }
+    };
+    rec.user = Some(permit.user.name.clone());
+    drop(active);
+
+    // Protocol, then the handler.
+    let protocol = protocol::choose(&permit.route);
+    let outcome = handler::run(client, protocol, &permit, &identity, ctx.handler).await;
+    rec.bytes_up = outcome.bytes_up;
+    rec.bytes_down = outcome.bytes_down;
+    rec.backend = outcome.backend_addr;
+    // Authorized: the decision is "allow" even when the backend then failed (the code
+    // and reason say so).
+    rec.code = outcome.refusal.map(Refusal::code);
+    rec.allow(outcome.end);
+}
+
+/// The handshake stage: ClientHello, SNI and route, source ranges, then the handshake
+/// proper with client certificate verification. `None` when refused (already logged in
+/// `rec`).
+async fn gate(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<ClientStream> {
+    let start = match tls::read_hello(tcp).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "client hello refused");
+            rec.deny(e.reason());
+            return None;
+        }
+    };
+    let active = ctx.state.borrow().clone();
+    let Some(sni) = start.client_hello().server_name().map(str::to_owned) else {
+        rec.deny("no sni");
+        tls::refuse_hello(start.io, HelloAlert::MissingExtension).await;
+        return None;
+    };
+    rec.sni = Some(sni.clone());
+    let Some(route) = active.policy.routes.lookup(&sni) else {
+        rec.deny("unknown sni");
+        tls::refuse_hello(start.io, HelloAlert::UnrecognizedName).await;
+        return None;
+    };
+    if !route.admits_source(rec.peer.ip()) {
+        // Indistinguishable from an unknown name: no hint that the service exists.
+        rec.service = Some(route.name.clone());
+        rec.deny("source not allowed");
+        tls::refuse_hello(start.io, HelloAlert::UnrecognizedName).await;
+        return None;
+    }
+    match tls::complete(start, active.tls.stream.clone()).await {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            rec.tls_error = Some(e.to_string());
+            rec.deny(e.reason());
+            None
+        }
+    }
+}
+
+async fn refuse(client: &mut ClientStream, rec: &mut Record, r: Refusal, reason: &'static str) {
+    rec.code = Some(r.code());
+    rec.deny(reason);
+    refusal::deliver(client, r).await;
+}
+
+fn denial_reason(d: authz::Denial) -> &'static str {
+    match d {
+        authz::Denial::UnknownIdentity => "unknown identity",
+        authz::Denial::UserDisabled => "user disabled",
+        authz::Denial::NotInGroup => "not in group",
+    }
+}
+
+/// The connection's record, logged once at its end.
+#[derive(Debug)]
+struct Record {
+    started: Instant,
+    peer: SocketAddr,
+    sni: Option<String>,
+    identity: Option<String>,
+    user: Option<String>,
+    service: Option<String>,
+    backend: Option<SocketAddr>,
+    allowed: bool,
+    reason: &'static str,
+    code: Option<u16>,
+    tls_error: Option<String>,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl Record {
+    fn new(peer: SocketAddr) -> Self {
+        Record {
+            started: Instant::now(),
+            peer,
+            sni: None,
+            identity: None,
+            user: None,
+            service: None,
+            backend: None,
+            allowed: false,
+            reason: "",
+            code: None,
+            tls_error: None,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    fn allow(&mut self, reason: &'static str) {
+        self.allowed = true;
+        self.reason = reason;
+    }
+
+    fn deny(&mut self, reason: &'static str) {
+        self.allowed = false;
+        self.reason = reason;
+    }
+
+    fn emit(&self) {
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(
+            client.addr = %self.peer,
+            tls.sni = self.sni.as_deref(),
+            client.id = self.identity.as_deref(),
+            user.name = self.user.as_deref(),
+            service.name = self.service.as_deref(),
+            backend.addr = self.backend.map(tracing::field::display),
+            decision = if self.allowed { "allow" } else { "deny" },
+            reason = self.reason,
+            refusal.code = self.code,
+            tls.error = self.tls_error.as_deref(),
+            bytes.up = self.bytes_up,
+            bytes.down = self.bytes_down,
+            duration_ms,
+            "connection"
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! The tcp forwarder: a bounded connect to the backend, then both directions copied until
+//! both have closed.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use ztp_proto::names::{BackendAddr, BackendHost};
+
+use super::splice::{splice, SpliceEnd};
+use super::{ClientStream, HandlerLimits, Outcome};
+use crate::authz::Permit;
+use crate::refusal::{self, Refusal};
+
+/// Why a backend could not be reached (logged; the client sees 502 or 504).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("backend connect timed out")]
+    Timeout,
+    #[error("backend name did not resolve: {0}")]
+    Resolve(io::Error),
+    #[error("backend refused or unreachable: {0}")]
+    Unreachable(io::Error),
+    #[error("service has no backend address")]
+    NoAddress,
+}
+
+impl ConnectError {
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            ConnectError::Timeout => Refusal::GatewayTimeout,
+            _ => Refusal::BadGateway,
+        }
+    }
+}
+
+/// Connects to a backend within `timeout`, trying each resolved address in turn.
+/// `:port` means this machine: 127.0.0.1 first, then ::1.
+pub async fn connect(addr: &BackendAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let deadline = Instant::now() + timeout;
+    let candidates: Vec<SocketAddr> = match &addr.host {
+        BackendHost::Localhost => vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port),
+        ],
+        BackendHost::Ip(ip) => vec![SocketAddr::new(*ip, addr.port)],
+        BackendHost::Name(name) => tokio::time::timeout_at(
+            deadline,
+            tokio::net::lookup_host((name.as_str(), addr.port)),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+        .map_err(ConnectError::Resolve)?
+        .collect(),
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for sa in candidates {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(sa)).await {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = e,
+        }
+    }
+    Err(ConnectError::Unreachable(last))
+}
+
+/// Forwards an authorized client to its service's backend.
+pub async fn forward(mut client: ClientStream, permit: &Permit, limits: HandlerLimits) -> Outcome {
+    let Some(addr) = permit.route.backend.as_ref() else {
+        return refuse(&mut client, ConnectError::NoAddress).await;
+    };
+    let mut backend = match connect(addr, limits.connect_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(backend.addr = %addr, error = %e, "backend connect failed");
+            return refuse(&mut client, e).await;
+        }
+    };
+    let backend_addr = backend.peer_addr().ok();
+    let res = splice(&mut client, &mut backend, limits.idle_timeout).await;
+    Outcome {
+        bytes_up: res.a_to_b,
+        bytes_down: res.b_to_a,
+        refusal: None,
+        end: match res.end {
+            SpliceEnd::Closed => "closed",
+            SpliceEnd::Idle => "idle timeout",
+            SpliceEnd::Error(_) => "connection error",
+        },
+        backend_addr,
+    }
+}
+
+async fn refuse(client: &mut ClientStream, e: ConnectError) -> Outcome {
+    let r = e.refusal();
+    refusal::deliver(client, r).await;
+    Outcome {
+        refusal: Some(r),
+        end: match r {
+            Refusal::GatewayTimeout => "backend timeout",
+            _ => "backend unreachable",
+        },
+        ..Outcome::default()
+    }
+}

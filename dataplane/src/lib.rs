@@ -1,0 +1,62 @@
+//! The ZTP data plane.
+//!
+//! Owns: the listener, the TLS gate, identity, routing, authorization, handlers and the
+//! config sources of a data-plane node. Does not own: the snapshot schema and its
+//! validation (`ztp-proto`), or the system of record (`ztp-control`).
+//!
+//! A connection's path, one module per stage, read top to bottom in [`conn`]:
+//!
+//! ```text
+//!  accept ─► preauth ─► TLS handshake ─► identity ─► service lookup ─► authorize ─► protocol ─► handler
+//!  listener  preauth    tls (SNI, mTLS,  identity    routing            authz        protocol    handler::{tcp,
+//!            (cap)      revocation)                                                             identity_echo}
+//!     refusals in the handshake: alert or close │ after it: one ZTP-ERROR line (refusal)
+//! ```
+//!
+//! Routing state is one `Arc<Active>` (a compiled snapshot and the TLS configs built for
+//! it) published on a `tokio::sync::watch` by [`snapshot::Publisher`]; stages from
+//! identity to protocol choice are pure functions of it.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod authz;
+pub mod config;
+pub mod conn;
+pub mod handler;
+pub mod identity;
+pub mod listener;
+pub mod preauth;
+pub mod protocol;
+pub mod refusal;
+pub mod routing;
+pub mod shutdown;
+pub mod snapshot;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::conn::ConnContext;
+use crate::preauth::ConnectionCap;
+
+/// Serves clients on `listener` until `shutdown` completes, then waits up to `drain` for
+/// live connections to end. Returns the number of connections still open at the end.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ConnContext>,
+    cap: ConnectionCap,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> usize {
+    listener::run(listener, ctx, cap.clone(), shutdown).await;
+    let live = cap.active();
+    if live > 0 {
+        tracing::info!(connections = live, "draining");
+        let _ = tokio::time::timeout(drain, cap.all_closed()).await;
+    }
+    cap.active()
+}

@@ -1,0 +1,200 @@
+//! `ztp-dataplane`: see `--help` and README.md.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use ztp_dataplane::admin::{self, Readiness};
+use ztp_dataplane::config::{Args, Config};
+use ztp_dataplane::conn::ConnContext;
+use ztp_dataplane::handler::HandlerLimits;
+use ztp_dataplane::preauth::ConnectionCap;
+use ztp_dataplane::snapshot::{file, Policy, Publisher};
+use ztp_dataplane::{listener, shutdown, tls};
+
+/// sysexits EX_USAGE: invalid command line or configuration.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            let code = match e.kind() {
+                DisplayHelp | DisplayVersion => 0,
+                _ => EX_USAGE,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Some(path) = &args.check {
+        return check(path);
+    }
+    let json = args.log_format == "json";
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztp-dataplane: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    init_tracing(json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ztp-dataplane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match file::load(path) {
+        Ok(snap) => {
+            println!(
+                "ok: {}: version {}, {} services, {} users, {} groups, {} revoked",
+                path.display(),
+                snap.version,
+                snap.services.len(),
+                snap.users.len(),
+                snap.groups.len(),
+                snap.revoked.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("{line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    let provider = tls::provider();
+    // The process-wide default, for any rustls user that does not name one.
+    let _ = provider.as_ref().clone().install_default();
+
+    let started = match start(&config, provider).await {
+        Ok(s) => s,
+        Err((code, msg)) => {
+            for line in msg {
+                eprintln!("ztp-dataplane: {line}");
+            }
+            return ExitCode::from(code);
+        }
+    };
+    let Started {
+        listener,
+        admin,
+        ctx,
+        publisher: _publisher,
+    } = started;
+
+    let ready = Arc::new(Readiness::default());
+    let (trigger, stop) = shutdown::channel();
+    let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), stop.clone().wait()));
+    ready.set(true);
+
+    let cap = ConnectionCap::new(config.max_connections as usize);
+    let signal = async {
+        let sig = shutdown::signal().await;
+        tracing::info!(signal = sig, "stopping: no new connections");
+        ready.set(false);
+        trigger.fire();
+    };
+    let left = ztp_dataplane::serve(listener, ctx, cap, signal, config.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain timeout: closing live connections"
+        );
+    }
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+struct Started {
+    listener: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    ctx: Arc<ConnContext>,
+    publisher: Publisher,
+}
+
+/// Loads everything and binds the sockets; any failure is reported before serving.
+async fn start(
+    config: &Config,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Started, (u8, Vec<String>)> {
+    let usage = |lines: Vec<String>| (EX_USAGE, lines);
+    let material =
+        tls::TlsMaterial::load(&config.tls, &provider).map_err(|e| usage(vec![e.to_string()]))?;
+    let snap = file::load(&config.snapshot).map_err(|e| usage(e.lines()))?;
+    let policy = Policy::compile(&snap).map_err(|e| usage(vec![e.to_string()]))?;
+    let services = policy.routes.len();
+    let (publisher, state) =
+        Publisher::new(policy, material, provider).map_err(|e| usage(vec![e.to_string()]))?;
+    tracing::info!(
+        snapshot.version = snap.version,
+        services,
+        users = snap.users.len(),
+        path = %config.snapshot.display(),
+        "snapshot loaded"
+    );
+
+    let bind_err = |what: &str, addr, e: std::io::Error| {
+        (1, vec![format!("cannot listen for {what} on {addr}: {e}")])
+    };
+    let listener =
+        listener::bind(config.listen).map_err(|e| bind_err("clients", config.listen, e))?;
+    let admin = listener::bind(config.admin_listen)
+        .map_err(|e| bind_err("admin", config.admin_listen, e))?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
+    if let Ok(addr) = admin.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    let ctx = Arc::new(ConnContext {
+        state,
+        handshake_timeout: config.handshake_timeout,
+        handler: HandlerLimits {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+        },
+    });
+    Ok(Started {
+        listener,
+        admin,
+        ctx,
+        publisher,
+    })
+}

@@ -1,0 +1,126 @@
+//! Config sources and the published routing state.
+//!
+//! A snapshot (from a file today; from the control plane's stream later) is validated,
+//! compiled into a [`Policy`] of hash indexes, paired with TLS configs built for it, and
+//! published as one `Arc<Active>` on a `tokio::sync::watch`. A connection clones the
+//! `Arc` once per decision; swapping in a new snapshot never blocks a connection.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::StoresServerSessions;
+use tokio::sync::watch;
+use ztp_proto::names::Serial;
+use ztp_proto::{Invalid, Snapshot};
+
+use crate::authz::Directory;
+use crate::routing::Routes;
+use crate::tls::{TlsConfigs, TlsError, TlsMaterial};
+
+pub mod file;
+
+/// A snapshot compiled for lookups.
+#[derive(Debug)]
+pub struct Policy {
+    pub version: u64,
+    pub routes: Routes,
+    pub directory: Directory,
+    pub revoked: Arc<HashSet<Serial>>,
+}
+
+impl Policy {
+    /// Validates and indexes a snapshot.
+    pub fn compile(snap: &Snapshot) -> Result<Policy, Invalid> {
+        snap.validate()?;
+        let revoked = snap
+            .revoked
+            .iter()
+            .map(|s| Serial::parse_hex(s))
+            .collect::<Result<HashSet<_>, _>>()
+            .map_err(|message| {
+                Invalid(vec![ztp_proto::FieldError {
+                    field: "revoked".into(),
+                    message,
+                }])
+            })?;
+        Ok(Policy {
+            version: snap.version,
+            routes: Routes::compile(&snap.services)?,
+            directory: Directory::compile(&snap.users),
+            revoked: Arc::new(revoked),
+        })
+    }
+}
+
+/// What connections decide against: a policy and the TLS configs built for it.
+#[derive(Debug)]
+pub struct Active {
+    pub policy: Arc<Policy>,
+    pub tls: TlsConfigs,
+}
+
+/// Owns the watch channel; rebuilds [`Active`] when the policy or the TLS material
+/// changes.
+pub struct Publisher {
+    tx: watch::Sender<Arc<Active>>,
+    material: TlsMaterial,
+    sessions: Arc<dyn StoresServerSessions>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl Publisher {
+    pub fn new(
+        policy: Policy,
+        material: TlsMaterial,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<(Publisher, watch::Receiver<Arc<Active>>), TlsError> {
+        let sessions = crate::tls::session_cache();
+        let policy = Arc::new(policy);
+        let tls = TlsConfigs::build(
+            &material,
+            policy.revoked.clone(),
+            sessions.clone(),
+            provider.clone(),
+        )?;
+        let (tx, rx) = watch::channel(Arc::new(Active { policy, tls }));
+        Ok((
+            Publisher {
+                tx,
+                material,
+                sessions,
+                provider,
+            },
+            rx,
+        ))
+    }
+
+    /// The state being served.
+    pub fn current(&self) -> Arc<Active> {
+        self.tx.borrow().clone()
+    }
+
+    /// Publishes a new policy; connections see it on their next decision.
+    pub fn apply_policy(&self, policy: Policy) -> Result<(), TlsError> {
+        self.publish(Arc::new(policy), &self.material)
+    }
+
+    /// Publishes new TLS material (after a reload of the files).
+    pub fn apply_material(&mut self, material: TlsMaterial) -> Result<(), TlsError> {
+        let policy = self.current().policy.clone();
+        self.publish(policy, &material)?;
+        self.material = material;
+        Ok(())
+    }
+
+    fn publish(&self, policy: Arc<Policy>, material: &TlsMaterial) -> Result<(), TlsError> {
+        let tls = TlsConfigs::build(
+            material,
+            policy.revoked.clone(),
+            self.sessions.clone(),
+            self.provider.clone(),
+        )?;
+        self.tx.send_replace(Arc::new(Active { policy, tls }));
+        Ok(())
+    }
+}

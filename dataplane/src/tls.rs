@@ -1,0 +1,330 @@
+//! The TLS gate: TLS 1.3 only, SNI decided on the ClientHello, client certificates
+//! verified against the CA set and the snapshot's revoked serials.
+//!
+//! Server configs are built once per snapshot (the revoked set lives in the verifier)
+//! and once per load of the key material, never per connection. The server's key is held
+//! as a [`CertifiedKey`], behind rustls's signer traits, so keyless signing can replace it
+//! without touching the gate.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
+use ztp_proto::names::Serial;
+
+/// The crypto provider: ring, one choice for the whole process.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Paths of the node's own TLS material.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path}: no certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no usable private key: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("{cert} and {key} do not belong together: {reason}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("{path}: bad CA certificate: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("cannot build the TLS config: {0}")]
+    Config(String),
+}
+
+/// The node's certificate, key and client CA set, loaded and checked.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    certified: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+}
+
+impl TlsMaterial {
+    /// Loads PEM files: the server chain (leaf first), its key (PKCS#8, PKCS#1 or SEC1),
+    /// and one or more CA certificates for clients.
+    pub fn load(files: &TlsFiles, provider: &CryptoProvider) -> Result<Self, TlsError> {
+        let chain = read_certs(&files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => TlsError::Key {
+                path: files.key.clone(),
+                reason: "no PEM private key in the file".into(),
+            },
+            source => TlsError::Read {
+                path: files.key.clone(),
+                source,
+            },
+        })?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::Key {
+                path: files.key.clone(),
+                reason: e.to_string(),
+            })?;
+        let certified = CertifiedKey::new(chain, signing);
+        certified.keys_match().map_err(|e| TlsError::Mismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            reason: e.to_string(),
+        })?;
+
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(&files.client_ca)? {
+            roots.add(ca).map_err(|e| TlsError::BadCa {
+                path: files.client_ca.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(TlsMaterial {
+            certified: Arc::new(certified),
+            roots: Arc::new(roots),
+        })
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Everything the gate needs for one snapshot: built once, shared by every connection.
+#[derive(Debug, Clone)]
+pub struct TlsConfigs {
+    /// For stream services (and clients that do not ask for framed datagrams).
+    pub stream: Arc<ServerConfig>,
+    /// The same verifier the configs use, to re-check a resumed session's chain.
+    pub verifier: Arc<ClientVerifier>,
+}
+
+/// The session cache shared by all configs, so resumption survives snapshot swaps
+/// (each resumed session is decided afresh anyway).
+pub fn session_cache() -> Arc<dyn StoresServerSessions> {
+    ServerSessionMemoryCache::new(1024)
+}
+
+impl TlsConfigs {
+    pub fn build(
+        material: &TlsMaterial,
+        revoked: Arc<HashSet<Serial>>,
+        sessions: Arc<dyn StoresServerSessions>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let webpki =
+            WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = Arc::new(ClientVerifier { webpki, revoked });
+        let mut stream = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier.clone())
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(material.certified.clone())));
+        stream.session_storage = sessions;
+        Ok(TlsConfigs {
+            stream: Arc::new(stream),
+            verifier,
+        })
+    }
+}
+
+/// WebPKI chain verification (CA set, validity, key usage), then the snapshot's revoked
+/// serials. A revoked certificate gets the `certificate_revoked` alert.
+pub struct ClientVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<HashSet<Serial>>,
+}
+
+impl fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientVerifier")
+            .field("revoked", &self.revoked.len())
+            .finish()
+    }
+}
+
+impl ClientVerifier {
+    /// Whether the end-entity certificate's serial is revoked. Only the leaf is checked:
+    /// serials are unique per issuer, and the revoked list names client certificates.
+    fn is_revoked(&self, end_entity: &CertificateDer<'_>) -> Result<bool, rustls::Error> {
+        if self.revoked.is_empty() {
+            return Ok(false);
+        }
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        Ok(self
+            .revoked
+            .contains(&Serial::from_be_bytes(cert.raw_serial())))
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.is_revoked(end_entity)? {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// What went wrong in the handshake stage (logged; the client sees an alert or a close).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("bad client hello: {0}")]
+    Hello(std::io::Error),
+    #[error("handshake failed: {0}")]
+    Tls(std::io::Error),
+}
+
+impl HandshakeError {
+    /// A short constant reason for the connection record.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::Timeout => "handshake timeout",
+            HandshakeError::Hello(_) => "bad client hello",
+            HandshakeError::Tls(_) => "handshake failed",
+        }
+    }
+}
+
+/// Reads the ClientHello, before any key is used.
+pub async fn read_hello(tcp: TcpStream) -> Result<StartHandshake<TcpStream>, HandshakeError> {
+    LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .map_err(HandshakeError::Hello)
+}
+
+/// Fatal alerts the gate sends itself, in plaintext, before a ServerHello.
+#[derive(Debug, Clone, Copy)]
+pub enum HelloAlert {
+    /// No SNI: RFC 8446 §9.2 `missing_extension`.
+    MissingExtension = 109,
+    /// SNI that names no service (or one this source may not reach).
+    UnrecognizedName = 112,
+}
+
+/// Refuses at the ClientHello: one alert record, then close. Nothing was signed.
+pub async fn refuse_hello(mut tcp: TcpStream, alert: HelloAlert) {
+    // TLSPlaintext { type: alert(21), legacy_version: 0x0303, length: 2,
+    //                fragment: { level: fatal(2), description } }
+    let record = [21, 3, 3, 0, 2, 2, alert as u8];
+    let _ = tcp.write_all(&record).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// Completes the handshake with the config chosen for this ClientHello.
+pub async fn complete(
+    start: StartHandshake<TcpStream>,
+    config: Arc<ServerConfig>,
+) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    start.into_stream(config).await.map_err(HandshakeError::Tls)
+}
+
+/// The verified client chain, leaf first.
+pub fn peer_chain(tls: &TlsStream<TcpStream>) -> &[CertificateDer<'static>] {
+    tls.get_ref().1.peer_certificates().unwrap_or(&[])
+}
+
+/// A resumed session carries the chain verified when it was first established; decide it
+/// afresh against the current CA set, clock and revoked serials.
+pub fn recheck_resumed(
+    tls: &TlsStream<TcpStream>,
+    verifier: &ClientVerifier,
+) -> Result<(), rustls::Error> {
+    if tls.get_ref().1.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let chain = peer_chain(tls);
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    verifier
+        .verify_client_cert(leaf, rest, UnixTime::now())
+        .map(|_| ())
+}
