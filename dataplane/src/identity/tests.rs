@@ -40,7 +40,8 @@ fn cert(cn: Option<&str>, email_attr: Option<&str>, sans: &[San]) -> Vec<u8> {
 #[test]
 fn identity_rules() {
     use IdentityKind::CommonName;
-    let table: Vec<(&str, Vec<u8>, Result<(&str, IdentityKind), IdentityError>)> = vec![
+    type Want = Result<(&'static str, IdentityKind), IdentityError>;
+    let table: Vec<(&str, Vec<u8>, Want)> = vec![
         (
             "email first, even after a URI",
             cert(
