@@ -115,8 +115,15 @@ async fn run(config: Config) -> ExitCode {
         listener,
         admin,
         ctx,
-        publisher: _publisher,
+        publisher,
+        provider,
     } = started;
+    tokio::spawn(reload_on_sighup(
+        config.snapshot.clone(),
+        config.tls.clone(),
+        provider,
+        publisher,
+    ));
 
     let ready = Arc::new(Readiness::default());
     let (trigger, stop) = shutdown::channel();
@@ -147,6 +154,37 @@ struct Started {
     admin: tokio::net::TcpListener,
     ctx: Arc<ConnContext>,
     publisher: Publisher,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// SIGHUP: reload the snapshot file and the certificate, key and CA files. A valid set is
+/// swapped in atomically; an invalid one is logged and the running one kept.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    files: tls::TlsFiles,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    mut publisher: Publisher,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP; reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match file::reload(&path, &files, &provider, &mut publisher) {
+            Ok((before, after)) => {
+                if after <= before {
+                    tracing::warn!(
+                        snapshot.version = after,
+                        previous = before,
+                        "reloaded snapshot does not move the version forward; applied anyway"
+                    );
+                }
+                tracing::info!(snapshot.version = after, "reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "reload refused; keeping the running config"),
+        }
+    }
 }
 
 /// Loads everything and binds the sockets; any failure is reported before serving.
@@ -160,8 +198,8 @@ async fn start(
     let snap = file::load(&config.snapshot).map_err(|e| usage(e.lines()))?;
     let policy = Policy::compile(&snap).map_err(|e| usage(vec![e.to_string()]))?;
     let services = policy.routes.len();
-    let (publisher, state) =
-        Publisher::new(policy, material, provider).map_err(|e| usage(vec![e.to_string()]))?;
+    let (publisher, state) = Publisher::new(policy, material, provider.clone())
+        .map_err(|e| usage(vec![e.to_string()]))?;
     tracing::info!(
         snapshot.version = snap.version,
         services,
@@ -196,5 +234,6 @@ async fn start(
         admin,
         ctx,
         publisher,
+        provider,
     })
 }

@@ -2,7 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
+use rustls::crypto::CryptoProvider;
 use ztp_proto::{FieldError, Snapshot, SnapshotError};
+
+use super::{Policy, Publisher};
+use crate::tls::{TlsError, TlsFiles, TlsMaterial};
 
 /// Largest snapshot file read (a 100,000-user snapshot is a few MiB).
 const MAX_FILE_BYTES: u64 = 256 << 20;
@@ -56,4 +60,32 @@ pub fn load(path: &Path) -> Result<Snapshot, FileError> {
         path: path.to_owned(),
         source,
     })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Snapshot(#[from] FileError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Re-reads the snapshot file and the TLS files and swaps them in as one new state. On
+/// any error the running state is kept, and the error says which file is wrong.
+/// Returns the versions before and after.
+pub fn reload(
+    path: &Path,
+    files: &TlsFiles,
+    provider: &CryptoProvider,
+    publisher: &mut Publisher,
+) -> Result<(u64, u64), ReloadError> {
+    let snap = load(path)?;
+    let policy = Policy::compile(&snap).map_err(|e| FileError::Invalid {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    let material = TlsMaterial::load(files, provider)?;
+    let before = publisher.current().policy.version;
+    publisher.apply(Some(policy), Some(material))?;
+    Ok((before, snap.version))
 }

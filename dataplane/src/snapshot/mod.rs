@@ -100,16 +100,21 @@ impl Publisher {
         self.tx.borrow().clone()
     }
 
-    /// Publishes a new policy; connections see it on their next decision.
-    pub fn apply_policy(&self, policy: Policy) -> Result<(), TlsError> {
-        self.publish(Arc::new(policy), &self.material)
-    }
-
-    /// Publishes new TLS material (after a reload of the files).
-    pub fn apply_material(&mut self, material: TlsMaterial) -> Result<(), TlsError> {
-        let policy = self.current().policy.clone();
-        self.publish(policy, &material)?;
-        self.material = material;
+    /// Publishes a new policy, new TLS material, or both, as one new state;
+    /// connections see it on their next decision. On error nothing changes.
+    pub fn apply(
+        &mut self,
+        policy: Option<Policy>,
+        material: Option<TlsMaterial>,
+    ) -> Result<(), TlsError> {
+        let policy = match policy {
+            Some(p) => Arc::new(p),
+            None => self.current().policy.clone(),
+        };
+        self.publish(policy, material.as_ref().unwrap_or(&self.material))?;
+        if let Some(m) = material {
+            self.material = m;
+        }
         Ok(())
     }
 
