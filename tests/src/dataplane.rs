@@ -1,0 +1,405 @@
+//! A guard around the real `ztp-dataplane` binary.
+//!
+//! Tests in `tests/` cannot use `CARGO_BIN_EXE_*` of another package, so the binary is
+//! looked up next to the test executable (`target/<profile>/ztp-dataplane`) and built with
+//! `cargo build -p ztp-dataplane -p ztp-tests --bin ztp-dataplane` (once per test
+//! process) if it is missing or older than a file under `dataplane/` or `proto/` or the
+//! workspace's `Cargo.toml`/`Cargo.lock` (`cargo test` does not build another package's
+//! binaries, and a stale binary would test old code). `ZTP_TESTS_NO_BUILD=1` uses an existing
+//! binary as it is; `ZTP_DATAPLANE_BIN=PATH` uses another binary altogether.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::pki::TestPki;
+use crate::tempdir::TempDir;
+
+/// Bound on the data plane's startup (until both listeners are logged).
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bound on a one-shot run such as `--check`.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The path of the `ztp-dataplane` binary, building it once per process if it is missing
+/// or stale (see the module docs).
+///
+/// # Panics
+/// If the binary is missing and cannot be built.
+pub fn dataplane_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(locate_or_build).clone()
+}
+
+fn locate_or_build() -> PathBuf {
+    if let Some(p) = std::env::var_os("ZTP_DATAPLANE_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "ZTP_DATAPLANE_BIN={} is not a file",
+            p.display()
+        );
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf();
+    let bin = profile_dir.join(format!("ztp-dataplane{}", std::env::consts::EXE_SUFFIX));
+    if std::env::var_os("ZTP_TESTS_NO_BUILD").is_some() && bin.is_file() {
+        return bin;
+    }
+    // `cargo test` builds no binary of a package without integration tests, and a stale
+    // binary would be tested silently: always ask cargo, which is quick when fresh.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut cmd = Command::new(cargo);
+    // Selecting ztp-tests too unifies dependency features with the test build's, so the
+    // two builds share artifacts instead of rebuilding rustls & co. each time.
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "ztp-dataplane",
+        "-p",
+        "ztp-tests",
+        "--bin",
+        "ztp-dataplane",
+    ]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    eprintln!("ztp-tests: building {}: {:?}", bin.display(), cmd);
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build ztp-dataplane: {e}"));
+    assert!(
+        status.success() && bin.is_file(),
+        "building ztp-dataplane failed ({status}); build it with \
+         `cargo build -p ztp-dataplane` and rerun, or set ZTP_DATAPLANE_BIN"
+    );
+    bin
+}
+
+/// Runs `ztp-dataplane ARGS` to completion, bounded by `bound`.
+///
+/// # Panics
+/// If the process cannot be started or is still running after `bound` (it is killed).
+pub fn run_bounded<I, S>(args: I, bound: Duration) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let mut child = Command::new(dataplane_bin())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ztp-dataplane");
+    let out = drain_in_thread(child.stdout.take().expect("stdout"));
+    let err = drain_in_thread(child.stderr.take().expect("stderr"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ztp-dataplane {args:?} still running after {bound:?}; killed it. stderr: {}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `ztp-dataplane --check FILE` (bounded by [`RUN_TIMEOUT`]).
+///
+/// The contract: exit 0 and `ok` on stdout for a valid file; exit 1 and stderr lines naming
+/// the offending field (e.g. `services[0].address: ...`) for an invalid one.
+pub fn check(file: &Path) -> Output {
+    run_bounded(
+        [OsString::from("--check"), file.as_os_str().to_owned()],
+        RUN_TIMEOUT,
+    )
+}
+
+fn drain_in_thread<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// A running `ztp-dataplane` on loopback ephemeral ports, killed (by its `Child`) on drop.
+///
+/// It runs in a private temporary directory holding `ca.pem`, `server.pem`, `server.key`
+/// and `snapshot.yaml`, with `--log-format json`; every stdout and stderr line is kept.
+/// `RUST_LOG` is removed from its environment (set `ZTP_TESTS_RUST_LOG` to pass one).
+pub struct Dataplane {
+    child: Child,
+    dir: TempDir,
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("pid", &self.child.id())
+            .field("addr", &self.addr)
+            .field("admin_addr", &self.admin_addr)
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+impl Dataplane {
+    /// Writes `pki`'s files and `snapshot_yaml` into a fresh temporary directory and starts
+    /// the data plane there with the standard flags plus `extra_args`.
+    ///
+    /// # Panics
+    /// If it does not log both listening addresses within [`STARTUP_TIMEOUT`] (the logs
+    /// are in the panic message).
+    pub async fn start(pki: &TestPki, snapshot_yaml: &str, extra_args: &[&str]) -> Dataplane {
+        let dir = TempDir::new("dataplane");
+        pki.write_files(dir.path()).expect("write PKI files");
+        Self::start_in(dir, snapshot_yaml, extra_args).await
+    }
+
+    /// Like [`Dataplane::start`] in a directory that already holds `ca.pem`,
+    /// `server.pem` and `server.key` (e.g. made with the openssl CLI).
+    pub async fn start_in(dir: TempDir, snapshot_yaml: &str, extra_args: &[&str]) -> Dataplane {
+        std::fs::write(dir.join("snapshot.yaml"), snapshot_yaml).expect("write snapshot.yaml");
+        let mut cmd = Command::new(dataplane_bin());
+        cmd.current_dir(dir.path())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--cert")
+            .arg(dir.join("server.pem"))
+            .arg("--key")
+            .arg(dir.join("server.key"))
+            .arg("--client-ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--snapshot")
+            .arg(dir.join("snapshot.yaml"))
+            .arg("--log-format")
+            .arg("json")
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG");
+        if let Some(filter) = std::env::var_os("ZTP_TESTS_RUST_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
+        let mut child = cmd.spawn().expect("spawn ztp-dataplane");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        collect_lines(child.stderr.take().expect("stderr"), lines.clone());
+        collect_lines(child.stdout.take().expect("stdout"), lines.clone());
+
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let (addr, admin_addr) = loop {
+            let found = {
+                let lines = lines.lock().expect("log lock");
+                let find = |msg: &str| {
+                    lines
+                        .iter()
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                        .find(|v| v["message"] == msg)
+                        .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()))
+                };
+                (find("listening"), find("admin listening"))
+            };
+            if let (Some(a), Some(b)) = found {
+                break (a, b);
+            }
+            let exited: Option<ExitStatus> = child.try_wait().expect("try_wait");
+            if exited.is_some() || Instant::now() > deadline {
+                if exited.is_none() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                // Give the reader threads a moment to collect the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                let logs = lines.lock().expect("log lock").join("\n");
+                panic!(
+                    "ztp-dataplane did not log `listening` and `admin listening` \
+                     (exit: {exited:?}, waited up to {STARTUP_TIMEOUT:?}); output:\n{logs}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Dataplane {
+            child,
+            dir,
+            addr,
+            admin_addr,
+            lines,
+        }
+    }
+
+    /// Runs `ztp-dataplane --check FILE`; the same as [`check`].
+    pub fn check(file: &Path) -> Output {
+        check(file)
+    }
+
+    /// The TLS listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin (health, metrics) listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The working directory (holding the PKI files and `snapshot.yaml`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The snapshot file the data plane was started with.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("snapshot.yaml")
+    }
+
+    /// Every output line so far, verbatim.
+    pub fn raw_logs(&self) -> Vec<String> {
+        self.lines.lock().expect("log lock").clone()
+    }
+
+    /// Every output line so far, parsed as JSON (a line that is not JSON becomes a JSON
+    /// string).
+    pub fn logs(&self) -> Vec<Value> {
+        self.raw_logs()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone())))
+            .collect()
+    }
+
+    /// Waits (polling, bounded by `bound`) for a log line matching `pred`.
+    pub async fn wait_for_log<F>(&self, pred: F, bound: Duration) -> Option<Value>
+    where
+        F: Fn(&Value) -> bool,
+    {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if let Some(v) = self.logs().into_iter().find(|v| pred(v)) {
+                return Some(v);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) for the `connection` event of the client whose local address is
+    /// `client_addr`.
+    pub async fn wait_for_connection_event(
+        &self,
+        client_addr: SocketAddr,
+        bound: Duration,
+    ) -> Option<Value> {
+        let want = client_addr.to_string();
+        self.wait_for_log(
+            |v| v["message"] == "connection" && v["client.addr"] == want.as_str(),
+            bound,
+        )
+        .await
+    }
+
+    /// Replaces `snapshot.yaml` and sends SIGHUP (via `kill -HUP <pid>` on this child's
+    /// pid) so that the data plane reloads it.
+    pub fn reload_snapshot(&self, snapshot_yaml: &str) {
+        std::fs::write(self.snapshot_path(), snapshot_yaml).expect("write snapshot.yaml");
+        self.sighup();
+    }
+
+    /// Sends SIGHUP to this data plane (by its pid).
+    pub fn sighup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill -HUP");
+        assert!(status.success(), "kill -HUP {} failed", self.child.id());
+    }
+
+    /// Whether the process has exited (and with what status).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
+            let tail = lines.len().saturating_sub(60);
+            eprintln!(
+                "---- ztp-dataplane output (last {} lines) ----\n{}\n----",
+                lines.len() - tail,
+                lines[tail..].join("\n")
+            );
+        }
+    }
+}
+
+fn collect_lines<R: Read + Send + 'static>(r: R, into: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if let Ok(mut v) = into.lock() {
+                        v.push(line);
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,188 @@
+//! Resumed TLS sessions are decided afresh (DESIGN.md): the restored client chain is
+//! checked again for validity and revocation. A resumed connection has no handshake
+//! refusal to give, so the refusal may be an alert on the first read or the 403 line;
+//! either is accepted, but never a forwarded byte. Each test prints the handshake kind
+//! (`Resumed` shows that the rule was really exercised).
+
+use std::time::Duration;
+
+use rustls::HandshakeKind;
+
+use ztp_tests::client::{alert_of, read_to_end_or_alert};
+use ztp_tests::{connect_with, new_session_store, TestPki};
+
+use crate::common::{echo_roundtrip, service_yaml, standard_snapshot, Extra, Fixture, STEP};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_session_is_rechecked_against_the_new_snapshot() {
+    let pki = TestPki::new();
+    let alice = pki.client_email("alice@example.com");
+    let bob = pki.client_email("bob@example.com");
+    let mut fx = Fixture::start_with(pki, Extra::default()).await;
+    let store = new_session_store();
+    let opts = fx
+        .opts("echo.svc.internal", &alice)
+        .session_store(store.clone());
+
+    // A full handshake; reading to the end also takes in the session tickets.
+    let s = connect_with(fx.dp.addr(), &opts)
+        .await
+        .expect("first connection");
+    assert_eq!(echo_roundtrip(s, b"first").await, b"first");
+
+    // Revoke alice's certificate; a canary service tells when the reload is in effect.
+    let canary = service_yaml("reloaded.svc.internal", fx.echo.addr());
+    let revoked = vec![alice.serial.clone()];
+    let v2 = standard_snapshot(
+        2,
+        fx.echo.addr(),
+        fx.wild.addr(),
+        fx.admins.addr(),
+        &Extra {
+            services: &canary,
+            revoked: &revoked,
+            ..Extra::default()
+        },
+    );
+    fx.dp.reload_snapshot(&v2);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        // Before the reload `reloaded.svc.internal` is served by the wildcard service;
+        // afterwards by its own entry, which points at the echo backend.
+        let before = fx.echo.connections();
+        let s = match fx.connect("reloaded.svc.internal", &bob).await {
+            Ok(s) => s,
+            Err(e) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(status) = fx.dp.try_wait() {
+                    panic!(
+                        "ztp-dataplane exited ({status}) on SIGHUP; DESIGN.md: SIGHUP reloads \
+                         the snapshot file"
+                    );
+                }
+                panic!("canary connect after SIGHUP failed: {e}");
+            }
+        };
+        assert_eq!(echo_roundtrip(s, b"canary").await, b"canary");
+        if fx.echo.connections() > before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reloaded snapshot (SIGHUP) did not take effect within {STEP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let echo_before = fx.echo.connections();
+    match connect_with(fx.dp.addr(), &opts).await {
+        Err(e) => panic!(
+            "expected a resumed handshake, got a refusal in it: {e} (alert {:?})",
+            alert_of(&e)
+        ),
+        Ok(mut s) => {
+            let kind = s.get_ref().1.handshake_kind();
+            assert_eq!(
+                kind,
+                Some(HandshakeKind::Resumed),
+                "the session did not resume"
+            );
+            match read_to_end_or_alert(&mut s).await {
+                Ok(data) => {
+                    let text = String::from_utf8_lossy(&data);
+                    assert_eq!(
+                        text, "ZTP-ERROR 403 forbidden\n",
+                        "a revoked certificate was let through on a {kind:?} handshake"
+                    );
+                    eprintln!("refused with the 403 line");
+                }
+                Err(e) => {
+                    assert!(e.data().is_empty(), "data before refusal: {e}");
+                    eprintln!("refused after the handshake: {e}");
+                }
+            }
+        }
+    }
+    assert_eq!(
+        fx.echo.connections(),
+        echo_before,
+        "the revoked client reached the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_session_is_refused_once_the_certificate_has_expired() {
+    let fx = Fixture::start().await;
+    // Issued only now that the data plane runs (its first start may include a build):
+    // valid for a few more seconds.
+    let now = time::OffsetDateTime::now_utc();
+    let expires = now + time::Duration::seconds(4);
+    let alice = fx
+        .pki
+        .builder()
+        .email("alice@example.com")
+        .validity(now - time::Duration::hours(1), expires)
+        .issue();
+    let store = new_session_store();
+    let opts = fx
+        .opts("echo.svc.internal", &alice)
+        .session_store(store.clone());
+
+    let s = connect_with(fx.dp.addr(), &opts)
+        .await
+        .expect("first connection");
+    assert_eq!(echo_roundtrip(s, b"first").await, b"first");
+    let s = connect_with(fx.dp.addr(), &opts)
+        .await
+        .expect("second connection");
+    let kind = s.get_ref().1.handshake_kind();
+    assert_eq!(
+        kind,
+        Some(HandshakeKind::Resumed),
+        "the session did not resume"
+    );
+    assert_eq!(echo_roundtrip(s, b"second").await, b"second");
+    if time::OffsetDateTime::now_utc() > expires - time::Duration::milliseconds(500) {
+        eprintln!("SKIPPED: this machine took too long to set the session up before expiry");
+        return;
+    }
+    let before = fx.echo.connections();
+
+    // Wait until the certificate has expired (webpki compares whole seconds).
+    let wait = (expires - time::OffsetDateTime::now_utc()).whole_milliseconds() + 1500;
+    tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+
+    match connect_with(fx.dp.addr(), &opts).await {
+        Err(e) => panic!(
+            "expected a resumed handshake, got a refusal in it: {e} (alert {:?})",
+            alert_of(&e)
+        ),
+        Ok(mut s) => {
+            let kind = s.get_ref().1.handshake_kind();
+            assert_eq!(
+                kind,
+                Some(HandshakeKind::Resumed),
+                "the session did not resume"
+            );
+            match read_to_end_or_alert(&mut s).await {
+                Ok(data) => {
+                    let text = String::from_utf8_lossy(&data);
+                    assert_eq!(
+                        text, "ZTP-ERROR 403 forbidden\n",
+                        "an expired certificate was let through on a {kind:?} handshake"
+                    );
+                    eprintln!("refused with the 403 line");
+                }
+                Err(e) => {
+                    assert!(e.data().is_empty(), "data before refusal: {e}");
+                    eprintln!("refused after the handshake: {e}");
+                }
+            }
+        }
+    }
+    assert_eq!(
+        fx.echo.connections(),
+        before,
+        "the expired client reached the backend"
+    );
+}
