@@ -115,7 +115,7 @@ groups: [{ name: admins }, { name: ops }]
         )
         .unwrap();
         let dir = Directory::compile(&snap.users);
-        let routes = Routes::compile(&snap.services).unwrap();
+        let routes = Routes::compile(&snap.services, &crate::handler::Registry::builtin()).unwrap();
         use Denial::*;
         let table: &[(&str, &str, Result<&str, Denial>)] = &[
             ("alice@example.com", "open.svc", Ok("alice")),

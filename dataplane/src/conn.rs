@@ -17,10 +17,13 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use tokio::io::AsyncReadExt;
+use ztp_proto::Protocol;
+
 use crate::authz;
-use crate::handler::{self, ClientStream, HandlerLimits};
+use crate::handler::{ClientStream, HandlerLimits, Registry, Session, DGRAM_ALPN};
 use crate::identity;
-use crate::protocol;
+use crate::protocol::{self, Detected};
 use crate::refusal::{self, Refusal};
 use crate::snapshot::Active;
 use crate::tls::{self, HandshakeError, HelloAlert};
@@ -31,6 +34,7 @@ pub struct ConnContext {
     pub state: watch::Receiver<Arc<Active>>,
     pub handshake_timeout: Duration,
     pub handler: HandlerLimits,
+    pub registry: Registry,
 }
 
 /// Serves one accepted connection to its end, then logs its record.
@@ -99,9 +103,51 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
     rec.user = Some(permit.user.name.clone());
     drop(active);
 
-    // Protocol, then the handler.
-    let protocol = protocol::choose(&permit.route);
-    let outcome = handler::run(client, protocol, &permit, &identity, ctx.handler).await;
+    // Protocol: declared, or detected for `auto` when the forwarder is to choose.
+    let framed = client.get_ref().1.alpn_protocol() == Some(DGRAM_ALPN);
+    let (protocol, initial) = match (
+        protocol::declared(permit.route.protocol),
+        &permit.route.handler,
+    ) {
+        (Some(p), _) => (p, Vec::new()),
+        // A named handler speaks over the stream itself.
+        (None, Some(_)) => (Protocol::Tcp, Vec::new()),
+        (None, None) => {
+            let (detected, initial) = detect(&mut client).await;
+            rec.detected = Some(detected.as_str());
+            (detected.protocol(), initial)
+        }
+    };
+    rec.protocol = Some(protocol.as_str());
+
+    // Handler.
+    let handler = match &permit.route.handler {
+        Some(h) => h.clone(),
+        None => ctx.registry.forwarder(protocol).clone(),
+    };
+    if !handler.supports(protocol) {
+        tracing::warn!(
+            service.name = %permit.route.name,
+            handler = handler.name(),
+            protocol = protocol.as_str(),
+            "handler does not support the service's protocol"
+        );
+        rec.allow("protocol not supported by handler");
+        rec.code = Some(Refusal::NotImplemented.code());
+        refusal::deliver(&mut client, Refusal::NotImplemented).await;
+        return;
+    }
+    let outcome = handler
+        .serve(Session {
+            client,
+            protocol,
+            framed,
+            initial,
+            permit: &permit,
+            identity: &identity,
+            limits: ctx.handler,
+        })
+        .await;
     rec.bytes_up = outcome.bytes_up;
     rec.bytes_down = outcome.bytes_down;
     rec.backend = outcome.backend_addr;
@@ -109,6 +155,38 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
     // and reason say so).
     rec.code = outcome.refusal.map(Refusal::code);
     rec.allow(outcome.end);
+}
+
+/// Peeks at the client's first bytes, up to [`protocol::PEEK_DEADLINE`]. Returns what
+/// they look like and the bytes read, which the handler must serve first.
+async fn detect(client: &mut ClientStream) -> (Detected, Vec<u8>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut len = 0;
+    let deadline = Instant::now() + protocol::PEEK_DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, client.read(&mut buf[len..])).await {
+            Ok(Ok(n)) if n > 0 => {
+                len += n;
+                if let Some(d) = protocol::detect(&buf[..len]) {
+                    buf.truncate(len);
+                    return (d, buf);
+                }
+                if len == buf.len() {
+                    break;
+                }
+            }
+            // End of stream, an error or the deadline: decide on what arrived; the
+            // handler meets the end or the error itself.
+            _ => break,
+        }
+    }
+    buf.truncate(len);
+    let d = if len == 0 {
+        Detected::Silent
+    } else {
+        Detected::Unknown
+    };
+    (d, buf)
 }
 
 /// The handshake stage: ClientHello, SNI and route, source ranges, then the handshake
@@ -142,7 +220,19 @@ async fn gate(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<Cli
         tls::refuse_hello(start.io, HelloAlert::UnrecognizedName).await;
         return None;
     }
-    match tls::complete(start, active.tls.stream.clone()).await {
+    // The framed-datagram extension is offered only where it applies; any other ALPN is
+    // ignored rather than fatal.
+    let wants_dgram = matches!(route.protocol, Protocol::Udp | Protocol::Quic)
+        && start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == DGRAM_ALPN));
+    let config = if wants_dgram {
+        active.tls.dgram.clone()
+    } else {
+        active.tls.stream.clone()
+    };
+    match tls::complete(start, config).await {
         Ok(client) => Some(client),
         Err(e) => {
             tracing::debug!(error = %e, "handshake failed");
@@ -176,6 +266,8 @@ struct Record {
     identity: Option<String>,
     user: Option<String>,
     service: Option<String>,
+    protocol: Option<&'static str>,
+    detected: Option<&'static str>,
     backend: Option<SocketAddr>,
     allowed: bool,
     reason: &'static str,
@@ -194,6 +286,8 @@ impl Record {
             identity: None,
             user: None,
             service: None,
+            protocol: None,
+            detected: None,
             backend: None,
             allowed: false,
             reason: "",
@@ -222,6 +316,8 @@ impl Record {
             client.id = self.identity.as_deref(),
             user.name = self.user.as_deref(),
             service.name = self.service.as_deref(),
+            protocol = self.protocol,
+            protocol.detected = self.detected,
             backend.addr = self.backend.map(tracing::field::display),
             decision = if self.allowed { "allow" } else { "deny" },
             reason = self.reason,

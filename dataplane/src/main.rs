@@ -9,7 +9,7 @@ use clap::Parser;
 use ztp_dataplane::admin::{self, Readiness};
 use ztp_dataplane::config::{Args, Config};
 use ztp_dataplane::conn::ConnContext;
-use ztp_dataplane::handler::HandlerLimits;
+use ztp_dataplane::handler::{HandlerLimits, Registry};
 use ztp_dataplane::preauth::ConnectionCap;
 use ztp_dataplane::snapshot::{file, Policy, Publisher};
 use ztp_dataplane::{listener, shutdown, tls};
@@ -122,6 +122,7 @@ async fn run(config: Config) -> ExitCode {
         config.snapshot.clone(),
         config.tls.clone(),
         provider,
+        ctx.registry.clone(),
         publisher,
     ));
 
@@ -163,6 +164,7 @@ async fn reload_on_sighup(
     path: std::path::PathBuf,
     files: tls::TlsFiles,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    registry: Registry,
     mut publisher: Publisher,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -171,7 +173,7 @@ async fn reload_on_sighup(
         return;
     };
     while hup.recv().await.is_some() {
-        match file::reload(&path, &files, &provider, &mut publisher) {
+        match file::reload(&path, &files, &provider, &registry, &mut publisher) {
             Ok((before, after)) => {
                 if after <= before {
                     tracing::warn!(
@@ -196,7 +198,8 @@ async fn start(
     let material =
         tls::TlsMaterial::load(&config.tls, &provider).map_err(|e| usage(vec![e.to_string()]))?;
     let snap = file::load(&config.snapshot).map_err(|e| usage(e.lines()))?;
-    let policy = Policy::compile(&snap).map_err(|e| usage(vec![e.to_string()]))?;
+    let registry = Registry::builtin();
+    let policy = Policy::compile(&snap, &registry).map_err(|e| usage(vec![e.to_string()]))?;
     let services = policy.routes.len();
     let (publisher, state) = Publisher::new(policy, material, provider.clone())
         .map_err(|e| usage(vec![e.to_string()]))?;
@@ -227,7 +230,9 @@ async fn start(
         handler: HandlerLimits {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
+            udp_timeout: config.udp_timeout,
         },
+        registry: registry.clone(),
     });
     Ok(Started {
         listener,

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use ztp_proto::names::{normalize_sni, parse_source_range, BackendAddr, ServiceName};
 use ztp_proto::{Invalid, Protocol, Service};
 
-use crate::handler::HandlerKind;
+use crate::handler::{Handler, Registry};
 
 /// A service as the data plane serves it, parsed once per snapshot.
 #[derive(Debug)]
@@ -24,11 +24,12 @@ pub struct Route {
     pub groups: Vec<String>,
     /// Source ranges allowed; empty admits any source.
     pub allow: Vec<IpNet>,
-    pub handler: HandlerKind,
+    /// The handler the service names; `None` means the forwarder for the protocol.
+    pub handler: Option<Arc<dyn Handler>>,
 }
 
 impl Route {
-    fn compile(s: &Service) -> Result<Route, String> {
+    fn compile(s: &Service, registry: &Registry) -> Result<Route, String> {
         Ok(Route {
             name: s.name.clone(),
             protocol: s.protocol,
@@ -39,7 +40,15 @@ impl Route {
                 .iter()
                 .map(|r| parse_source_range(r))
                 .collect::<Result<_, _>>()?,
-            handler: HandlerKind::for_service(s)?,
+            handler: match s.handler.as_deref() {
+                None => None,
+                Some(name) => Some(
+                    registry
+                        .named(name)
+                        .ok_or_else(|| format!("unknown handler {name:?}"))?
+                        .clone(),
+                ),
+            },
         })
     }
 
@@ -59,7 +68,7 @@ pub struct Routes {
 
 impl Routes {
     /// Indexes a validated snapshot's services.
-    pub fn compile(services: &[Service]) -> Result<Routes, Invalid> {
+    pub fn compile(services: &[Service], registry: &Registry) -> Result<Routes, Invalid> {
         let mut routes = Routes::default();
         for (i, s) in services.iter().enumerate() {
             let fail = |message: String| {
@@ -68,7 +77,7 @@ impl Routes {
                     message,
                 }])
             };
-            let route = Arc::new(Route::compile(s).map_err(fail)?);
+            let route = Arc::new(Route::compile(s, registry).map_err(fail)?);
             match ServiceName::parse(&s.name).map_err(fail)? {
                 ServiceName::Exact(n) => routes.exact.insert(n, route),
                 ServiceName::Wildcard(suffix) => routes.wildcard.insert(suffix, route),
@@ -112,7 +121,7 @@ mod tests {
                 handler: None,
             })
             .collect();
-        Routes::compile(&services).unwrap()
+        Routes::compile(&services, &Registry::builtin()).unwrap()
     }
 
     #[test]
@@ -151,10 +160,10 @@ mod tests {
             allow: vec![],
             handler: None,
         };
-        let any = Route::compile(&s).unwrap();
+        let any = Route::compile(&s, &Registry::builtin()).unwrap();
         assert!(any.admits_source("192.0.2.1".parse().unwrap()));
         s.allow = vec!["10.0.0.0/8".into(), "::1".into()];
-        let some = Route::compile(&s).unwrap();
+        let some = Route::compile(&s, &Registry::builtin()).unwrap();
         assert!(some.admits_source("10.9.9.9".parse().unwrap()));
         assert!(some.admits_source("::1".parse().unwrap()));
         assert!(!some.admits_source("11.0.0.1".parse().unwrap()));

@@ -132,8 +132,11 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// Everything the gate needs for one snapshot: built once, shared by every connection.
 #[derive(Debug, Clone)]
 pub struct TlsConfigs {
-    /// For stream services (and clients that do not ask for framed datagrams).
+    /// For stream services, and clients that do not ask for framed datagrams: selects
+    /// no ALPN, so whatever a client offers is ignored, never fatal.
     pub stream: Arc<ServerConfig>,
+    /// For a client offering ALPN `ztp-dgram` to a udp or quic service.
+    pub dgram: Arc<ServerConfig>,
     /// The same verifier the configs use, to re-check a resumed session's chain.
     pub verifier: Arc<ClientVerifier>,
 }
@@ -162,8 +165,11 @@ impl TlsConfigs {
             .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(material.certified.clone())));
         stream.session_storage = sessions;
+        let mut dgram = stream.clone();
+        dgram.alpn_protocols = vec![crate::handler::DGRAM_ALPN.to_vec()];
         Ok(TlsConfigs {
             stream: Arc::new(stream),
+            dgram: Arc::new(dgram),
             verifier,
         })
     }

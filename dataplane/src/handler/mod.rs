@@ -1,58 +1,60 @@
 //! Handlers: what serves a client once it is authorized.
 //!
-//! The default handler of a service is the forwarder for its protocol; a service may name
-//! another one (`identity-echo` today). A handler that does not support the service's
-//! protocol refuses with 501.
+//! Every handler is a [`Handler`] in the [`Registry`]. A service's `handler` field picks
+//! one by name; without it, the forwarder for the connection's protocol serves it. A
+//! handler that does not support the protocol refuses with 501: the snapshot stays
+//! valid, and a warning is logged.
 
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use ztp_proto::{Protocol, Service};
+use ztp_proto::Protocol;
 
 use crate::authz::Permit;
 use crate::identity::ClientIdentity;
-use crate::refusal::{self, Refusal};
+use crate::refusal::Refusal;
 
+pub mod framed;
 pub mod identity_echo;
+pub mod quic;
 pub mod splice;
 pub mod tcp;
+pub mod udp;
 
 /// The client's side of a connection, after the gate.
 pub type ClientStream = TlsStream<TcpStream>;
 
-/// Which handler serves a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandlerKind {
-    /// The forwarder for the service's protocol.
-    Forward,
-    IdentityEcho,
-}
-
-impl HandlerKind {
-    pub fn for_service(s: &Service) -> Result<Self, String> {
-        match s.handler.as_deref() {
-            None => Ok(HandlerKind::Forward),
-            Some("identity-echo") => Ok(HandlerKind::IdentityEcho),
-            Some(other) => Err(format!("unknown handler {other:?}")),
-        }
-    }
-
-    /// Whether the handler can serve a connection of this protocol.
-    pub fn supports(self, protocol: Protocol) -> bool {
-        match self {
-            // udp and quic forwarding arrive with the datagram half of the protocol.
-            HandlerKind::Forward => protocol == Protocol::Tcp,
-            HandlerKind::IdentityEcho => protocol == Protocol::Tcp,
-        }
-    }
-}
+/// The ALPN protocol of the framed-datagram extension.
+pub const DGRAM_ALPN: &[u8] = b"ztp-dgram";
 
 /// Limits a handler works under.
 #[derive(Debug, Clone, Copy)]
 pub struct HandlerLimits {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a udp or quic backend has to answer in spec mode.
+    pub udp_timeout: Duration,
+}
+
+/// An authorized connection, handed to its handler.
+pub struct Session<'a> {
+    pub client: ClientStream,
+    /// The protocol chosen for the connection (declared, or detected for `auto`).
+    pub protocol: Protocol,
+    /// The client negotiated the framed-datagram extension (ALPN `ztp-dgram`).
+    pub framed: bool,
+    /// Bytes already read from the client (while detecting the protocol), to be served
+    /// first.
+    pub initial: Vec<u8>,
+    pub permit: &'a Permit,
+    pub identity: &'a ClientIdentity,
+    pub limits: HandlerLimits,
 }
 
 /// How a handled connection ended.
@@ -69,30 +71,98 @@ pub struct Outcome {
     pub backend_addr: Option<std::net::SocketAddr>,
 }
 
-/// Serves an authorized client with the handler its service names.
-pub async fn run(
-    mut client: ClientStream,
-    protocol: Protocol,
-    permit: &Permit,
-    identity: &ClientIdentity,
-    limits: HandlerLimits,
-) -> Outcome {
-    let kind = permit.route.handler;
-    if !kind.supports(protocol) {
-        tracing::warn!(
-            service.name = %permit.route.name,
-            protocol = protocol.as_str(),
-            "handler does not support the service's protocol"
-        );
-        refusal::deliver(&mut client, Refusal::NotImplemented).await;
-        return Outcome {
-            refusal: Some(Refusal::NotImplemented),
-            end: "protocol not supported by handler",
+impl Outcome {
+    pub fn ended(end: &'static str) -> Self {
+        Outcome {
+            end,
             ..Outcome::default()
-        };
+        }
     }
-    match kind {
-        HandlerKind::Forward => tcp::forward(client, permit, limits).await,
-        HandlerKind::IdentityEcho => identity_echo::serve(client, permit, identity).await,
+}
+
+pub type BoxOutcome<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// Something that serves authorized clients: a forwarder, or a gateway that speaks the
+/// client's protocol itself.
+pub trait Handler: Send + Sync + fmt::Debug {
+    /// The name a service's `handler` field uses.
+    fn name(&self) -> &'static str;
+    /// Whether the handler can serve a connection of this protocol.
+    fn supports(&self, protocol: Protocol) -> bool;
+    /// Serves the session to its end.
+    fn serve<'a>(&'a self, session: Session<'a>) -> BoxOutcome<'a>;
+}
+
+/// The handlers a data plane knows, by name, and the default forwarders.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    named: HashMap<&'static str, Arc<dyn Handler>>,
+    tcp: Arc<dyn Handler>,
+    udp: Arc<dyn Handler>,
+    quic: Arc<dyn Handler>,
+}
+
+impl Registry {
+    /// The built-in handlers.
+    pub fn builtin() -> Self {
+        let mut named: HashMap<&'static str, Arc<dyn Handler>> = HashMap::new();
+        let echo: Arc<dyn Handler> = Arc::new(identity_echo::IdentityEcho);
+        named.insert(echo.name(), echo);
+        Registry {
+            named,
+            tcp: Arc::new(tcp::TcpForwarder),
+            udp: Arc::new(udp::UdpForwarder),
+            quic: Arc::new(quic::QuicForwarder),
+        }
+    }
+
+    /// A handler by the name a service gives.
+    pub fn named(&self, name: &str) -> Option<&Arc<dyn Handler>> {
+        self.named.get(name)
+    }
+
+    /// Names of the handlers a service may name.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.named.keys().copied()
+    }
+
+    /// The forwarder for a (chosen) protocol.
+    pub fn forwarder(&self, protocol: Protocol) -> &Arc<dyn Handler> {
+        match protocol {
+            Protocol::Udp => &self.udp,
+            Protocol::Quic => &self.quic,
+            Protocol::Tcp | Protocol::Auto => &self.tcp,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_knows_every_handler_a_snapshot_may_name() {
+        let reg = Registry::builtin();
+        for name in ztp_proto::KNOWN_HANDLERS {
+            assert!(reg.named(name).is_some(), "{name} not registered");
+        }
+        let mut names: Vec<_> = reg.names().collect();
+        names.sort();
+        let mut known = ztp_proto::KNOWN_HANDLERS.to_vec();
+        known.sort();
+        assert_eq!(names, known);
+    }
+
+    #[test]
+    fn forwarders_support_their_protocol_only() {
+        let reg = Registry::builtin();
+        for p in [Protocol::Tcp, Protocol::Udp, Protocol::Quic] {
+            let f = reg.forwarder(p);
+            assert!(f.supports(p), "{} must support {p:?}", f.name());
+        }
+        assert!(!reg.forwarder(Protocol::Tcp).supports(Protocol::Udp));
+        let echo = reg.named("identity-echo").unwrap();
+        assert!(echo.supports(Protocol::Tcp));
+        assert!(!echo.supports(Protocol::Udp) && !echo.supports(Protocol::Quic));
     }
 }

@@ -5,13 +5,14 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use ztp_proto::names::{BackendAddr, BackendHost};
+use ztp_proto::Protocol;
 
 use super::splice::{splice, SpliceEnd};
-use super::{ClientStream, HandlerLimits, Outcome};
-use crate::authz::Permit;
+use super::{BoxOutcome, ClientStream, Handler, Outcome, Session};
 use crate::refusal::{self, Refusal};
 
 /// Why a backend could not be reached (logged; the client sees 502 or 504).
@@ -69,8 +70,33 @@ pub async fn connect(addr: &BackendAddr, timeout: Duration) -> Result<TcpStream,
     Err(ConnectError::Unreachable(last))
 }
 
+/// The tcp forwarder.
+#[derive(Debug)]
+pub struct TcpForwarder;
+
+impl Handler for TcpForwarder {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn supports(&self, protocol: Protocol) -> bool {
+        protocol == Protocol::Tcp
+    }
+
+    fn serve<'a>(&'a self, s: Session<'a>) -> BoxOutcome<'a> {
+        Box::pin(forward(s))
+    }
+}
+
 /// Forwards an authorized client to its service's backend.
-pub async fn forward(mut client: ClientStream, permit: &Permit, limits: HandlerLimits) -> Outcome {
+async fn forward(s: Session<'_>) -> Outcome {
+    let Session {
+        mut client,
+        permit,
+        limits,
+        initial,
+        ..
+    } = s;
     let Some(addr) = permit.route.backend.as_ref() else {
         return refuse(&mut client, ConnectError::NoAddress).await;
     };
@@ -82,9 +108,16 @@ pub async fn forward(mut client: ClientStream, permit: &Permit, limits: HandlerL
         }
     };
     let backend_addr = backend.peer_addr().ok();
+    // Bytes read while detecting the protocol go first.
+    if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
+        return Outcome {
+            backend_addr,
+            ..Outcome::ended("connection error")
+        };
+    }
     let res = splice(&mut client, &mut backend, limits.idle_timeout).await;
     Outcome {
-        bytes_up: res.a_to_b,
+        bytes_up: initial.len() as u64 + res.a_to_b,
         bytes_down: res.b_to_a,
         refusal: None,
         end: match res.end {

@@ -6,6 +6,7 @@ use rustls::crypto::CryptoProvider;
 use ztp_proto::{FieldError, Snapshot, SnapshotError};
 
 use super::{Policy, Publisher};
+use crate::handler::Registry;
 use crate::tls::{TlsError, TlsFiles, TlsMaterial};
 
 /// Largest snapshot file read (a 100,000-user snapshot is a few MiB).
@@ -77,10 +78,11 @@ pub fn reload(
     path: &Path,
     files: &TlsFiles,
     provider: &CryptoProvider,
+    registry: &Registry,
     publisher: &mut Publisher,
 ) -> Result<(u64, u64), ReloadError> {
     let snap = load(path)?;
-    let policy = Policy::compile(&snap).map_err(|e| FileError::Invalid {
+    let policy = Policy::compile(&snap, registry).map_err(|e| FileError::Invalid {
         path: path.to_owned(),
         source: e.into(),
     })?;

@@ -15,6 +15,7 @@ use ztp_proto::names::Serial;
 use ztp_proto::{Invalid, Snapshot};
 
 use crate::authz::Directory;
+use crate::handler::Registry;
 use crate::routing::Routes;
 use crate::tls::{TlsConfigs, TlsError, TlsMaterial};
 
@@ -30,8 +31,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Validates and indexes a snapshot.
-    pub fn compile(snap: &Snapshot) -> Result<Policy, Invalid> {
+    /// Validates and indexes a snapshot, resolving handler names in `registry`.
+    pub fn compile(snap: &Snapshot, registry: &Registry) -> Result<Policy, Invalid> {
         snap.validate()?;
         let revoked = snap
             .revoked
@@ -46,7 +47,7 @@ impl Policy {
             })?;
         Ok(Policy {
             version: snap.version,
-            routes: Routes::compile(&snap.services)?,
+            routes: Routes::compile(&snap.services, registry)?,
             directory: Directory::compile(&snap.users),
             revoked: Arc::new(revoked),
         })
