@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::model::{Service, Snapshot};
+use crate::model::{Group, Service, Snapshot, User};
 use crate::names::{
     identity_key, is_node_uri, parse_source_range, BackendAddr, Serial, ServiceName,
 };
@@ -81,25 +81,129 @@ fn check_plain_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Joins a record's path prefix and a field name: `services[0]` + `name`.
+fn path(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn finish(errs: Errors) -> Result<(), Invalid> {
+    if errs.0.is_empty() {
+        Ok(())
+    } else {
+        Err(Invalid(errs.0))
+    }
+}
+
+impl Service {
+    /// The rules of one service alone (group references are checked where the groups
+    /// are known). Fields are named without a prefix: `name`, `address`.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut errs = Errors::default();
+        check_service(&mut errs, "", self);
+        finish(errs)
+    }
+}
+
+impl User {
+    /// The rules of one user alone (group references and identity conflicts are checked
+    /// where the other records are known).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut errs = Errors::default();
+        check_user(&mut errs, "", self);
+        finish(errs)
+    }
+}
+
+impl Group {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut errs = Errors::default();
+        check_group(&mut errs, "", self);
+        finish(errs)
+    }
+}
+
+fn check_service(errs: &mut Errors, prefix: &str, s: &Service) {
+    if let Err(e) = ServiceName::parse(&s.name) {
+        errs.push(path(prefix, "name"), e);
+    }
+    check_service_target(errs, prefix, s);
+    for (k, r) in s.allow.iter().enumerate() {
+        if let Err(e) = parse_source_range(r) {
+            errs.push(path(prefix, &format!("allow[{k}]")), e);
+        }
+    }
+    check_group_names(errs, prefix, &s.groups);
+}
+
+fn check_user(errs: &mut Errors, prefix: &str, u: &User) {
+    if let Err(e) = check_plain_name(&u.name) {
+        errs.push(path(prefix, "name"), e);
+    }
+    for (k, id) in u.identities.iter().enumerate() {
+        let field = path(prefix, &format!("identities[{k}]"));
+        if let Err(e) = check_identity(id) {
+            errs.push(field, e);
+        }
+    }
+    check_group_names(errs, prefix, &u.groups);
+}
+
+fn check_group(errs: &mut Errors, prefix: &str, g: &Group) {
+    if let Err(e) = check_plain_name(&g.name) {
+        errs.push(path(prefix, "name"), e);
+    }
+}
+
+/// Group references must at least be possible group names.
+fn check_group_names(errs: &mut Errors, prefix: &str, groups: &[String]) {
+    for (k, g) in groups.iter().enumerate() {
+        if let Err(e) = check_plain_name(g) {
+            errs.push(path(prefix, &format!("groups[{k}]")), e);
+        }
+    }
+}
+
+/// One identity as a user may claim it.
+pub fn check_identity(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        Err("must not be empty".into())
+    } else if id.len() > MAX_IDENTITY_LEN {
+        Err(format!("longer than {MAX_IDENTITY_LEN} characters"))
+    } else if id.chars().any(char::is_control) {
+        Err("must not hold control characters".into())
+    } else if is_node_uri(id) {
+        Err("\"/node/\" URIs identify data-plane nodes, not users".into())
+    } else {
+        Ok(())
+    }
+}
+
 impl Snapshot {
-    /// Checks every rule; returns all problems found.
+    /// Checks every rule, each record's and those across records; returns all problems
+    /// found.
     pub fn validate(&self) -> Result<(), Invalid> {
         let mut errs = Errors::default();
 
         let mut groups: HashMap<&str, usize> = HashMap::new();
         for (i, g) in self.groups.iter().enumerate() {
-            let field = format!("groups[{i}].name");
-            if let Err(e) = check_plain_name(&g.name) {
-                errs.push(field, e);
-            } else if let Some(j) = groups.insert(&g.name, i) {
-                errs.push(field, format!("duplicate of groups[{j}]"));
+            let prefix = format!("groups[{i}]");
+            let before = errs.0.len();
+            check_group(&mut errs, &prefix, g);
+            if errs.0.len() == before {
+                if let Some(j) = groups.insert(&g.name, i) {
+                    errs.push(path(&prefix, "name"), format!("duplicate of groups[{j}]"));
+                }
             }
         }
         let check_group_refs = |errs: &mut Errors, prefix: &str, refs: &[String]| {
             for (k, g) in refs.iter().enumerate() {
                 if !groups.contains_key(g.as_str()) {
                     errs.push(
-                        format!("{prefix}.groups[{k}]"),
+                        path(prefix, &format!("groups[{k}]")),
                         format!("unknown group {g:?}"),
                     );
                 }
@@ -109,54 +213,35 @@ impl Snapshot {
         let mut names: HashMap<String, usize> = HashMap::new();
         for (i, s) in self.services.iter().enumerate() {
             let prefix = format!("services[{i}]");
-            match ServiceName::parse(&s.name) {
-                Ok(n) => {
-                    if let Some(j) = names.insert(n.key(), i) {
-                        errs.push(
-                            format!("{prefix}.name"),
-                            format!("duplicate of services[{j}]"),
-                        );
-                    }
+            if let Ok(n) = ServiceName::parse(&s.name) {
+                if let Some(j) = names.insert(n.key(), i) {
+                    errs.push(path(&prefix, "name"), format!("duplicate of services[{j}]"));
                 }
-                Err(e) => errs.push(format!("{prefix}.name"), e),
             }
-            check_service_target(&mut errs, &prefix, s);
+            check_service(&mut errs, &prefix, s);
             check_group_refs(&mut errs, &prefix, &s.groups);
-            for (k, r) in s.allow.iter().enumerate() {
-                if let Err(e) = parse_source_range(r) {
-                    errs.push(format!("{prefix}.allow[{k}]"), e);
-                }
-            }
         }
 
         let mut users: HashMap<&str, usize> = HashMap::new();
         let mut claimed: HashMap<String, usize> = HashMap::new();
         for (i, u) in self.users.iter().enumerate() {
             let prefix = format!("users[{i}]");
-            if let Err(e) = check_plain_name(&u.name) {
-                errs.push(format!("{prefix}.name"), e);
-            } else if let Some(j) = users.insert(&u.name, i) {
-                errs.push(format!("{prefix}.name"), format!("duplicate of users[{j}]"));
+            let before = errs.0.len();
+            check_user(&mut errs, &prefix, u);
+            if check_plain_name(&u.name).is_ok() {
+                if let Some(j) = users.insert(&u.name, i) {
+                    errs.push(path(&prefix, "name"), format!("duplicate of users[{j}]"));
+                }
             }
-            for (k, id) in u.identities.iter().enumerate() {
-                let field = format!("{prefix}.identities[{k}]");
-                if id.trim().is_empty() {
-                    errs.push(field, "must not be empty");
-                } else if id.len() > MAX_IDENTITY_LEN {
-                    errs.push(field, format!("longer than {MAX_IDENTITY_LEN} characters"));
-                } else if id.chars().any(char::is_control) {
-                    errs.push(field, "must not hold control characters");
-                } else if is_node_uri(id) {
-                    errs.push(
-                        field,
-                        "\"/node/\" URIs identify data-plane nodes, not users",
-                    );
-                } else if let Some(j) = claimed.insert(identity_key(id), i) {
-                    if j != i {
-                        errs.push(
-                            field,
-                            format!("identity {id:?} is already claimed by users[{j}]"),
-                        );
+            if errs.0.len() == before {
+                for (k, id) in u.identities.iter().enumerate() {
+                    if let Some(j) = claimed.insert(identity_key(id), i) {
+                        if j != i {
+                            errs.push(
+                                path(&prefix, &format!("identities[{k}]")),
+                                format!("identity {id:?} is already claimed by users[{j}]"),
+                            );
+                        }
                     }
                 }
             }
@@ -168,12 +253,7 @@ impl Snapshot {
                 errs.push(format!("revoked[{i}]"), e);
             }
         }
-
-        if errs.0.is_empty() {
-            Ok(())
-        } else {
-            Err(Invalid(errs.0))
-        }
+        finish(errs)
     }
 }
 
@@ -181,7 +261,7 @@ fn check_service_target(errs: &mut Errors, prefix: &str, s: &Service) {
     if let Some(h) = &s.handler {
         if !KNOWN_HANDLERS.contains(&h.as_str()) {
             errs.push(
-                format!("{prefix}.handler"),
+                path(prefix, "handler"),
                 format!(
                     "unknown handler {h:?} (known: {})",
                     KNOWN_HANDLERS.join(", ")
@@ -196,11 +276,11 @@ fn check_service_target(errs: &mut Errors, prefix: &str, s: &Service) {
     match &s.address {
         Some(a) => {
             if let Err(e) = BackendAddr::parse(a) {
-                errs.push(format!("{prefix}.address"), e);
+                errs.push(path(prefix, "address"), e);
             }
         }
         None if needs_backend => errs.push(
-            format!("{prefix}.address"),
+            path(prefix, "address"),
             "required: the backend host:port (\":port\" for localhost)",
         ),
         None => {}
