@@ -1,8 +1,235 @@
 //! Numbered sled schema migrations of the ZTP control plane.
 //!
-//! Owns: the ordered list of schema upgrades and the schema version recorded in the
-//! store; run in order when `ztp-control` starts. Does not own: the store's typed access
-//! (that is `ztp-control`'s store module).
+//! Owns: the store's layout (tree names and key formats, [`layout`]), the ordered list of
+//! schema upgrades, and the schema version recorded in the store. [`run`] applies, in
+//! order, every migration newer than the store's version when `ztp-control` starts; a
+//! store written by a newer schema is refused, never half-read. Does not own: typed
+//! access to the records (the control plane's store module).
 //!
-//! Nothing is migrated yet: the control plane's store arrives with issue 4, and with it the
-//! first schema.
+//! Every migration is idempotent and the version is bumped (and flushed) only after its
+//! writes are flushed: a crash mid-migration reruns it from the start.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+
+use ztp_proto::names::identity_key;
+use ztp_proto::{Service, User};
+
+/// Tree names and key formats of the current schema.
+pub mod layout {
+    /// Schema and config versions, counters.
+    pub const META: &str = "meta";
+    /// Service name key (lowercase, `*.suffix` for wildcards) → JSON `Service`.
+    pub const SERVICES: &str = "services";
+    /// User name → JSON `User`.
+    pub const USERS: &str = "users";
+    /// Group name → JSON `Group`.
+    pub const GROUPS: &str = "groups";
+    /// Revoked serial (normalized hex) → empty.
+    pub const REVOKED: &str = "revoked";
+    /// Admin token id → JSON token record (hash only).
+    pub const TOKENS: &str = "tokens";
+    /// Big-endian sequence number → JSON admin audit record.
+    pub const AUDIT: &str = "audit";
+    /// Identity key → user name (since schema 2).
+    pub const IDENTITIES: &str = "identities";
+    /// `group \0 kind \0 name` → empty, kind `s` (service) or `u` (user) (since schema 2).
+    pub const GROUP_REFS: &str = "group_refs";
+
+    /// META keys.
+    pub const SCHEMA_VERSION: &[u8] = b"schema_version";
+    pub const CONFIG_VERSION: &[u8] = b"config_version";
+    pub const AUDIT_SEQ: &[u8] = b"audit_seq";
+
+    /// The reverse-index key recording that `name` (of `kind`) refers to `group`.
+    pub fn group_ref(group: &str, kind: u8, name: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(group.len() + name.len() + 3);
+        k.extend_from_slice(group.as_bytes());
+        k.push(0);
+        k.push(kind);
+        k.push(0);
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    /// Prefix of every reverse-index key of `group`.
+    pub fn group_ref_prefix(group: &str) -> Vec<u8> {
+        let mut k = group.as_bytes().to_vec();
+        k.push(0);
+        k
+    }
+
+    pub const REF_SERVICE: u8 = b's';
+    pub const REF_USER: u8 = b'u';
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("the store was written by a newer ZTP (schema {found}, this build knows up to {known}); upgrade ztp-control")]
+    TooNew { found: u32, known: u32 },
+    #[error("the store's schema version is unreadable ({0} bytes)")]
+    BadVersion(usize),
+    #[error("migration {version} ({name}) failed: record {key:?} in {tree}: {reason}")]
+    BadRecord {
+        version: u32,
+        name: &'static str,
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("store error: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+/// One schema upgrade.
+pub struct Migration {
+    /// The schema version the store has after this migration.
+    pub version: u32,
+    pub name: &'static str,
+    pub up: fn(&sled::Db) -> Result<(), MigrationError>,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial layout",
+        up: initial_layout,
+    },
+    Migration {
+        version: 2,
+        name: "identity and group reference indexes",
+        up: reference_indexes,
+    },
+];
+
+/// The schema version this build writes.
+pub const LATEST: u32 = 2;
+
+/// The store's schema version; 0 for a new, empty store.
+pub fn schema_version(db: &sled::Db) -> Result<u32, MigrationError> {
+    match db.open_tree(layout::META)?.get(layout::SCHEMA_VERSION)? {
+        None => Ok(0),
+        Some(v) => {
+            let bytes: [u8; 4] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| MigrationError::BadVersion(v.len()))?;
+            Ok(u32::from_be_bytes(bytes))
+        }
+    }
+}
+
+/// What [`run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub from: u32,
+    pub to: u32,
+}
+
+/// Brings the store to [`LATEST`], or refuses a store of a newer schema.
+pub fn run(db: &sled::Db) -> Result<Applied, MigrationError> {
+    run_to(db, LATEST)
+}
+
+/// Applies the migrations up to and including `target` (tests write older stores with
+/// this).
+pub fn run_to(db: &sled::Db, target: u32) -> Result<Applied, MigrationError> {
+    let from = schema_version(db)?;
+    if from > LATEST {
+        return Err(MigrationError::TooNew {
+            found: from,
+            known: LATEST,
+        });
+    }
+    let meta = db.open_tree(layout::META)?;
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| m.version > from && m.version <= target)
+    {
+        (m.up)(db)?;
+        db.flush()?;
+        meta.insert(layout::SCHEMA_VERSION, &m.version.to_be_bytes())?;
+        db.flush()?;
+    }
+    Ok(Applied {
+        from,
+        to: schema_version(db)?,
+    })
+}
+
+/// Schema 1: the record trees and a config version of 0.
+fn initial_layout(db: &sled::Db) -> Result<(), MigrationError> {
+    for t in [
+        layout::SERVICES,
+        layout::USERS,
+        layout::GROUPS,
+        layout::REVOKED,
+        layout::TOKENS,
+        layout::AUDIT,
+    ] {
+        db.open_tree(t)?;
+    }
+    let meta = db.open_tree(layout::META)?;
+    if meta.get(layout::CONFIG_VERSION)?.is_none() {
+        meta.insert(layout::CONFIG_VERSION, &0u64.to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Schema 2: reverse indexes that make integrity checks lookups instead of scans:
+/// identity → user (an identity maps to at most one user) and group → referrers.
+fn reference_indexes(db: &sled::Db) -> Result<(), MigrationError> {
+    const NAME: &str = "identity and group reference indexes";
+    let identities = db.open_tree(layout::IDENTITIES)?;
+    let refs = db.open_tree(layout::GROUP_REFS)?;
+    // Idempotent: rebuilt from the records each time.
+    identities.clear()?;
+    refs.clear()?;
+    let bad = |tree: &'static str, key: &[u8], reason: String| MigrationError::BadRecord {
+        version: 2,
+        name: NAME,
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    for kv in db.open_tree(layout::USERS)?.iter() {
+        let (k, v) = kv?;
+        let user: User =
+            serde_json::from_slice(&v).map_err(|e| bad(layout::USERS, &k, e.to_string()))?;
+        let mut seen = BTreeSet::new();
+        for id in &user.identities {
+            let key = identity_key(id);
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            if let Some(other) = identities.insert(key.as_bytes(), user.name.as_bytes())? {
+                return Err(bad(
+                    layout::USERS,
+                    &k,
+                    format!(
+                        "identity {id:?} is also claimed by {}",
+                        String::from_utf8_lossy(&other)
+                    ),
+                ));
+            }
+        }
+        for g in &user.groups {
+            refs.insert(layout::group_ref(g, layout::REF_USER, &user.name), &[])?;
+        }
+    }
+    for kv in db.open_tree(layout::SERVICES)?.iter() {
+        let (k, v) = kv?;
+        let svc: Service =
+            serde_json::from_slice(&v).map_err(|e| bad(layout::SERVICES, &k, e.to_string()))?;
+        let key = String::from_utf8_lossy(&k).into_owned();
+        for g in &svc.groups {
+            refs.insert(layout::group_ref(g, layout::REF_SERVICE, &key), &[])?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
