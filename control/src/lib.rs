@@ -1,8 +1,12 @@
 //! The ZTP control plane: the system of record.
 //!
-//! Owns: the sled store (services, users, groups, nodes, tokens), the REST admin API, the
-//! gRPC `ConfigService` that streams snapshots to data-plane nodes, and the node registry.
-//! Does not own: the domain model and its validation (`ztp-proto`), schema upgrades
-//! (`ztp-migrations`).
+//! Owns: the sled store ([`store`], the only module that touches sled), the REST admin
+//! API ([`api`]) and, later, the gRPC `ConfigService` that streams snapshots to data-plane
+//! nodes and the node registry. Does not own: the domain model and its validation
+//! (`ztp-proto`), schema upgrades (`ztp-migrations`).
 //!
-//! Not built yet (issue 4 and 5); until then a data plane runs from a snapshot file.
+//! What it acknowledges is on disk; what it refuses says why, naming the field.
+
+#![forbid(unsafe_code)]
+
+pub mod store;

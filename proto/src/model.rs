@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// One consistent configuration: what a data-plane node needs beyond its own listener,
 /// key and CA.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
     /// The control plane's config version; only ever moves forward.
@@ -26,6 +27,7 @@ pub struct Snapshot {
 
 /// A backend reachable through the proxy, named by TLS SNI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// The SNI name: `a.svc.internal`, or `*.svc.internal` for one label.
@@ -49,6 +51,7 @@ pub struct Service {
 
 /// How a service's traffic is carried to its backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -72,6 +75,7 @@ impl Protocol {
 
 /// A person or workload in the directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
@@ -86,6 +90,7 @@ pub struct User {
 
 /// A named set of users, referenced by services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Group {
     pub name: String,

@@ -1,0 +1,830 @@
+//! The store: the system of record, and the only module that touches sled.
+//!
+//! Every write is checked (each record's rules, referential integrity through the reverse
+//! indexes), applied as one sled transaction across trees that also bumps the global
+//! config version and appends an audit record, and acknowledged only after sled has
+//! flushed it to disk. Writes are serialized by one lock, which also gives readers of the
+//! whole configuration (snapshots) a consistent view.
+
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tokio::sync::Mutex;
+use ztp_migrations::layout;
+use ztp_proto::names::{identity_key, Serial, ServiceName};
+use ztp_proto::{FieldError, Group, Invalid, Service, Snapshot, User};
+
+mod tokens;
+
+pub use tokens::{NewToken, TokenInfo};
+
+/// Who made a change (an admin token), for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub token_id: String,
+    pub token_name: String,
+}
+
+impl Actor {
+    /// Changes made by the process itself (first start).
+    pub fn system() -> Self {
+        Actor {
+            token_id: "-".into(),
+            token_name: "ztp-control".into(),
+        }
+    }
+}
+
+/// One admin change, as kept in the audit tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub actor: Actor,
+    /// e.g. `service.create`.
+    pub action: String,
+    pub target: String,
+    /// The config version after the change.
+    pub version: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists")]
+    Exists { kind: &'static str, name: String },
+    #[error("the configuration changed (now version {current}); re-read it and retry")]
+    Stale { current: u64 },
+    #[error("invalid: {0}")]
+    Invalid(Invalid),
+    #[error("{detail}")]
+    Conflict {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("store record {key:?} in {tree} is damaged: {reason}")]
+    Damaged {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("store I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+impl StoreError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        StoreError::Invalid(Invalid(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }]))
+    }
+}
+
+/// A file in the store's folder that says the store was set up.
+const MARKER: &str = "ZTP-STORE";
+
+/// The trees, in the order of [`T`].
+const TREES: [&str; 9] = [
+    layout::META,
+    layout::SERVICES,
+    layout::USERS,
+    layout::GROUPS,
+    layout::REVOKED,
+    layout::TOKENS,
+    layout::AUDIT,
+    layout::IDENTITIES,
+    layout::GROUP_REFS,
+];
+
+/// Index of a tree in [`TREES`].
+#[derive(Debug, Clone, Copy)]
+enum T {
+    Meta = 0,
+    Services,
+    Users,
+    Groups,
+    Revoked,
+    Tokens,
+    Audit,
+    Identities,
+    GroupRefs,
+}
+
+/// One write of a transaction: insert (`Some`) or remove (`None`).
+type Op = (T, Vec<u8>, Option<Vec<u8>>);
+
+/// A page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<V> {
+    pub items: Vec<V>,
+    /// Cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+    write: Mutex<()>,
+    path: PathBuf,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn json<V: Serialize>(v: &V) -> Vec<u8> {
+    // Plain structs of strings, numbers and lists always serialize.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The key a service is stored under: its lowercase name.
+fn service_key(name: &str) -> Result<String, StoreError> {
+    ServiceName::parse(name)
+        .map(|n| n.key())
+        .map_err(|e| StoreError::invalid("name", e))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and brings its schema up to date. A
+    /// damaged store, or one of a newer schema, is refused with a message, never
+    /// half-read and never a panic.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: dir.to_owned(),
+            reason,
+        };
+        // sled 0.34 can panic on a damaged file instead of returning an error.
+        let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+        }));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(open_err(e.to_string())),
+            Err(_) => {
+                return Err(open_err(
+                    "the store is damaged (sled panicked reading it)".into(),
+                ))
+            }
+        };
+        // sled treats unreadable log segments as the end of the log, so a damaged store
+        // can open as an empty one. The marker, written once the store was first set up,
+        // tells an empty store from a lost one.
+        let marker = dir.join(MARKER);
+        if marker.exists() {
+            match ztp_migrations::schema_version(&db) {
+                Ok(v) if v > 0 => {}
+                Ok(_) => {
+                    return Err(open_err(format!(
+                        "the store is damaged: {} says it was set up, but it holds no schema; \
+                         restore it from a backup",
+                        marker.display()
+                    )))
+                }
+                Err(e) => return Err(open_err(e.to_string())),
+            }
+        }
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| ztp_migrations::run(&db)));
+        match applied {
+            Ok(Ok(a)) if a.from != a.to => {
+                tracing::info!(from = a.from, to = a.to, "store schema upgraded")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(open_err(e.to_string())),
+            Err(_) => {
+                return Err(open_err(
+                    "the store is damaged (sled panicked reading it)".into(),
+                ))
+            }
+        }
+        if !marker.exists() {
+            std::fs::write(&marker, b"ztp control-plane store\n")
+                .map_err(|e| open_err(format!("cannot write {}: {e}", marker.display())))?;
+        }
+        let trees = TREES
+            .iter()
+            .map(|t| db.open_tree(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = Store {
+            db,
+            trees,
+            write: Mutex::new(()),
+            path: dir.to_owned(),
+        };
+        // Read every record once: a damaged record is found now, not on a request.
+        store.snapshot_unlocked()?;
+        Ok(store)
+    }
+
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn tree(&self, t: T) -> &sled::Tree {
+        &self.trees[t as usize]
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(self
+            .tree(T::Meta)
+            .get(key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// The current config version.
+    pub fn version(&self) -> Result<u64, StoreError> {
+        self.meta_u64(layout::CONFIG_VERSION)
+    }
+
+    fn decode<V: for<'de> Deserialize<'de>>(
+        tree: T,
+        key: &[u8],
+        v: &[u8],
+    ) -> Result<V, StoreError> {
+        serde_json::from_slice(v).map_err(|e| StoreError::Damaged {
+            tree: TREES[tree as usize],
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn get<V: for<'de> Deserialize<'de>>(&self, t: T, key: &str) -> Result<Option<V>, StoreError> {
+        match self.tree(t).get(key)? {
+            None => Ok(None),
+            Some(v) => Self::decode(t, key.as_bytes(), &v).map(Some),
+        }
+    }
+
+    fn list<V: for<'de> Deserialize<'de>>(
+        &self,
+        t: T,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<V>, StoreError> {
+        use std::ops::Bound;
+        let start = match cursor {
+            Some(c) => Bound::Excluded(c.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut items = Vec::new();
+        let mut last = None;
+        let mut iter = self.tree(t).range::<Vec<u8>, _>((start, Bound::Unbounded));
+        for kv in iter.by_ref().take(limit) {
+            let (k, v) = kv?;
+            items.push(Self::decode(t, &k, &v)?);
+            last = Some(String::from_utf8_lossy(&k).into_owned());
+        }
+        let more = iter.next().is_some();
+        Ok(Page {
+            items,
+            next: if more { last } else { None },
+        })
+    }
+
+    /// Applies `ops` atomically with a version bump (when `bump`) and an audit record,
+    /// then flushes. Returns the config version after the change. The caller holds the
+    /// write lock.
+    async fn commit(
+        &self,
+        ops: Vec<Op>,
+        bump: bool,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+    ) -> Result<u64, StoreError> {
+        let time_ms = now_ms();
+        let result = self.trees.as_slice().transaction(|tx| {
+            let meta = &tx[T::Meta as usize];
+            let read = |k: &[u8]| -> Result<u64, ConflictableTransactionError<()>> {
+                Ok(meta
+                    .get(k)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes))
+            };
+            let mut version = read(layout::CONFIG_VERSION)?;
+            if bump {
+                version += 1;
+                meta.insert(layout::CONFIG_VERSION, &version.to_be_bytes())?;
+            }
+            for (t, k, v) in &ops {
+                match v {
+                    Some(v) => tx[*t as usize].insert(k.as_slice(), v.as_slice())?,
+                    None => tx[*t as usize].remove(k.as_slice())?,
+                };
+            }
+            let seq = read(layout::AUDIT_SEQ)? + 1;
+            meta.insert(layout::AUDIT_SEQ, &seq.to_be_bytes())?;
+            let record = AuditRecord {
+                seq,
+                time_ms,
+                actor: actor.clone(),
+                action: action.to_owned(),
+                target: target.to_owned(),
+                version,
+            };
+            tx[T::Audit as usize].insert(&seq.to_be_bytes(), json(&record))?;
+            Ok(version)
+        });
+        let version = match result {
+            Ok(v) => v,
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+            Err(TransactionError::Abort(())) => unreachable!("no transaction aborts"),
+        };
+        // Acknowledged only once it is on disk.
+        self.db.flush_async().await?;
+        Ok(version)
+    }
+
+    fn check_expected(&self, expect: Option<u64>) -> Result<(), StoreError> {
+        if let Some(want) = expect {
+            let current = self.version()?;
+            if current != want {
+                return Err(StoreError::Stale { current });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_groups_exist(&self, groups: &[String]) -> Result<(), StoreError> {
+        let errors: Vec<FieldError> = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !matches!(self.tree(T::Groups).contains_key(g.as_str()), Ok(true)))
+            .map(|(k, g)| FieldError {
+                field: format!("groups[{k}]"),
+                message: format!("unknown group {g:?}"),
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(Invalid(errors)))
+        }
+    }
+
+    // ----- services -----
+
+    pub fn get_service(&self, name: &str) -> Result<Service, StoreError> {
+        let key = service_key(name).map_err(|_| StoreError::NotFound {
+            kind: "service",
+            name: name.into(),
+        })?;
+        self.get(T::Services, &key)?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "service",
+                name: name.into(),
+            })
+    }
+
+    pub fn list_services(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Service>, StoreError> {
+        self.list(T::Services, cursor, limit)
+    }
+
+    /// Creates (`create`) or replaces a service. Replacing one that does not exist is
+    /// 404; creating one that does is 409.
+    pub async fn put_service(
+        &self,
+        svc: Service,
+        create: bool,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        svc.validate().map_err(StoreError::Invalid)?;
+        let key = service_key(&svc.name)?;
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let old: Option<Service> = self.get(T::Services, &key)?;
+        match (&old, create) {
+            (Some(_), true) => {
+                return Err(StoreError::Exists {
+                    kind: "service",
+                    name: svc.name,
+                })
+            }
+            (None, false) => {
+                return Err(StoreError::NotFound {
+                    kind: "service",
+                    name: svc.name,
+                })
+            }
+            _ => {}
+        }
+        self.check_groups_exist(&svc.groups)?;
+        let mut ops: Vec<Op> = Vec::new();
+        if let Some(old) = &old {
+            for g in &old.groups {
+                ops.push((
+                    T::GroupRefs,
+                    layout::group_ref(g, layout::REF_SERVICE, &key),
+                    None,
+                ));
+            }
+        }
+        for g in &svc.groups {
+            ops.push((
+                T::GroupRefs,
+                layout::group_ref(g, layout::REF_SERVICE, &key),
+                Some(vec![]),
+            ));
+        }
+        ops.push((T::Services, key.clone().into_bytes(), Some(json(&svc))));
+        let action = if create {
+            "service.create"
+        } else {
+            "service.replace"
+        };
+        self.commit(ops, true, actor, action, &key).await
+    }
+
+    pub async fn delete_service(
+        &self,
+        name: &str,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let old = self.get_service(name)?;
+        let key = service_key(&old.name)?;
+        let mut ops: Vec<Op> = old
+            .groups
+            .iter()
+            .map(|g| {
+                (
+                    T::GroupRefs,
+                    layout::group_ref(g, layout::REF_SERVICE, &key),
+                    None,
+                )
+            })
+            .collect();
+        ops.push((T::Services, key.clone().into_bytes(), None));
+        self.commit(ops, true, actor, "service.delete", &key).await
+    }
+
+    // ----- users -----
+
+    pub fn get_user(&self, name: &str) -> Result<User, StoreError> {
+        self.get(T::Users, name)?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "user",
+                name: name.into(),
+            })
+    }
+
+    pub fn list_users(&self, cursor: Option<&str>, limit: usize) -> Result<Page<User>, StoreError> {
+        self.list(T::Users, cursor, limit)
+    }
+
+    /// Creates or replaces a user; its identities must not be claimed by another user.
+    pub async fn put_user(
+        &self,
+        user: User,
+        create: bool,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        user.validate().map_err(StoreError::Invalid)?;
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let old: Option<User> = self.get(T::Users, &user.name)?;
+        match (&old, create) {
+            (Some(_), true) => {
+                return Err(StoreError::Exists {
+                    kind: "user",
+                    name: user.name,
+                })
+            }
+            (None, false) => {
+                return Err(StoreError::NotFound {
+                    kind: "user",
+                    name: user.name,
+                })
+            }
+            _ => {}
+        }
+        self.check_groups_exist(&user.groups)?;
+        let mut conflicts = Vec::new();
+        for (k, id) in user.identities.iter().enumerate() {
+            if let Some(owner) = self.tree(T::Identities).get(identity_key(id))? {
+                if owner.as_ref() != user.name.as_bytes() {
+                    conflicts.push(FieldError {
+                        field: format!("identities[{k}]"),
+                        message: format!(
+                            "identity {id:?} is already claimed by user {:?}",
+                            String::from_utf8_lossy(&owner)
+                        ),
+                    });
+                }
+            }
+        }
+        if !conflicts.is_empty() {
+            return Err(StoreError::Conflict {
+                detail: "an identity maps to at most one user".into(),
+                errors: conflicts,
+            });
+        }
+        let mut ops = Vec::new();
+        if let Some(old) = &old {
+            ops.extend(user_index_ops(old, false));
+        }
+        ops.extend(user_index_ops(&user, true));
+        ops.push((T::Users, user.name.clone().into_bytes(), Some(json(&user))));
+        let action = if create {
+            "user.create"
+        } else {
+            "user.replace"
+        };
+        self.commit(ops, true, actor, action, &user.name).await
+    }
+
+    pub async fn delete_user(
+        &self,
+        name: &str,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let old = self.get_user(name)?;
+        let mut ops = user_index_ops(&old, false);
+        ops.push((T::Users, name.as_bytes().to_vec(), None));
+        self.commit(ops, true, actor, "user.delete", name).await
+    }
+
+    // ----- groups -----
+
+    pub fn get_group(&self, name: &str) -> Result<Group, StoreError> {
+        self.get(T::Groups, name)?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "group",
+                name: name.into(),
+            })
+    }
+
+    pub fn list_groups(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Group>, StoreError> {
+        self.list(T::Groups, cursor, limit)
+    }
+
+    pub async fn create_group(
+        &self,
+        group: Group,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        group.validate().map_err(StoreError::Invalid)?;
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        if self.tree(T::Groups).contains_key(&group.name)? {
+            return Err(StoreError::Exists {
+                kind: "group",
+                name: group.name,
+            });
+        }
+        let ops = vec![(
+            T::Groups,
+            group.name.clone().into_bytes(),
+            Some(json(&group)),
+        )];
+        self.commit(ops, true, actor, "group.create", &group.name)
+            .await
+    }
+
+    /// Deletes a group. In use, it is refused unless `cascade`, which removes it from
+    /// every user and service naming it, except that a service is never left with no
+    /// groups: that would open it to every user, so such a cascade is refused.
+    pub async fn delete_group(
+        &self,
+        name: &str,
+        cascade: bool,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        self.get_group(name)?;
+        let mut referrers: Vec<(u8, String)> = Vec::new();
+        for kv in self
+            .tree(T::GroupRefs)
+            .scan_prefix(layout::group_ref_prefix(name))
+        {
+            let (k, _) = kv?;
+            let rest = &k[name.len() + 1..];
+            if rest.len() >= 2 {
+                referrers.push((rest[0], String::from_utf8_lossy(&rest[2..]).into_owned()));
+            }
+        }
+        let describe = |(kind, n): &(u8, String)| FieldError {
+            field: if *kind == layout::REF_SERVICE {
+                format!("services/{n}")
+            } else {
+                format!("users/{n}")
+            },
+            message: format!("refers to group {name:?}"),
+        };
+        if !referrers.is_empty() && !cascade {
+            return Err(StoreError::Conflict {
+                detail: format!(
+                    "group {name:?} is in use; remove the references or delete with cascade=true"
+                ),
+                errors: referrers.iter().map(describe).collect(),
+            });
+        }
+        let mut ops: Vec<Op> = Vec::new();
+        let mut widening = Vec::new();
+        for (kind, n) in &referrers {
+            ops.push((T::GroupRefs, layout::group_ref(name, *kind, n), None));
+            if *kind == layout::REF_SERVICE {
+                let mut svc: Service =
+                    self.get(T::Services, n)?
+                        .ok_or_else(|| StoreError::Damaged {
+                            tree: layout::GROUP_REFS,
+                            key: n.clone(),
+                            reason: "refers to a missing service".into(),
+                        })?;
+                svc.groups.retain(|g| g != name);
+                if svc.groups.is_empty() {
+                    widening.push(FieldError {
+                        field: format!("services/{n}"),
+                        message: format!("would be left with no groups (open to every user); change its groups first"),
+                    });
+                }
+                ops.push((T::Services, n.clone().into_bytes(), Some(json(&svc))));
+            } else {
+                let mut user: User = self.get(T::Users, n)?.ok_or_else(|| StoreError::Damaged {
+                    tree: layout::GROUP_REFS,
+                    key: n.clone(),
+                    reason: "refers to a missing user".into(),
+                })?;
+                user.groups.retain(|g| g != name);
+                ops.push((T::Users, n.clone().into_bytes(), Some(json(&user))));
+            }
+        }
+        if !widening.is_empty() {
+            return Err(StoreError::Conflict {
+                detail: format!("deleting group {name:?} would widen access"),
+                errors: widening,
+            });
+        }
+        ops.push((T::Groups, name.as_bytes().to_vec(), None));
+        let action = if cascade && !referrers.is_empty() {
+            "group.delete.cascade"
+        } else {
+            "group.delete"
+        };
+        self.commit(ops, true, actor, action, name).await
+    }
+
+    // ----- whole configuration -----
+
+    /// The whole configuration as one snapshot, at one version.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let _w = self.write.lock().await;
+        self.snapshot_unlocked()
+    }
+
+    fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
+        let all = |t: T| -> Result<Vec<_>, StoreError> {
+            self.tree(t)
+                .iter()
+                .map(|kv| kv.map_err(StoreError::from))
+                .collect()
+        };
+        let mut snap = Snapshot {
+            version: self.version()?,
+            services: vec![],
+            users: vec![],
+            groups: vec![],
+            revoked: vec![],
+        };
+        for (k, v) in all(T::Services)? {
+            snap.services.push(Self::decode(T::Services, &k, &v)?);
+        }
+        for (k, v) in all(T::Users)? {
+            snap.users.push(Self::decode(T::Users, &k, &v)?);
+        }
+        for (k, v) in all(T::Groups)? {
+            snap.groups.push(Self::decode(T::Groups, &k, &v)?);
+        }
+        for (k, _) in all(T::Revoked)? {
+            snap.revoked.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(snap)
+    }
+
+    /// Replaces the whole configuration with `snap` as one new version (its own
+    /// `version` field is ignored: the store assigns the next one).
+    pub async fn import(
+        &self,
+        snap: Snapshot,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        snap.validate().map_err(StoreError::Invalid)?;
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let mut ops: Vec<Op> = Vec::new();
+        for t in [
+            T::Services,
+            T::Users,
+            T::Groups,
+            T::Revoked,
+            T::Identities,
+            T::GroupRefs,
+        ] {
+            for k in self.tree(t).iter().keys() {
+                ops.push((t, k?.to_vec(), None));
+            }
+        }
+        // Later inserts of the same key win over the removals above.
+        for g in &snap.groups {
+            ops.push((T::Groups, g.name.clone().into_bytes(), Some(json(g))));
+        }
+        for s in &snap.services {
+            let key = service_key(&s.name)?;
+            for g in &s.groups {
+                ops.push((
+                    T::GroupRefs,
+                    layout::group_ref(g, layout::REF_SERVICE, &key),
+                    Some(vec![]),
+                ));
+            }
+            ops.push((T::Services, key.into_bytes(), Some(json(s))));
+        }
+        for u in &snap.users {
+            ops.extend(user_index_ops(u, true));
+            ops.push((T::Users, u.name.clone().into_bytes(), Some(json(u))));
+        }
+        let mut serials = BTreeSet::new();
+        for r in &snap.revoked {
+            let s = Serial::parse_hex(r).map_err(|e| StoreError::invalid("revoked", e))?;
+            serials.insert(s.to_string());
+        }
+        for s in serials {
+            ops.push((T::Revoked, s.into_bytes(), Some(vec![])));
+        }
+        let target = format!(
+            "{} services, {} users, {} groups",
+            snap.services.len(),
+            snap.users.len(),
+            snap.groups.len()
+        );
+        self.commit(ops, true, actor, "import", &target).await
+    }
+
+    /// The newest admin audit records, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        self.tree(T::Audit)
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Self::decode(T::Audit, &k, &v)
+            })
+            .collect()
+    }
+}
+
+/// Index entries of a user: identities → name, and group references.
+fn user_index_ops(user: &User, insert: bool) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for id in &user.identities {
+        let v = insert.then(|| user.name.clone().into_bytes());
+        ops.push((T::Identities, identity_key(id).into_bytes(), v));
+    }
+    for g in &user.groups {
+        ops.push((
+            T::GroupRefs,
+            layout::group_ref(g, layout::REF_USER, &user.name),
+            insert.then(Vec::new),
+        ));
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests;

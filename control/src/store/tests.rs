@@ -1,0 +1,397 @@
+//! The store against a real sled database in a temporary folder.
+
+use super::*;
+use ztp_proto::Protocol;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "ztp-store-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn svc(name: &str, groups: &[&str]) -> Service {
+    Service {
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        address: Some(":22".into()),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        allow: vec![],
+        handler: None,
+    }
+}
+
+fn user(name: &str, ids: &[&str], groups: &[&str]) -> User {
+    User {
+        name: name.into(),
+        identities: ids.iter().map(|g| g.to_string()).collect(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        disabled: false,
+    }
+}
+
+fn group(name: &str) -> Group {
+    Group { name: name.into() }
+}
+
+fn fields(e: &StoreError) -> Vec<String> {
+    match e {
+        StoreError::Invalid(Invalid(v)) => v.iter().map(|f| f.field.clone()).collect(),
+        StoreError::Conflict { errors, .. } => errors.iter().map(|f| f.field.clone()).collect(),
+        other => panic!("not a field error: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn writes_bump_the_version_and_survive_reopen() {
+    let dir = TempDir::new();
+    let a = Actor::system();
+    {
+        let store = Store::open(&dir.0).unwrap();
+        assert_eq!(store.version().unwrap(), 0);
+        assert_eq!(
+            store.create_group(group("admins"), None, &a).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .put_service(svc("SSH.svc.internal", &["admins"]), true, None, &a)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            store
+                .put_user(
+                    user("alice", &["alice@example.com"], &["admins"]),
+                    true,
+                    None,
+                    &a
+                )
+                .await
+                .unwrap(),
+            3
+        );
+    }
+    let store = Store::open(&dir.0).unwrap();
+    assert_eq!(store.version().unwrap(), 3);
+    assert_eq!(
+        store.get_service("ssh.svc.internal").unwrap().groups,
+        ["admins"]
+    );
+    assert_eq!(
+        store.get_user("alice").unwrap().identities,
+        ["alice@example.com"]
+    );
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.version, 3);
+    snap.validate().unwrap();
+    // Every change is audited with who, what and the version.
+    let audit = store.audit(10).unwrap();
+    assert_eq!(audit.len(), 3);
+    assert_eq!(audit[0].action, "user.create");
+    assert_eq!(audit[0].target, "alice");
+    assert_eq!(audit[0].version, 3);
+    assert_eq!(audit[2].actor, a);
+}
+
+#[tokio::test]
+async fn integrity_is_enforced() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let e = store
+        .put_service(svc("a.svc", &["nope"]), true, None, &a)
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&e), ["groups[0]"]);
+    let e = store
+        .put_user(user("bob", &["bob@x"], &["nope"]), true, None, &a)
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&e), ["groups[0]"]);
+    assert_eq!(store.version().unwrap(), 0, "refused writes store nothing");
+
+    store
+        .put_user(user("alice", &["Alice@X"], &[]), true, None, &a)
+        .await
+        .unwrap();
+    let e = store
+        .put_user(user("eve", &["x", "alice@x"], &[]), true, None, &a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }));
+    assert_eq!(fields(&e), ["identities[1]"]);
+    // A user may keep its own identities on replace.
+    store
+        .put_user(
+            user("alice", &["alice@x", "spiffe://x/a"], &[]),
+            false,
+            None,
+            &a,
+        )
+        .await
+        .unwrap();
+    // Replacing frees the identities dropped; deleting frees all.
+    store
+        .put_user(user("alice", &["spiffe://x/a"], &[]), false, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_user(user("eve", &["alice@x"], &[]), true, None, &a)
+        .await
+        .unwrap();
+    store.delete_user("alice", None, &a).await.unwrap();
+    store
+        .put_user(user("frank", &["spiffe://x/a"], &[]), true, None, &a)
+        .await
+        .unwrap();
+
+    let e = store
+        .put_service(svc("a.svc", &[]), false, None, &a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotFound { .. }));
+    store
+        .put_service(svc("a.svc", &[]), true, None, &a)
+        .await
+        .unwrap();
+    let e = store
+        .put_service(svc("A.svc", &[]), true, None, &a)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Exists { .. }),
+        "names compare case-insensitively"
+    );
+}
+
+#[tokio::test]
+async fn group_delete_in_use_and_cascade() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    for g in ["admins", "ops"] {
+        store.create_group(group(g), None, &a).await.unwrap();
+    }
+    store
+        .put_service(svc("both.svc", &["admins", "ops"]), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_service(svc("only.svc", &["admins"]), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_user(user("alice", &["a@x"], &["admins", "ops"]), true, None, &a)
+        .await
+        .unwrap();
+    let v = store.version().unwrap();
+
+    let e = store
+        .delete_group("admins", false, None, &a)
+        .await
+        .unwrap_err();
+    let mut f = fields(&e);
+    f.sort();
+    assert_eq!(f, ["services/both.svc", "services/only.svc", "users/alice"]);
+    // Cascading would open only.svc to everyone: refused.
+    let e = store
+        .delete_group("admins", true, None, &a)
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&e), ["services/only.svc"]);
+    assert_eq!(store.version().unwrap(), v);
+
+    store.delete_service("only.svc", None, &a).await.unwrap();
+    store.delete_group("admins", true, None, &a).await.unwrap();
+    assert_eq!(store.get_service("both.svc").unwrap().groups, ["ops"]);
+    assert_eq!(store.get_user("alice").unwrap().groups, ["ops"]);
+    assert!(store.get_group("admins").is_err());
+    store.snapshot().await.unwrap().validate().unwrap();
+    // Unused now: plain delete works.
+    store.delete_service("both.svc", None, &a).await.unwrap();
+    store
+        .put_user(user("alice", &["a@x"], &[]), false, None, &a)
+        .await
+        .unwrap();
+    store.delete_group("ops", false, None, &a).await.unwrap();
+}
+
+#[tokio::test]
+async fn stale_writes_are_refused() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    store.create_group(group("g"), Some(0), &a).await.unwrap();
+    let e = store
+        .create_group(group("h"), Some(0), &a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Stale { current: 1 }));
+    store.create_group(group("h"), Some(1), &a).await.unwrap();
+}
+
+#[tokio::test]
+async fn import_replaces_everything_as_one_version() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    store.create_group(group("old"), None, &a).await.unwrap();
+    store
+        .put_user(user("old", &["old@x"], &["old"]), true, None, &a)
+        .await
+        .unwrap();
+    let snap = Snapshot::from_yaml(
+        "version: 99\nservices:\n  - {name: a.svc, address: ':1', groups: [g]}\nusers:\n  - {name: u, identities: [old@x], groups: [g]}\ngroups: [{name: g}]\nrevoked: ['00:0A']\n",
+    )
+    .unwrap();
+    assert_eq!(store.import(snap, None, &a).await.unwrap(), 3);
+    let got = store.snapshot().await.unwrap();
+    assert_eq!(got.version, 3);
+    assert_eq!(got.groups, [group("g")]);
+    assert_eq!(got.users.len(), 1);
+    assert_eq!(got.revoked, ["0a"]);
+    // The indexes were rebuilt: the identity moved to the new user; old group gone.
+    let e = store
+        .put_user(user("v", &["OLD@x"], &[]), true, None, &a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }));
+    store.delete_group("g", false, None, &a).await.unwrap_err();
+
+    let bad = Snapshot {
+        version: 1,
+        services: vec![svc("b.svc", &["missing"])],
+        users: vec![],
+        groups: vec![],
+        revoked: vec![],
+    };
+    let e = store.import(bad, None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["services[0].groups[0]"]);
+    assert_eq!(
+        store.version().unwrap(),
+        3,
+        "a refused import changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn tokens_keep_only_hashes() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let t = store.create_token("ci", &a).await.unwrap();
+    let actor = store.verify_token(&t.token).unwrap();
+    assert_eq!(actor.token_name, "ci");
+    assert!(store.verify_token(&t.token.replace('a', "b")).is_none() || !t.token.contains('a'));
+    assert!(store.verify_token("ztp_nope").is_none());
+    assert_eq!(store.version().unwrap(), 0, "tokens are not configuration");
+    // The secret is nowhere in the store's files.
+    drop(store);
+    let secret = t.token.rsplit('_').next().unwrap().to_owned();
+    for entry in walk(&dir.0) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret found in {}",
+            entry.display()
+        );
+    }
+    let store = Store::open(&dir.0).unwrap();
+    let e = store.revoke_token(&t.info.id, &a).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "last token kept");
+    let t2 = store.create_token("second", &a).await.unwrap();
+    store.revoke_token(&t.info.id, &a).await.unwrap();
+    assert!(store.verify_token(&t.token).is_none());
+    assert!(store.verify_token(&t2.token).is_some());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn damaged_store_is_refused_without_panic() {
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage); 3] = [
+        ("data and conf overwritten", |d| {
+            let len = std::fs::metadata(d.join("db")).unwrap().len() as usize;
+            std::fs::write(d.join("db"), vec![0xA5u8; len.max(4096)]).unwrap();
+            std::fs::write(d.join("conf"), b"garbage").unwrap();
+        }),
+        ("data overwritten", |d| {
+            let len = std::fs::metadata(d.join("db")).unwrap().len() as usize;
+            std::fs::write(d.join("db"), vec![0x5Au8; len.max(4096)]).unwrap();
+        }),
+        ("data truncated", |d| {
+            std::fs::write(d.join("db"), b"").unwrap()
+        }),
+    ];
+    for (what, damage) in cases {
+        let dir = TempDir::new();
+        {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let store = Store::open(&dir.0).unwrap();
+            rt.block_on(store.create_group(group("g"), None, &Actor::system()))
+                .unwrap();
+        }
+        damage(&dir.0);
+        match Store::open(&dir.0) {
+            Err(e) => assert!(
+                e.to_string().contains("cannot open the store"),
+                "{what}: {e}"
+            ),
+            Ok(s) => panic!(
+                "{what}: a damaged store was opened (version {:?})",
+                s.version()
+            ),
+        }
+    }
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = TempDir::new();
+    {
+        let db = sled::open(&dir.0).unwrap();
+        ztp_migrations::run(&db).unwrap();
+        db.open_tree(layout::META)
+            .unwrap()
+            .insert(
+                layout::SCHEMA_VERSION,
+                &(ztp_migrations::LATEST + 1).to_be_bytes(),
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let e = Store::open(&dir.0).err().expect("refused");
+    assert!(e.to_string().contains("newer"), "{e}");
+}

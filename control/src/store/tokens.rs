@@ -1,0 +1,157 @@
+//! Admin tokens. A token is `ztp_<id>_<secret>`; the store keeps the id, a name and the
+//! SHA-256 of the secret, never the secret. Verification looks the id up and compares
+//! hashes in constant time.
+
+use ring::rand::SecureRandom;
+use serde::{Deserialize, Serialize};
+
+use super::{json, now_ms, Actor, Op, Page, Store, StoreError, T};
+
+/// A token as listed: everything but the secret, which is not kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Hex SHA-256 of the secret.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    hash: String,
+}
+
+impl TokenInfo {
+    /// The listing form (without the hash).
+    pub fn public(&self) -> TokenInfo {
+        TokenInfo {
+            hash: String::new(),
+            ..self.clone()
+        }
+    }
+}
+
+/// A token just created: the only time its secret is seen.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub info: TokenInfo,
+    pub token: String,
+}
+
+fn random_hex(bytes: usize) -> Result<String, StoreError> {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| StoreError::Open {
+            path: Default::default(),
+            reason: "no system randomness".into(),
+        })?;
+    Ok(hex(&buf))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hash_secret(secret: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Splits `ztp_<id>_<secret>`.
+fn parse(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix("ztp_")?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 16 && secret.len() == 64).then_some((id, secret))
+}
+
+impl Store {
+    /// Creates a token named `name`.
+    pub async fn create_token(&self, name: &str, actor: &Actor) -> Result<NewToken, StoreError> {
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(StoreError::invalid(
+                "name",
+                "must be 1 to 128 printable characters",
+            ));
+        }
+        let id = random_hex(8)?;
+        let secret = random_hex(32)?;
+        let info = TokenInfo {
+            id: id.clone(),
+            name: name.to_owned(),
+            created_ms: now_ms(),
+            hash: hash_secret(&secret),
+        };
+        let _w = self.write.lock().await;
+        let ops: Vec<Op> = vec![(T::Tokens, id.clone().into_bytes(), Some(json(&info)))];
+        // Tokens are not configuration: no version bump, but audited.
+        self.commit(ops, false, actor, "token.create", &id).await?;
+        Ok(NewToken {
+            info: info.public(),
+            token: format!("ztp_{id}_{secret}"),
+        })
+    }
+
+    pub fn list_tokens(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<TokenInfo>, StoreError> {
+        let mut page: Page<TokenInfo> = self.list(T::Tokens, cursor, limit)?;
+        page.items = page.items.iter().map(TokenInfo::public).collect();
+        Ok(page)
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.tree(T::Tokens).len()
+    }
+
+    /// Revokes a token. The last one cannot be revoked: that would lock every operator
+    /// out.
+    pub async fn revoke_token(&self, id: &str, actor: &Actor) -> Result<(), StoreError> {
+        let _w = self.write.lock().await;
+        if !self.tree(T::Tokens).contains_key(id)? {
+            return Err(StoreError::NotFound {
+                kind: "token",
+                name: id.into(),
+            });
+        }
+        if self.token_count() <= 1 {
+            return Err(StoreError::Conflict {
+                detail: "the last admin token cannot be revoked; create another first".into(),
+                errors: vec![],
+            });
+        }
+        let ops: Vec<Op> = vec![(T::Tokens, id.as_bytes().to_vec(), None)];
+        self.commit(ops, false, actor, "token.revoke", id).await?;
+        Ok(())
+    }
+
+    /// The actor a presented token belongs to, if it is valid.
+    pub fn verify_token(&self, presented: &str) -> Option<Actor> {
+        let (id, secret) = parse(presented)?;
+        let info: TokenInfo = self.get(T::Tokens, id).ok()??;
+        let presented = hash_secret(secret);
+        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then(|| Actor {
+            token_id: info.id,
+            token_name: info.name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_format() {
+        assert!(parse(&format!("ztp_{}_{}", "a".repeat(16), "b".repeat(64))).is_some());
+        assert!(parse("ztp_short_secret").is_none());
+        assert!(parse("Bearer x").is_none());
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
