@@ -9,4 +9,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod store;

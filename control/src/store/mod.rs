@@ -613,6 +613,27 @@ impl Store {
             .await
     }
 
+    /// Replaces a group: a group is only its name, so this checks that it exists and
+    /// records the change.
+    pub async fn replace_group(
+        &self,
+        group: Group,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        group.validate().map_err(StoreError::Invalid)?;
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        self.get_group(&group.name)?;
+        let ops = vec![(
+            T::Groups,
+            group.name.clone().into_bytes(),
+            Some(json(&group)),
+        )];
+        self.commit(ops, true, actor, "group.replace", &group.name)
+            .await
+    }
+
     /// Deletes a group. In use, it is refused unless `cascade`, which removes it from
     /// every user and service naming it, except that a service is never left with no
     /// groups: that would open it to every user, so such a cascade is refused.
@@ -669,7 +690,8 @@ impl Store {
                 if svc.groups.is_empty() {
                     widening.push(FieldError {
                         field: format!("services/{n}"),
-                        message: format!("would be left with no groups (open to every user); change its groups first"),
+                        message: "would be left with no groups (open to every user); change its groups first"
+                            .into(),
                     });
                 }
                 ops.push((T::Services, n.clone().into_bytes(), Some(json(&svc))));

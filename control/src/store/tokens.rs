@@ -134,7 +134,7 @@ impl Store {
         let (id, secret) = parse(presented)?;
         let info: TokenInfo = self.get(T::Tokens, id).ok()??;
         let presented = hash_secret(secret);
-        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then(|| Actor {
+        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then_some(Actor {
             token_id: info.id,
             token_name: info.name,
         })
