@@ -3,7 +3,8 @@
 //! Owns: the domain model ([`Snapshot`], [`Service`], [`User`], [`Group`]) in exactly the
 //! schema of DESIGN.md, its validation ([`Snapshot::validate`], errors naming the field),
 //! the typed parsers both planes index with ([`names`]), and the duration syntax of the
-//! command lines. Later also the `.proto` of the snapshot stream and its conversions.
+//! command lines, and the gRPC contract of the snapshot stream ([`wire`]: the `.proto`,
+//! its generated code and conversions).
 //! Does not own: storage (the control plane) or the routing index (the data plane).
 
 #![forbid(unsafe_code)]
@@ -12,10 +13,11 @@ mod duration;
 mod model;
 pub mod names;
 mod validate;
+pub mod wire;
 
 pub use duration::parse_duration;
 pub use model::{Group, Protocol, Service, Snapshot, User};
-pub use validate::{FieldError, Invalid, KNOWN_HANDLERS};
+pub use validate::{check_identity, FieldError, Invalid, KNOWN_HANDLERS};
 
 /// Why a snapshot document could not be used.
 #[derive(Debug, thiserror::Error)]

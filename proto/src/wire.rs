@@ -1,0 +1,162 @@
+//! The gRPC contract (`proto/ztp/config/v1/config.proto`) and its conversions to and from
+//! the domain model. A snapshot received from the wire is converted, then validated like
+//! any other: the wire is never trusted more than a file.
+
+use crate::model::{Group, Protocol, Service, Snapshot, User};
+use crate::validate::{FieldError, Invalid};
+
+/// The generated messages, client and server.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("ztp.config.v1");
+}
+
+/// The snapshot schema this build writes and understands. A node refuses (nacks) a
+/// snapshot of a higher schema and keeps serving its last good one, so a rolling upgrade
+/// updates data planes first.
+pub const SCHEMA: u32 = 1;
+
+/// Largest gRPC message either side accepts: a 100,000-user snapshot is ~10 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+impl From<&Snapshot> for pb::Snapshot {
+    fn from(s: &Snapshot) -> Self {
+        pb::Snapshot {
+            schema: SCHEMA,
+            version: s.version,
+            services: s
+                .services
+                .iter()
+                .map(|s| pb::Service {
+                    name: s.name.clone(),
+                    protocol: s.protocol.as_str().to_owned(),
+                    address: s.address.clone(),
+                    groups: s.groups.clone(),
+                    allow: s.allow.clone(),
+                    handler: s.handler.clone(),
+                })
+                .collect(),
+            users: s
+                .users
+                .iter()
+                .map(|u| pb::User {
+                    name: u.name.clone(),
+                    identities: u.identities.clone(),
+                    groups: u.groups.clone(),
+                    disabled: u.disabled,
+                })
+                .collect(),
+            groups: s
+                .groups
+                .iter()
+                .map(|g| pb::Group {
+                    name: g.name.clone(),
+                })
+                .collect(),
+            revoked: s.revoked.clone(),
+        }
+    }
+}
+
+/// Why a received snapshot cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("snapshot schema {found} is newer than this node understands ({known})")]
+    TooNew { found: u32, known: u32 },
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+}
+
+impl TryFrom<pb::Snapshot> for Snapshot {
+    type Error = WireError;
+
+    /// Converts and validates.
+    fn try_from(p: pb::Snapshot) -> Result<Self, WireError> {
+        if p.schema > SCHEMA {
+            return Err(WireError::TooNew {
+                found: p.schema,
+                known: SCHEMA,
+            });
+        }
+        let mut errors = Vec::new();
+        let services = p
+            .services
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let protocol = match s.protocol.as_str() {
+                    "tcp" => Protocol::Tcp,
+                    "udp" => Protocol::Udp,
+                    "quic" => Protocol::Quic,
+                    "auto" | "" => Protocol::Auto,
+                    other => {
+                        errors.push(FieldError {
+                            field: format!("services[{i}].protocol"),
+                            message: format!("unknown protocol {other:?}"),
+                        });
+                        Protocol::Auto
+                    }
+                };
+                Service {
+                    name: s.name,
+                    protocol,
+                    address: s.address,
+                    groups: s.groups,
+                    allow: s.allow,
+                    handler: s.handler,
+                }
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(Invalid(errors).into());
+        }
+        let snap = Snapshot {
+            version: p.version,
+            services,
+            users: p
+                .users
+                .into_iter()
+                .map(|u| User {
+                    name: u.name,
+                    identities: u.identities,
+                    groups: u.groups,
+                    disabled: u.disabled,
+                })
+                .collect(),
+            groups: p.groups.into_iter().map(|g| Group { name: g.name }).collect(),
+            revoked: p.revoked,
+        };
+        snap.validate()?;
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let snap = Snapshot::from_yaml(
+            "version: 3\nservices:\n  - {name: a.b, protocol: udp, address: ':1', groups: [g], allow: ['10.0.0.0/8']}\n  - {name: w.b, handler: identity-echo}\nusers: [{name: u, identities: [u@x], groups: [g], disabled: true}]\ngroups: [{name: g}]\nrevoked: ['0a']\n",
+        )
+        .unwrap();
+        let wire = pb::Snapshot::from(&snap);
+        assert_eq!(wire.schema, SCHEMA);
+        assert_eq!(Snapshot::try_from(wire.clone()).unwrap(), snap);
+
+        let mut newer = wire.clone();
+        newer.schema = SCHEMA + 1;
+        assert!(matches!(Snapshot::try_from(newer), Err(WireError::TooNew { .. })));
+
+        let mut bad = wire.clone();
+        bad.services[0].protocol = "sctp".into();
+        let e = Snapshot::try_from(bad).unwrap_err();
+        assert!(e.to_string().contains("services[0].protocol"), "{e}");
+
+        let mut bad = wire;
+        bad.users[0].groups = vec!["missing".into()];
+        let e = Snapshot::try_from(bad).unwrap_err();
+        assert!(e.to_string().contains("users[0].groups[0]"), "{e}");
+    }
+}
