@@ -10,4 +10,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod grpc;
+pub mod nodes;
 pub mod store;

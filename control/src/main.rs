@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ztp_control::api::{self, AppState};
+use ztp_control::grpc;
 use ztp_control::store::{Actor, Store};
 
 /// sysexits EX_USAGE: invalid command line or configuration.
@@ -35,6 +36,27 @@ struct Args {
     /// Key (PEM) of --api-cert.
     #[arg(long, value_name = "FILE", requires = "api_cert")]
     api_key: Option<PathBuf>,
+
+    /// Address of the gRPC config stream to data-plane nodes (mutual TLS). Needs
+    /// --grpc-cert, --grpc-key and --node-ca; without them the stream is off.
+    #[arg(long, default_value = "[::]:9781", value_name = "ADDR")]
+    grpc_listen: SocketAddr,
+
+    /// Certificate chain (PEM) of the gRPC port.
+    #[arg(long, value_name = "FILE", requires_all = ["grpc_key", "node_ca"])]
+    grpc_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --grpc-cert.
+    #[arg(long, value_name = "FILE", requires = "grpc_cert")]
+    grpc_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that node certificates must chain to.
+    #[arg(long, value_name = "FILE", requires = "grpc_cert")]
+    node_ca: Option<PathBuf>,
+
+    /// Trust domain of node identities (`spiffe://DOMAIN/node/ID`).
+    #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
+    trust_domain: String,
 
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"], value_name = "FORMAT")]
@@ -107,15 +129,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "store open"
     );
 
-    let state = AppState::new(store);
+    let nodes = Arc::new(ztp_control::nodes::Nodes::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let grpc_task = match (&args.grpc_cert, &args.grpc_key, &args.node_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let config = grpc::server_config(cert, key, ca, &args.trust_domain)?;
+            let listener = bind_dual_stack(args.grpc_listen)
+                .with_context(|| format!("cannot listen for gRPC on {}", args.grpc_listen))?;
+            tracing::info!(addr = %listener.local_addr()?, "grpc listening");
+            let server = grpc::ConfigServer::new(store.clone(), nodes.clone());
+            Some(tokio::spawn(grpc::serve(
+                listener,
+                config,
+                args.trust_domain.clone(),
+                server,
+                stopped(),
+            )))
+        }
+        _ => {
+            tracing::warn!(
+                "no --grpc-cert/--grpc-key/--node-ca: the config stream to data planes is off"
+            );
+            None
+        }
+    };
+
+    let state = AppState::with_nodes(store, nodes);
     let app = api::router(state).into_make_service_with_connect_info::<api::auth::ClientAddr>();
     let tcp = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("cannot listen for the API on {}", args.api_listen))?;
     let addr = tcp.local_addr()?;
-    let shutdown = async {
+    let shutdown = async move {
         let sig = signal().await;
         tracing::info!(signal = sig, "stopping");
+        let _ = stop_tx.send(true);
     };
     match (&args.api_cert, &args.api_key) {
         (Some(cert), Some(key)) => {
@@ -133,8 +187,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await?;
         }
     }
+    if let Some(t) = grpc_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds a listener; an IPv6 wildcard is dual-stack, falling back to IPv4 where IPv6 is
+/// off.
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let sock = if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()?
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(1024)
+    };
+    match bind(addr) {
+        Err(_) if addr.is_ipv6() && addr.ip().is_unspecified() => bind(SocketAddr::from((
+            std::net::Ipv4Addr::UNSPECIFIED,
+            addr.port(),
+        ))),
+        other => other,
+    }
 }
 
 /// On first start (no token in the store), creates the admin token and writes it to

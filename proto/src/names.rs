@@ -188,6 +188,24 @@ pub fn is_node_uri(identity: &str) -> bool {
             .is_some_and(|(_, path)| path == "node" || path.starts_with("node/"))
 }
 
+/// The default trust domain of node identities.
+pub const DEFAULT_TRUST_DOMAIN: &str = "ztp.internal";
+
+/// The node ID of a node URI `spiffe://TRUST_DOMAIN/node/ID` in `trust_domain`: IDs are
+/// short names of letters, digits, `-`, `_` and `.`.
+pub fn node_id<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
+    let rest = uri.strip_prefix("spiffe://")?;
+    let (domain, path) = rest.split_once('/')?;
+    let id = path.strip_prefix("node/")?;
+    let ok = domain.eq_ignore_ascii_case(trust_domain)
+        && !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(id)
+}
+
 /// A certificate serial number, normalized so that equal integers compare equal: big
 /// endian, no leading zero bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -338,6 +356,21 @@ mod tests {
         assert!(!is_node_uri("spiffe://ztp.internal/nodes/n1"));
         assert!(!is_node_uri("spiffe://ztp.internal/user/node/x"));
         assert!(!is_node_uri("alice@example.com"));
+    }
+
+    #[test]
+    fn node_ids() {
+        let td = DEFAULT_TRUST_DOMAIN;
+        assert_eq!(node_id("spiffe://ztp.internal/node/n1", td), Some("n1"));
+        assert_eq!(
+            node_id("spiffe://ZTP.internal/node/edge-2.a", td),
+            Some("edge-2.a")
+        );
+        assert_eq!(node_id("spiffe://other/node/n1", td), None);
+        assert_eq!(node_id("spiffe://ztp.internal/node/", td), None);
+        assert_eq!(node_id("spiffe://ztp.internal/node/a/b", td), None);
+        assert_eq!(node_id("spiffe://ztp.internal/user/n1", td), None);
+        assert_eq!(node_id("alice@example.com", td), None);
     }
 
     #[test]

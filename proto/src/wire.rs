@@ -123,7 +123,11 @@ impl TryFrom<pb::Snapshot> for Snapshot {
                     disabled: u.disabled,
                 })
                 .collect(),
-            groups: p.groups.into_iter().map(|g| Group { name: g.name }).collect(),
+            groups: p
+                .groups
+                .into_iter()
+                .map(|g| Group { name: g.name })
+                .collect(),
             revoked: p.revoked,
         };
         snap.validate()?;
@@ -147,7 +151,10 @@ mod tests {
 
         let mut newer = wire.clone();
         newer.schema = SCHEMA + 1;
-        assert!(matches!(Snapshot::try_from(newer), Err(WireError::TooNew { .. })));
+        assert!(matches!(
+            Snapshot::try_from(newer),
+            Err(WireError::TooNew { .. })
+        ));
 
         let mut bad = wire.clone();
         bad.services[0].protocol = "sctp".into();

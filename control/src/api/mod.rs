@@ -17,6 +17,7 @@ use axum::{Extension, Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::nodes::Nodes;
 use crate::store::{Actor, Store};
 
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod https;
+pub mod nodes;
 pub mod resources;
 pub mod tokens;
 
@@ -34,13 +36,20 @@ use error::ApiError;
 pub struct AppState {
     pub store: Arc<Store>,
     pub guard: Arc<auth::AuthGuard>,
+    pub nodes: Arc<Nodes>,
 }
 
 impl AppState {
     pub fn new(store: Arc<Store>) -> Self {
+        Self::with_nodes(store, Arc::default())
+    }
+
+    /// With the node registry the gRPC service fills.
+    pub fn with_nodes(store: Arc<Store>, nodes: Arc<Nodes>) -> Self {
         AppState {
             store,
             guard: Arc::new(auth::AuthGuard::default()),
+            nodes,
         }
     }
 }
@@ -57,6 +66,7 @@ impl AppState {
         resources::replace_group, resources::delete_group,
         config::snapshot, config::import,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
+        nodes::list_nodes,
         healthz, readyz,
     ),
     components(schemas(error::Problem, error::ProblemField)),
@@ -169,6 +179,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/tokens/{id}",
             axum::routing::delete(tokens::revoke_token),
         )
+        .route("/v1/nodes", get(nodes::list_nodes))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn(actor_to_response))

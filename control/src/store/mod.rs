@@ -136,6 +136,8 @@ pub struct Store {
     trees: Vec<sled::Tree>,
     write: Mutex<()>,
     path: PathBuf,
+    /// The config version, published after each acknowledged change.
+    versions: tokio::sync::watch::Sender<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -219,15 +221,22 @@ impl Store {
             .iter()
             .map(|t| db.open_tree(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let store = Store {
+        let mut store = Store {
             db,
             trees,
             write: Mutex::new(()),
             path: dir.to_owned(),
+            versions: tokio::sync::watch::Sender::new(0),
         };
+        store.versions = tokio::sync::watch::Sender::new(store.version()?);
         // Read every record once: a damaged record is found now, not on a request.
         store.snapshot_unlocked()?;
         Ok(store)
+    }
+
+    /// The config version now and after every acknowledged change.
+    pub fn watch_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.versions.subscribe()
     }
 
     /// Where the store lives.
@@ -348,6 +357,9 @@ impl Store {
         };
         // Acknowledged only once it is on disk.
         self.db.flush_async().await?;
+        if bump {
+            self.versions.send_replace(version);
+        }
         Ok(version)
     }
 

@@ -1,0 +1,411 @@
+//! The gRPC `ConfigService`: snapshots streamed to data-plane nodes over mutual TLS.
+//!
+//! Only node certificates are accepted: issued by `--node-ca` and carrying the URI
+//! `spiffe://TRUST_DOMAIN/node/ID` (DESIGN.md "Identities of machines"); a user's
+//! certificate fails the handshake. A node subscribes with its last applied version,
+//! gets the current snapshot when behind, then each new version (a slow node skips the
+//! versions it missed: bursts coalesce), and acks or nacks each one.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use ztp_proto::wire::{pb, MAX_MESSAGE_BYTES};
+
+use crate::nodes::Nodes;
+use crate::store::Store;
+
+use pb::config_service_server::{ConfigService, ConfigServiceServer};
+use pb::node_message::Kind;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node ID of a certificate: its URI SAN `spiffe://TRUST_DOMAIN/node/ID`.
+pub fn node_id_of(der: &[u8], trust_domain: &str) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => ztp_proto::names::node_id(u, trust_domain).map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// WebPKI verification against the node CA, then: the certificate must name a node.
+struct NodeVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl fmt::Debug for NodeVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
+impl ClientCertVerifier for NodeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if node_id_of(end_entity, &self.trust_domain).is_none() {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// The gRPC port's TLS config: TLS 1.3, ALPN h2, node certificates only.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    node_ca: &Path,
+    trust_domain: &str,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context as _;
+    let read_certs = |p: &Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_file_iter(p)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("cannot read {}", p.display()))?;
+        anyhow::ensure!(!certs.is_empty(), "{}: no certificate found", p.display());
+        Ok(certs)
+    };
+    let chain = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read {}", key.display()))?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(node_ca)? {
+        roots
+            .add(ca)
+            .with_context(|| format!("{}: bad CA certificate", node_ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .context("cannot build the node verifier")?;
+    let verifier = Arc::new(NodeVerifier {
+        webpki,
+        trust_domain: trust_domain.to_owned(),
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("the gRPC certificate and key do not fit together")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Who is on the other end of a gRPC connection.
+#[derive(Debug, Clone)]
+pub struct NodePeer {
+    pub id: String,
+    pub addr: SocketAddr,
+}
+
+/// A verified node connection.
+pub struct NodeConn {
+    tls: TlsStream<TcpStream>,
+    peer: NodePeer,
+}
+
+impl tonic::transport::server::Connected for NodeConn {
+    type ConnectInfo = NodePeer;
+
+    fn connect_info(&self) -> NodePeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for NodeConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for NodeConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP, completes TLS off the accept loop, and yields verified node connections.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    trust_domain: String,
+) -> ReceiverStream<Result<NodeConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "grpc accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let (acceptor, tx, td) = (acceptor.clone(), tx.clone(), trust_domain.clone());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(client.addr = %addr, error = %e, "grpc handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                // The verifier guaranteed a node URI; read the ID it names.
+                let id = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| node_id_of(c, &td));
+                if let Some(id) = id {
+                    let _ = tx
+                        .send(Ok(NodeConn {
+                            tls,
+                            peer: NodePeer { id, addr },
+                        }))
+                        .await;
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The newest snapshot in wire form, built once per version and shared by every node.
+#[derive(Default)]
+struct Cache(tokio::sync::Mutex<Option<Arc<pb::Snapshot>>>);
+
+impl Cache {
+    async fn current(&self, store: &Store) -> Result<Arc<pb::Snapshot>, Status> {
+        let mut cached = self.0.lock().await;
+        let version = store
+            .version()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(s) = cached.as_ref().filter(|s| s.version == version) {
+            return Ok(s.clone());
+        }
+        let snap = store
+            .snapshot()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let wire = Arc::new(pb::Snapshot::from(&snap));
+        *cached = Some(wire.clone());
+        Ok(wire)
+    }
+}
+
+/// The service.
+pub struct ConfigServer {
+    store: Arc<Store>,
+    nodes: Arc<Nodes>,
+    cache: Arc<Cache>,
+}
+
+impl ConfigServer {
+    pub fn new(store: Arc<Store>, nodes: Arc<Nodes>) -> Self {
+        ConfigServer {
+            store,
+            nodes,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The tonic service, with message limits large enough for big snapshots.
+    pub fn into_service(self) -> ConfigServiceServer<Self> {
+        ConfigServiceServer::new(self)
+            .max_decoding_message_size(1 << 20)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigService for ConfigServer {
+    type SubscribeStream = ReceiverStream<Result<pb::Snapshot, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<pb::NodeMessage>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = req
+            .extensions()
+            .get::<NodePeer>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("not a node connection"))?;
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::NodeMessage {
+                kind: Some(Kind::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => return Err(e),
+            _ => return Err(Status::invalid_argument("the stream must open with Hello")),
+        };
+        if hello.node_id != peer.id {
+            tracing::warn!(node.id = %peer.id, claimed = %hello.node_id, "node claimed another id");
+            return Err(Status::permission_denied(
+                "node_id differs from the certificate's node ID",
+            ));
+        }
+        let id = peer.id.clone();
+        tracing::info!(node.id = %id, node.peer = %peer.addr, last_version = hello.last_version, "node subscribed");
+        self.nodes.connected(
+            &id,
+            peer.addr.to_string(),
+            hello.listen.chars().take(256).collect(),
+            hello.last_version,
+            hello.schema,
+        );
+
+        // Outbound: the current snapshot when behind, then each new version.
+        let (tx, rx) = mpsc::channel(1);
+        let (store, cache) = (self.store.clone(), self.cache.clone());
+        let mut versions = store.watch_version();
+        let mut sent = (hello.last_version > 0).then_some(hello.last_version);
+        tokio::spawn(async move {
+            loop {
+                let version = *versions.borrow_and_update();
+                if sent != Some(version) {
+                    let snap = match cache.current(&store).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    sent = Some(snap.version);
+                    if tx.send(Ok((*snap).clone())).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = versions.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+
+        // Inbound: acks and nacks, until the node goes.
+        let nodes = self.nodes.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::NodeMessage {
+                        kind: Some(Kind::Ack(a)),
+                    })) => {
+                        tracing::debug!(node.id = %id, version = a.version, "node applied");
+                        nodes.acked(&id, a.version);
+                    }
+                    Ok(Some(pb::NodeMessage {
+                        kind: Some(Kind::Nack(n)),
+                    })) => {
+                        let reason: String = n.reason.chars().take(1024).collect();
+                        tracing::warn!(node.id = %id, version = n.version, reason = %reason, "node refused a snapshot");
+                        nodes.nacked(&id, n.version, reason);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            tracing::info!(node.id = %id, "node disconnected");
+            nodes.disconnected(&id);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves the config stream on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    trust_domain: String,
+    server: ConfigServer,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(server.into_service())
+        .serve_with_incoming_shutdown(incoming(listener, config, trust_domain), shutdown)
+        .await
+}
