@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use ztp_proto::parse_duration;
 
+use crate::snapshot::grpc::ControlSource;
+
 /// ZTP data plane: a zero-trust mTLS gateway. Clients present a certificate, name a
 /// service with SNI, and are forwarded to its backend if their identity is allowed.
 #[derive(Debug, Parser)]
@@ -32,9 +34,33 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
 
-    /// The snapshot file (YAML) to serve.
-    #[arg(long, value_name = "FILE")]
+    /// The snapshot file (YAML) to serve (or --control).
+    #[arg(long, value_name = "FILE", conflicts_with = "control")]
     pub snapshot: Option<PathBuf>,
+
+    /// The control plane's config stream, https://HOST:9781 (or --snapshot).
+    #[arg(long, value_name = "URL", requires_all = ["node_cert", "node_key", "control_ca"])]
+    pub control: Option<String>,
+
+    /// This node's certificate (PEM), carrying spiffe://DOMAIN/node/ID.
+    #[arg(long, value_name = "FILE")]
+    pub node_cert: Option<PathBuf>,
+
+    /// This node's key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub node_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) the control plane's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub control_ca: Option<PathBuf>,
+
+    /// Trust domain of node identities.
+    #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
+    pub trust_domain: String,
+
+    /// The highest snapshot schema this node accepts (for rolling-upgrade tests).
+    #[arg(long, hide = true, default_value_t = ztp_proto::wire::SCHEMA)]
+    pub snapshot_schema: u32,
 
     /// Address of /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9790", value_name = "ADDR")]
@@ -73,12 +99,19 @@ pub struct Args {
     pub log_format: String,
 }
 
+/// Where the routing state comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Control(ControlSource),
+}
+
 /// A data plane's validated settings.
 #[derive(Debug)]
 pub struct Config {
     pub listen: SocketAddr,
     pub tls: crate::tls::TlsFiles,
-    pub snapshot: PathBuf,
+    pub source: Source,
     pub admin_listen: SocketAddr,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -98,7 +131,23 @@ impl Args {
         let cert = need(self.cert, "--cert")?;
         let key = need(self.key, "--key")?;
         let client_ca = need(self.client_ca, "--client-ca")?;
-        let snapshot = need(self.snapshot, "--snapshot")?;
+        let source = match (self.snapshot, self.control) {
+            (Some(path), None) => Source::File(path),
+            (None, Some(url)) => Source::Control(ControlSource {
+                url,
+                node_cert: need(self.node_cert, "--node-cert")?,
+                node_key: need(self.node_key, "--node-key")?,
+                control_ca: need(self.control_ca, "--control-ca")?,
+                trust_domain: self.trust_domain,
+                listen: self.listen.to_string(),
+                schema: self.snapshot_schema,
+            }),
+            _ => {
+                return Err(
+                    "one of --snapshot FILE or --control URL is required (see --help)".into(),
+                )
+            }
+        };
         for (name, d) in [
             ("--handshake-timeout", self.handshake_timeout),
             ("--idle-timeout", self.idle_timeout),
@@ -120,7 +169,7 @@ impl Args {
                 key,
                 client_ca,
             },
-            snapshot,
+            source,
             admin_listen: self.admin_listen,
             handshake_timeout: self.handshake_timeout,
             idle_timeout: self.idle_timeout,

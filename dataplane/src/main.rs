@@ -3,14 +3,15 @@
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use ztp_dataplane::admin::{self, Readiness};
-use ztp_dataplane::config::{Args, Config};
+use ztp_dataplane::config::{Args, Config, Source};
 use ztp_dataplane::conn::ConnContext;
 use ztp_dataplane::handler::{HandlerLimits, Registry};
 use ztp_dataplane::preauth::ConnectionCap;
+use ztp_dataplane::snapshot::grpc::Subscriber;
 use ztp_dataplane::snapshot::{file, Policy, Publisher};
 use ztp_dataplane::{listener, shutdown, tls};
 
@@ -102,7 +103,8 @@ async fn run(config: Config) -> ExitCode {
     // The process-wide default, for any rustls user that does not name one.
     let _ = provider.as_ref().clone().install_default();
 
-    let started = match start(&config, provider).await {
+    let ready = Arc::new(Readiness::default());
+    let started = match start(&config, provider, ready.clone()).await {
         Ok(s) => s,
         Err((code, msg)) => {
             for line in msg {
@@ -117,19 +119,29 @@ async fn run(config: Config) -> ExitCode {
         ctx,
         publisher,
         provider,
+        subscriber,
     } = started;
+    let snapshot_path = match &config.source {
+        Source::File(p) => Some(p.clone()),
+        Source::Control(_) => None,
+    };
     tokio::spawn(reload_on_sighup(
-        config.snapshot.clone(),
+        snapshot_path,
         config.tls.clone(),
         provider,
         ctx.registry.clone(),
         publisher,
     ));
+    match subscriber {
+        Some(sub) => {
+            tokio::spawn(sub.run());
+        }
+        // A file snapshot is held from the start.
+        None => ready.set(true),
+    }
 
-    let ready = Arc::new(Readiness::default());
     let (trigger, stop) = shutdown::channel();
     let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), stop.clone().wait()));
-    ready.set(true);
 
     let cap = ConnectionCap::new(config.max_connections as usize);
     let signal = async {
@@ -154,18 +166,20 @@ struct Started {
     listener: tokio::net::TcpListener,
     admin: tokio::net::TcpListener,
     ctx: Arc<ConnContext>,
-    publisher: Publisher,
+    publisher: Arc<Mutex<Publisher>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    subscriber: Option<Subscriber>,
 }
 
-/// SIGHUP: reload the snapshot file and the certificate, key and CA files. A valid set is
-/// swapped in atomically; an invalid one is logged and the running one kept.
+/// SIGHUP: reload the snapshot file (when serving one) and the certificate, key and CA
+/// files. A valid set is swapped in atomically; an invalid one is logged and the running
+/// one kept.
 async fn reload_on_sighup(
-    path: std::path::PathBuf,
+    path: Option<std::path::PathBuf>,
     files: tls::TlsFiles,
     provider: Arc<rustls::crypto::CryptoProvider>,
     registry: Registry,
-    mut publisher: Publisher,
+    publisher: Arc<Mutex<Publisher>>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -173,9 +187,16 @@ async fn reload_on_sighup(
         return;
     };
     while hup.recv().await.is_some() {
-        match file::reload(&path, &files, &provider, &registry, &mut publisher) {
+        let mut publisher = publisher.lock().unwrap_or_else(|p| p.into_inner());
+        match file::reload(
+            path.as_deref(),
+            &files,
+            &provider,
+            &registry,
+            &mut publisher,
+        ) {
             Ok((before, after)) => {
-                if after <= before {
+                if path.is_some() && after <= before {
                     tracing::warn!(
                         snapshot.version = after,
                         previous = before,
@@ -193,23 +214,40 @@ async fn reload_on_sighup(
 async fn start(
     config: &Config,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    ready: Arc<Readiness>,
 ) -> Result<Started, (u8, Vec<String>)> {
     let usage = |lines: Vec<String>| (EX_USAGE, lines);
     let material =
         tls::TlsMaterial::load(&config.tls, &provider).map_err(|e| usage(vec![e.to_string()]))?;
-    let snap = file::load(&config.snapshot).map_err(|e| usage(e.lines()))?;
     let registry = Registry::builtin();
-    let policy = Policy::compile(&snap, &registry).map_err(|e| usage(vec![e.to_string()]))?;
-    let services = policy.routes.len();
+    let policy = match &config.source {
+        Source::File(path) => {
+            let snap = file::load(path).map_err(|e| usage(e.lines()))?;
+            let policy =
+                Policy::compile(&snap, &registry).map_err(|e| usage(vec![e.to_string()]))?;
+            tracing::info!(
+                snapshot.version = snap.version,
+                services = policy.routes.len(),
+                users = snap.users.len(),
+                path = %path.display(),
+                "snapshot loaded"
+            );
+            policy
+        }
+        Source::Control(_) => Policy::empty(),
+    };
     let (publisher, state) = Publisher::new(policy, material, provider.clone())
         .map_err(|e| usage(vec![e.to_string()]))?;
-    tracing::info!(
-        snapshot.version = snap.version,
-        services,
-        users = snap.users.len(),
-        path = %config.snapshot.display(),
-        "snapshot loaded"
-    );
+    let publisher = Arc::new(Mutex::new(publisher));
+    let subscriber = match &config.source {
+        Source::Control(source) => {
+            let sub = Subscriber::new(source.clone(), publisher.clone(), registry.clone(), ready)
+                .map_err(|e| usage(vec![e.to_string()]))?;
+            tracing::info!(node.id = sub.node_id(), control = %source.url, "waiting for the first snapshot");
+            Some(sub)
+        }
+        Source::File(_) => None,
+    };
 
     let bind_err = |what: &str, addr, e: std::io::Error| {
         (1, vec![format!("cannot listen for {what} on {addr}: {e}")])
@@ -232,7 +270,7 @@ async fn start(
             idle_timeout: config.idle_timeout,
             udp_timeout: config.udp_timeout,
         },
-        registry: registry.clone(),
+        registry,
     });
     Ok(Started {
         listener,
@@ -240,5 +278,6 @@ async fn start(
         ctx,
         publisher,
         provider,
+        subscriber,
     })
 }

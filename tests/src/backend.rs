@@ -1,15 +1,19 @@
 //! Loopback backends, each a tokio task on `127.0.0.1:0` that stops when its handle is
 //! dropped (the accept loop and every connection task are aborted).
+//!
+//! TCP: [`EchoBackend`], [`HashSinkBackend`], [`SourceBackend`], [`BannerBackend`]
+//! (server speaks first), [`closed_port`], [`BlackholeListener`]. UDP: [`UdpBackend`]
+//! (echo, SHA-256 answer, or silent), [`closed_udp_port`].
 
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -209,6 +213,208 @@ impl SourceBackend {
             .ok()
             .flatten()
     }
+}
+
+/// Writes a banner as soon as it accepts (a server-speaks-first protocol such as SMTP or
+/// FTP), then echoes every byte it reads; after reading EOF it shuts down its write side.
+/// Counts accepted connections.
+#[derive(Debug)]
+pub struct BannerBackend {
+    server: Server,
+    /// The banner every connection is sent first.
+    pub banner: Arc<Vec<u8>>,
+}
+
+impl BannerBackend {
+    /// The banner [`BannerBackend::start_default`] sends.
+    pub const DEFAULT_BANNER: &'static [u8] = b"220 hello\r\n";
+
+    /// Starts the backend with `banner`.
+    pub async fn start(banner: &[u8]) -> BannerBackend {
+        let banner = Arc::new(banner.to_vec());
+        let b = banner.clone();
+        let server = Server::spawn(move |mut stream: TcpStream| {
+            let b = b.clone();
+            async move {
+                if stream.write_all(&b).await.is_err() {
+                    return;
+                }
+                let (mut rd, mut wr) = stream.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            }
+        })
+        .await
+        .expect("start banner backend");
+        BannerBackend { server, banner }
+    }
+
+    /// Starts the backend with [`BannerBackend::DEFAULT_BANNER`] (`220 hello\r\n`).
+    pub async fn start_default() -> BannerBackend {
+        Self::start(Self::DEFAULT_BANNER).await
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    /// How many connections were accepted so far.
+    pub fn connections(&self) -> usize {
+        self.server.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// What a [`UdpBackend`] answers to each datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpMode {
+    /// The datagram itself, to its sender.
+    Echo,
+    /// The 32-byte SHA-256 of the datagram, to its sender.
+    Sha256,
+    /// Nothing, ever (the datagram is still recorded).
+    Silent,
+}
+
+/// Largest datagram a [`UdpBackend`] can receive whole (the UDP maximum).
+const UDP_RECV_BUF: usize = 65_536;
+
+#[derive(Debug, Default)]
+struct UdpLog {
+    datagrams: Vec<Vec<u8>>,
+    sources: Vec<SocketAddr>,
+}
+
+/// A UDP backend on `127.0.0.1:0` that records every datagram it receives (bytes and
+/// source address) and answers according to its [`UdpMode`]. Stops on drop.
+#[derive(Debug)]
+pub struct UdpBackend {
+    addr: SocketAddr,
+    mode: UdpMode,
+    log: Arc<Mutex<UdpLog>>,
+    task: JoinHandle<()>,
+}
+
+impl UdpBackend {
+    /// Starts a backend answering in `mode`.
+    pub async fn start(mode: UdpMode) -> UdpBackend {
+        let socket = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind a UDP backend on 127.0.0.1:0");
+        let addr = socket.local_addr().expect("UDP local addr");
+        let log = Arc::new(Mutex::new(UdpLog::default()));
+        let record = log.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; UDP_RECV_BUF];
+            loop {
+                let (n, from) = match socket.recv_from(&mut buf).await {
+                    Ok(r) => r,
+                    // e.g. ECONNREFUSED from an earlier answer's ICMP error: keep serving.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                };
+                let data = &buf[..n];
+                if let Ok(mut l) = record.lock() {
+                    l.datagrams.push(data.to_vec());
+                    l.sources.push(from);
+                }
+                match mode {
+                    UdpMode::Echo => {
+                        let _ = socket.send_to(data, from).await;
+                    }
+                    UdpMode::Sha256 => {
+                        let _ = socket.send_to(&sha256(data), from).await;
+                    }
+                    UdpMode::Silent => {}
+                }
+            }
+        });
+        UdpBackend {
+            addr,
+            mode,
+            log,
+            task,
+        }
+    }
+
+    /// A backend that echoes each datagram to its sender.
+    pub async fn echo() -> UdpBackend {
+        Self::start(UdpMode::Echo).await
+    }
+
+    /// A backend that answers each datagram with its 32-byte SHA-256.
+    pub async fn sha256() -> UdpBackend {
+        Self::start(UdpMode::Sha256).await
+    }
+
+    /// A backend that never answers.
+    pub async fn silent() -> UdpBackend {
+        Self::start(UdpMode::Silent).await
+    }
+
+    /// The bound address (`127.0.0.1:PORT`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// How it answers.
+    pub fn mode(&self) -> UdpMode {
+        self.mode
+    }
+
+    /// How many datagrams it received so far.
+    pub fn datagrams(&self) -> usize {
+        self.log.lock().map(|l| l.datagrams.len()).unwrap_or(0)
+    }
+
+    /// Every datagram received so far, in arrival order.
+    pub fn received(&self) -> Vec<Vec<u8>> {
+        self.log
+            .lock()
+            .map(|l| l.datagrams.clone())
+            .unwrap_or_default()
+    }
+
+    /// The source address of every datagram received so far, in arrival order.
+    pub fn sources(&self) -> Vec<SocketAddr> {
+        self.log
+            .lock()
+            .map(|l| l.sources.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits (polling, bounded) until at least `n` datagrams arrived; returns the count
+    /// then.
+    pub async fn wait_for_datagrams(&self, n: usize, bound: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let have = self.datagrams();
+            if have >= n || tokio::time::Instant::now() >= deadline {
+                return have;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `127.0.0.1` UDP port with no socket bound to it (bound, read, released): a datagram
+/// sent there draws an ICMP port unreachable.
+pub fn closed_udp_port() -> u16 {
+    let s = StdUdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    s.local_addr().expect("local addr").port()
 }
 
 /// A `127.0.0.1` port with nothing listening on it (bound, read, released).

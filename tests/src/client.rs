@@ -21,7 +21,7 @@ use rustls::{
     AlertDescription, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -117,6 +117,11 @@ impl ClientOptions {
     pub fn alpn(mut self, protocols: &[&[u8]]) -> Self {
         self.alpn = protocols.iter().map(|p| p.to_vec()).collect();
         self.changed()
+    }
+
+    /// Offers the framed-datagram ALPN `ztp-dgram` only (see [`DgramSession`]).
+    pub fn dgram(self) -> Self {
+        self.alpn(&[DGRAM_ALPN])
     }
 
     /// Keeps session tickets in `store` (see [`new_session_store`]).
@@ -392,6 +397,263 @@ pub fn parse_ztp_error(bytes: &[u8]) -> Option<(u16, String)> {
     Some((code.parse().ok()?, reason.to_string()))
 }
 
+/// The raw bytes of the ClientHello a connection with `opts` would start with (at most a
+/// few hundred bytes, one TLS record): for tests that send a handshake slowly, or that
+/// need realistic TLS first bytes.
+///
+/// # Panics
+/// If the options are unusable (see [`ClientOptions::client_config`]).
+pub fn client_hello_bytes(opts: &ClientOptions) -> Vec<u8> {
+    let name = opts
+        .sni
+        .as_deref()
+        .unwrap_or(NO_SNI_VERIFY_NAME)
+        .to_string();
+    let server_name = ServerName::try_from(name).expect("a valid server name");
+    let mut conn = rustls::ClientConnection::new(opts.client_config(), server_name)
+        .expect("start a client connection");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("write to a Vec");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Datagrams over TLS (DESIGN.md "Forwarding": udp, quic, framed datagrams)
+// ---------------------------------------------------------------------------------------
+
+/// The ALPN protocol of the framed-datagram extension.
+pub const DGRAM_ALPN: &[u8] = b"ztp-dgram";
+
+/// The largest datagram a `ztp-dgram` frame may carry.
+pub const MAX_DATAGRAM: usize = 16_384;
+
+/// One spec-mode exchange (udp or quic service, no ALPN): writes `payload` with one
+/// `write_all` and a flush (one TLS record for up to 16 KiB), then reads to the end of
+/// the stream within `bound`. `Ok` is what came back before a clean end (close_notify,
+/// then EOF).
+pub async fn datagram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    payload: &[u8],
+    bound: Duration,
+) -> Result<Vec<u8>, ReadError> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let write = async {
+        stream.write_all(payload).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout_at(deadline, write).await {
+        Err(_) => {
+            return Err(ReadError::Io {
+                error: io::Error::new(io::ErrorKind::TimedOut, "writing the datagram stalled"),
+                data: Vec::new(),
+            })
+        }
+        Ok(Err(error)) => {
+            return Err(match alert_of(&error) {
+                Some(alert) => ReadError::Alert {
+                    alert,
+                    data: Vec::new(),
+                },
+                None => ReadError::Io {
+                    error,
+                    data: Vec::new(),
+                },
+            })
+        }
+        Ok(Ok(())) => {}
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    read_to_end_or_alert_within(stream, left).await
+}
+
+/// `payload` as one `ztp-dgram` frame: its length as 2 bytes big-endian, then the bytes.
+///
+/// Lengths above [`MAX_DATAGRAM`] (up to 65,535) are encoded too, so that tests can send
+/// an oversized frame.
+///
+/// # Panics
+/// If `payload` is longer than 65,535 bytes.
+pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(payload.len()).expect("a frame length fits 16 bits");
+    let mut out = Vec::with_capacity(2 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// What [`DgramSession::recv`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DgramEvent {
+    /// One framed datagram.
+    Datagram(Vec<u8>),
+    /// An unframed refusal line `ZTP-ERROR <code> <reason>\n` (its first two bytes, `ZT`,
+    /// read as a length above [`MAX_DATAGRAM`], so it cannot be mistaken for a frame).
+    Refusal {
+        /// The code.
+        code: u16,
+        /// The reason, without the newline.
+        reason: String,
+    },
+    /// A clean end of stream (close_notify, then EOF) at a frame boundary.
+    End,
+}
+
+/// A `ztp-dgram` session over any stream (normally the TLS stream of a connection that
+/// negotiated ALPN `ztp-dgram`): frames datagrams out and unframes them in.
+#[derive(Debug)]
+pub struct DgramSession<S> {
+    stream: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> DgramSession<S> {
+    /// Wraps `stream`.
+    pub fn new(stream: S) -> Self {
+        DgramSession {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The stream, mutably (bytes written through it are not framed).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// Sends one datagram (one frame), then flushes.
+    pub async fn send(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.send_raw(&encode_frame(payload)).await
+    }
+
+    /// Sends every datagram (frames back to back), with one flush at the end.
+    pub async fn send_batch<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        for p in payloads {
+            bytes.extend_from_slice(&encode_frame(p.as_ref()));
+        }
+        self.send_raw(&bytes).await
+    }
+
+    /// Writes `bytes` as they are (no framing), then flushes.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    /// Ends the client's side: close_notify (and the TCP write side).
+    pub async fn close(&mut self) -> io::Result<()> {
+        self.stream.shutdown().await
+    }
+
+    /// Reads the next datagram, refusal line or clean end, within `bound`.
+    ///
+    /// A frame header above [`MAX_DATAGRAM`] that is not the start of a refusal line, or
+    /// an end of stream inside a frame, is an `InvalidData`/`UnexpectedEof` error; what
+    /// was buffered is in the error's `data`.
+    pub async fn recv(&mut self, bound: Duration) -> Result<DgramEvent, ReadError> {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut chunk = vec![0u8; 32 * 1024];
+        loop {
+            if let Some(ev) = self.take_buffered()? {
+                return Ok(ev);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => {
+                    return Err(ReadError::Io {
+                        error: io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no datagram or end within {bound:?}"),
+                        ),
+                        data: std::mem::take(&mut self.buf),
+                    })
+                }
+                Ok(Ok(0)) => {
+                    return if self.buf.is_empty() {
+                        Ok(DgramEvent::End)
+                    } else {
+                        Err(ReadError::Io {
+                            error: io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "clean end of stream inside a frame",
+                            ),
+                            data: std::mem::take(&mut self.buf),
+                        })
+                    };
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(error)) => {
+                    let data = std::mem::take(&mut self.buf);
+                    return Err(match alert_of(&error) {
+                        Some(alert) => ReadError::Alert { alert, data },
+                        None => ReadError::Io { error, data },
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads `n` datagrams (each within `bound`); anything else is an error naming how
+    /// many arrived.
+    pub async fn recv_datagrams(
+        &mut self,
+        n: usize,
+        bound: Duration,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.recv(bound).await {
+                Ok(DgramEvent::Datagram(d)) => out.push(d),
+                Ok(other) => {
+                    return Err(format!("after {} of {n} datagrams: {other:?}", out.len()))
+                }
+                Err(e) => return Err(format!("after {} of {n} datagrams: {e}", out.len())),
+            }
+        }
+        Ok(out)
+    }
+
+    fn take_buffered(&mut self) -> Result<Option<DgramEvent>, ReadError> {
+        if self.buf.len() < 2 {
+            return Ok(None);
+        }
+        if self.buf.starts_with(b"ZT") {
+            let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
+                return Ok(None);
+            };
+            let line: Vec<u8> = self.buf.drain(..=end).collect();
+            return match parse_ztp_error(&line) {
+                Some((code, reason)) => Ok(Some(DgramEvent::Refusal { code, reason })),
+                None => Err(ReadError::Io {
+                    error: io::Error::new(io::ErrorKind::InvalidData, "not a refusal line"),
+                    data: line,
+                }),
+            };
+        }
+        let len = u16::from_be_bytes([self.buf[0], self.buf[1]]) as usize;
+        if len > MAX_DATAGRAM {
+            return Err(ReadError::Io {
+                error: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the server sent a frame of {len} bytes (max {MAX_DATAGRAM})"),
+                ),
+                data: std::mem::take(&mut self.buf),
+            });
+        }
+        if self.buf.len() < 2 + len {
+            return Ok(None);
+        }
+        let frame: Vec<u8> = self.buf.drain(..2 + len).skip(2).collect();
+        Ok(Some(DgramEvent::Datagram(frame)))
+    }
+}
+
 /// Wraps the WebPKI verifier and records that a server certificate was presented.
 #[derive(Debug)]
 struct RecordingVerifier {
@@ -446,7 +708,44 @@ impl ServerCertVerifier for RecordingVerifier {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_ztp_error;
+    use super::{encode_frame, parse_ztp_error, DgramEvent, DgramSession};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn dgram_session_unframes_datagrams_refusals_and_the_end() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut session = DgramSession::new(client);
+        let mut wire = Vec::new();
+        wire.extend(encode_frame(b""));
+        wire.extend(encode_frame(&[7u8; 16_384]));
+        wire.extend(encode_frame(b"ab"));
+        wire.extend_from_slice(b"ZTP-ERROR 403 forbidden\n");
+        use tokio::io::AsyncWriteExt;
+        // Written in awkward pieces.
+        for piece in wire.chunks(3) {
+            server.write_all(piece).await.unwrap();
+        }
+        drop(server);
+        let t = Duration::from_secs(5);
+        assert_eq!(session.recv(t).await.unwrap(), DgramEvent::Datagram(vec![]));
+        assert_eq!(
+            session.recv(t).await.unwrap(),
+            DgramEvent::Datagram(vec![7u8; 16_384])
+        );
+        assert_eq!(
+            session.recv(t).await.unwrap(),
+            DgramEvent::Datagram(b"ab".to_vec())
+        );
+        assert_eq!(
+            session.recv(t).await.unwrap(),
+            DgramEvent::Refusal {
+                code: 403,
+                reason: "forbidden".into()
+            }
+        );
+        assert_eq!(session.recv(t).await.unwrap(), DgramEvent::End);
+        assert_eq!(encode_frame(b"xyz"), [0, 3, b'x', b'y', b'z']);
+    }
 
     #[test]
     fn parses_refusal_lines() {

@@ -168,8 +168,26 @@ pub struct Dataplane {
     child: Child,
     dir: TempDir,
     addr: SocketAddr,
+    listen_addr: SocketAddr,
     admin_addr: SocketAddr,
     lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// Whether `args` set `flag` (as `--flag VALUE` or `--flag=VALUE`).
+fn has_flag(args: &[&str], flag: &str) -> bool {
+    args.iter()
+        .any(|a| *a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+}
+
+/// The address a client on this host connects to for a listener bound to `bound`: a
+/// wildcard (`[::]` dual-stack, or `0.0.0.0`) becomes `127.0.0.1` with the same port.
+pub fn connectable(bound: SocketAddr) -> SocketAddr {
+    if bound.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], bound.port()))
+    } else {
+        // `[::ffff:127.0.0.1]` is reached as 127.0.0.1.
+        SocketAddr::new(bound.ip().to_canonical(), bound.port())
+    }
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -177,6 +195,7 @@ impl std::fmt::Debug for Dataplane {
         f.debug_struct("Dataplane")
             .field("pid", &self.child.id())
             .field("addr", &self.addr)
+            .field("listen_addr", &self.listen_addr)
             .field("admin_addr", &self.admin_addr)
             .field("dir", &self.dir.path())
             .finish()
@@ -186,6 +205,9 @@ impl std::fmt::Debug for Dataplane {
 impl Dataplane {
     /// Writes `pki`'s files and `snapshot_yaml` into a fresh temporary directory and starts
     /// the data plane there with the standard flags plus `extra_args`.
+    ///
+    /// The standard flags include `--listen 127.0.0.1:0` and `--admin-listen 127.0.0.1:0`
+    /// unless `extra_args` set that flag themselves (e.g. `["--listen", "[::1]:0"]`).
     ///
     /// # Panics
     /// If it does not log both listening addresses within [`STARTUP_TIMEOUT`] (the logs
@@ -201,12 +223,14 @@ impl Dataplane {
     pub async fn start_in(dir: TempDir, snapshot_yaml: &str, extra_args: &[&str]) -> Dataplane {
         std::fs::write(dir.join("snapshot.yaml"), snapshot_yaml).expect("write snapshot.yaml");
         let mut cmd = Command::new(dataplane_bin());
-        cmd.current_dir(dir.path())
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--admin-listen")
-            .arg("127.0.0.1:0")
-            .arg("--cert")
+        cmd.current_dir(dir.path());
+        if !has_flag(extra_args, "--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        if !has_flag(extra_args, "--admin-listen") {
+            cmd.arg("--admin-listen").arg("127.0.0.1:0");
+        }
+        cmd.arg("--cert")
             .arg(dir.join("server.pem"))
             .arg("--key")
             .arg(dir.join("server.key"))
@@ -230,7 +254,7 @@ impl Dataplane {
         collect_lines(child.stdout.take().expect("stdout"), lines.clone());
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (addr, admin_addr) = loop {
+        let (listen_addr, admin_addr) = loop {
             let found = {
                 let lines = lines.lock().expect("log lock");
                 let find = |msg: &str| {
@@ -264,8 +288,9 @@ impl Dataplane {
         Dataplane {
             child,
             dir,
-            addr,
-            admin_addr,
+            addr: connectable(listen_addr),
+            listen_addr,
+            admin_addr: connectable(admin_addr),
             lines,
         }
     }
@@ -275,9 +300,15 @@ impl Dataplane {
         check(file)
     }
 
-    /// The TLS listener's address.
+    /// The address clients connect to: the TLS listener's address, with a wildcard
+    /// (`[::]:PORT`, `0.0.0.0:PORT`) replaced by `127.0.0.1:PORT`.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS listener's address as the data plane logged it (e.g. `[::]:PORT`).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
     }
 
     /// The admin (health, metrics) listener's address.
@@ -367,6 +398,47 @@ impl Dataplane {
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
+
+    /// Sends `signal` (a `kill` signal name such as `TERM`) to this child's pid, unless it
+    /// has already exited and been reaped (its pid could be reused).
+    ///
+    /// # Panics
+    /// If it is still running and `kill` fails.
+    pub fn signal(&mut self, signal: &str) {
+        if self.try_wait().is_some() {
+            return;
+        }
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(&pid)
+            .status()
+            .expect("run kill");
+        assert!(
+            status.success() || self.try_wait().is_some(),
+            "kill -{signal} {pid} failed"
+        );
+    }
+
+    /// Sends SIGTERM (DESIGN.md: the data plane stops accepting and drains).
+    pub fn terminate(&mut self) {
+        self.signal("TERM");
+    }
+
+    /// Waits (polling, bounded by `bound`) for the process to exit; `None` if it is still
+    /// running then (it is not killed: the guard does that on drop).
+    pub async fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for Dataplane {
@@ -402,4 +474,23 @@ fn collect_lines<R: Read + Send + 'static>(r: R, into: Arc<Mutex<Vec<String>>>) 
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{connectable, has_flag};
+    use std::net::SocketAddr;
+
+    #[test]
+    fn flags_and_connectable_addresses() {
+        assert!(has_flag(&["--listen", "[::1]:0"], "--listen"));
+        assert!(has_flag(&["--listen=[::1]:0"], "--listen"));
+        assert!(!has_flag(&["--listen-x", "a"], "--listen"));
+        assert!(!has_flag(&["--admin-listen", "a"], "--listen"));
+        let c = |s: &str| connectable(s.parse::<SocketAddr>().unwrap()).to_string();
+        assert_eq!(c("[::]:9743"), "127.0.0.1:9743");
+        assert_eq!(c("0.0.0.0:5"), "127.0.0.1:5");
+        assert_eq!(c("[::1]:5"), "[::1]:5");
+        assert_eq!(c("127.0.0.1:5"), "127.0.0.1:5");
+    }
 }

@@ -7,11 +7,14 @@
 //!   and client certificates of every shape the identity rules care about.
 //! - [`client`]: an mTLS client (tokio-rustls) with the knobs the refusal tests need: no
 //!   SNI, TLS 1.2 only, ALPN, session resumption, and a probe that tells whether the server
-//!   ever presented its certificate.
-//! - [`backend`]: loopback backends (echo, hash sink, byte source, a closed port, a
-//!   listener that never completes a connect).
+//!   ever presented its certificate; spec-mode datagram exchanges and `ztp-dgram` framed
+//!   sessions ([`DgramSession`]).
+//! - [`backend`]: loopback backends (TCP: echo, hash sink, byte source, server-first
+//!   banner, a closed port, a listener that never completes a connect; UDP: echo,
+//!   SHA-256 answer, silent, a closed port).
 //! - [`dataplane`]: a guard around the real `ztp-dataplane` binary that starts it on
-//!   ephemeral ports, collects its JSON logs and kills it on drop.
+//!   ephemeral ports (or the `--listen` address a test gives), collects its JSON logs,
+//!   sends it SIGHUP/SIGTERM, waits for its exit and kills it on drop.
 //! - [`tempdir`]: a self-removing temporary directory.
 //!
 //! The data plane's contract (refusal alerts, `ZTP-ERROR` lines, the snapshot schema,
@@ -28,10 +31,14 @@ pub mod tempdir;
 #[cfg(test)]
 mod selftest;
 
-pub use backend::{closed_port, BlackholeListener, EchoBackend, HashSinkBackend, SourceBackend};
+pub use backend::{
+    closed_port, closed_udp_port, BannerBackend, BlackholeListener, EchoBackend, HashSinkBackend,
+    SourceBackend, UdpBackend, UdpMode,
+};
 pub use client::{
-    connect, connect_with, new_session_store, parse_ztp_error, read_to_end_or_alert, ClientOptions,
-    ReadError,
+    connect, connect_with, datagram_exchange, encode_frame, new_session_store, parse_ztp_error,
+    read_to_end_or_alert, ClientOptions, DgramEvent, DgramSession, ReadError, DGRAM_ALPN,
+    MAX_DATAGRAM,
 };
 pub use dataplane::Dataplane;
 pub use pki::{CertBuilder, TestCert, TestPki};

@@ -63,31 +63,39 @@ pub fn load(path: &Path) -> Result<Snapshot, FileError> {
     })
 }
 
+/// Re-reads the snapshot file (when serving one) and the TLS files, and swaps them in
+/// as one new state. On any error the running state is kept, and the error says which
+/// file is wrong. Returns the snapshot versions before and after.
+pub fn reload(
+    path: Option<&Path>,
+    files: &TlsFiles,
+    provider: &CryptoProvider,
+    registry: &Registry,
+    publisher: &mut Publisher,
+) -> Result<(u64, u64), ReloadError> {
+    let policy = match path {
+        Some(path) => {
+            let snap = load(path)?;
+            Some(
+                Policy::compile(&snap, registry).map_err(|e| FileError::Invalid {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    let material = TlsMaterial::load(files, provider)?;
+    let before = publisher.current().policy.version;
+    let after = policy.as_ref().map_or(before, |p| p.version);
+    publisher.apply(policy, Some(material))?;
+    Ok((before, after))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("{0}")]
     Snapshot(#[from] FileError),
     #[error("{0}")]
     Tls(#[from] TlsError),
-}
-
-/// Re-reads the snapshot file and the TLS files and swaps them in as one new state. On
-/// any error the running state is kept, and the error says which file is wrong.
-/// Returns the versions before and after.
-pub fn reload(
-    path: &Path,
-    files: &TlsFiles,
-    provider: &CryptoProvider,
-    registry: &Registry,
-    publisher: &mut Publisher,
-) -> Result<(u64, u64), ReloadError> {
-    let snap = load(path)?;
-    let policy = Policy::compile(&snap, registry).map_err(|e| FileError::Invalid {
-        path: path.to_owned(),
-        source: e.into(),
-    })?;
-    let material = TlsMaterial::load(files, provider)?;
-    let before = publisher.current().policy.version;
-    publisher.apply(Some(policy), Some(material))?;
-    Ok((before, snap.version))
 }

@@ -20,6 +20,7 @@ use crate::routing::Routes;
 use crate::tls::{TlsConfigs, TlsError, TlsMaterial};
 
 pub mod file;
+pub mod grpc;
 
 /// A snapshot compiled for lookups.
 #[derive(Debug)]
@@ -31,6 +32,17 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy of a node that holds no snapshot yet: no service, so every client is
+    /// refused at the ClientHello.
+    pub fn empty() -> Policy {
+        Policy {
+            version: 0,
+            routes: Routes::default(),
+            directory: Directory::default(),
+            revoked: Arc::default(),
+        }
+    }
+
     /// Validates and indexes a snapshot, resolving handler names in `registry`.
     pub fn compile(snap: &Snapshot, registry: &Registry) -> Result<Policy, Invalid> {
         snap.validate()?;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rustls::AlertDescription;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use ztp_tests::client::{alert_of, read_to_end_or_alert, ClientOptions};
@@ -32,6 +32,15 @@ pub struct Extra<'a> {
 /// One service entry, as the YAML an operator would write.
 pub fn service_yaml(name: &str, addr: SocketAddr) -> String {
     format!("  - name: {name}\n    protocol: tcp\n    address: \"{addr}\"\n")
+}
+
+/// One service entry with the given protocol (`None`: the field is left out, so the
+/// service defaults to `auto`) and backend address as written (e.g. `":5353"`).
+pub fn proto_service_yaml(name: &str, protocol: Option<&str>, address: &str) -> String {
+    let protocol = protocol
+        .map(|p| format!("    protocol: {p}\n"))
+        .unwrap_or_default();
+    format!("  - name: \"{name}\"\n{protocol}    address: \"{address}\"\n")
 }
 
 /// The standard snapshot:
@@ -156,6 +165,61 @@ pub async fn echo_roundtrip(mut s: TlsStream<TcpStream>, payload: &[u8]) -> Vec<
     read_to_end_or_alert(&mut s)
         .await
         .unwrap_or_else(|e| panic!("reading the echo failed: {e}"))
+}
+
+/// Writes `payload` and reads exactly as many bytes back (bounded), leaving the
+/// connection open.
+pub async fn echo_step<S>(s: &mut S, payload: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(STEP, async {
+        s.write_all(payload).await?;
+        s.flush().await?;
+        s.read_exact(&mut back).await
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no echo of {} bytes within {STEP:?}", payload.len()))
+    .unwrap_or_else(|e| panic!("echo of {} bytes failed: {e}", payload.len()));
+    assert_eq!(back, payload, "the echo differs from what was sent");
+}
+
+/// Connects to `sni` as `cert` until a round trip reaches `backend` (each attempt a full
+/// echo round trip): the way to tell that a reload naming `sni` is in effect. Panics if
+/// it is not within [`STEP`], or if the data plane exited.
+pub async fn wait_until_served_by(
+    fx: &mut Fixture,
+    sni: &str,
+    cert: &TestCert,
+    backend: &EchoBackend,
+) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(status) = fx.dp.try_wait() {
+            panic!("ztp-dataplane exited ({status}) while waiting for {sni} to reach its backend");
+        }
+        let before = backend.connections();
+        if let Ok(s) = fx.connect(sni, cert).await {
+            let mut s = s;
+            let ok = tokio::time::timeout(Duration::from_secs(2), async {
+                s.write_all(b"probe").await?;
+                s.shutdown().await?;
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await?;
+                io::Result::Ok(back)
+            })
+            .await;
+            if matches!(ok, Ok(Ok(ref b)) if b == b"probe") && backend.connections() > before {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sni} did not reach the expected backend within {STEP:?} (reload not in effect?)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Asserts that a handshake failed with the given alert from the server.

@@ -7,11 +7,19 @@
 
 mod admin;
 mod authz;
+mod auto_protocol;
 mod common;
+mod dgram;
+mod drain;
 mod forwarding;
+mod handlers;
 mod identity;
+mod ipv6;
+mod limits;
 mod logging;
 mod openssl;
+mod reload;
 mod resumption;
 mod snapshot_check;
 mod tls_gate;
+mod udp_spec;

@@ -189,11 +189,16 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     let mut buf = [0u8; 64];
     // EOF or a reset both count; what matters is that the proxy lets go.
     let r = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf)).await;
+    let took = start.elapsed();
     assert!(
         !matches!(r, Err(_) | Ok(Ok(1..))),
         "a client that sends nothing was not dropped within 5s (handshake timeout 500ms): {r:?}"
     );
-    eprintln!("dropped after {:?}: {r:?}", start.elapsed());
+    eprintln!("dropped after {took:?}: {r:?}");
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "--handshake-timeout 500ms, but a silent client was dropped only after {took:?}"
+    );
 
     // The proxy still serves others.
     let bob = fx.pki.client_email("bob@example.com");
@@ -217,4 +222,62 @@ async fn not_yet_valid_certificate_is_refused() {
     // rustls reports "not within its validity" with the certificate_expired alert.
     assert_cert_refused(fx.dp.addr(), &opts, AlertDescription::CertificateExpired).await;
     assert_eq!(fx.backend_connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_client_hello_is_cut_at_the_handshake_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::start_with(
+        TestPki::new(),
+        Extra {
+            args: &["--handshake-timeout", "500ms"],
+            ..Extra::default()
+        },
+    )
+    .await;
+    let bob = fx.pki.client_email("bob@example.com");
+    // A valid ClientHello, sent one byte every 200 ms: each read makes progress, only the
+    // whole handshake is too slow.
+    let hello = ztp_tests::client::client_hello_bytes(&fx.opts("echo.svc.internal", &bob));
+    assert!(hello.len() > 100, "{} bytes", hello.len());
+    let mut tcp = tokio::net::TcpStream::connect(fx.dp.addr())
+        .await
+        .expect("tcp connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut buf = [0u8; 256];
+    let how = loop {
+        if start.elapsed() > Duration::from_secs(6) {
+            panic!(
+                "a ClientHello trickled at 1 byte / 200 ms ({sent} of {} bytes sent) was not cut \
+                 within 6s (handshake timeout 500ms)",
+                hello.len()
+            );
+        }
+        if sent < hello.len() {
+            if let Err(e) = tcp.write_all(&hello[sent..sent + 1]).await {
+                break format!("write failed: {e}");
+            }
+            sent += 1;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => break "EOF".to_string(),
+            Ok(Ok(n)) => break format!("{n} bytes (an alert?) then presumably a close"),
+            Ok(Err(e)) => break format!("read failed: {e}"),
+        }
+    };
+    let took = start.elapsed();
+    eprintln!("trickling client cut after {took:?} ({sent} bytes sent): {how}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "--handshake-timeout 500ms bounds the whole handshake, but the trickling client was \
+         cut only after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "cut after {took:?}, before the handshake timeout: a valid partial ClientHello was refused"
+    );
 }

@@ -1,0 +1,337 @@
+//! Snapshots from the control plane: a gRPC subscription over mutual TLS with the node's
+//! certificate.
+//!
+//! Initial sync, then every new version; each is converted, validated and compiled off
+//! the async workers (a 100,000-user snapshot must not stall connections in flight),
+//! swapped in, and acked — or nacked with the reason, keeping the last good one. When
+//! the control plane is away the node keeps serving what it has and reconnects with
+//! jittered exponential backoff.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tonic::codegen::http::Uri;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use ztp_proto::wire::{pb, WireError, MAX_MESSAGE_BYTES};
+use ztp_proto::Snapshot;
+
+use super::{Policy, Publisher};
+use crate::admin::Readiness;
+use crate::handler::Registry;
+
+use pb::config_service_client::ConfigServiceClient;
+use pb::node_message::Kind;
+
+/// Where and how to reach the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlSource {
+    /// `https://HOST:PORT`.
+    pub url: String,
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+    pub control_ca: PathBuf,
+    pub trust_domain: String,
+    /// The node's client-facing address, reported for `node list`.
+    pub listen: String,
+    /// The highest snapshot schema to accept.
+    pub schema: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("--control {0:?}: expected https://HOST:PORT")]
+    BadUrl(String),
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{0}: the node certificate carries no node URI (spiffe://DOMAIN/node/ID) in trust domain {1}")]
+    NotANode(PathBuf, String),
+    #[error("node TLS config: {0}")]
+    Tls(String),
+}
+
+/// A connected-and-checked setup: the TLS client config and the node's identity.
+pub struct Subscriber {
+    source: ControlSource,
+    host: String,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    node_id: String,
+    publisher: Arc<Mutex<Publisher>>,
+    registry: Registry,
+    ready: Arc<Readiness>,
+}
+
+fn read_err(path: &std::path::Path, e: impl std::fmt::Display) -> SourceError {
+    SourceError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl Subscriber {
+    /// Loads the node's certificate, key and the control plane's CA; checks the URL.
+    pub fn new(
+        source: ControlSource,
+        publisher: Arc<Mutex<Publisher>>,
+        registry: Registry,
+        ready: Arc<Readiness>,
+    ) -> Result<Self, SourceError> {
+        let uri: Uri = source
+            .url
+            .parse()
+            .map_err(|_| SourceError::BadUrl(source.url.clone()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(SourceError::BadUrl(source.url.clone()));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| SourceError::BadUrl(source.url.clone()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(9781);
+
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&source.node_cert)
+            .and_then(|it| it.collect())
+            .map_err(|e| read_err(&source.node_cert, e))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| read_err(&source.node_cert, "no certificate"))?;
+        let node_id = node_id_of(leaf, &source.trust_domain).ok_or_else(|| {
+            SourceError::NotANode(source.node_cert.clone(), source.trust_domain.clone())
+        })?;
+        let key = PrivateKeyDer::from_pem_file(&source.node_key)
+            .map_err(|e| read_err(&source.node_key, e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&source.control_ca)
+            .map_err(|e| read_err(&source.control_ca, e))?
+        {
+            let ca = ca.map_err(|e| read_err(&source.control_ca, e))?;
+            roots.add(ca).map_err(|e| read_err(&source.control_ca, e))?;
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| SourceError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| SourceError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Subscriber {
+            source,
+            host,
+            port,
+            tls: Arc::new(tls),
+            node_id,
+            publisher,
+            registry,
+            ready,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Subscribes until the process ends, reconnecting with jittered backoff.
+    pub async fn run(self) {
+        let mut applied = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session(&mut applied).await {
+                Ok(()) => tracing::warn!("control plane closed the config stream"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "config stream failed; serving the last good snapshot")
+                }
+            }
+            // A session that delivered something resets the backoff.
+            let wait = jitter(backoff);
+            tracing::info!(
+                retry_in_ms = wait.as_millis() as u64,
+                "reconnecting to the control plane"
+            );
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            if applied > 0 && self.ready.get() {
+                backoff = backoff.min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    async fn session(&self, applied: &mut u64) -> Result<(), SessionError> {
+        let tls = TlsConnector::from(self.tls.clone());
+        let (host, port) = (self.host.clone(), self.port);
+        let connector = tower::service_fn(move |_: Uri| {
+            let (tls, host) = (tls.clone(), host.clone());
+            async move {
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                let name = ServerName::try_from(host)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let stream = tls.connect(name, tcp).await?;
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        // The scheme is http because the connector does TLS itself.
+        let channel =
+            Endpoint::from_shared(format!("http://{}:{}", bracket(&self.host), self.port))
+                .map_err(|e| SessionError::Connect(e.to_string()))?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| SessionError::Connect(format!("{e}: {}", source_chain(&e))))?;
+        let mut client = ConfigServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(1 << 20);
+
+        let (tx, rx) = mpsc::channel(16);
+        let hello = pb::Hello {
+            node_id: self.node_id.clone(),
+            last_version: *applied,
+            schema: self.source.schema,
+            listen: self.source.listen.clone(),
+        };
+        let _ = tx.send(msg(Kind::Hello(hello))).await;
+        let mut stream = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .map_err(SessionError::Status)?
+            .into_inner();
+        tracing::info!(node.id = %self.node_id, url = %self.source.url, "subscribed to the control plane");
+        while let Some(snap) = stream.message().await.map_err(SessionError::Status)? {
+            let version = snap.version;
+            let schema = self.source.schema;
+            let registry = self.registry.clone();
+            // Conversion, validation and indexing can take a while for large snapshots.
+            let compiled =
+                tokio::task::spawn_blocking(move || -> Result<(Policy, usize), String> {
+                    if snap.schema > schema {
+                        return Err(WireError::TooNew {
+                            found: snap.schema,
+                            known: schema,
+                        }
+                        .to_string());
+                    }
+                    let snap = Snapshot::try_from(snap).map_err(|e| e.to_string())?;
+                    let users = snap.users.len();
+                    Policy::compile(&snap, &registry)
+                        .map(|p| (p, users))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| SessionError::Connect(e.to_string()))?;
+            let reply = match compiled {
+                Ok((policy, users)) => {
+                    let services = policy.routes.len();
+                    let applied_ok = self
+                        .publisher
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .apply(Some(policy), None);
+                    match applied_ok {
+                        Ok(()) => {
+                            *applied = version;
+                            self.ready.set(true);
+                            tracing::info!(
+                                snapshot.version = version,
+                                services,
+                                users,
+                                "snapshot applied"
+                            );
+                            Kind::Ack(pb::Applied { version })
+                        }
+                        Err(e) => nack(version, e.to_string()),
+                    }
+                }
+                Err(reason) => nack(version, reason),
+            };
+            if tx.send(msg(reply)).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nack(version: u64, reason: String) -> Kind {
+    tracing::warn!(snapshot.version = version, reason = %reason, "snapshot refused; keeping the last good one");
+    Kind::Nack(pb::Refused { version, reason })
+}
+
+fn msg(kind: Kind) -> pb::NodeMessage {
+    pb::NodeMessage { kind: Some(kind) }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(&s.to_string());
+        out.push_str("; ");
+        cur = s.source();
+    }
+    out
+}
+
+/// Between half and all of `d`, so that replicas do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(d.as_nanos() as u64);
+    let frac = (h.finish() % 1000) as f64 / 1000.0;
+    d.mul_f64(0.5 + frac / 2.0)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Status(tonic::Status),
+}
+
+/// The node ID of the node's own certificate.
+pub fn node_id_of(der: &[u8], trust_domain: &str) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => ztp_proto::names::node_id(u, trust_domain).map(str::to_owned),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(10));
+            assert!(
+                j >= Duration::from_secs(5) && j <= Duration::from_secs(10),
+                "{j:?}"
+            );
+        }
+    }
+}
