@@ -39,18 +39,6 @@ use pb::node_message::Kind;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The node ID of a certificate: its URI SAN `spiffe://TRUST_DOMAIN/node/ID`.
-pub fn node_id_of(der: &[u8], trust_domain: &str) -> Option<String> {
-    use x509_parser::extensions::GeneralName;
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => ztp_proto::names::node_id(u, trust_domain).map(str::to_owned),
-        _ => None,
-    })
-}
-
 /// WebPKI verification against the node CA, then: the certificate must name a node.
 struct NodeVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
@@ -79,7 +67,7 @@ impl ClientCertVerifier for NodeVerifier {
         let ok = self
             .webpki
             .verify_client_cert(end_entity, intermediates, now)?;
-        if node_id_of(end_entity, &self.trust_domain).is_none() {
+        if ztp_proto::names::node_id_of_cert(end_entity, &self.trust_domain).is_none() {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
@@ -238,7 +226,7 @@ pub fn incoming(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|c| node_id_of(c, &td));
+                    .and_then(|c| ztp_proto::names::node_id_of_cert(c, &td));
                 if let Some(id) = id {
                     let _ = tx
                         .send(Ok(NodeConn {

@@ -206,6 +206,19 @@ pub fn node_id<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
     ok.then_some(id)
 }
 
+/// The node ID a certificate carries: its first URI SAN that is a node URI of
+/// `trust_domain`.
+pub fn node_id_of_cert(der: &[u8], trust_domain: &str) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => node_id(u, trust_domain).map(str::to_owned),
+        _ => None,
+    })
+}
+
 /// A certificate serial number, normalized so that equal integers compare equal: big
 /// endian, no leading zero bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -105,9 +105,10 @@ impl Subscriber {
         let leaf = chain
             .first()
             .ok_or_else(|| read_err(&source.node_cert, "no certificate"))?;
-        let node_id = node_id_of(leaf, &source.trust_domain).ok_or_else(|| {
-            SourceError::NotANode(source.node_cert.clone(), source.trust_domain.clone())
-        })?;
+        let node_id =
+            ztp_proto::names::node_id_of_cert(leaf, &source.trust_domain).ok_or_else(|| {
+                SourceError::NotANode(source.node_cert.clone(), source.trust_domain.clone())
+            })?;
         let key = PrivateKeyDer::from_pem_file(&source.node_key)
             .map_err(|e| read_err(&source.node_key, e))?;
         let mut roots = rustls::RootCertStore::empty();
@@ -306,18 +307,6 @@ enum SessionError {
     Connect(String),
     #[error("{0}")]
     Status(tonic::Status),
-}
-
-/// The node ID of the node's own certificate.
-pub fn node_id_of(der: &[u8], trust_domain: &str) -> Option<String> {
-    use x509_parser::extensions::GeneralName;
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => ztp_proto::names::node_id(u, trust_domain).map(str::to_owned),
-        _ => None,
-    })
 }
 
 #[cfg(test)]
