@@ -30,8 +30,29 @@ fn read_error(e: BytesRejection, limit: usize) -> ApiError {
 
 fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
     let path = e.path().to_string();
-    let field = if path == "." { "body".to_owned() } else { path };
-    ApiError::field(field, e.into_inner().to_string())
+    let message = e.into_inner().to_string();
+    // YAML errors repeat their own idea of the path before the message.
+    let message = match message.split_once(": ") {
+        Some((head, tail)) if !head.contains(' ') && !head.is_empty() => tail.to_owned(),
+        _ => message,
+    };
+    // A missing field is reported at its parent; name the field itself.
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split_once('`'))
+        .map(|(f, _)| f.to_owned());
+    // `?` marks a place the parser never reached (the body ended early).
+    let parent = match path.as_str() {
+        "." | "?" => None,
+        p => Some(p.trim_end_matches(".?").to_owned()),
+    };
+    let field = match (parent, missing) {
+        (Some(p), Some(m)) => format!("{p}.{m}"),
+        (None, Some(m)) => m,
+        (Some(p), None) => p,
+        (None, None) => "body".to_owned(),
+    };
+    ApiError::field(field, message)
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {

@@ -106,6 +106,10 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such resource".into())
 }
@@ -182,6 +186,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(nodes::list_nodes))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(actor_to_response))
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -430,6 +430,7 @@ async fn every_v1_route_refuses_a_missing_or_bad_token() {
         ("GET", "/v1/tokens".into(), None),
         ("POST", "/v1/tokens".into(), Some(json!({"name": "sneaky"}))),
         ("DELETE", format!("/v1/tokens/{}", spare.info.id), None),
+        ("GET", "/v1/nodes".into(), None),
         ("GET", "/v1/openapi.json".into(), None),
         // Unknown paths and methods are refused before anything else.
         ("GET", "/v1/nope".into(), None),
@@ -1567,6 +1568,14 @@ async fn tokens_are_created_listed_and_revoked() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn nodes_are_listed() {
+    let api = Api::new().await;
+    // No data plane has subscribed: an empty listing of the usual shape.
+    let page = api.get("/v1/nodes").await.ok(OK);
+    assert_eq!(page, json!({"items": [], "next": null}));
+}
+
+#[tokio::test]
 async fn openapi_describes_every_route() {
     let api = Api::new().await;
     let doc = api.get("/v1/openapi.json").await.ok(OK);
@@ -1584,6 +1593,7 @@ async fn openapi_describes_every_route() {
         ("/v1/import", &["post"]),
         ("/v1/tokens", &["get", "post"]),
         ("/v1/tokens/{id}", &["delete"]),
+        ("/v1/nodes", &["get"]),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
     ] {

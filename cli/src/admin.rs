@@ -1,0 +1,664 @@
+//! Admin commands over the REST API. Updates read the record, change what was asked,
+//! and write it back with `If-Match`, so a concurrent change is never overwritten
+//! silently. Lists given on `update` replace, they do not merge.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use hyper::Method;
+use serde_json::{json, Value};
+use ztp_proto::{Group, Protocol, Service, User};
+
+use crate::client::{check, Client};
+use crate::{table, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Add a service: `ztpctl service add quic.svc.internal --proto quic --addr :4433`.
+    Add {
+        /// SNI name; `*.svc.internal` matches one label.
+        name: String,
+        /// tcp, udp, quic or auto.
+        #[arg(long = "proto", value_parser = parse_protocol, default_value = "auto")]
+        protocol: Protocol,
+        /// Backend host:port; `:port` means the data plane's own host.
+        #[arg(long = "addr")]
+        address: Option<String>,
+        /// Groups admitted (repeat); none admits every enabled user.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// A handler instead of forwarding, e.g. identity-echo.
+        #[arg(long)]
+        handler: Option<String>,
+        /// Source ranges admitted (repeat), e.g. 10.0.0.0/8; none admits any.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+    },
+    /// List services.
+    List,
+    /// Show a service.
+    Get { name: String },
+    /// Change a service; lists given replace the old ones.
+    Update {
+        name: String,
+        #[arg(long = "proto", value_parser = parse_protocol)]
+        protocol: Option<Protocol>,
+        #[arg(long = "addr")]
+        address: Option<String>,
+        #[arg(long = "group", conflicts_with = "clear_groups")]
+        groups: Vec<String>,
+        /// Remove every group (admits every enabled user).
+        #[arg(long)]
+        clear_groups: bool,
+        #[arg(long)]
+        handler: Option<String>,
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+    },
+    /// Remove a service.
+    #[command(alias = "remove", alias = "delete")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add a user with its certificate identities.
+    Add {
+        name: String,
+        /// SAN email, SAN URI or subject CN (repeat).
+        #[arg(long = "identity", required = true)]
+        identities: Vec<String>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// List users.
+    List,
+    /// Show a user.
+    Get { name: String },
+    /// Change a user; lists given replace the old ones.
+    Update {
+        name: String,
+        #[arg(long = "identity")]
+        identities: Vec<String>,
+        #[arg(long = "group", conflicts_with = "clear_groups")]
+        groups: Vec<String>,
+        /// Remove the user from every group.
+        #[arg(long)]
+        clear_groups: bool,
+    },
+    /// Disable a user: their connections are refused.
+    Disable { name: String },
+    /// Enable a disabled user.
+    Enable { name: String },
+    /// Remove a user.
+    #[command(alias = "remove", alias = "delete")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Add a group.
+    Add { name: String },
+    /// List groups.
+    List,
+    /// Remove a group (refused while in use, unless --cascade).
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        name: String,
+        /// Also remove it from users and services (never leaving a service with none).
+        #[arg(long)]
+        cascade: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List data-plane replicas: applied version, lag, last nack.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Print the whole configuration (YAML, or JSON with -o json).
+    Export,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; its secret is printed once.
+    Create { name: String },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    #[command(alias = "rm")]
+    Revoke { id: String },
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    match s {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        "quic" => Ok(Protocol::Quic),
+        "auto" => Ok(Protocol::Auto),
+        other => Err(format!("{other:?} is not tcp, udp, quic or auto")),
+    }
+}
+
+/// Path segment escaping for names (`*` and `@` are the interesting ones).
+fn seg(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn get(c: &Client, path: &str) -> anyhow::Result<(Value, Option<String>)> {
+    let r = check(c.request(Method::GET, path, None, None).await?)?;
+    Ok((r.json()?, r.etag))
+}
+
+async fn send(
+    c: &Client,
+    method: Method,
+    path: &str,
+    body: &Value,
+    etag: Option<&str>,
+) -> anyhow::Result<Value> {
+    let bytes = serde_json::to_vec(body)?;
+    let r = check(
+        c.request(method, path, Some((bytes, "application/json")), etag)
+            .await?,
+    )?;
+    if r.body.is_empty() {
+        Ok(Value::Null)
+    } else {
+        r.json()
+    }
+}
+
+async fn delete(c: &Client, path: &str) -> anyhow::Result<()> {
+    check(c.request(Method::DELETE, path, None, None).await?)?;
+    Ok(())
+}
+
+/// Every item of a paginated listing.
+async fn list_all(c: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(cur) => format!("{path}?limit=1000&cursor={}", seg(cur)),
+            None => format!("{path}?limit=1000"),
+        };
+        let (page, _) = get(c, &url).await?;
+        if let Some(a) = page["items"].as_array() {
+            items.extend(a.iter().cloned());
+        }
+        match page["next"].as_str() {
+            Some(n) => cursor = Some(n.to_owned()),
+            None => return Ok(items),
+        }
+    }
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn join(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn services_table(items: &[Value]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|v| {
+            vec![
+                s(&v["name"]),
+                s(&v["protocol"]),
+                s(&v["address"]),
+                join(&v["groups"]),
+                s(&v["handler"]),
+            ]
+        })
+        .collect();
+    table::print(&["NAME", "PROTO", "ADDRESS", "GROUPS", "HANDLER"], &rows);
+}
+
+fn users_table(items: &[Value]) {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|v| {
+            vec![
+                s(&v["name"]),
+                join(&v["identities"]),
+                join(&v["groups"]),
+                if v["disabled"].as_bool() == Some(true) {
+                    "disabled"
+                } else {
+                    "enabled"
+                }
+                .into(),
+            ]
+        })
+        .collect();
+    table::print(&["NAME", "IDENTITIES", "GROUPS", "STATUS"], &rows);
+}
+
+fn done(out: Output, v: &Value, what: &str) -> anyhow::Result<()> {
+    match out {
+        Output::Json => print_json(v),
+        Output::Table => {
+            println!("{what}");
+            Ok(())
+        }
+    }
+}
+
+pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Add {
+            name,
+            protocol,
+            address,
+            groups,
+            handler,
+            allow,
+        } => {
+            let svc = Service {
+                name: name.clone(),
+                protocol,
+                address,
+                groups,
+                allow,
+                handler,
+            };
+            let v = send(
+                c,
+                Method::POST,
+                "/v1/services",
+                &serde_json::to_value(&svc)?,
+                None,
+            )
+            .await?;
+            done(out, &v, &format!("service {name} added"))
+        }
+        ServiceCmd::List => {
+            let items = list_all(c, "/v1/services").await?;
+            match out {
+                Output::Json => print_json(&Value::Array(items)),
+                Output::Table => {
+                    services_table(&items);
+                    Ok(())
+                }
+            }
+        }
+        ServiceCmd::Get { name } => {
+            let (v, _) = get(c, &format!("/v1/services/{}", seg(&name))).await?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => {
+                    services_table(&[v]);
+                    Ok(())
+                }
+            }
+        }
+        ServiceCmd::Update {
+            name,
+            protocol,
+            address,
+            groups,
+            clear_groups,
+            handler,
+            allow,
+        } => {
+            let path = format!("/v1/services/{}", seg(&name));
+            let (v, etag) = get(c, &path).await?;
+            let mut svc: Service =
+                serde_json::from_value(v).context("the server sent an unexpected service")?;
+            if let Some(p) = protocol {
+                svc.protocol = p;
+            }
+            if address.is_some() {
+                svc.address = address;
+            }
+            if clear_groups {
+                svc.groups.clear();
+            } else if !groups.is_empty() {
+                svc.groups = groups;
+            }
+            if handler.is_some() {
+                svc.handler = handler;
+            }
+            if !allow.is_empty() {
+                svc.allow = allow;
+            }
+            let v = send(
+                c,
+                Method::PUT,
+                &path,
+                &serde_json::to_value(&svc)?,
+                etag.as_deref(),
+            )
+            .await?;
+            done(out, &v, &format!("service {name} updated"))
+        }
+        ServiceCmd::Rm { name } => {
+            delete(c, &format!("/v1/services/{}", seg(&name))).await?;
+            done(
+                out,
+                &json!({"removed": name}),
+                &format!("service {name} removed"),
+            )
+        }
+    }
+}
+
+pub async fn user(c: &Client, cmd: UserCmd, out: Output) -> anyhow::Result<()> {
+    let path_of = |name: &str| format!("/v1/users/{}", seg(name));
+    // Read, change, write back conditionally.
+    async fn modify(c: &Client, path: &str, f: impl FnOnce(&mut User)) -> anyhow::Result<Value> {
+        let (v, etag) = get(c, path).await?;
+        let mut user: User =
+            serde_json::from_value(v).context("the server sent an unexpected user")?;
+        f(&mut user);
+        send(
+            c,
+            Method::PUT,
+            path,
+            &serde_json::to_value(&user)?,
+            etag.as_deref(),
+        )
+        .await
+    }
+    match cmd {
+        UserCmd::Add {
+            name,
+            identities,
+            groups,
+        } => {
+            let user = User {
+                name: name.clone(),
+                identities,
+                groups,
+                disabled: false,
+            };
+            let v = send(
+                c,
+                Method::POST,
+                "/v1/users",
+                &serde_json::to_value(&user)?,
+                None,
+            )
+            .await?;
+            done(out, &v, &format!("user {name} added"))
+        }
+        UserCmd::List => {
+            let items = list_all(c, "/v1/users").await?;
+            match out {
+                Output::Json => print_json(&Value::Array(items)),
+                Output::Table => {
+                    users_table(&items);
+                    Ok(())
+                }
+            }
+        }
+        UserCmd::Get { name } => {
+            let (v, _) = get(c, &path_of(&name)).await?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => {
+                    users_table(&[v]);
+                    Ok(())
+                }
+            }
+        }
+        UserCmd::Update {
+            name,
+            identities,
+            groups,
+            clear_groups,
+        } => {
+            let v = modify(c, &path_of(&name), |u| {
+                if !identities.is_empty() {
+                    u.identities = identities;
+                }
+                if clear_groups {
+                    u.groups.clear();
+                } else if !groups.is_empty() {
+                    u.groups = groups;
+                }
+            })
+            .await?;
+            done(out, &v, &format!("user {name} updated"))
+        }
+        UserCmd::Disable { name } => {
+            let v = modify(c, &path_of(&name), |u| u.disabled = true).await?;
+            done(out, &v, &format!("user {name} disabled"))
+        }
+        UserCmd::Enable { name } => {
+            let v = modify(c, &path_of(&name), |u| u.disabled = false).await?;
+            done(out, &v, &format!("user {name} enabled"))
+        }
+        UserCmd::Rm { name } => {
+            delete(c, &path_of(&name)).await?;
+            done(
+                out,
+                &json!({"removed": name}),
+                &format!("user {name} removed"),
+            )
+        }
+    }
+}
+
+pub async fn group(c: &Client, cmd: GroupCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        GroupCmd::Add { name } => {
+            let v = send(
+                c,
+                Method::POST,
+                "/v1/groups",
+                &serde_json::to_value(Group { name: name.clone() })?,
+                None,
+            )
+            .await?;
+            done(out, &v, &format!("group {name} added"))
+        }
+        GroupCmd::List => {
+            let items = list_all(c, "/v1/groups").await?;
+            match out {
+                Output::Json => print_json(&Value::Array(items)),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> =
+                        items.iter().map(|v| vec![s(&v["name"])]).collect();
+                    table::print(&["NAME"], &rows);
+                    Ok(())
+                }
+            }
+        }
+        GroupCmd::Rm { name, cascade } => {
+            let q = if cascade { "?cascade=true" } else { "" };
+            delete(c, &format!("/v1/groups/{}{q}", seg(&name))).await?;
+            done(
+                out,
+                &json!({"removed": name}),
+                &format!("group {name} removed"),
+            )
+        }
+    }
+}
+
+pub async fn node(c: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::List => {
+            let (v, _) = get(c, "/v1/nodes").await?;
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            match out {
+                Output::Json => print_json(&Value::Array(items)),
+                Output::Table => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let rows: Vec<Vec<String>> = items
+                        .iter()
+                        .map(|n| {
+                            let seen = n["last_seen_ms"].as_u64().unwrap_or(0);
+                            let nack = match &n["last_nack"] {
+                                Value::Null => "-".to_owned(),
+                                v => format!("v{}: {}", s(&v["version"]), s(&v["reason"])),
+                            };
+                            vec![
+                                s(&n["id"]),
+                                s(&n["listen"]),
+                                s(&n["peer"]),
+                                s(&n["applied"]),
+                                s(&n["lag"]),
+                                if n["connected"].as_bool() == Some(true) {
+                                    "up"
+                                } else {
+                                    "down"
+                                }
+                                .into(),
+                                format!("{}s ago", now.saturating_sub(seen) / 1000),
+                                nack,
+                            ]
+                        })
+                        .collect();
+                    table::print(
+                        &[
+                            "ID",
+                            "LISTEN",
+                            "PEER",
+                            "APPLIED",
+                            "LAG",
+                            "STATE",
+                            "LAST SEEN",
+                            "LAST NACK",
+                        ],
+                        &rows,
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+pub async fn snapshot(c: &Client, cmd: SnapshotCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Export => {
+            let format = if out == Output::Json { "json" } else { "yaml" };
+            let r = check(
+                c.request(
+                    Method::GET,
+                    &format!("/v1/snapshot?format={format}"),
+                    None,
+                    None,
+                )
+                .await?,
+            )?;
+            use std::io::Write;
+            std::io::stdout().write_all(&r.body)?;
+            if out == Output::Json {
+                println!();
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn import(c: &Client, file: &Path, out: Output) -> anyhow::Result<()> {
+    let mut bytes = Vec::new();
+    if file == Path::new("-") {
+        std::io::stdin().read_to_end(&mut bytes)?;
+    } else {
+        bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let is_json = text.trim_start().starts_with('{');
+    let ct = if is_json {
+        "application/json"
+    } else {
+        "application/yaml"
+    };
+    let r = check(
+        c.request(Method::POST, "/v1/import", Some((bytes, ct)), None)
+            .await?,
+    )?;
+    let v = r.json()?;
+    done(
+        out,
+        &v,
+        &format!(
+            "imported as version {}: {} services, {} users, {} groups",
+            s(&v["version"]),
+            s(&v["services"]),
+            s(&v["users"]),
+            s(&v["groups"])
+        ),
+    )
+}
+
+pub async fn token(c: &Client, cmd: TokenCmd, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create { name } => {
+            let v = send(c, Method::POST, "/v1/tokens", &json!({"name": name}), None).await?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => {
+                    let Some(t) = v["token"].as_str() else {
+                        bail!("the server did not return a token");
+                    };
+                    eprintln!(
+                        "token {} ({}) created; it is shown only now:",
+                        s(&v["id"]),
+                        s(&v["name"])
+                    );
+                    println!("{t}");
+                    Ok(())
+                }
+            }
+        }
+        TokenCmd::List => {
+            let items = list_all(c, "/v1/tokens").await?;
+            match out {
+                Output::Json => print_json(&Value::Array(items)),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = items
+                        .iter()
+                        .map(|t| vec![s(&t["id"]), s(&t["name"]), s(&t["created_ms"])])
+                        .collect();
+                    table::print(&["ID", "NAME", "CREATED (ms)"], &rows);
+                    Ok(())
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            delete(c, &format!("/v1/tokens/{}", seg(&id))).await?;
+            done(out, &json!({"revoked": id}), &format!("token {id} revoked"))
+        }
+    }
+}
