@@ -1,0 +1,239 @@
+//! Propagation benchmark: from a REST write returning to every data-plane replica having
+//! acked the new version, with a large configuration in the store.
+//!
+//! Starts the release binaries next to this one (`cargo build --release --workspace
+//! --bins`): one `ztp-control` and up to the largest replica count of `ztp-dataplane`
+//! nodes on loopback, imports SERVICES services and USERS users, then for each replica
+//! count makes WRITES writes (one new group each) and polls `/v1/nodes` every
+//! millisecond until every node reports the version the write returned. Prints the
+//! median, p90 and max per replica count.
+//!
+//! Usage: propagation [--replicas 1,2,8] [--services 10000] [--users 100000] [--writes 15]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ztp_tests::TestPki;
+
+struct Opts {
+    replicas: Vec<usize>,
+    services: usize,
+    users: usize,
+    writes: usize,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        replicas: vec![1, 2, 8],
+        services: 10_000,
+        users: 100_000,
+        writes: 15,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--replicas" => o.replicas = v.split(',').map(|n| n.parse().expect("--replicas 1,2,8")).collect(),
+            "--services" => o.services = v.parse().expect("--services N"),
+            "--users" => o.users = v.parse().expect("--users N"),
+            "--writes" => o.writes = v.parse().expect("--writes N"),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    o
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe.parent().expect("bin dir").join(name);
+    assert!(p.is_file(), "{} missing: run `cargo build --release --workspace --bins`", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 request; returns status, ETag and body.
+fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, Option<String>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect to the API");
+    s.set_nodelay(true).ok();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head[9..12].parse().unwrap();
+    let etag = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("etag:"))
+        .map(|l| l[5..].trim().trim_matches('"').to_owned());
+    (status, etag, resp[split + 4..].to_vec())
+}
+
+fn wait_until(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + bound;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The applied versions of the connected nodes.
+fn applied(api: SocketAddr, token: &str) -> Vec<u64> {
+    let (_, _, body) = http(api, "GET", "/v1/nodes", token, b"");
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    v["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|n| n["connected"].as_bool() == Some(true))
+                .map(|n| n["applied"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr) -> Proc {
+    let child = Command::new(bin("ztp-dataplane"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--cert").arg(dir.join("server.pem"))
+        .arg("--key").arg(dir.join("server.key"))
+        .arg("--client-ca").arg(ca)
+        .arg("--control").arg(format!("https://localhost:{}", grpc.port()))
+        .arg("--node-cert").arg(dir.join(format!("{id}.pem")))
+        .arg("--node-key").arg(dir.join(format!("{id}.key")))
+        .arg("--control-ca").arg(ca)
+        .args(["--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ztp-dataplane");
+    Proc(child)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let o = opts();
+    ztp_tests::install_crypto_provider();
+    let dir = std::env::temp_dir().join(format!("ztp-bench-propagation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = TestPki::new();
+    pki.write_files(&dir).unwrap();
+    let max = o.replicas.iter().copied().max().unwrap_or(1);
+    for i in 0..max {
+        pki.builder()
+            .uri(&format!("spiffe://ztp.internal/node/n{i}"))
+            .issue()
+            .write(&dir, &format!("n{i}"))
+            .unwrap();
+    }
+    let ca = dir.join("ca.pem");
+    let (api_port, grpc_port) = (free_port(), free_port());
+    let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
+    let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
+    let _control = Proc(
+        Command::new(bin("ztp-control"))
+            .arg("--data-dir").arg(dir.join("data"))
+            .arg("--api-listen").arg(api.to_string())
+            .arg("--grpc-listen").arg(grpc.to_string())
+            .arg("--grpc-cert").arg(dir.join("server.pem"))
+            .arg("--grpc-key").arg(dir.join("server.key"))
+            .arg("--node-ca").arg(&ca)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ztp-control"),
+    );
+    let token_path = dir.join("data").join("admin-token");
+    wait_until("the admin token", Duration::from_secs(20), || token_path.exists() && TcpStream::connect(api).is_ok());
+    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_owned();
+
+    // The configuration: SERVICES services over 10 groups, USERS users.
+    let t = Instant::now();
+    let mut services = Vec::with_capacity(o.services);
+    for i in 0..o.services {
+        services.push(serde_json::json!({"name": format!("s{i}.svc.internal"), "protocol": "tcp",
+            "address": format!("127.0.0.1:{}", 1000 + i % 60000), "groups": [format!("g{}", i % 10)]}));
+    }
+    let mut users = Vec::with_capacity(o.users);
+    for i in 0..o.users {
+        users.push(serde_json::json!({"name": format!("u{i}"), "identities": [format!("u{i}@example.com")],
+            "groups": [format!("g{}", i % 10)]}));
+    }
+    let groups: Vec<Value> = (0..10).map(|i| serde_json::json!({"name": format!("g{i}")})).collect();
+    let snap = serde_json::json!({"version": 1, "services": services, "users": users, "groups": groups, "revoked": []});
+    let body = serde_json::to_vec(&snap).unwrap();
+    let (status, _, resp) = http(api, "POST", "/v1/import", &token, &body);
+    assert_eq!(status, 200, "import: {}", String::from_utf8_lossy(&resp));
+    println!(
+        "store: {} services, {} users ({} MiB of JSON), imported in {:.1} s",
+        o.services,
+        o.users,
+        body.len() >> 20,
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut nodes: Vec<Proc> = Vec::new();
+    let mut replicas = o.replicas.clone();
+    replicas.sort_unstable();
+    for n in replicas {
+        while nodes.len() < n {
+            let id = format!("n{}", nodes.len());
+            nodes.push(start_node(&dir, &id, &ca, grpc));
+        }
+        let (_, etag, _) = http(api, "GET", "/v1/snapshot?format=json", &token, b"");
+        let current: u64 = etag.and_then(|e| e.parse().ok()).unwrap_or(0);
+        wait_until("all nodes to sync", Duration::from_secs(120), || {
+            let a = applied(api, &token);
+            a.len() == n && a.iter().all(|v| *v >= current)
+        });
+        let mut times = Vec::new();
+        for w in 0..o.writes {
+            let body = format!("{{\"name\":\"bench-{n}-{w}\"}}");
+            let (status, etag, resp) = http(api, "POST", "/v1/groups", &token, body.as_bytes());
+            let returned = Instant::now();
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&resp));
+            let version: u64 = etag.and_then(|e| e.parse().ok()).expect("ETag");
+            wait_until("every replica to ack", Duration::from_secs(120), || {
+                let a = applied(api, &token);
+                a.len() == n && a.iter().all(|v| *v >= version)
+            });
+            times.push(returned.elapsed());
+        }
+        times.sort();
+        println!(
+            "replicas {n}: write -> all acked: median {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} writes)",
+            percentile(&times, 0.5).as_secs_f64() * 1e3,
+            percentile(&times, 0.9).as_secs_f64() * 1e3,
+            times.last().unwrap().as_secs_f64() * 1e3,
+            times.len()
+        );
+    }
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
