@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod admin;
 mod client;
+mod pki;
 mod settings;
 mod table;
 
@@ -71,6 +72,9 @@ enum Command {
     /// Admin tokens.
     #[command(subcommand)]
     Token(admin::TokenCmd),
+    /// Certificates: a CA, the server's, users', nodes'.
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +110,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Pki(c) = cli.command {
+        return pki::run(c);
+    }
     let settings = settings::resolve(cli.global.server, cli.global.token, cli.global.api_ca)?;
     let client = client::Client::new(&settings.server, settings.token, settings.api_ca.as_deref())?;
     let out = cli.global.output;
@@ -117,5 +124,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(c) => admin::snapshot(&client, c, out).await,
         Command::Import { file } => admin::import(&client, &file, out).await,
         Command::Token(c) => admin::token(&client, c, out).await,
+        Command::Pki(_) => unreachable!("handled above"),
     }
 }

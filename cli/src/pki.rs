@@ -1,0 +1,504 @@
+//! `ztpctl pki`: a CA and the certificates a gateway needs, without openssl.
+//!
+//! `init DIR` writes `ca.pem`, `ca.key`, `server.pem`, `server.key` (the names of the
+//! original walkthrough); `issue` writes a client's `NAME.pem`/`NAME.key`; `sign` turns a
+//! user's CSR into a certificate, so their key never leaves their machine; `node` writes a
+//! data-plane node's `node-ID.pem`/`node-ID.key`. Keys are written 0600 and nothing is
+//! overwritten without `--force`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+use ztp_proto::names::{is_node_uri, uri_scheme};
+use ztp_proto::parse_duration;
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCmd {
+    /// Create a CA and the data plane's server certificate in DIR.
+    Init {
+        dir: PathBuf,
+        /// An RSA CA (4096 bits) and server key (2048) instead of ECDSA P-256.
+        #[arg(long)]
+        rsa: bool,
+        /// DNS names of the server certificate (repeat).
+        #[arg(long = "san", default_values_t = ["localhost".to_owned(), "*.svc.internal".to_owned()])]
+        sans: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate for an identity: an email, a URI or a plain name (CN).
+    Issue {
+        identity: String,
+        /// Lifetime: 30m, 4h, 7d is not a unit: use 168h.
+        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// File name (NAME.pem, NAME.key); default: the email's local part, the URI's last
+        /// segment, or the CN.
+        #[arg(long)]
+        name: Option<String>,
+        /// The PKI folder (holding ca.pem and ca.key); files are written there.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a certificate signing request (PEM): the user keeps their key.
+    Sign {
+        csr: PathBuf,
+        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Where to write the certificate (default: DIR/NAME.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a data-plane node certificate (URI spiffe://DOMAIN/node/ID).
+    Node {
+        id: String,
+        #[arg(long, default_value = "720h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub fn run(cmd: PkiCmd) -> anyhow::Result<()> {
+    match cmd {
+        PkiCmd::Init {
+            dir,
+            rsa,
+            sans,
+            force,
+        } => {
+            init(&dir, rsa, &sans, force)?;
+            println!(
+                "PKI in {}: ca.pem, ca.key, server.pem, server.key (server names: {})",
+                dir.display(),
+                sans.join(", ")
+            );
+            Ok(())
+        }
+        PkiCmd::Issue {
+            identity,
+            ttl,
+            name,
+            dir,
+            force,
+        } => {
+            let name = name.unwrap_or_else(|| default_name(&identity));
+            let (cert, key) = issue(&dir, &identity, ttl, &name, force)?;
+            println!(
+                "{} and {} for {identity}, valid {}",
+                cert.display(),
+                key.display(),
+                human(ttl)
+            );
+            Ok(())
+        }
+        PkiCmd::Sign {
+            csr,
+            ttl,
+            dir,
+            out,
+            force,
+        } => {
+            let (path, identity) = sign(&dir, &csr, ttl, out, force)?;
+            println!("{} for {identity}, valid {}", path.display(), human(ttl));
+            Ok(())
+        }
+        PkiCmd::Node {
+            id,
+            ttl,
+            dir,
+            trust_domain,
+            force,
+        } => {
+            let (cert, key) = node(&dir, &id, &trust_domain, ttl, force)?;
+            println!("{} and {} for node {id}", cert.display(), key.display());
+            Ok(())
+        }
+    }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The default file name for an identity.
+pub fn default_name(identity: &str) -> String {
+    let raw = if uri_scheme(identity).is_some() {
+        identity
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(identity)
+    } else if let Some((local, _)) = identity.split_once('@') {
+        local
+    } else {
+        identity
+    };
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() || clean.starts_with('.') {
+        format!("client{clean}")
+    } else {
+        clean
+    }
+}
+
+/// Writes a file, refusing to overwrite unless `force`; keys get mode 0600.
+fn write_file(path: &Path, bytes: &[u8], private: bool, force: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(if private { 0o600 } else { 0o644 });
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!("{} exists; pass --force to overwrite it", path.display())
+        } else {
+            anyhow::anyhow!("cannot write {}: {e}", path.display())
+        }
+    })?;
+    if private {
+        // An existing file kept its old mode when overwritten.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn refuse_existing(paths: &[&Path], force: bool) -> anyhow::Result<()> {
+    if !force {
+        for p in paths {
+            if p.exists() {
+                bail!("{} exists; pass --force to overwrite it", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rsa_key(bits: usize) -> anyhow::Result<KeyPair> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
+        .context("RSA key generation failed")?;
+    let pem = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)?;
+    Ok(KeyPair::from_pem_and_sign_algo(
+        &pem,
+        &rcgen::PKCS_RSA_SHA256,
+    )?)
+}
+
+fn validity(p: &mut CertificateParams, ttl: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // A minute of slack for clocks a little behind.
+    p.not_before = now - time::Duration::minutes(1);
+    p.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
+}
+
+fn random_serial(p: &mut CertificateParams) -> anyhow::Result<()> {
+    use ring::rand::SecureRandom;
+    let mut s = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut s)
+        .map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    s[0] &= 0x7f; // positive
+    p.serial_number = Some(rcgen::SerialNumber::from(s.to_vec()));
+    Ok(())
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "ZTP CA");
+    dn.push(DnType::OrganizationName, "ZTP");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+/// Creates the CA and the server certificate.
+pub fn init(dir: &Path, rsa: bool, sans: &[String], force: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let files = ["ca.pem", "ca.key", "server.pem", "server.key"].map(|f| dir.join(f));
+    refuse_existing(
+        &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        force,
+    )?;
+    let (ca_key, server_key) = if rsa {
+        (rsa_key(4096)?, rsa_key(2048)?)
+    } else {
+        (KeyPair::generate()?, KeyPair::generate()?)
+    };
+    let mut ca = ca_params();
+    validity(&mut ca, Duration::from_secs(10 * 365 * 24 * 3600));
+    random_serial(&mut ca)?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, &ca_key);
+
+    let mut server = CertificateParams::new(sans.to_vec()).context("bad --san")?;
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        sans.first().map_or("ztp", String::as_str),
+    );
+    server.distinguished_name = dn;
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    validity(&mut server, Duration::from_secs(365 * 24 * 3600));
+    random_serial(&mut server)?;
+    let server_cert = server.signed_by(&server_key, &issuer)?;
+
+    write_file(&files[0], ca_cert.pem().as_bytes(), false, force)?;
+    write_file(&files[1], ca_key.serialize_pem().as_bytes(), true, force)?;
+    write_file(&files[2], server_cert.pem().as_bytes(), false, force)?;
+    write_file(
+        &files[3],
+        server_key.serialize_pem().as_bytes(),
+        true,
+        force,
+    )?;
+    Ok(())
+}
+
+/// The CA of a PKI folder, as an issuer.
+fn load_ca(dir: &Path) -> anyhow::Result<(String, KeyPair)> {
+    let cert = std::fs::read_to_string(dir.join("ca.pem")).with_context(|| {
+        format!(
+            "cannot read {}/ca.pem (run `ztpctl pki init {}` first)",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let key_pem = std::fs::read_to_string(dir.join("ca.key"))
+        .with_context(|| format!("cannot read {}/ca.key", dir.display()))?;
+    let key = KeyPair::from_pem(&key_pem)
+        .or_else(|_| KeyPair::from_pem_and_sign_algo(&key_pem, &rcgen::PKCS_RSA_SHA256))
+        .with_context(|| format!("{}/ca.key is not a usable key", dir.display()))?;
+    Ok((cert, key))
+}
+
+/// The SAN (or CN) an identity becomes.
+fn identity_params(identity: &str) -> anyhow::Result<CertificateParams> {
+    if identity.trim().is_empty() || identity.chars().any(char::is_control) {
+        bail!("{identity:?} is not an identity");
+    }
+    if is_node_uri(identity) {
+        bail!("{identity:?} is a node identity; use `ztpctl pki node ID`");
+    }
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    if uri_scheme(identity).is_some() {
+        p.subject_alt_names = vec![SanType::URI(identity.try_into().context("bad URI")?)];
+        dn.push(DnType::CommonName, default_name(identity));
+    } else if identity.contains('@') {
+        p.subject_alt_names = vec![SanType::Rfc822Name(
+            identity.try_into().context("bad email")?,
+        )];
+        dn.push(DnType::CommonName, default_name(identity));
+    } else {
+        dn.push(DnType::CommonName, identity);
+    }
+    p.distinguished_name = dn;
+    Ok(p)
+}
+
+fn client_usage(p: &mut CertificateParams) {
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+}
+
+/// Issues a client certificate and key: DIR/NAME.pem, DIR/NAME.key.
+pub fn issue(
+    dir: &Path,
+    identity: &str,
+    ttl: Duration,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    refuse_existing(&[&cert_path, &key_path], force)?;
+    let (ca_pem, ca_key) = load_ca(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)
+        .context("ca.pem is not a usable CA certificate")?;
+    let mut p = identity_params(identity)?;
+    client_usage(&mut p);
+    validity(&mut p, ttl);
+    random_serial(&mut p)?;
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    write_file(&cert_path, cert.pem().as_bytes(), false, force)?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true, force)?;
+    Ok((cert_path, key_path))
+}
+
+/// Signs a CSR: the certificate carries the CSR's subject and names, checked like an
+/// identity given to `issue`.
+pub fn sign(
+    dir: &Path,
+    csr: &Path,
+    ttl: Duration,
+    out: Option<PathBuf>,
+    force: bool,
+) -> anyhow::Result<(PathBuf, String)> {
+    let pem =
+        std::fs::read_to_string(csr).with_context(|| format!("cannot read {}", csr.display()))?;
+    let mut req = CertificateSigningRequestParams::from_pem(&pem).with_context(|| {
+        format!(
+            "{} is not a valid certificate signing request",
+            csr.display()
+        )
+    })?;
+    let identity = req
+        .params
+        .subject_alt_names
+        .iter()
+        .find_map(|s| match s {
+            SanType::Rfc822Name(e) => Some(e.as_str().to_owned()),
+            _ => None,
+        })
+        .or_else(|| {
+            req.params.subject_alt_names.iter().find_map(|s| match s {
+                SanType::URI(u) => Some(u.as_str().to_owned()),
+                _ => None,
+            })
+        })
+        .or_else(|| {
+            req.params
+                .distinguished_name
+                .get(&DnType::CommonName)
+                .map(dn_value)
+        })
+        .context("the request names no identity (SAN email, SAN URI or CN)")?;
+    for s in &req.params.subject_alt_names {
+        if let SanType::URI(u) = s {
+            if is_node_uri(u.as_str()) {
+                bail!(
+                    "the request asks for a node identity ({}); use `ztpctl pki node`",
+                    u.as_str()
+                );
+            }
+        }
+    }
+    let path = out.unwrap_or_else(|| dir.join(format!("{}.pem", default_name(&identity))));
+    refuse_existing(&[&path], force)?;
+    let (ca_pem, ca_key) = load_ca(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)
+        .context("ca.pem is not a usable CA certificate")?;
+    // The CA decides usage, validity and serial; the request only names the subject.
+    req.params.is_ca = IsCa::NoCa;
+    client_usage(&mut req.params);
+    validity(&mut req.params, ttl);
+    random_serial(&mut req.params)?;
+    let cert = req.signed_by(&issuer)?;
+    write_file(&path, cert.pem().as_bytes(), false, force)?;
+    Ok((path, identity))
+}
+
+fn dn_value(v: &rcgen::DnValue) -> String {
+    match v {
+        rcgen::DnValue::Utf8String(s) => s.clone(),
+        rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
+        rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
+        rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
+        rcgen::DnValue::BmpString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        rcgen::DnValue::UniversalString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Issues a node certificate: DIR/node-ID.pem, DIR/node-ID.key.
+pub fn node(
+    dir: &Path,
+    id: &str,
+    trust_domain: &str,
+    ttl: Duration,
+    force: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let uri = format!("spiffe://{trust_domain}/node/{id}");
+    if ztp_proto::names::node_id(&uri, trust_domain) != Some(id) {
+        bail!("{id:?} is not a node ID (letters, digits, '-', '_', '.')");
+    }
+    let (cert_path, key_path) = (
+        dir.join(format!("node-{id}.pem")),
+        dir.join(format!("node-{id}.key")),
+    );
+    refuse_existing(&[&cert_path, &key_path], force)?;
+    let (ca_pem, ca_key) = load_ca(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)
+        .context("ca.pem is not a usable CA certificate")?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("node {id}"));
+    p.distinguished_name = dn;
+    p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+    client_usage(&mut p);
+    validity(&mut p, ttl);
+    random_serial(&mut p)?;
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    write_file(&cert_path, cert.pem().as_bytes(), false, force)?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true, force)?;
+    Ok((cert_path, key_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names() {
+        assert_eq!(default_name("alice@example.com"), "alice");
+        assert_eq!(default_name("spiffe://example.org/ns/web"), "web");
+        assert_eq!(default_name("Carol Smith"), "Carol_Smith");
+        assert_eq!(default_name("../etc/passwd@x"), "client.._etc_passwd");
+    }
+}
