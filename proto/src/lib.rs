@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod duration;
+pub mod framing;
 mod model;
 pub mod names;
 mod validate;
