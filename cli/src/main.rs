@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod admin;
 mod client;
+mod connect;
 mod pki;
 mod settings;
 mod table;
@@ -72,6 +73,8 @@ enum Command {
     /// Admin tokens.
     #[command(subcommand)]
     Token(admin::TokenCmd),
+    /// Reach a service through the gateway: stdin/stdout, a local TCP or UDP port.
+    Connect(connect::ConnectArgs),
     /// Certificates: a CA, the server's, users', nodes'.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
@@ -114,6 +117,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return pki::run(c);
     }
     let settings = settings::resolve(cli.global.server, cli.global.token, cli.global.api_ca)?;
+    if let Command::Connect(args) = cli.command {
+        return connect::run(args, &settings).await;
+    }
     let client = client::Client::new(&settings.server, settings.token, settings.api_ca.as_deref())?;
     let out = cli.global.output;
     match cli.command {
@@ -124,6 +130,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(c) => admin::snapshot(&client, c, out).await,
         Command::Import { file } => admin::import(&client, &file, out).await,
         Command::Token(c) => admin::token(&client, c, out).await,
-        Command::Pki(_) => unreachable!("handled above"),
+        Command::Pki(_) | Command::Connect(_) => unreachable!("handled above"),
     }
 }

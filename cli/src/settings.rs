@@ -1,6 +1,8 @@
 //! Where the control plane is and the admin token: flags, then `ZTP_SERVER`,
 //! `ZTP_TOKEN`, `ZTP_API_CA`, then `~/.config/ztp/config.toml`, then the default server
-//! `http://127.0.0.1:9780`.
+//! `http://127.0.0.1:9780`. For `connect`, the same for the gateway and the user's
+//! files: `ZTP_VIA`, `ZTP_CERT`, `ZTP_KEY`, `ZTP_CA` and the keys `via`, `cert`,
+//! `key`, `ca`.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,11 @@ pub struct Settings {
     pub server: String,
     pub token: Option<String>,
     pub api_ca: Option<PathBuf>,
+    /// `connect`: the gateway, your certificate, key, and the gateway's CA.
+    pub via: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
 }
 
 /// The config file's keys: `server`, `token`, `api_ca`, each `key = "value"`.
@@ -21,6 +28,10 @@ struct FileSettings {
     server: Option<String>,
     token: Option<String>,
     api_ca: Option<String>,
+    via: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    ca: Option<String>,
 }
 
 fn parse_file(path: &Path, text: &str) -> anyhow::Result<FileSettings> {
@@ -42,8 +53,12 @@ fn parse_file(path: &Path, text: &str) -> anyhow::Result<FileSettings> {
             "server" => f.server = Some(v),
             "token" => f.token = Some(v),
             "api_ca" => f.api_ca = Some(v),
+            "via" => f.via = Some(v),
+            "cert" => f.cert = Some(v),
+            "key" => f.key = Some(v),
+            "ca" => f.ca = Some(v),
             other => bail!(
-                "{}:{}: unknown key {other:?} (known: server, token, api_ca)",
+                "{}:{}: unknown key {other:?} (known: server, token, api_ca, via, cert, key, ca)",
                 path.display(),
                 n + 1
             ),
@@ -82,6 +97,16 @@ pub fn resolve(
         api_ca: api_ca
             .or_else(|| env("ZTP_API_CA").map(PathBuf::from))
             .or(file.api_ca.map(PathBuf::from)),
+        via: env("ZTP_VIA").or(file.via),
+        cert: env("ZTP_CERT")
+            .map(PathBuf::from)
+            .or(file.cert.map(PathBuf::from)),
+        key: env("ZTP_KEY")
+            .map(PathBuf::from)
+            .or(file.key.map(PathBuf::from)),
+        ca: env("ZTP_CA")
+            .map(PathBuf::from)
+            .or(file.ca.map(PathBuf::from)),
     })
 }
 

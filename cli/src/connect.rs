@@ -1,0 +1,373 @@
+//! `ztpctl connect SERVICE --via HOST:9743`: the client side of the ZTP wire protocol.
+//!
+//! Three ways to carry a local program's bytes to a service:
+//! - standard input and output (for `ssh -o ProxyCommand='ztpctl connect %h --via …'`);
+//! - `--listen 127.0.0.1:PORT`: a local TCP port, one mTLS connection per accepted one;
+//! - `--udp-listen 127.0.0.1:PORT`: a local UDP port carried over framed datagrams (ALPN
+//!   `ztp-dgram`), one session per local peer, closed when idle.
+//!
+//! A refusal from the gateway (a TLS alert, or a `ZTP-ERROR` line) becomes one clear
+//! message and a non-zero exit (stdio mode) or a logged line (listening modes).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use ztp_proto::framing::{encode, Decoder, MAX_FRAME};
+
+const DGRAM_ALPN: &[u8] = b"ztp-dgram";
+/// Local UDP peers served at once.
+const MAX_UDP_SESSIONS: usize = 1024;
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The service (its SNI name), e.g. ssh.svc.internal.
+    pub service: String,
+    /// The gateway, HOST:PORT (env ZTP_VIA, or `via` in the config file).
+    #[arg(long)]
+    pub via: Option<String>,
+    /// Your certificate (PEM; env ZTP_CERT, or `cert` in the config file).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Your key (PEM; env ZTP_KEY, or `key`).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The CA that signed the gateway's certificate (PEM; env ZTP_CA, or `ca`).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Serve a local TCP port instead of standard input and output.
+    #[arg(long, value_name = "ADDR", conflicts_with = "udp_listen")]
+    pub listen: Option<SocketAddr>,
+    /// Serve a local UDP port, carried as framed datagrams.
+    #[arg(long, value_name = "ADDR")]
+    pub udp_listen: Option<SocketAddr>,
+    /// A UDP session with nothing moving for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = ztp_proto::parse_duration)]
+    pub udp_idle: Duration,
+}
+
+/// Why the gateway refused, in words.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("the gateway refused the connection: {0}")]
+    Line(String),
+    #[error("the gateway refused the handshake: {0}")]
+    Alert(String),
+}
+
+struct Client {
+    tls: TlsConnector,
+    via: String,
+    server_name: ServerName<'static>,
+}
+
+fn read_certs(p: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(p)
+        .and_then(|it| it.collect())
+        .with_context(|| format!("cannot read {}", p.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no certificate found", p.display());
+    }
+    Ok(certs)
+}
+
+impl Client {
+    fn new(
+        args: &ConnectArgs,
+        s: &crate::settings::Settings,
+        alpn: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
+        let need = |v: Option<PathBuf>, flag: &str, env: &str| {
+            v.with_context(|| {
+                format!(
+                    "{flag} FILE is required (or {env}, or `{}` in the config file)",
+                    &flag[2..]
+                )
+            })
+        };
+        let cert = need(args.cert.clone().or(s.cert.clone()), "--cert", "ZTP_CERT")?;
+        let key = need(args.key.clone().or(s.key.clone()), "--key", "ZTP_KEY")?;
+        let ca = need(args.ca.clone().or(s.ca.clone()), "--ca", "ZTP_CA")?;
+        let via = args
+            .via
+            .clone()
+            .or(s.via.clone())
+            .context("--via HOST:PORT is required (or ZTP_VIA, or `via` in the config file)")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in read_certs(&ca)? {
+            roots
+                .add(c)
+                .with_context(|| format!("{}: bad CA certificate", ca.display()))?;
+        }
+        let key = PrivateKeyDer::from_pem_file(&key)
+            .with_context(|| format!("cannot read {}", key.display()))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(read_certs(&cert)?, key)
+        .context("the certificate and key do not fit together")?;
+        if let Some(a) = alpn {
+            config.alpn_protocols = vec![a.to_vec()];
+        }
+        let server_name = ServerName::try_from(args.service.clone())
+            .with_context(|| format!("{:?} is not a service name", args.service))?;
+        Ok(Client {
+            tls: TlsConnector::from(Arc::new(config)),
+            via,
+            server_name,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(&self.via)
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.via))?;
+        let _ = tcp.set_nodelay(true);
+        self.tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                explain(&e).unwrap_or_else(|| anyhow::anyhow!("TLS with the gateway failed: {e}"))
+            })
+    }
+}
+
+/// A TLS alert from the gateway, in words.
+fn explain(e: &std::io::Error) -> Option<anyhow::Error> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match inner {
+        rustls::Error::AlertReceived(a) => {
+            let what = match a {
+                rustls::AlertDescription::UnrecognisedName => "unknown service".to_owned(),
+                rustls::AlertDescription::CertificateExpired => "certificate expired".to_owned(),
+                rustls::AlertDescription::CertificateRevoked => "certificate revoked".to_owned(),
+                rustls::AlertDescription::UnknownCA => {
+                    "certificate not issued by the gateway's CA".to_owned()
+                }
+                rustls::AlertDescription::CertificateRequired => "no certificate".to_owned(),
+                other => format!("{other:?}"),
+            };
+            Some(Refused::Alert(what).into())
+        }
+        other => Some(anyhow::anyhow!("TLS with the gateway failed: {other}")),
+    }
+}
+
+/// Reads the gateway's first bytes; a `ZTP-ERROR` line is a refusal. Returns the bytes
+/// read otherwise (to be passed on).
+async fn first_bytes<R: AsyncRead + Unpin>(tls: &mut R) -> anyhow::Result<Vec<u8>> {
+    const PREFIX: &[u8] = b"ZTP-ERROR ";
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = match tls.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(e) => return Err(explain(&e).unwrap_or_else(|| e.into())),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let n_cmp = buf.len().min(PREFIX.len());
+        if n == 0 || buf[..n_cmp] != PREFIX[..n_cmp] {
+            return Ok(buf);
+        }
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[PREFIX.len()..end])
+                .trim()
+                .to_owned();
+            return Err(Refused::Line(line).into());
+        }
+        if buf.len() > 128 {
+            return Ok(buf);
+        }
+    }
+}
+
+pub async fn run(args: ConnectArgs, settings: &crate::settings::Settings) -> anyhow::Result<()> {
+    if let Some(addr) = args.udp_listen {
+        let client = Arc::new(Client::new(&args, settings, Some(DGRAM_ALPN))?);
+        return udp(client, addr, args.udp_idle).await;
+    }
+    let client = Arc::new(Client::new(&args, settings, None)?);
+    match args.listen {
+        Some(addr) => tcp(client, addr).await,
+        None => stdio(&client).await,
+    }
+}
+
+/// Copies `local` and the gateway both ways, after the refusal check.
+async fn carry<L: AsyncRead + AsyncWrite + Unpin>(
+    client: &Client,
+    local: &mut L,
+) -> anyhow::Result<()> {
+    let mut tls = client.connect().await?;
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let (mut tr, mut tw) = tokio::io::split(&mut tls);
+    let up = async {
+        let r = tokio::io::copy(&mut lr, &mut tw).await;
+        let _ = tw.shutdown().await;
+        r
+    };
+    let down = async {
+        // Read (and check) the gateway's first bytes before anything reaches the
+        // program: a refusal must not look like data.
+        let first = first_bytes(&mut tr).await?;
+        lw.write_all(&first).await?;
+        if !first.is_empty() {
+            tokio::io::copy(&mut tr, &mut lw).await?;
+        }
+        lw.shutdown().await.ok();
+        Ok::<_, anyhow::Error>(())
+    };
+    let (up, down) = tokio::join!(up, down);
+    down?;
+    up.map(|_| ()).or_else(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(e.into())
+        }
+    })
+}
+
+/// Standard input and output: for ssh's ProxyCommand and pipes.
+async fn stdio(client: &Client) -> anyhow::Result<()> {
+    let mut local = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    carry(client, &mut local).await
+}
+
+/// A local TCP port.
+async fn tcp(client: Arc<Client>, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    eprintln!(
+        "ztpctl: {} -> {} via {}",
+        listener.local_addr()?,
+        server_label(&client),
+        client.via
+    );
+    loop {
+        let (mut local, peer) = listener.accept().await?;
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = carry(&client, &mut local).await {
+                eprintln!("ztpctl: {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+fn server_label(c: &Client) -> String {
+    match &c.server_name {
+        ServerName::DnsName(d) => d.as_ref().to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A local UDP port: one framed session per local peer.
+async fn udp(client: Arc<Client>, addr: SocketAddr, idle: Duration) -> anyhow::Result<()> {
+    let sock = Arc::new(
+        UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on udp {addr}"))?,
+    );
+    eprintln!(
+        "ztpctl: udp {} -> {} via {}",
+        sock.local_addr()?,
+        server_label(&client),
+        client.via
+    );
+    let mut sessions: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = sock.recv_from(&mut buf).await?;
+        if n > MAX_FRAME {
+            eprintln!("ztpctl: {peer}: datagram of {n} bytes is larger than a frame; dropped");
+            continue;
+        }
+        sessions.retain(|_, tx| !tx.is_closed());
+        let tx = match sessions.get(&peer) {
+            Some(tx) => tx.clone(),
+            None => {
+                if sessions.len() >= MAX_UDP_SESSIONS {
+                    eprintln!("ztpctl: {peer}: too many UDP sessions; datagram dropped");
+                    continue;
+                }
+                let (tx, rx) = mpsc::channel(256);
+                let (client, sock) = (client.clone(), sock.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = udp_session(&client, &sock, peer, rx, idle).await {
+                        eprintln!("ztpctl: udp {peer}: {e:#}");
+                    }
+                });
+                sessions.insert(peer, tx.clone());
+                tx
+            }
+        };
+        // A full queue drops the datagram, as a network would.
+        let _ = tx.try_send(buf[..n].to_vec());
+    }
+}
+
+async fn udp_session(
+    client: &Client,
+    sock: &UdpSocket,
+    peer: SocketAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    idle: Duration,
+) -> anyhow::Result<()> {
+    let mut tls = client.connect().await?;
+    if tls.get_ref().1.alpn_protocol() != Some(DGRAM_ALPN) {
+        bail!("the gateway did not accept framed datagrams for this service (is it a udp or quic service?)");
+    }
+    let mut dec = Decoder::default();
+    let mut rbuf = vec![0u8; 16 * 1024];
+    let mut out = Vec::with_capacity(MAX_FRAME + 2);
+    loop {
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { break };
+                encode(&d, &mut out);
+                tls.write_all(&out).await?;
+                tls.flush().await?;
+            }
+            r = tls.read(&mut rbuf) => {
+                let n = r.map_err(|e| explain(&e).unwrap_or_else(|| e.into()))?;
+                if n == 0 {
+                    break;
+                }
+                dec.push(&rbuf[..n]);
+                loop {
+                    match dec.frame() {
+                        Ok(Some(f)) => {
+                            sock.send_to(f, peer).await?;
+                            dec.consume_frame();
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            // Not a frame: the gateway's refusal line.
+                            let text = String::from_utf8_lossy(&rbuf[..n]);
+                            let line = text.trim().trim_start_matches("ZTP-ERROR ").to_owned();
+                            return Err(Refused::Line(line).into());
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
+    let _ = tls.shutdown().await;
+    Ok(())
+}
