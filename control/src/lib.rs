@@ -12,4 +12,5 @@
 pub mod api;
 pub mod grpc;
 pub mod nodes;
+pub mod server;
 pub mod store;

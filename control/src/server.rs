@@ -1,0 +1,181 @@
+//! The control plane as a library: open the store, then serve the REST API and the gRPC
+//! config stream until shutdown. `ztp-control` and `ztpctl up` both run it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::grpc;
+use crate::store::{Actor, Store};
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    /// Certificate and key to serve the API over HTTPS.
+    pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// The config stream; `None` leaves it off.
+    pub grpc: Option<GrpcOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcOptions {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub node_ca: PathBuf,
+    pub trust_domain: String,
+}
+
+/// Opens (or creates) the store in `dir`, with private file modes; on first start writes
+/// the admin token to `dir/admin-token`.
+pub async fn open_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let store = Store::open(dir)?;
+    restrict_modes(dir).with_context(|| format!("cannot set modes under {}", dir.display()))?;
+    let store = Arc::new(store);
+    bootstrap_token(&store, dir).await?;
+    tracing::info!(
+        path = %dir.display(),
+        config.version = store.version()?,
+        "store open"
+    );
+    Ok(store)
+}
+
+/// Serves the API (and the config stream) until `shutdown` completes.
+pub async fn serve(
+    store: Arc<Store>,
+    opts: &Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let nodes = Arc::new(crate::nodes::Nodes::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let grpc_task = match &opts.grpc {
+        Some(g) => {
+            let config = grpc::server_config(&g.cert, &g.key, &g.node_ca, &g.trust_domain)?;
+            let listener = bind_dual_stack(g.listen)
+                .with_context(|| format!("cannot listen for gRPC on {}", g.listen))?;
+            tracing::info!(addr = %listener.local_addr()?, "grpc listening");
+            let server = grpc::ConfigServer::new(store.clone(), nodes.clone());
+            Some(tokio::spawn(grpc::serve(
+                listener,
+                config,
+                g.trust_domain.clone(),
+                server,
+                stopped(),
+            )))
+        }
+        None => {
+            tracing::warn!(
+                "the config stream to data planes is off (no gRPC certificate and node CA)"
+            );
+            None
+        }
+    };
+
+    let state = AppState::with_nodes(store, nodes);
+    let app = api::router(state).into_make_service_with_connect_info::<api::auth::ClientAddr>();
+    let tcp = tokio::net::TcpListener::bind(opts.api_listen)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", opts.api_listen))?;
+    let addr = tcp.local_addr()?;
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    match &opts.api_tls {
+        Some((cert, key)) => {
+            let config = api::https::server_config(cert, key)?;
+            let listener = api::https::HttpsListener::new(tcp, config)?;
+            tracing::info!(%addr, scheme = "https", "api listening");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+        None => {
+            tracing::info!(%addr, scheme = "http", "api listening");
+            axum::serve(tcp, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+    }
+    if let Some(t) = grpc_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
+    Ok(())
+}
+
+/// On first start (no token in the store), creates the admin token and writes it to
+/// `DIR/admin-token` (0600) for the operator; the store keeps only its hash.
+async fn bootstrap_token(store: &Store, dir: &Path) -> anyhow::Result<()> {
+    if store.token_count() > 0 {
+        return Ok(());
+    }
+    let path = dir.join("admin-token");
+    let token = store.create_token("admin", &Actor::system()).await?;
+    write_private(&path, format!("{}\n", token.token).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "admin token written");
+    Ok(())
+}
+
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Store files 0600 and folders 0700, whatever made them.
+fn restrict_modes(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir)?;
+    let mode = if meta.is_dir() { 0o700 } else { 0o600 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            restrict_modes(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds a listener; an IPv6 wildcard is dual-stack, falling back to IPv4 where IPv6 is
+/// off.
+fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let bind = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let sock = if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()?
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(1024)
+    };
+    match bind(addr) {
+        Err(_) if addr.is_ipv6() && addr.ip().is_unspecified() => bind(SocketAddr::from((
+            std::net::Ipv4Addr::UNSPECIFIED,
+            addr.port(),
+        ))),
+        other => other,
+    }
+}
