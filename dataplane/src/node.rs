@@ -1,0 +1,211 @@
+//! A data-plane node as a library: load, bind, subscribe, serve until shutdown.
+//! `ztp-dataplane` and `ztpctl up` both run it.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use crate::admin::{self, Readiness};
+use crate::config::{Config, Source};
+use crate::conn::ConnContext;
+use crate::handler::{HandlerLimits, Registry};
+use crate::preauth::ConnectionCap;
+use crate::snapshot::grpc::Subscriber;
+use crate::snapshot::{file, Policy, Publisher};
+use crate::{listener, shutdown, tls};
+
+/// sysexits EX_USAGE: invalid command line or configuration.
+pub const EX_USAGE: u8 = 64;
+
+/// Why a node could not start: an exit code and the lines to print.
+#[derive(Debug)]
+pub struct StartError {
+    pub code: u8,
+    pub lines: Vec<String>,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.lines.join("; "))
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Runs a node until `stop` completes, then drains.
+pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), StartError> {
+    let provider = tls::provider();
+    // The process-wide default, for any rustls user that does not name one.
+    let _ = provider.as_ref().clone().install_default();
+
+    let ready = Arc::new(Readiness::default());
+    let started = start(&config, provider, ready.clone())
+        .await
+        .map_err(|(code, lines)| StartError { code, lines })?;
+    let Started {
+        listener,
+        admin,
+        ctx,
+        publisher,
+        provider,
+        subscriber,
+    } = started;
+    let snapshot_path = match &config.source {
+        Source::File(p) => Some(p.clone()),
+        Source::Control(_) => None,
+    };
+    tokio::spawn(reload_on_sighup(
+        snapshot_path,
+        config.tls.clone(),
+        provider,
+        ctx.registry.clone(),
+        publisher,
+    ));
+    match subscriber {
+        Some(sub) => {
+            tokio::spawn(sub.run());
+        }
+        // A file snapshot is held from the start.
+        None => ready.set(true),
+    }
+
+    let (trigger, stopped) = shutdown::channel();
+    let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), stopped.wait()));
+
+    let cap = ConnectionCap::new(config.max_connections as usize);
+    let signal = async {
+        stop.await;
+        tracing::info!("stopping: no new connections");
+        ready.set(false);
+        trigger.fire();
+    };
+    let left = crate::serve(listener, ctx, cap, signal, config.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain timeout: closing live connections"
+        );
+    }
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct Started {
+    listener: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    ctx: Arc<ConnContext>,
+    publisher: Arc<Mutex<Publisher>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    subscriber: Option<Subscriber>,
+}
+
+/// SIGHUP: reload the snapshot file (when serving one) and the certificate, key and CA
+/// files. A valid set is swapped in atomically; an invalid one is logged and the running
+/// one kept.
+async fn reload_on_sighup(
+    path: Option<std::path::PathBuf>,
+    files: tls::TlsFiles,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    registry: Registry,
+    publisher: Arc<Mutex<Publisher>>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP; reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let mut publisher = publisher.lock().unwrap_or_else(|p| p.into_inner());
+        match file::reload(
+            path.as_deref(),
+            &files,
+            &provider,
+            &registry,
+            &mut publisher,
+        ) {
+            Ok((before, after)) => {
+                if path.is_some() && after <= before {
+                    tracing::warn!(
+                        snapshot.version = after,
+                        previous = before,
+                        "reloaded snapshot does not move the version forward; applied anyway"
+                    );
+                }
+                tracing::info!(snapshot.version = after, "reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "reload refused; keeping the running config"),
+        }
+    }
+}
+
+/// Loads everything and binds the sockets; any failure is reported before serving.
+async fn start(
+    config: &Config,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    ready: Arc<Readiness>,
+) -> Result<Started, (u8, Vec<String>)> {
+    let usage = |lines: Vec<String>| (EX_USAGE, lines);
+    let material =
+        tls::TlsMaterial::load(&config.tls, &provider).map_err(|e| usage(vec![e.to_string()]))?;
+    let registry = Registry::builtin();
+    let policy = match &config.source {
+        Source::File(path) => {
+            let snap = file::load(path).map_err(|e| usage(e.lines()))?;
+            let policy =
+                Policy::compile(&snap, &registry).map_err(|e| usage(vec![e.to_string()]))?;
+            tracing::info!(
+                snapshot.version = snap.version,
+                services = policy.routes.len(),
+                users = snap.users.len(),
+                path = %path.display(),
+                "snapshot loaded"
+            );
+            policy
+        }
+        Source::Control(_) => Policy::empty(),
+    };
+    let (publisher, state) = Publisher::new(policy, material, provider.clone())
+        .map_err(|e| usage(vec![e.to_string()]))?;
+    let publisher = Arc::new(Mutex::new(publisher));
+    let subscriber = match &config.source {
+        Source::Control(source) => {
+            let sub = Subscriber::new(source.clone(), publisher.clone(), registry.clone(), ready)
+                .map_err(|e| usage(vec![e.to_string()]))?;
+            tracing::info!(node.id = sub.node_id(), control = %source.url, "waiting for the first snapshot");
+            Some(sub)
+        }
+        Source::File(_) => None,
+    };
+
+    let bind_err = |what: &str, addr, e: std::io::Error| {
+        (1, vec![format!("cannot listen for {what} on {addr}: {e}")])
+    };
+    let listener =
+        listener::bind(config.listen).map_err(|e| bind_err("clients", config.listen, e))?;
+    let admin = listener::bind(config.admin_listen)
+        .map_err(|e| bind_err("admin", config.admin_listen, e))?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
+    if let Ok(addr) = admin.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    let ctx = Arc::new(ConnContext {
+        state,
+        handshake_timeout: config.handshake_timeout,
+        handler: HandlerLimits {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            udp_timeout: config.udp_timeout,
+        },
+        registry,
+    });
+    Ok(Started {
+        listener,
+        admin,
+        ctx,
+        publisher,
+        provider,
+        subscriber,
+    })
+}
