@@ -13,6 +13,7 @@ mod connect;
 mod pki;
 mod settings;
 mod table;
+mod up;
 
 /// Operate a ZTP gateway: services, users, groups, nodes, tokens.
 #[derive(Debug, Parser)]
@@ -75,6 +76,8 @@ enum Command {
     Token(admin::TokenCmd),
     /// Reach a service through the gateway: stdin/stdout, a local TCP or UDP port.
     Connect(connect::ConnectArgs),
+    /// Start a whole gateway on this machine: control plane, data plane, PKI, demo.
+    Up(up::UpArgs),
     /// Certificates: a CA, the server's, users', nodes'.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
@@ -112,9 +115,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// `up` logs warnings and errors of the planes it runs (RUST_LOG for more).
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Pki(c) = cli.command {
         return pki::run(c);
+    }
+    if let Command::Up(args) = cli.command {
+        init_tracing();
+        return up::run(args).await;
     }
     let settings = settings::resolve(cli.global.server, cli.global.token, cli.global.api_ca)?;
     if let Command::Connect(args) = cli.command {
@@ -130,6 +147,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(c) => admin::snapshot(&client, c, out).await,
         Command::Import { file } => admin::import(&client, &file, out).await,
         Command::Token(c) => admin::token(&client, c, out).await,
-        Command::Pki(_) | Command::Connect(_) => unreachable!("handled above"),
+        Command::Pki(_) | Command::Connect(_) | Command::Up(_) => unreachable!("handled above"),
     }
 }

@@ -269,14 +269,22 @@ pub struct ConfigServer {
     store: Arc<Store>,
     nodes: Arc<Nodes>,
     cache: Arc<Cache>,
+    /// Ends every subscription when the server stops, so that shutdown need not wait
+    /// for streams that would otherwise never end.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ConfigServer {
-    pub fn new(store: Arc<Store>, nodes: Arc<Nodes>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        nodes: Arc<Nodes>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         ConfigServer {
             store,
             nodes,
             cache: Arc::default(),
+            stop,
         }
     }
 
@@ -330,6 +338,7 @@ impl ConfigService for ConfigServer {
         let (store, cache) = (self.store.clone(), self.cache.clone());
         let mut versions = store.watch_version();
         let mut sent = (hello.last_version > 0).then_some(hello.last_version);
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
                 let version = *versions.borrow_and_update();
@@ -349,6 +358,7 @@ impl ConfigService for ConfigServer {
                 tokio::select! {
                     r = versions.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => return,
                 }
             }
         });

@@ -56,8 +56,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let nodes = Arc::new(crate::nodes::Nodes::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx2 = stop_rx.clone();
     let stopped = move || {
-        let mut rx = stop_rx.clone();
+        let mut rx = stop_rx2.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
@@ -68,7 +69,7 @@ pub async fn serve(
             let listener = bind_dual_stack(g.listen)
                 .with_context(|| format!("cannot listen for gRPC on {}", g.listen))?;
             tracing::info!(addr = %listener.local_addr()?, "grpc listening");
-            let server = grpc::ConfigServer::new(store.clone(), nodes.clone());
+            let server = grpc::ConfigServer::new(store.clone(), nodes.clone(), stop_rx.clone());
             Some(tokio::spawn(grpc::serve(
                 listener,
                 config,
