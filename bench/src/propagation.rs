@@ -38,7 +38,12 @@ fn opts() -> Opts {
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
-            "--replicas" => o.replicas = v.split(',').map(|n| n.parse().expect("--replicas 1,2,8")).collect(),
+            "--replicas" => {
+                o.replicas = v
+                    .split(',')
+                    .map(|n| n.parse().expect("--replicas 1,2,8"))
+                    .collect()
+            }
             "--services" => o.services = v.parse().expect("--services N"),
             "--users" => o.users = v.parse().expect("--users N"),
             "--writes" => o.writes = v.parse().expect("--writes N"),
@@ -62,16 +67,30 @@ impl Drop for Proc {
 fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let p = exe.parent().expect("bin dir").join(name);
-    assert!(p.is_file(), "{} missing: run `cargo build --release --workspace --bins`", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run `cargo build --release --workspace --bins`",
+        p.display()
+    );
     p
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One HTTP/1.1 request; returns status, ETag and body.
-fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, Option<String>, Vec<u8>) {
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &[u8],
+) -> (u16, Option<String>, Vec<u8>) {
     let mut s = TcpStream::connect(addr).expect("connect to the API");
     s.set_nodelay(true).ok();
     let head = format!(
@@ -82,7 +101,10 @@ fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &[u8]) ->
     s.write_all(body).unwrap();
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).unwrap();
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response");
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response");
     let head = String::from_utf8_lossy(&resp[..split]).to_string();
     let status = head[9..12].parse().unwrap();
     let etag = head
@@ -118,13 +140,20 @@ fn applied(api: SocketAddr, token: &str) -> Vec<u64> {
 fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr) -> Proc {
     let child = Command::new(bin("ztp-dataplane"))
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .arg("--cert").arg(dir.join("server.pem"))
-        .arg("--key").arg(dir.join("server.key"))
-        .arg("--client-ca").arg(ca)
-        .arg("--control").arg(format!("https://localhost:{}", grpc.port()))
-        .arg("--node-cert").arg(dir.join(format!("{id}.pem")))
-        .arg("--node-key").arg(dir.join(format!("{id}.key")))
-        .arg("--control-ca").arg(ca)
+        .arg("--cert")
+        .arg(dir.join("server.pem"))
+        .arg("--key")
+        .arg(dir.join("server.key"))
+        .arg("--client-ca")
+        .arg(ca)
+        .arg("--control")
+        .arg(format!("https://localhost:{}", grpc.port()))
+        .arg("--node-cert")
+        .arg(dir.join(format!("{id}.pem")))
+        .arg("--node-key")
+        .arg(dir.join(format!("{id}.key")))
+        .arg("--control-ca")
+        .arg(ca)
         .args(["--threads", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -158,20 +187,31 @@ fn main() {
     let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
     let _control = Proc(
         Command::new(bin("ztp-control"))
-            .arg("--data-dir").arg(dir.join("data"))
-            .arg("--api-listen").arg(api.to_string())
-            .arg("--grpc-listen").arg(grpc.to_string())
-            .arg("--grpc-cert").arg(dir.join("server.pem"))
-            .arg("--grpc-key").arg(dir.join("server.key"))
-            .arg("--node-ca").arg(&ca)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--api-listen")
+            .arg(api.to_string())
+            .arg("--grpc-listen")
+            .arg(grpc.to_string())
+            .arg("--grpc-cert")
+            .arg(dir.join("server.pem"))
+            .arg("--grpc-key")
+            .arg(dir.join("server.key"))
+            .arg("--node-ca")
+            .arg(&ca)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start ztp-control"),
     );
     let token_path = dir.join("data").join("admin-token");
-    wait_until("the admin token", Duration::from_secs(20), || token_path.exists() && TcpStream::connect(api).is_ok());
-    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_owned();
+    wait_until("the admin token", Duration::from_secs(20), || {
+        token_path.exists() && TcpStream::connect(api).is_ok()
+    });
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap()
+        .trim()
+        .to_owned();
 
     // The configuration: SERVICES services over 10 groups, USERS users.
     let t = Instant::now();
@@ -182,10 +222,14 @@ fn main() {
     }
     let mut users = Vec::with_capacity(o.users);
     for i in 0..o.users {
-        users.push(serde_json::json!({"name": format!("u{i}"), "identities": [format!("u{i}@example.com")],
-            "groups": [format!("g{}", i % 10)]}));
+        users.push(
+            serde_json::json!({"name": format!("u{i}"), "identities": [format!("u{i}@example.com")],
+            "groups": [format!("g{}", i % 10)]}),
+        );
     }
-    let groups: Vec<Value> = (0..10).map(|i| serde_json::json!({"name": format!("g{i}")})).collect();
+    let groups: Vec<Value> = (0..10)
+        .map(|i| serde_json::json!({"name": format!("g{i}")}))
+        .collect();
     let snap = serde_json::json!({"version": 1, "services": services, "users": users, "groups": groups, "revoked": []});
     let body = serde_json::to_vec(&snap).unwrap();
     let (status, _, resp) = http(api, "POST", "/v1/import", &token, &body);
