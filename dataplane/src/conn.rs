@@ -24,6 +24,7 @@ use crate::authz;
 use crate::handler::{ClientStream, HandlerLimits, Registry, Session, DGRAM_ALPN};
 use crate::identity;
 use crate::protocol::{self, Detected};
+use crate::reauth;
 use crate::refusal::{self, Refusal};
 use crate::snapshot::Active;
 use crate::tls::{self, HandshakeError, HelloAlert};
@@ -47,23 +48,22 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ConnContext>) {
 async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
     // TLS: the ClientHello decides the service before anything is signed.
     let handshake = tokio::time::timeout(ctx.handshake_timeout, gate(tcp, ctx, rec)).await;
-    let mut client = match handshake {
-        Ok(Some(client)) => client,
+    let (mut client, hello_state) = match handshake {
+        Ok(Some(c)) => c,
         Ok(None) => return,
         Err(_) => return rec.deny(HandshakeError::Timeout.reason()),
     };
 
     // Everything after the handshake is decided on the newest snapshot.
+    // A resumed session's chain was verified when it was first made, and a full
+    // handshake's against the state of its ClientHello: verify again if either is not
+    // the newest.
     let active = ctx.state.borrow().clone();
-    if let Err(e) = tls::recheck_resumed(&client, &active.tls.verifier) {
-        tracing::debug!(error = %e, "resumed session refused");
-        return refuse(
-            &mut client,
-            rec,
-            Refusal::Forbidden,
-            "resumed certificate refused",
-        )
-        .await;
+    let stale = !Arc::ptr_eq(&active, &hello_state);
+    if let Err(e) = tls::recheck_chain(&client, &active.tls.verifier, stale) {
+        tracing::debug!(error = %e, "certificate refused on re-check");
+        let reason = "certificate refused on re-check";
+        return refuse(&mut client, rec, Refusal::Forbidden, reason).await;
     }
 
     // Identity.
@@ -91,6 +91,9 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
         return refuse(&mut client, rec, Refusal::Misdirected, "service vanished").await;
     };
     rec.service = Some(route.name.clone());
+    if !route.admits_source(rec.peer.ip()) {
+        return refuse(&mut client, rec, Refusal::Forbidden, "source not allowed").await;
+    }
 
     // Authorization.
     let permit = match authz::authorize(&active.policy.directory, &identity, route) {
@@ -146,6 +149,13 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
             permit: &permit,
             identity: &identity,
             limits: ctx.handler,
+            revoked: reauth::watch(
+                ctx.state.clone(),
+                sni,
+                rec.peer.ip(),
+                identity.clone(),
+                permit.route.clone(),
+            ),
         })
         .await;
     rec.bytes_up = outcome.bytes_up;
@@ -160,7 +170,8 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
 /// Peeks at the client's first bytes, up to [`protocol::PEEK_DEADLINE`]. Returns what
 /// they look like and the bytes read, which the handler must serve first.
 async fn detect(client: &mut ClientStream) -> (Detected, Vec<u8>) {
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small: a connection must not hold a copy buffer for its lifetime because of a peek.
+    let mut buf = vec![0u8; 256];
     let mut len = 0;
     let deadline = Instant::now() + protocol::PEEK_DEADLINE;
     loop {
@@ -192,7 +203,11 @@ async fn detect(client: &mut ClientStream) -> (Detected, Vec<u8>) {
 /// The handshake stage: ClientHello, SNI and route, source ranges, then the handshake
 /// proper with client certificate verification. `None` when refused (already logged in
 /// `rec`).
-async fn gate(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<ClientStream> {
+async fn gate(
+    tcp: TcpStream,
+    ctx: &ConnContext,
+    rec: &mut Record,
+) -> Option<(ClientStream, Arc<Active>)> {
     let start = match tls::read_hello(tcp).await {
         Ok(s) => s,
         Err(e) => {
@@ -233,7 +248,7 @@ async fn gate(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<Cli
         active.tls.stream.clone()
     };
     match tls::complete(start, config).await {
-        Ok(client) => Some(client),
+        Ok(client) => Some((client, active)),
         Err(e) => {
             tracing::debug!(error = %e, "handshake failed");
             rec.tls_error = Some(e.to_string());

@@ -37,6 +37,8 @@ pub enum IdentityError {
     BadSan,
     #[error("certificate names no identity")]
     NoIdentity,
+    #[error("a data-plane node's certificate is not a user's")]
+    NodeCertificate,
 }
 
 /// Extracts the identity from an end-entity certificate's DER.
@@ -62,6 +64,14 @@ fn pick<'a>(cert: &'a X509Certificate<'_>) -> Result<(&'a str, IdentityKind), Id
         .map_err(|_| IdentityError::BadSan)?;
     if let Some(san) = san {
         let names = &san.value.general_names;
+        // A certificate that names a node is never a user's (DESIGN.md "Identities of
+        // machines"), whatever else it carries.
+        if names
+            .iter()
+            .any(|n| matches!(n, GeneralName::URI(u) if ztp_proto::names::is_node_uri(u)))
+        {
+            return Err(IdentityError::NodeCertificate);
+        }
         let email = names.iter().find_map(|n| match n {
             GeneralName::RFC822Name(e) => Some(*e),
             _ => None,

@@ -29,6 +29,7 @@ pub mod listener;
 pub mod node;
 pub mod preauth;
 pub mod protocol;
+pub mod reauth;
 pub mod refusal;
 pub mod routing;
 pub mod shutdown;

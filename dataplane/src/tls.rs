@@ -317,13 +317,17 @@ pub fn peer_chain(tls: &TlsStream<TcpStream>) -> &[CertificateDer<'static>] {
     tls.get_ref().1.peer_certificates().unwrap_or(&[])
 }
 
-/// A resumed session carries the chain verified when it was first established; decide it
-/// afresh against the current CA set, clock and revoked serials.
-pub fn recheck_resumed(
+/// Verifies the client's chain again, against the current CA set, clock and revoked
+/// serials: always for a resumed session (its chain was verified when it was first
+/// established), and for a full handshake when `stale` (the state changed since its
+/// ClientHello).
+pub fn recheck_chain(
     tls: &TlsStream<TcpStream>,
     verifier: &ClientVerifier,
+    stale: bool,
 ) -> Result<(), rustls::Error> {
-    if tls.get_ref().1.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if !resumed && !stale {
         return Ok(());
     }
     let chain = peer_chain(tls);

@@ -24,7 +24,12 @@ pub struct FramedResult {
 
 /// Carries datagrams between the client's frames and a connected UDP socket until
 /// either side closes, an error, or `idle` passes with nothing moving.
-pub async fn relay(client: &mut ClientStream, sock: &UdpSocket, idle: Duration) -> FramedResult {
+pub async fn relay(
+    client: &mut ClientStream,
+    sock: &UdpSocket,
+    idle: Duration,
+    revoked: &mut crate::reauth::Revoked,
+) -> FramedResult {
     let mut res = FramedResult {
         bytes_up: 0,
         bytes_down: 0,
@@ -72,7 +77,13 @@ pub async fn relay(client: &mut ClientStream, sock: &UdpSocket, idle: Duration) 
                     }
                     Ok(n) => {
                         encode(&ubuf[..n], &mut out);
-                        if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
+                        // Bounded: a client that stops reading must not hold the session
+                        // past the idle timeout.
+                        let write = async {
+                            client.write_all(&out).await?;
+                            client.flush().await
+                        };
+                        if !matches!(tokio::time::timeout(idle, write).await, Ok(Ok(()))) {
                             res.end = "connection error";
                             break;
                         }
@@ -83,6 +94,14 @@ pub async fn relay(client: &mut ClientStream, sock: &UdpSocket, idle: Duration) 
                 }
             }
             _ = &mut timer => { res.end = "idle timeout"; break }
+            reason = revoked.as_mut() => {
+                res.end = reason;
+                if res.bytes_up == 0 && res.bytes_down == 0 {
+                    crate::refusal::deliver(client, crate::refusal::Refusal::Forbidden).await;
+                    return res;
+                }
+                break;
+            }
         }
         timer.as_mut().reset(Instant::now() + idle);
     }

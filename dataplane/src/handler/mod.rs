@@ -55,6 +55,9 @@ pub struct Session<'a> {
     pub permit: &'a Permit,
     pub identity: &'a ClientIdentity,
     pub limits: HandlerLimits,
+    /// Completes when the connection is no longer authorized; long-lived handlers race
+    /// it and close the client (403 line if nothing was forwarded, else close_notify).
+    pub revoked: crate::reauth::Revoked,
 }
 
 /// How a handled connection ended.

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::reauth::Revoked;
+
 /// Size of a copy buffer: a full TLS record of plaintext.
 const BUF_SIZE: usize = 16 * 1024;
 /// Buffers kept per thread between uses.
@@ -151,6 +153,8 @@ pub enum SpliceEnd {
     Idle,
     /// An I/O error on either side.
     Error(io::ErrorKind),
+    /// The connection is no longer authorized (see `reauth`).
+    Revoked(&'static str),
 }
 
 /// Bytes moved each way and how it ended.
@@ -163,9 +167,14 @@ pub struct SpliceResult {
     pub end: SpliceEnd,
 }
 
-/// Copies `a` to `b` and `b` to `a` until both directions have ended, an error, or
-/// `idle` passes with no byte moved.
-pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> SpliceResult
+/// Copies `a` to `b` and `b` to `a` until both directions have ended, an error, `idle`
+/// passes with no byte moved, or `revoked` completes.
+pub async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+    revoked: &mut Revoked,
+) -> SpliceResult
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -197,6 +206,9 @@ where
         if progress {
             timer.as_mut().reset(Instant::now() + idle);
         }
+        if let Poll::Ready(reason) = revoked.as_mut().poll(cx) {
+            return Poll::Ready(SpliceEnd::Revoked(reason));
+        }
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(SpliceEnd::Idle),
             Poll::Pending => Poll::Pending,
@@ -219,8 +231,15 @@ mod tests {
     async fn copies_both_ways_and_passes_half_close() {
         let (mut client, mut a) = duplex(1024);
         let (mut b, mut server) = duplex(1024);
-        let task =
-            tokio::spawn(async move { splice(&mut a, &mut b, Duration::from_secs(5)).await });
+        let task = tokio::spawn(async move {
+            splice(
+                &mut a,
+                &mut b,
+                Duration::from_secs(5),
+                &mut crate::reauth::never(),
+            )
+            .await
+        });
 
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
         let sent = data.clone();
@@ -246,11 +265,26 @@ mod tests {
         assert_eq!(res.b_to_a, 22);
     }
 
+    #[tokio::test]
+    async fn revocation_ends_the_splice() {
+        let (_client, mut a) = duplex(64);
+        let (mut b, _server) = duplex(64);
+        let mut revoked: Revoked = Box::pin(async { "user disabled" });
+        let res = splice(&mut a, &mut b, Duration::from_secs(60), &mut revoked).await;
+        assert_eq!(res.end, SpliceEnd::Revoked("user disabled"));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_connection_times_out() {
         let (_client, mut a) = duplex(64);
         let (mut b, _server) = duplex(64);
-        let res = splice(&mut a, &mut b, Duration::from_secs(60)).await;
+        let res = splice(
+            &mut a,
+            &mut b,
+            Duration::from_secs(60),
+            &mut crate::reauth::never(),
+        )
+        .await;
         assert_eq!(res.end, SpliceEnd::Idle);
     }
 
@@ -259,7 +293,8 @@ mod tests {
         POOL.with(|p| p.borrow_mut().clear());
         let (_client, mut a) = duplex(64);
         let (mut b, _server) = duplex(64);
-        let mut fut = Box::pin(splice(&mut a, &mut b, Duration::from_secs(60)));
+        let mut never = crate::reauth::never();
+        let mut fut = Box::pin(splice(&mut a, &mut b, Duration::from_secs(60), &mut never));
         assert!(futures_poll_once(fut.as_mut()).await.is_none());
         // Both directions polled, found nothing, and returned their buffers.
         assert_eq!(POOL.with(|p| p.borrow().len()), 1);

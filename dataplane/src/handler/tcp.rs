@@ -95,6 +95,7 @@ async fn forward(s: Session<'_>) -> Outcome {
         permit,
         limits,
         initial,
+        mut revoked,
         ..
     } = s;
     let Some(addr) = permit.route.backend.as_ref() else {
@@ -115,16 +116,31 @@ async fn forward(s: Session<'_>) -> Outcome {
             ..Outcome::ended("connection error")
         };
     }
-    let res = splice(&mut client, &mut backend, limits.idle_timeout).await;
+    let initial_len = initial.len() as u64;
+    drop(initial);
+    let res = splice(&mut client, &mut backend, limits.idle_timeout, &mut revoked).await;
+    let bytes_up = initial_len + res.a_to_b;
+    let mut refusal = None;
+    let end = match res.end {
+        SpliceEnd::Closed => "closed",
+        SpliceEnd::Idle => "idle timeout",
+        SpliceEnd::Error(_) => "connection error",
+        SpliceEnd::Revoked(reason) => {
+            drop(backend);
+            if bytes_up == 0 && res.b_to_a == 0 {
+                refusal::deliver(&mut client, Refusal::Forbidden).await;
+                refusal = Some(Refusal::Forbidden);
+            } else {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+            }
+            reason
+        }
+    };
     Outcome {
-        bytes_up: initial.len() as u64 + res.a_to_b,
+        bytes_up,
         bytes_down: res.b_to_a,
-        refusal: None,
-        end: match res.end {
-            SpliceEnd::Closed => "closed",
-            SpliceEnd::Idle => "idle timeout",
-            SpliceEnd::Error(_) => "connection error",
-        },
+        refusal,
+        end,
         backend_addr,
     }
 }

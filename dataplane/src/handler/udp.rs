@@ -43,6 +43,7 @@ pub async fn forward(s: Session<'_>) -> Outcome {
         framed,
         permit,
         limits,
+        mut revoked,
         ..
     } = s;
     let Some(addr) = permit.route.backend.as_ref() else {
@@ -57,7 +58,7 @@ pub async fn forward(s: Session<'_>) -> Outcome {
     };
     let backend_addr = sock.peer_addr().ok();
     if framed {
-        let r = framed::relay(&mut client, &sock, limits.idle_timeout).await;
+        let r = framed::relay(&mut client, &sock, limits.idle_timeout, &mut revoked).await;
         return Outcome {
             bytes_up: r.bytes_up,
             bytes_down: r.bytes_down,
