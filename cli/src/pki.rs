@@ -226,11 +226,16 @@ fn rsa_key(bits: usize) -> anyhow::Result<KeyPair> {
     )?)
 }
 
-fn validity(p: &mut CertificateParams, ttl: Duration) {
+fn validity(p: &mut CertificateParams, ttl: Duration) -> anyhow::Result<()> {
+    const MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    if ttl.is_zero() || ttl > MAX {
+        bail!("--ttl must be more than zero and at most 100 years");
+    }
     let now = OffsetDateTime::now_utc();
     // A minute of slack for clocks a little behind.
     p.not_before = now - time::Duration::minutes(1);
     p.not_after = now + time::Duration::seconds(ttl.as_secs() as i64);
+    Ok(())
 }
 
 fn random_serial(p: &mut CertificateParams) -> anyhow::Result<()> {
@@ -273,7 +278,7 @@ pub fn init(dir: &Path, rsa: bool, sans: &[String], force: bool) -> anyhow::Resu
         (KeyPair::generate()?, KeyPair::generate()?)
     };
     let mut ca = ca_params();
-    validity(&mut ca, Duration::from_secs(10 * 365 * 24 * 3600));
+    validity(&mut ca, Duration::from_secs(10 * 365 * 24 * 3600))?;
     random_serial(&mut ca)?;
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, &ca_key);
@@ -290,7 +295,7 @@ pub fn init(dir: &Path, rsa: bool, sans: &[String], force: bool) -> anyhow::Resu
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    validity(&mut server, Duration::from_secs(365 * 24 * 3600));
+    validity(&mut server, Duration::from_secs(365 * 24 * 3600))?;
     random_serial(&mut server)?;
     let server_cert = server.signed_by(&server_key, &issuer)?;
 
@@ -371,7 +376,7 @@ pub fn issue(
         .context("ca.pem is not a usable CA certificate")?;
     let mut p = identity_params(identity)?;
     client_usage(&mut p);
-    validity(&mut p, ttl);
+    validity(&mut p, ttl)?;
     random_serial(&mut p)?;
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;
@@ -436,7 +441,7 @@ pub fn sign(
     // The CA decides usage, validity and serial; the request only names the subject.
     req.params.is_ca = IsCa::NoCa;
     client_usage(&mut req.params);
-    validity(&mut req.params, ttl);
+    validity(&mut req.params, ttl)?;
     random_serial(&mut req.params)?;
     let cert = req.signed_by(&issuer)?;
     write_file(&path, cert.pem().as_bytes(), false, force)?;
@@ -481,7 +486,7 @@ pub fn node(
     p.distinguished_name = dn;
     p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
     client_usage(&mut p);
-    validity(&mut p, ttl);
+    validity(&mut p, ttl)?;
     random_serial(&mut p)?;
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;

@@ -21,7 +21,7 @@ use ztp_control::store::{Actor, Store};
 use ztp_dataplane::config::{Config, Source};
 use ztp_dataplane::snapshot::grpc::ControlSource;
 use ztp_dataplane::tls::TlsFiles;
-use ztp_proto::{Group, Protocol, Service, User};
+use ztp_proto::{Group, Protocol, Service, Snapshot, User};
 
 use crate::pki;
 
@@ -112,21 +112,11 @@ fn ensure_pki(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The demo configuration, written once into an empty store.
+/// The demo configuration, written once into an empty store as one version.
 async fn seed(store: &Store, echo: SocketAddr, udp_echo: SocketAddr) -> anyhow::Result<()> {
     if store.version()? > 0 {
         return Ok(());
     }
-    let a = Actor::system();
-    store
-        .create_group(
-            Group {
-                name: "demo".into(),
-            },
-            None,
-            &a,
-        )
-        .await?;
     let svc =
         |name: &str, protocol, address: Option<String>, groups: &[&str], handler: Option<&str>| {
             Service {
@@ -138,8 +128,15 @@ async fn seed(store: &Store, echo: SocketAddr, udp_echo: SocketAddr) -> anyhow::
                 handler: handler.map(str::to_owned),
             }
         };
-    store
-        .put_service(
+    let user = |name: &str, groups: &[&str]| User {
+        name: name.into(),
+        identities: vec![format!("{name}@example.com")],
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        disabled: false,
+    };
+    let snap = Snapshot {
+        version: 1,
+        services: vec![
             svc(
                 "echo.svc.internal",
                 Protocol::Tcp,
@@ -147,13 +144,6 @@ async fn seed(store: &Store, echo: SocketAddr, udp_echo: SocketAddr) -> anyhow::
                 &["demo"],
                 None,
             ),
-            true,
-            None,
-            &a,
-        )
-        .await?;
-    store
-        .put_service(
             svc(
                 "whoami.svc.internal",
                 Protocol::Tcp,
@@ -161,13 +151,6 @@ async fn seed(store: &Store, echo: SocketAddr, udp_echo: SocketAddr) -> anyhow::
                 &[],
                 Some("identity-echo"),
             ),
-            true,
-            None,
-            &a,
-        )
-        .await?;
-    store
-        .put_service(
             svc(
                 "udp-echo.svc.internal",
                 Protocol::Udp,
@@ -175,21 +158,14 @@ async fn seed(store: &Store, echo: SocketAddr, udp_echo: SocketAddr) -> anyhow::
                 &["demo"],
                 None,
             ),
-            true,
-            None,
-            &a,
-        )
-        .await?;
-    let user = |name: &str, groups: &[&str]| User {
-        name: name.into(),
-        identities: vec![format!("{name}@example.com")],
-        groups: groups.iter().map(|g| g.to_string()).collect(),
-        disabled: false,
+        ],
+        users: vec![user("alice", &["demo"]), user("bob", &[])],
+        groups: vec![Group {
+            name: "demo".into(),
+        }],
+        revoked: vec![],
     };
-    store
-        .put_user(user("alice", &["demo"]), true, None, &a)
-        .await?;
-    store.put_user(user("bob", &[]), true, None, &a).await?;
+    store.import(snap, Some(0), &Actor::system()).await?;
     Ok(())
 }
 

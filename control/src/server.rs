@@ -121,13 +121,21 @@ pub async fn serve(
 /// On first start (no token in the store), creates the admin token and writes it to
 /// `DIR/admin-token` (0600) for the operator; the store keeps only its hash.
 async fn bootstrap_token(store: &Store, dir: &Path) -> anyhow::Result<()> {
+    let (path, tmp) = (dir.join("admin-token"), dir.join("admin-token.tmp"));
     if store.token_count() > 0 {
+        // A crash between storing the hash and the rename below left the secret here.
+        if tmp.exists() && !path.exists() {
+            std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        }
         return Ok(());
     }
-    let path = dir.join("admin-token");
-    let token = store.create_token("admin", &Actor::system()).await?;
-    write_private(&path, format!("{}\n", token.token).as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    // The secret reaches the disk before the store knows its hash: a crash in between
+    // leaves no token in the store, and the next start makes a new one.
+    let (token, info) = Store::mint_token("admin")?;
+    write_private(&tmp, format!("{}\n", token.token).as_bytes())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    store.save_token(info, &Actor::system()).await?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     tracing::info!(path = %path.display(), "admin token written");
     Ok(())
 }

@@ -70,6 +70,14 @@ fn parse(token: &str) -> Option<(&str, &str)> {
 impl Store {
     /// Creates a token named `name`.
     pub async fn create_token(&self, name: &str, actor: &Actor) -> Result<NewToken, StoreError> {
+        let (new, info) = Self::mint_token(name)?;
+        self.save_token(info, actor).await?;
+        Ok(new)
+    }
+
+    /// A new token, not yet stored: the caller may put the secret somewhere safe first
+    /// (the first-start admin token is written to its file before the store knows it).
+    pub fn mint_token(name: &str) -> Result<(NewToken, TokenInfo), StoreError> {
         if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
             return Err(StoreError::invalid(
                 "name",
@@ -84,14 +92,23 @@ impl Store {
             created_ms: now_ms(),
             hash: hash_secret(&secret),
         };
+        Ok((
+            NewToken {
+                info: info.public(),
+                token: format!("ztp_{id}_{secret}"),
+            },
+            info,
+        ))
+    }
+
+    /// Stores a minted token (its hash).
+    pub async fn save_token(&self, info: TokenInfo, actor: &Actor) -> Result<(), StoreError> {
         let _w = self.write.lock().await;
+        let id = info.id.clone();
         let ops: Vec<Op> = vec![(T::Tokens, id.clone().into_bytes(), Some(json(&info)))];
         // Tokens are not configuration: no version bump, but audited.
         self.commit(ops, false, actor, "token.create", &id).await?;
-        Ok(NewToken {
-            info: info.public(),
-            token: format!("ztp_{id}_{secret}"),
-        })
+        Ok(())
     }
 
     pub fn list_tokens(
