@@ -230,15 +230,20 @@ async fn carry<L: AsyncRead + AsyncWrite + Unpin>(
         lw.shutdown().await.ok();
         Ok::<_, anyhow::Error>(())
     };
-    let (up, down) = tokio::join!(up, down);
-    down?;
-    up.map(|_| ()).or_else(|e| {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            Ok(())
-        } else {
-            Err(e.into())
+    tokio::pin!(up, down);
+    // The gateway's side ending (or refusing) ends the session, even while the local
+    // side still has input open; the local side ending only half-closes it.
+    tokio::select! {
+        r = &mut down => r,
+        r = &mut up => {
+            if let Err(e) = r {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e.into());
+                }
+            }
+            down.await
         }
-    })
+    }
 }
 
 /// Standard input and output: for ssh's ProxyCommand and pipes.

@@ -115,14 +115,21 @@ async fn reload_on_sighup(
         return;
     };
     while hup.recv().await.is_some() {
-        let mut publisher = publisher.lock().unwrap_or_else(|p| p.into_inner());
-        match file::reload(
-            path.as_deref(),
-            &files,
-            &provider,
-            &registry,
-            &mut publisher,
-        ) {
+        // Reading and indexing a large snapshot must not stall a worker.
+        let (p, f, pr, r, pb) = (
+            path.clone(),
+            files.clone(),
+            provider.clone(),
+            registry.clone(),
+            publisher.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            let mut publisher = pb.lock().unwrap_or_else(|p| p.into_inner());
+            file::reload(p.as_deref(), &f, &pr, &r, &mut publisher)
+        })
+        .await;
+        let Ok(result) = result else { continue };
+        match result {
             Ok((before, after)) => {
                 if path.is_some() && after <= before {
                     tracing::warn!(
