@@ -125,7 +125,8 @@ async fn bootstrap_token(store: &Store, dir: &Path) -> anyhow::Result<()> {
     if store.token_count() > 0 {
         // A crash between storing the hash and the rename below left the secret here.
         if tmp.exists() && !path.exists() {
-            std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
         return Ok(());
     }
