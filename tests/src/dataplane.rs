@@ -1,23 +1,22 @@
-//! A guard around the real `ztp-dataplane` binary.
+//! A guard around the real `ztp-dataplane` binary, running from a snapshot file
+//! ([`Dataplane::start`]) or subscribed to a control plane ([`Dataplane::start_control`]).
 //!
-//! Tests in `tests/` cannot use `CARGO_BIN_EXE_*` of another package, so the binary is
-//! looked up next to the test executable (`target/<profile>/ztp-dataplane`) and built with
-//! `cargo build -p ztp-dataplane -p ztp-tests --bin ztp-dataplane` (once per test
-//! process) if it is missing or older than a file under `dataplane/` or `proto/` or the
-//! workspace's `Cargo.toml`/`Cargo.lock` (`cargo test` does not build another package's
-//! binaries, and a stale binary would test old code). `ZTP_TESTS_NO_BUILD=1` uses an existing
-//! binary as it is; `ZTP_DATAPLANE_BIN=PATH` uses another binary altogether.
+//! The binary is located (and built once per test process) by [`crate::bins`];
+//! `ZTP_TESTS_NO_BUILD=1` uses an existing binary as it is, `ZTP_DATAPLANE_BIN=PATH` another
+//! binary altogether.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::bins::{run_bounded_with, Bin};
+use crate::http;
 use crate::pki::TestPki;
 use crate::tempdir::TempDir;
 
@@ -27,76 +26,14 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bound on a one-shot run such as `--check`.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The workspace root (the parent of this crate's manifest directory).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
+pub use crate::bins::workspace_root;
 
-/// The path of the `ztp-dataplane` binary, building it once per process if it is missing
-/// or stale (see the module docs).
+/// The path of the `ztp-dataplane` binary (see [`crate::bins`]).
 ///
 /// # Panics
 /// If the binary is missing and cannot be built.
 pub fn dataplane_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(locate_or_build).clone()
-}
-
-fn locate_or_build() -> PathBuf {
-    if let Some(p) = std::env::var_os("ZTP_DATAPLANE_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "ZTP_DATAPLANE_BIN={} is not a file",
-            p.display()
-        );
-        return p;
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test-binary>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf();
-    let bin = profile_dir.join(format!("ztp-dataplane{}", std::env::consts::EXE_SUFFIX));
-    if std::env::var_os("ZTP_TESTS_NO_BUILD").is_some() && bin.is_file() {
-        return bin;
-    }
-    // `cargo test` builds no binary of a package without integration tests, and a stale
-    // binary would be tested silently: always ask cargo, which is quick when fresh.
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
-    let mut cmd = Command::new(cargo);
-    // Selecting ztp-tests too unifies dependency features with the test build's, so the
-    // two builds share artifacts instead of rebuilding rustls & co. each time.
-    cmd.current_dir(workspace_root()).args([
-        "build",
-        "-p",
-        "ztp-dataplane",
-        "-p",
-        "ztp-tests",
-        "--bin",
-        "ztp-dataplane",
-    ]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    if let Some(target_dir) = profile_dir.parent() {
-        cmd.arg("--target-dir").arg(target_dir);
-    }
-    eprintln!("ztp-tests: building {}: {:?}", bin.display(), cmd);
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build ztp-dataplane: {e}"));
-    assert!(
-        status.success() && bin.is_file(),
-        "building ztp-dataplane failed ({status}); build it with \
-         `cargo build -p ztp-dataplane` and rerun, or set ZTP_DATAPLANE_BIN"
-    );
-    bin
+    Bin::Dataplane.path()
 }
 
 /// Runs `ztp-dataplane ARGS` to completion, bounded by `bound`.
@@ -108,36 +45,7 @@ where
     I: IntoIterator<Item = S>,
     S: Into<OsString>,
 {
-    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let mut child = Command::new(dataplane_bin())
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ztp-dataplane");
-    let out = drain_in_thread(child.stdout.take().expect("stdout"));
-    let err = drain_in_thread(child.stderr.take().expect("stderr"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if start.elapsed() > bound {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "ztp-dataplane {args:?} still running after {bound:?}; killed it. stderr: {}",
-                String::from_utf8_lossy(&err.join().unwrap_or_default())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+    run_bounded_with(Bin::Dataplane, args, &[], bound)
 }
 
 /// Runs `ztp-dataplane --check FILE` (bounded by [`RUN_TIMEOUT`]).
@@ -151,22 +59,16 @@ pub fn check(file: &Path) -> Output {
     )
 }
 
-fn drain_in_thread<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        buf
-    })
-}
-
 /// A running `ztp-dataplane` on loopback ephemeral ports, killed (by its `Child`) on drop.
 ///
 /// It runs in a private temporary directory holding `ca.pem`, `server.pem`, `server.key`
-/// and `snapshot.yaml`, with `--log-format json`; every stdout and stderr line is kept.
-/// `RUST_LOG` is removed from its environment (set `ZTP_TESTS_RUST_LOG` to pass one).
+/// and `snapshot.yaml` (or, subscribed to a control plane, `node.pem` and `node.key`
+/// instead of the snapshot), with `--log-format json`; every stdout and stderr line is
+/// kept. `RUST_LOG` is removed from its environment (set `ZTP_TESTS_RUST_LOG` to pass one).
 pub struct Dataplane {
     child: Child,
     dir: TempDir,
+    node_id: Option<String>,
     addr: SocketAddr,
     listen_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -222,6 +124,51 @@ impl Dataplane {
     /// `server.pem` and `server.key` (e.g. made with the openssl CLI).
     pub async fn start_in(dir: TempDir, snapshot_yaml: &str, extra_args: &[&str]) -> Dataplane {
         std::fs::write(dir.join("snapshot.yaml"), snapshot_yaml).expect("write snapshot.yaml");
+        let source = [
+            OsString::from("--snapshot"),
+            dir.join("snapshot.yaml").into_os_string(),
+        ];
+        Self::spawn(dir, None, &source, extra_args).await
+    }
+
+    /// Starts a data plane subscribed to the control plane at `control_url` (e.g.
+    /// `https://localhost:PORT`, see [`crate::Control::grpc_url`]) instead of a snapshot
+    /// file: node certificate `pki.node(node_id)` (URI SAN
+    /// `spiffe://ztp.internal/node/NODE_ID`), `--control-ca` the PKI's CA, and the standard
+    /// flags plus `extra_args` as in [`Dataplane::start`].
+    ///
+    /// It returns once both listeners are logged; until its first snapshot `/readyz`
+    /// answers 503 and no service exists: see [`Dataplane::wait_ready`].
+    pub async fn start_control(
+        pki: &TestPki,
+        control_url: &str,
+        node_id: &str,
+        extra_args: &[&str],
+    ) -> Dataplane {
+        let dir = TempDir::new("dataplane");
+        pki.write_files(dir.path()).expect("write PKI files");
+        pki.node(node_id)
+            .write(dir.path(), "node")
+            .expect("write the node certificate");
+        let source = [
+            OsString::from("--control"),
+            OsString::from(control_url),
+            OsString::from("--node-cert"),
+            dir.join("node.pem").into_os_string(),
+            OsString::from("--node-key"),
+            dir.join("node.key").into_os_string(),
+            OsString::from("--control-ca"),
+            dir.join("ca.pem").into_os_string(),
+        ];
+        Self::spawn(dir, Some(node_id.to_string()), &source, extra_args).await
+    }
+
+    async fn spawn(
+        dir: TempDir,
+        node_id: Option<String>,
+        source_args: &[OsString],
+        extra_args: &[&str],
+    ) -> Dataplane {
         let mut cmd = Command::new(dataplane_bin());
         cmd.current_dir(dir.path());
         if !has_flag(extra_args, "--listen") {
@@ -236,8 +183,7 @@ impl Dataplane {
             .arg(dir.join("server.key"))
             .arg("--client-ca")
             .arg(dir.join("ca.pem"))
-            .arg("--snapshot")
-            .arg(dir.join("snapshot.yaml"))
+            .args(source_args)
             .arg("--log-format")
             .arg("json")
             .args(extra_args)
@@ -288,6 +234,7 @@ impl Dataplane {
         Dataplane {
             child,
             dir,
+            node_id,
             addr: connectable(listen_addr),
             listen_addr,
             admin_addr: connectable(admin_addr),
@@ -319,6 +266,37 @@ impl Dataplane {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The node id, for a data plane started with [`Dataplane::start_control`].
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
+    /// The status of `GET /readyz` on the admin listener (200: it holds a snapshot; 503:
+    /// not yet).
+    ///
+    /// # Errors
+    /// If the request fails or is not answered within [`http::REQUEST_TIMEOUT`].
+    pub async fn readyz(&self) -> std::io::Result<u16> {
+        http::request(self.admin_addr, "GET", "/readyz", &[], None)
+            .await
+            .map(|r| r.status)
+    }
+
+    /// Waits (polling, bounded by `bound`) until `/readyz` answers 200; `false` if it does
+    /// not within `bound` or the process exited.
+    pub async fn wait_ready(&mut self, bound: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if matches!(self.readyz().await, Ok(200)) {
+                return true;
+            }
+            if self.try_wait().is_some() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The working directory (holding the PKI files and `snapshot.yaml`).
@@ -457,7 +435,8 @@ impl Drop for Dataplane {
     }
 }
 
-fn collect_lines<R: Read + Send + 'static>(r: R, into: Arc<Mutex<Vec<String>>>) {
+/// Appends every line `r` yields to `into` (from a thread of its own, until EOF).
+pub(crate) fn collect_lines<R: Read + Send + 'static>(r: R, into: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(r);
         let mut buf = Vec::new();

@@ -13,18 +13,29 @@
 //!   banner, a closed port, a listener that never completes a connect; UDP: echo,
 //!   SHA-256 answer, silent, a closed port).
 //! - [`dataplane`]: a guard around the real `ztp-dataplane` binary that starts it on
-//!   ephemeral ports (or the `--listen` address a test gives), collects its JSON logs,
-//!   sends it SIGHUP/SIGTERM, waits for its exit and kills it on drop.
+//!   ephemeral ports (or the `--listen` address a test gives), from a snapshot file or
+//!   subscribed to a control plane (`--control`, with a node certificate), collects its
+//!   JSON logs, polls `/readyz`, sends it SIGHUP/SIGTERM, waits for its exit and kills it
+//!   on drop.
+//! - [`control`]: a guard around the real `ztp-control` binary (fresh or given store,
+//!   gRPC stream with the test PKI, admin token, SIGKILL and restart on the same store and
+//!   ports), a REST helper and the `ztpctl` runner.
+//! - [`http`]: a minimal HTTP/1.1 client for the admin APIs.
+//! - [`bins`]: locating the three binaries, building them once per test process.
 //! - [`tempdir`]: a self-removing temporary directory.
 //!
-//! The data plane's contract (refusal alerts, `ZTP-ERROR` lines, the snapshot schema,
-//! flags) is DESIGN.md; the tests in `tests/e2e/` check it rule by rule.
+//! The contract (refusal alerts, `ZTP-ERROR` lines, the snapshot schema, flags, REST
+//! conventions, the planes' stream) is DESIGN.md; the tests in `tests/e2e/` check it rule
+//! by rule.
 
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bins;
 pub mod client;
+pub mod control;
 pub mod dataplane;
+pub mod http;
 pub mod pki;
 pub mod tempdir;
 
@@ -35,13 +46,16 @@ pub use backend::{
     closed_port, closed_udp_port, BannerBackend, BlackholeListener, EchoBackend, HashSinkBackend,
     SourceBackend, UdpBackend, UdpMode,
 };
+pub use bins::Bin;
 pub use client::{
     connect, connect_with, datagram_exchange, encode_frame, new_session_store, parse_ztp_error,
     read_to_end_or_alert, ClientOptions, DgramEvent, DgramSession, ReadError, DGRAM_ALPN,
     MAX_DATAGRAM,
 };
+pub use control::{Control, ControlOptions};
 pub use dataplane::Dataplane;
-pub use pki::{CertBuilder, TestCert, TestPki};
+pub use http::HttpResponse;
+pub use pki::{node_uri, CertBuilder, TestCert, TestPki};
 pub use tempdir::TempDir;
 
 /// Installs rustls' `ring` crypto provider as the process default.

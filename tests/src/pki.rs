@@ -23,6 +23,14 @@ pub const OID_SUBJECT_ALT_NAME: &[u64] = &[2, 5, 29, 17];
 /// The OID of the PKCS #9 `emailAddress` subject attribute (1.2.840.113549.1.9.1).
 pub const OID_EMAIL_ADDRESS: &[u64] = &[1, 2, 840, 113549, 1, 9, 1];
 
+/// The default trust domain of node identities (`ztp-control --trust-domain`).
+pub const TRUST_DOMAIN: &str = "ztp.internal";
+
+/// The identity of data-plane node `id`: `spiffe://ztp.internal/node/ID`.
+pub fn node_uri(id: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/node/{id}")
+}
+
 /// A certificate and its private key, in PEM and DER.
 pub struct TestCert {
     /// The certificate, PEM (`CERTIFICATE`).
@@ -170,6 +178,12 @@ impl TestPki {
     /// A client certificate whose only SAN is the URI `uri` (e.g. a SPIFFE ID).
     pub fn client_uri(&self, uri: &str) -> TestCert {
         self.builder().uri(uri).issue()
+    }
+
+    /// A data-plane node's certificate: the only SAN is the URI
+    /// `spiffe://ztp.internal/node/ID` ([`node_uri`]), subject `CN=ID`, clientAuth.
+    pub fn node(&self, id: &str) -> TestCert {
+        self.builder().cn(id).uri(&node_uri(id)).issue()
     }
 
     /// A client certificate with subject `CN=cn` and no SAN extension at all.

@@ -1,14 +1,16 @@
-//! End-to-end tests of ZTP: the real `ztp-dataplane` binary on loopback, driven by the
-//! `ztp_tests` harness. One module per area; every test builds its own PKI, backends and
-//! data plane, and every wait is bounded.
+//! End-to-end tests of ZTP: the real `ztp-dataplane`, `ztp-control` and `ztpctl` binaries
+//! on loopback, driven by the `ztp_tests` harness. One module per area; every test builds
+//! its own PKI, backends, control plane (with its own store) and data planes, and every
+//! wait is bounded.
 //!
-//! Build the data plane first (`cargo build -p ztp-dataplane`); if the binary is missing
-//! the harness builds it.
+//! The harness builds the binaries once per run (`cargo build -p ztp-dataplane -p
+//! ztp-control -p ztpctl -p ztp-tests --bins`; quick when they are fresh).
 
 mod admin;
 mod authz;
 mod auto_protocol;
 mod common;
+mod control_plane;
 mod dgram;
 mod drain;
 mod forwarding;
@@ -19,6 +21,7 @@ mod limits;
 mod logging;
 mod openssl;
 mod reload;
+mod replicas;
 mod resumption;
 mod snapshot_check;
 mod tls_gate;
