@@ -174,16 +174,6 @@ async fn start(
     let (publisher, state) = Publisher::new(policy, material, provider.clone())
         .map_err(|e| usage(vec![e.to_string()]))?;
     let publisher = Arc::new(Mutex::new(publisher));
-    let subscriber = match &config.source {
-        Source::Control(source) => {
-            let sub = Subscriber::new(source.clone(), publisher.clone(), registry.clone(), ready)
-                .map_err(|e| usage(vec![e.to_string()]))?;
-            tracing::info!(node.id = sub.node_id(), control = %source.url, "waiting for the first snapshot");
-            Some(sub)
-        }
-        Source::File(_) => None,
-    };
-
     let bind_err = |what: &str, addr, e: std::io::Error| {
         (1, vec![format!("cannot listen for {what} on {addr}: {e}")])
     };
@@ -194,6 +184,21 @@ async fn start(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
+    let subscriber = match &config.source {
+        Source::Control(source) => {
+            let mut sub =
+                Subscriber::new(source.clone(), publisher.clone(), registry.clone(), ready)
+                    .map_err(|e| usage(vec![e.to_string()]))?;
+            // Report the address actually bound (a port 0 becomes a real one).
+            if let Ok(addr) = listener.local_addr() {
+                sub.set_listen(addr.to_string());
+            }
+            tracing::info!(node.id = sub.node_id(), control = %source.url, "waiting for the first snapshot");
+            Some(sub)
+        }
+        Source::File(_) => None,
+    };
+
     if let Ok(addr) = admin.local_addr() {
         tracing::info!(%addr, "admin listening");
     }

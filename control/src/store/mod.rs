@@ -176,6 +176,11 @@ impl Store {
         }));
         let db = match opened {
             Ok(Ok(db)) => db,
+            Ok(Err(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(open_err(
+                    "another process (a running ztp-control?) holds this store's lock".into(),
+                ))
+            }
             Ok(Err(e)) => return Err(open_err(e.to_string())),
             Err(_) => {
                 return Err(open_err(

@@ -146,13 +146,17 @@ impl Subscriber {
         let mut applied = 0u64;
         let mut backoff = Duration::from_millis(100);
         loop {
+            let before = applied;
             match self.session(&mut applied).await {
                 Ok(()) => tracing::warn!("control plane closed the config stream"),
                 Err(e) => {
                     tracing::warn!(error = %e, "config stream failed; serving the last good snapshot")
                 }
             }
-            // A session that delivered something resets the backoff.
+            // A session that delivered a snapshot was healthy: start the backoff afresh.
+            if applied != before {
+                backoff = Duration::from_millis(100);
+            }
             let wait = jitter(backoff);
             tracing::info!(
                 retry_in_ms = wait.as_millis() as u64,
@@ -160,10 +164,12 @@ impl Subscriber {
             );
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
-            if applied > 0 && self.ready.get() {
-                backoff = backoff.min(Duration::from_secs(5));
-            }
         }
+    }
+
+    /// The node's client-facing address, as reported to the control plane.
+    pub fn set_listen(&mut self, listen: String) {
+        self.source.listen = listen;
     }
 
     async fn session(&self, applied: &mut u64) -> Result<(), SessionError> {
