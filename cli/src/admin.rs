@@ -662,3 +662,23 @@ pub async fn token(c: &Client, cmd: TokenCmd, out: Output) -> anyhow::Result<()>
         }
     }
 }
+
+pub async fn revoke(c: &Client, serials: &[String], out: Output) -> anyhow::Result<()> {
+    let v = send(
+        c,
+        Method::POST,
+        "/v1/revoked",
+        &json!({ "serials": serials }),
+        None,
+    )
+    .await?;
+    done(
+        out,
+        &v,
+        &format!(
+            "revoked {} serial(s) in version {}",
+            serials.len(),
+            s(&v["version"])
+        ),
+    )
+}

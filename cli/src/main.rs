@@ -129,9 +129,11 @@ fn init_tracing() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Pki(c) = cli.command {
-        return pki::run(c);
-    }
+    let cli = match cli.command {
+        Command::Pki(pki::PkiCmd::Revoke { .. }) => cli,
+        Command::Pki(c) => return pki::run(c),
+        _ => cli,
+    };
     if let Command::Up(args) = cli.command {
         init_tracing();
         return up::run(args).await;
@@ -150,6 +152,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(c) => admin::snapshot(&client, c, out).await,
         Command::Import { file } => admin::import(&client, &file, out).await,
         Command::Token(c) => admin::token(&client, c, out).await,
+        Command::Pki(pki::PkiCmd::Revoke { targets, crl }) => {
+            let serials = pki::revocation_serials(&targets, crl.as_deref())?;
+            admin::revoke(&client, &serials, out).await
+        }
         Command::Pki(_) | Command::Connect(_) | Command::Up(_) => unreachable!("handled above"),
     }
 }

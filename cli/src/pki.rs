@@ -64,6 +64,16 @@ pub enum PkiCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke certificates through the control plane: by serial (hex), by certificate
+    /// file, or every serial of a CRL. Data planes refuse them at the handshake and close
+    /// live connections that use them.
+    Revoke {
+        /// Serials (hex) or certificate files (PEM).
+        targets: Vec<String>,
+        /// A CRL (PEM or DER) whose serials to revoke.
+        #[arg(long, value_name = "FILE")]
+        crl: Option<PathBuf>,
+    },
     /// Issue a data-plane node certificate (URI spiffe://DOMAIN/node/ID).
     Node {
         id: String,
@@ -122,6 +132,7 @@ pub fn run(cmd: PkiCmd) -> anyhow::Result<()> {
             println!("{} for {identity}, valid {}", path.display(), human(ttl));
             Ok(())
         }
+        PkiCmd::Revoke { .. } => bail!("revoke talks to the control plane"),
         PkiCmd::Node {
             id,
             ttl,
@@ -506,4 +517,46 @@ mod tests {
         assert_eq!(default_name("Carol Smith"), "Carol_Smith");
         assert_eq!(default_name("../etc/passwd@x"), "client.._etc_passwd");
     }
+}
+
+/// The serials to revoke: hex serials as given, certificate files read, CRLs expanded.
+pub fn revocation_serials(targets: &[String], crl: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let hex = |b: &[u8]| ztp_proto::names::Serial::from_be_bytes(b).to_string();
+    let mut out = Vec::new();
+    for t in targets {
+        let path = Path::new(t);
+        if path.is_file() {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {t}"))?;
+            let der = match x509_parser::pem::parse_x509_pem(&bytes) {
+                Ok((_, pem)) => pem.contents,
+                Err(_) => bytes,
+            };
+            let (_, cert) = X509Certificate::from_der(&der)
+                .map_err(|e| anyhow::anyhow!("{t}: not a certificate: {e}"))?;
+            out.push(hex(cert.raw_serial()));
+        } else {
+            ztp_proto::names::Serial::parse_hex(t)
+                .map_err(|e| anyhow::anyhow!("{e} (nor a certificate file)"))?;
+            out.push(t.clone());
+        }
+    }
+    if let Some(crl) = crl {
+        let bytes = std::fs::read(crl).with_context(|| format!("cannot read {}", crl.display()))?;
+        let der = match x509_parser::pem::parse_x509_pem(&bytes) {
+            Ok((_, pem)) => pem.contents,
+            Err(_) => bytes,
+        };
+        let (_, list) = CertificateRevocationList::from_der(&der)
+            .map_err(|e| anyhow::anyhow!("{}: not a CRL: {e}", crl.display()))?;
+        out.extend(
+            list.iter_revoked_certificates()
+                .map(|r| hex(r.raw_serial())),
+        );
+    }
+    if out.is_empty() {
+        bail!("nothing to revoke: give serials, certificate files or --crl FILE");
+    }
+    Ok(out)
 }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod https;
 pub mod nodes;
 pub mod resources;
+pub mod revoked;
 pub mod tokens;
 
 use error::ApiError;
@@ -67,6 +68,7 @@ impl AppState {
         config::snapshot, config::import,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
         nodes::list_nodes,
+        revoked::list_revoked, revoked::revoke, revoked::unrevoke,
         healthz, readyz,
     ),
     components(schemas(error::Problem, error::ProblemField)),
@@ -184,6 +186,14 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(tokens::revoke_token),
         )
         .route("/v1/nodes", get(nodes::list_nodes))
+        .route(
+            "/v1/revoked",
+            get(revoked::list_revoked).post(revoked::revoke),
+        )
+        .route(
+            "/v1/revoked/{serial}",
+            axum::routing::delete(revoked::unrevoke),
+        )
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

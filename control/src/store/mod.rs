@@ -834,6 +834,95 @@ impl Store {
         self.commit(ops, true, actor, "import", &target).await
     }
 
+    // ----- revoked certificates -----
+
+    /// Revoked serials (normalized hex), in order.
+    pub fn list_revoked(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<String>, StoreError> {
+        use std::ops::Bound;
+        let start = match cursor {
+            Some(c) => Bound::Excluded(c.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut items = Vec::new();
+        let mut iter = self
+            .tree(T::Revoked)
+            .range::<Vec<u8>, _>((start, Bound::Unbounded));
+        for k in iter.by_ref().take(limit) {
+            items.push(String::from_utf8_lossy(&k?.0).into_owned());
+        }
+        let more = iter.next().is_some();
+        Ok(Page {
+            next: if more { items.last().cloned() } else { None },
+            items,
+        })
+    }
+
+    /// Revokes certificates by serial (hex, any form operators copy) as one version;
+    /// serials already revoked are fine. Returns the version.
+    pub async fn revoke(
+        &self,
+        serials: &[String],
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let mut parsed = BTreeSet::new();
+        let mut errors = Vec::new();
+        for (i, s) in serials.iter().enumerate() {
+            match Serial::parse_hex(s) {
+                Ok(s) => {
+                    parsed.insert(s.to_string());
+                }
+                Err(e) => errors.push(FieldError {
+                    field: format!("serials[{i}]"),
+                    message: e,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(StoreError::Invalid(Invalid(errors)));
+        }
+        if parsed.is_empty() {
+            return Err(StoreError::invalid(
+                "serials",
+                "at least one serial is needed",
+            ));
+        }
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let target = parsed.iter().cloned().collect::<Vec<_>>().join(",");
+        let ops: Vec<Op> = parsed
+            .into_iter()
+            .map(|s| (T::Revoked, s.into_bytes(), Some(vec![])))
+            .collect();
+        self.commit(ops, true, actor, "revoke", &target).await
+    }
+
+    /// Lifts a revocation (for mistakes).
+    pub async fn unrevoke(
+        &self,
+        serial: &str,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let s = Serial::parse_hex(serial)
+            .map_err(|e| StoreError::invalid("serial", e))?
+            .to_string();
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        if !self.tree(T::Revoked).contains_key(&s)? {
+            return Err(StoreError::NotFound {
+                kind: "revoked serial",
+                name: s,
+            });
+        }
+        let ops: Vec<Op> = vec![(T::Revoked, s.clone().into_bytes(), None)];
+        self.commit(ops, true, actor, "unrevoke", &s).await
+    }
+
     /// The newest admin audit records, newest first.
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         self.tree(T::Audit)

@@ -395,3 +395,25 @@ fn newer_schema_is_refused() {
     let e = Store::open(&dir.0).err().expect("refused");
     assert!(e.to_string().contains("newer"), "{e}");
 }
+
+#[tokio::test]
+async fn revocations_are_versions_and_normalized() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let v = store
+        .revoke(&["00:0A:1B".into(), "0x0a1b".into(), "ff".into()], None, &a)
+        .await
+        .unwrap();
+    assert_eq!(v, 1, "one version for the whole list");
+    assert_eq!(store.list_revoked(None, 10).unwrap().items, ["0a1b", "ff"]);
+    assert_eq!(store.snapshot().await.unwrap().revoked, ["0a1b", "ff"]);
+    let e = store.revoke(&["zz".into()], None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["serials[0]"]);
+    store.unrevoke("FF", None, &a).await.unwrap();
+    assert!(matches!(
+        store.unrevoke("ff", None, &a).await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+    assert_eq!(store.list_revoked(None, 10).unwrap().items, ["0a1b"]);
+}
