@@ -506,19 +506,6 @@ pub fn node(
     Ok((cert_path, key_path))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_names() {
-        assert_eq!(default_name("alice@example.com"), "alice");
-        assert_eq!(default_name("spiffe://example.org/ns/web"), "web");
-        assert_eq!(default_name("Carol Smith"), "Carol_Smith");
-        assert_eq!(default_name("../etc/passwd@x"), "client.._etc_passwd");
-    }
-}
-
 /// The serials to revoke: hex serials as given, certificate files read, CRLs expanded.
 pub fn revocation_serials(targets: &[String], crl: Option<&Path>) -> anyhow::Result<Vec<String>> {
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -559,4 +546,17 @@ pub fn revocation_serials(targets: &[String], crl: Option<&Path>) -> anyhow::Res
         bail!("nothing to revoke: give serials, certificate files or --crl FILE");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names() {
+        assert_eq!(default_name("alice@example.com"), "alice");
+        assert_eq!(default_name("spiffe://example.org/ns/web"), "web");
+        assert_eq!(default_name("Carol Smith"), "Carol_Smith");
+        assert_eq!(default_name("../etc/passwd@x"), "client.._etc_passwd");
+    }
 }
