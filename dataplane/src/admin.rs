@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process runs) and `/readyz` (it holds a snapshot
-//! and accepts connections). Metrics join here later.
+//! The admin listener: `/healthz` (the process runs), `/readyz` (it holds a snapshot and
+//! accepts connections) and `/metrics` (Prometheus).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +10,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::snapshot::Active;
 
 /// Whether the node is ready for traffic.
 #[derive(Debug, Default)]
@@ -25,15 +29,41 @@ impl Readiness {
     }
 }
 
-pub fn router(ready: Arc<Readiness>) -> Router {
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub ready: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub state: watch::Receiver<Arc<Active>>,
+}
+
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(ready)
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
-async fn readyz(State(ready): State<Arc<Readiness>>) -> (StatusCode, &'static str) {
-    if ready.get() {
+async fn metrics(State(s): State<AdminState>) -> impl axum::response::IntoResponse {
+    let (version, applied_at) = {
+        let a = s.state.borrow();
+        (
+            a.policy.version,
+            if s.ready.get() { a.applied_at } else { 0 },
+        )
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render((version, applied_at)),
+    )
+}
+
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    if s.ready.get() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -42,10 +72,10 @@ async fn readyz(State(ready): State<Arc<Readiness>>) -> (StatusCode, &'static st
 
 pub async fn serve(
     listener: TcpListener,
-    ready: Arc<Readiness>,
+    state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ready))
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -36,13 +36,23 @@ pub struct ConnContext {
     pub handshake_timeout: Duration,
     pub handler: HandlerLimits,
     pub registry: Registry,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves one accepted connection to its end, then logs its record.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ConnContext>) {
     let mut rec = Record::new(peer);
+    ctx.metrics.connection_opened();
     run(tcp, &ctx, &mut rec).await;
     rec.emit();
+    ctx.metrics.connection_closed(
+        rec.service.as_deref(),
+        rec.allowed,
+        rec.reason,
+        !rec.handshake_done,
+        rec.bytes_up,
+        rec.bytes_down,
+    );
 }
 
 async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
@@ -53,6 +63,7 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
         Ok(None) => return,
         Err(_) => return rec.deny(HandshakeError::Timeout.reason()),
     };
+    rec.handshake_done = true;
 
     // Everything after the handshake is decided on the newest snapshot.
     // A resumed session's chain was verified when it was first made, and a full
@@ -288,6 +299,8 @@ struct Record {
     reason: &'static str,
     code: Option<u16>,
     tls_error: Option<String>,
+    /// The TLS handshake completed (refusals before it are handshake failures).
+    handshake_done: bool,
     bytes_up: u64,
     bytes_down: u64,
 }
@@ -308,6 +321,7 @@ impl Record {
             reason: "",
             code: None,
             tls_error: None,
+            handshake_done: false,
             bytes_up: 0,
             bytes_down: 0,
         }

@@ -26,6 +26,7 @@ pub mod conn;
 pub mod handler;
 pub mod identity;
 pub mod listener;
+pub mod metrics;
 pub mod node;
 pub mod preauth;
 pub mod protocol;

@@ -69,7 +69,12 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
     }
 
     let (trigger, stopped) = shutdown::channel();
-    let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), stopped.wait()));
+    let admin_state = admin::AdminState {
+        ready: ready.clone(),
+        metrics: ctx.metrics.clone(),
+        state: ctx.state.clone(),
+    };
+    let admin_task = tokio::spawn(admin::serve(admin, admin_state, stopped.wait()));
 
     let cap = ConnectionCap::new(config.max_connections as usize);
     let signal = async {
@@ -211,6 +216,7 @@ async fn start(
             udp_timeout: config.udp_timeout,
         },
         registry,
+        metrics: Arc::default(),
     });
     Ok(Started {
         listener,

@@ -25,6 +25,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod https;
+pub mod metrics;
 pub mod nodes;
 pub mod resources;
 pub mod revoked;
@@ -69,6 +70,7 @@ impl AppState {
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
         nodes::list_nodes,
         revoked::list_revoked, revoked::revoke, revoked::unrevoke,
+        metrics::metrics,
         healthz, readyz,
     ),
     components(schemas(error::Problem, error::ProblemField)),
@@ -195,6 +197,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(revoked::unrevoke),
         )
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(actor_to_response))

@@ -71,6 +71,14 @@ impl Policy {
 pub struct Active {
     pub policy: Arc<Policy>,
     pub tls: TlsConfigs,
+    /// Unix seconds when this state was published.
+    pub applied_at: u64,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Owns the watch channel; rebuilds [`Active`] when the policy or the TLS material
@@ -96,7 +104,11 @@ impl Publisher {
             sessions.clone(),
             provider.clone(),
         )?;
-        let (tx, rx) = watch::channel(Arc::new(Active { policy, tls }));
+        let (tx, rx) = watch::channel(Arc::new(Active {
+            policy,
+            tls,
+            applied_at: now_secs(),
+        }));
         Ok((
             Publisher {
                 tx,
@@ -138,7 +150,11 @@ impl Publisher {
             self.sessions.clone(),
             self.provider.clone(),
         )?;
-        self.tx.send_replace(Arc::new(Active { policy, tls }));
+        self.tx.send_replace(Arc::new(Active {
+            policy,
+            tls,
+            applied_at: now_secs(),
+        }));
         Ok(())
     }
 }

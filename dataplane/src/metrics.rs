@@ -1,0 +1,171 @@
+//! Prometheus metrics of a data-plane node, served at `/metrics` on `--admin-listen`.
+//!
+//! Counted once per connection, at its end (the same place as the `connection` log
+//! event), plus gauges read when scraped. Label values are service names from the
+//! snapshot and constant reasons, so cardinality is bounded by the configuration.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Most distinct label sets kept per counter; beyond it, counts go to `other`.
+const MAX_SERIES: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// (service, decision, reason) → connections.
+    connections: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
+    /// reason → handshake failures.
+    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    active: AtomicI64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Escapes a label value for the text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn connection_opened(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a finished connection.
+    pub fn connection_closed(
+        &self,
+        service: Option<&str>,
+        allowed: bool,
+        reason: &'static str,
+        handshake_failed: bool,
+        bytes_up: u64,
+        bytes_down: u64,
+    ) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(bytes_down, Ordering::Relaxed);
+        let decision = if allowed { "allow" } else { "deny" };
+        {
+            let mut m = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            let mut key = (service.unwrap_or("").to_owned(), decision, reason);
+            if m.len() >= MAX_SERIES && !m.contains_key(&key) {
+                key.0 = "other".into();
+            }
+            *m.entry(key).or_default() += 1;
+        }
+        if handshake_failed {
+            let mut m = self
+                .handshake_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// The text exposition format; `snapshot` is the version in use and when it was
+    /// applied (Unix seconds; 0 when none is held).
+    pub fn render(&self, snapshot: (u64, u64)) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP ztp_connections_total Connections by service, decision and reason.\n");
+        out.push_str("# TYPE ztp_connections_total counter\n");
+        for ((svc, decision, reason), n) in self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "ztp_connections_total{{service=\"{}\",decision=\"{decision}\",reason=\"{}\"}} {n}",
+                label(svc),
+                label(reason)
+            );
+        }
+        out.push_str("# HELP ztp_handshake_failures_total Connections refused before or in the TLS handshake, by reason.\n");
+        out.push_str("# TYPE ztp_handshake_failures_total counter\n");
+        for (reason, n) in self
+            .handshake_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "ztp_handshake_failures_total{{reason=\"{}\"}} {n}",
+                label(reason)
+            );
+        }
+        out.push_str("# HELP ztp_bytes_total Bytes forwarded, up (client to backend) and down.\n");
+        out.push_str("# TYPE ztp_bytes_total counter\n");
+        let _ = writeln!(
+            out,
+            "ztp_bytes_total{{direction=\"up\"}} {}",
+            self.bytes_up.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ztp_bytes_total{{direction=\"down\"}} {}",
+            self.bytes_down.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP ztp_active_connections Connections open now.\n");
+        out.push_str("# TYPE ztp_active_connections gauge\n");
+        let _ = writeln!(
+            out,
+            "ztp_active_connections {}",
+            self.active.load(Ordering::Relaxed).max(0)
+        );
+        out.push_str("# HELP ztp_snapshot_version Config version of the snapshot in use.\n");
+        out.push_str("# TYPE ztp_snapshot_version gauge\n");
+        let _ = writeln!(out, "ztp_snapshot_version {}", snapshot.0);
+        out.push_str(
+            "# HELP ztp_snapshot_age_seconds Seconds since the snapshot in use was applied.\n",
+        );
+        out.push_str("# TYPE ztp_snapshot_age_seconds gauge\n");
+        let applied = snapshot.1;
+        let age = if applied == 0 {
+            0
+        } else {
+            now_secs().saturating_sub(applied)
+        };
+        let _ = writeln!(out, "ztp_snapshot_age_seconds {age}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders() {
+        let m = Metrics::default();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed(Some("a.svc"), true, "closed", false, 10, 20);
+        m.connection_closed(None, false, "unknown sni", true, 0, 0);
+        let text = m.render((7, now_secs()));
+        assert!(
+            text.contains(
+                "ztp_connections_total{service=\"a.svc\",decision=\"allow\",reason=\"closed\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ztp_handshake_failures_total{reason=\"unknown sni\"} 1"));
+        assert!(text.contains("ztp_bytes_total{direction=\"up\"} 10"));
+        assert!(text.contains("ztp_bytes_total{direction=\"down\"} 20"));
+        assert!(text.contains("ztp_active_connections 0"));
+        assert!(text.contains("ztp_snapshot_version 7"));
+        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}
