@@ -682,3 +682,81 @@ pub async fn revoke(c: &Client, serials: &[String], out: Output) -> anyhow::Resu
         ),
     )
 }
+
+/// Filters of `ztpctl audit`.
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    #[arg(long)]
+    pub identity: Option<String>,
+    #[arg(long)]
+    pub service: Option<String>,
+    /// allow or deny.
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Only the last DURATION (e.g. 15m, 1h).
+    #[arg(long, value_parser = ztp_proto::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+}
+
+pub async fn audit(c: &Client, a: AuditArgs, out: Output) -> anyhow::Result<()> {
+    let mut q = vec![format!("limit={}", a.limit)];
+    for (k, v) in [
+        ("identity", &a.identity),
+        ("service", &a.service),
+        ("decision", &a.decision),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", seg(v)));
+        }
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if let Some(d) = a.since {
+        q.push(format!(
+            "since={}",
+            now_ms.saturating_sub(d.as_millis() as u64)
+        ));
+    }
+    let (v, _) = get(c, &format!("/v1/audit?{}", q.join("&"))).await?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    match out {
+        Output::Json => print_json(&Value::Array(items)),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|r| {
+                    let ago = now_ms.saturating_sub(r["time_ms"].as_u64().unwrap_or(0)) / 1000;
+                    vec![
+                        format!("{ago}s ago"),
+                        s(&r["node"]),
+                        s(&r["peer"]),
+                        s(&r["identity"]),
+                        s(&r["service"]),
+                        s(&r["decision"]),
+                        s(&r["reason"]),
+                        format!("{}/{}", s(&r["bytes_up"]), s(&r["bytes_down"])),
+                        format!("{}ms", s(&r["duration_ms"])),
+                    ]
+                })
+                .collect();
+            table::print(
+                &[
+                    "WHEN",
+                    "NODE",
+                    "PEER",
+                    "IDENTITY",
+                    "SERVICE",
+                    "DECISION",
+                    "REASON",
+                    "BYTES UP/DOWN",
+                    "DURATION",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+    }
+}

@@ -74,6 +74,8 @@ enum Command {
     /// Admin tokens.
     #[command(subcommand)]
     Token(admin::TokenCmd),
+    /// Connection records from every data plane, newest first.
+    Audit(admin::AuditArgs),
     /// Reach a service through the gateway: stdin/stdout, a local TCP or UDP port.
     Connect(connect::ConnectArgs),
     /// Start a whole gateway on this machine: control plane, data plane, PKI, demo.
@@ -152,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(c) => admin::snapshot(&client, c, out).await,
         Command::Import { file } => admin::import(&client, &file, out).await,
         Command::Token(c) => admin::token(&client, c, out).await,
+        Command::Audit(a) => admin::audit(&client, a, out).await,
         Command::Pki(pki::PkiCmd::Revoke { targets, crl }) => {
             let serials = pki::revocation_serials(&targets, crl.as_deref())?;
             admin::revoke(&client, &serials, out).await

@@ -250,6 +250,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             node_ca: pki_dir.join("ca.pem"),
             trust_domain: ztp_proto::names::DEFAULT_TRUST_DOMAIN.into(),
         }),
+        audit_retention: 100_000,
     };
     let control_stop = stopped();
     let mut control =

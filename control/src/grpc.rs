@@ -363,8 +363,9 @@ impl ConfigService for ConfigServer {
             }
         });
 
-        // Inbound: acks and nacks, until the node goes.
+        // Inbound: acks, nacks and connection records, until the node goes.
         let nodes = self.nodes.clone();
+        let store = self.store.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -380,6 +381,28 @@ impl ConfigService for ConfigServer {
                         let reason: String = n.reason.chars().take(1024).collect();
                         tracing::warn!(node.id = %id, version = n.version, reason = %reason, "node refused a snapshot");
                         nodes.nacked(&id, n.version, reason);
+                    }
+                    Ok(Some(pb::NodeMessage {
+                        kind: Some(Kind::Record(r)),
+                    })) => {
+                        let record = crate::store::ConnectionRecord {
+                            time_ms: r.time_ms,
+                            node: id.clone(),
+                            peer: r.peer,
+                            sni: r.sni,
+                            identity: r.identity,
+                            user: r.user,
+                            service: r.service,
+                            decision: r.decision,
+                            reason: r.reason,
+                            code: r.code,
+                            bytes_up: r.bytes_up,
+                            bytes_down: r.bytes_down,
+                            duration_ms: r.duration_ms,
+                        };
+                        if let Err(e) = store.append_connections(&[record]) {
+                            tracing::error!(error = %e, "cannot keep a connection record");
+                        }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,

@@ -54,6 +54,10 @@ struct Args {
     #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
     trust_domain: String,
 
+    /// Connection records kept in the audit trail; the oldest are dropped beyond it.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    audit_retention: u64,
+
     /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"], value_name = "FORMAT")]
     log_format: String,
@@ -127,6 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }),
             _ => None,
         },
+        audit_retention: args.audit_retention,
     };
     let store = server::open_store(&opts.data_dir).await?;
     server::serve(store, &opts, async {

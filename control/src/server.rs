@@ -21,6 +21,8 @@ pub struct Options {
     pub api_tls: Option<(PathBuf, PathBuf)>,
     /// The config stream; `None` leaves it off.
     pub grpc: Option<GrpcOptions>,
+    /// Connection records kept (the oldest are dropped beyond it).
+    pub audit_retention: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +56,7 @@ pub async fn serve(
     opts: &Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    store.set_conn_audit_cap(opts.audit_retention);
     let nodes = Arc::new(crate::nodes::Nodes::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx2 = stop_rx.clone();

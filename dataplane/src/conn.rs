@@ -37,6 +37,9 @@ pub struct ConnContext {
     pub handler: HandlerLimits,
     pub registry: Registry,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Connection records for the control plane's audit trail (control mode only);
+    /// full means dropped, never waited on.
+    pub audit: Option<tokio::sync::mpsc::Sender<ztp_proto::wire::pb::ConnectionRecord>>,
 }
 
 /// Serves one accepted connection to its end, then logs its record.
@@ -45,6 +48,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ConnContext>) {
     ctx.metrics.connection_opened();
     run(tcp, &ctx, &mut rec).await;
     rec.emit();
+    if let Some(audit) = &ctx.audit {
+        if audit.try_send(rec.to_wire()).is_err() {
+            ctx.metrics.audit_dropped();
+        }
+    }
     ctx.metrics.connection_closed(
         rec.service.as_deref(),
         rec.allowed,
@@ -335,6 +343,26 @@ impl Record {
     fn deny(&mut self, reason: &'static str) {
         self.allowed = false;
         self.reason = reason;
+    }
+
+    fn to_wire(&self) -> ztp_proto::wire::pb::ConnectionRecord {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        ztp_proto::wire::pb::ConnectionRecord {
+            time_ms,
+            peer: self.peer.to_string(),
+            sni: self.sni.clone().unwrap_or_default(),
+            identity: self.identity.clone().unwrap_or_default(),
+            user: self.user.clone().unwrap_or_default(),
+            service: self.service.clone().unwrap_or_default(),
+            decision: if self.allowed { "allow" } else { "deny" }.into(),
+            reason: self.reason.into(),
+            code: self.code.map_or(0, u32::from),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        }
     }
 
     fn emit(&self) {

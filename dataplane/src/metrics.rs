@@ -22,6 +22,7 @@ pub struct Metrics {
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     active: AtomicI64,
+    audit_dropped: AtomicU64,
 }
 
 fn now_secs() -> u64 {
@@ -71,6 +72,11 @@ impl Metrics {
                 .unwrap_or_else(|p| p.into_inner());
             *m.entry(reason).or_default() += 1;
         }
+    }
+
+    /// A connection record the control plane will not get (queue full).
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The text exposition format; `snapshot` is the version in use and when it was
@@ -124,6 +130,13 @@ impl Metrics {
             out,
             "ztp_active_connections {}",
             self.active.load(Ordering::Relaxed).max(0)
+        );
+        out.push_str("# HELP ztp_audit_dropped_total Connection records not sent to the control plane (queue full).\n");
+        out.push_str("# TYPE ztp_audit_dropped_total counter\n");
+        let _ = writeln!(
+            out,
+            "ztp_audit_dropped_total {}",
+            self.audit_dropped.load(Ordering::Relaxed)
         );
         out.push_str("# HELP ztp_snapshot_version Config version of the snapshot in use.\n");
         out.push_str("# TYPE ztp_snapshot_version gauge\n");

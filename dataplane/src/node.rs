@@ -179,6 +179,11 @@ async fn start(
     let (publisher, state) = Publisher::new(policy, material, provider.clone())
         .map_err(|e| usage(vec![e.to_string()]))?;
     let publisher = Arc::new(Mutex::new(publisher));
+    let (audit_tx, audit_rx) = tokio::sync::mpsc::channel(crate::snapshot::grpc::AUDIT_QUEUE);
+    let (audit_tx, mut audit_rx) = match &config.source {
+        Source::Control(_) => (Some(audit_tx), Some(audit_rx)),
+        Source::File(_) => (None, None),
+    };
     let bind_err = |what: &str, addr, e: std::io::Error| {
         (1, vec![format!("cannot listen for {what} on {addr}: {e}")])
     };
@@ -191,9 +196,16 @@ async fn start(
     }
     let subscriber = match &config.source {
         Source::Control(source) => {
-            let mut sub =
-                Subscriber::new(source.clone(), publisher.clone(), registry.clone(), ready)
-                    .map_err(|e| usage(vec![e.to_string()]))?;
+            let mut sub = Subscriber::new(
+                source.clone(),
+                publisher.clone(),
+                registry.clone(),
+                ready,
+                audit_rx
+                    .take()
+                    .ok_or_else(|| usage(vec!["no audit queue".into()]))?,
+            )
+            .map_err(|e| usage(vec![e.to_string()]))?;
             // Report the address actually bound (a port 0 becomes a real one).
             if let Ok(addr) = listener.local_addr() {
                 sub.set_listen(addr.to_string());
@@ -217,6 +229,7 @@ async fn start(
         },
         registry,
         metrics: Arc::default(),
+        audit: audit_tx,
     });
     Ok(Started {
         listener,

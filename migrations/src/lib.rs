@@ -32,6 +32,9 @@ pub mod layout {
     pub const TOKENS: &str = "tokens";
     /// Big-endian sequence number → JSON admin audit record.
     pub const AUDIT: &str = "audit";
+    /// Big-endian end time (ms) + sequence → JSON connection record from a data plane
+    /// (bounded retention; since schema 2, created on first use).
+    pub const CONN_AUDIT: &str = "conn_audit";
     /// Identity key → user name (since schema 2).
     pub const IDENTITIES: &str = "identities";
     /// `group \0 kind \0 name` → empty, kind `s` (service) or `u` (user) (since schema 2).

@@ -20,6 +20,7 @@ use utoipa::{Modify, OpenApi};
 use crate::nodes::Nodes;
 use crate::store::{Actor, Store};
 
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -71,6 +72,7 @@ impl AppState {
         nodes::list_nodes,
         revoked::list_revoked, revoked::revoke, revoked::unrevoke,
         metrics::metrics,
+        audit::audit,
         healthz, readyz,
     ),
     components(schemas(error::Problem, error::ProblemField)),
@@ -198,6 +200,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
+        .route("/v1/audit", get(audit::audit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(actor_to_response))

@@ -19,8 +19,10 @@ use ztp_migrations::layout;
 use ztp_proto::names::{identity_key, Serial, ServiceName};
 use ztp_proto::{FieldError, Group, Invalid, Service, Snapshot, User};
 
+mod conn_audit;
 mod tokens;
 
+pub use conn_audit::{AuditQuery, ConnectionRecord};
 pub use tokens::{NewToken, TokenInfo};
 
 /// Who made a change (an admin token), for the audit trail.
@@ -94,7 +96,7 @@ impl StoreError {
 const MARKER: &str = "ZTP-STORE";
 
 /// The trees, in the order of [`T`].
-const TREES: [&str; 9] = [
+const TREES: [&str; 10] = [
     layout::META,
     layout::SERVICES,
     layout::USERS,
@@ -104,6 +106,7 @@ const TREES: [&str; 9] = [
     layout::AUDIT,
     layout::IDENTITIES,
     layout::GROUP_REFS,
+    layout::CONN_AUDIT,
 ];
 
 /// Index of a tree in [`TREES`].
@@ -118,6 +121,7 @@ enum T {
     Audit,
     Identities,
     GroupRefs,
+    ConnAudit,
 }
 
 /// One write of a transaction: insert (`Some`) or remove (`None`).
@@ -138,6 +142,10 @@ pub struct Store {
     path: PathBuf,
     /// The config version, published after each acknowledged change.
     versions: tokio::sync::watch::Sender<u64>,
+    /// Connection records kept and the next sequence number.
+    conn_audit: std::sync::Mutex<(u64, u64)>,
+    /// Most connection records kept; older ones are dropped.
+    conn_audit_cap: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -232,7 +240,10 @@ impl Store {
             write: Mutex::new(()),
             path: dir.to_owned(),
             versions: tokio::sync::watch::Sender::new(0),
+            conn_audit: std::sync::Mutex::new((0, 0)),
+            conn_audit_cap: std::sync::atomic::AtomicU64::new(conn_audit::DEFAULT_CAP),
         };
+        store.init_conn_audit()?;
         store.versions = tokio::sync::watch::Sender::new(store.version()?);
         // Read every record once: a damaged record is found now, not on a request.
         store.snapshot_unlocked()?;

@@ -67,7 +67,13 @@ pub struct Subscriber {
     publisher: Arc<Mutex<Publisher>>,
     registry: Registry,
     ready: Arc<Readiness>,
+    /// Connection records waiting to go to the control plane; bounded, kept across
+    /// reconnects.
+    audit: tokio::sync::Mutex<mpsc::Receiver<pb::ConnectionRecord>>,
 }
+
+/// Connection records a node keeps for the control plane while it is away.
+pub const AUDIT_QUEUE: usize = 10_000;
 
 fn read_err(path: &std::path::Path, e: impl std::fmt::Display) -> SourceError {
     SourceError::Read {
@@ -83,6 +89,7 @@ impl Subscriber {
         publisher: Arc<Mutex<Publisher>>,
         registry: Registry,
         ready: Arc<Readiness>,
+        audit: mpsc::Receiver<pb::ConnectionRecord>,
     ) -> Result<Self, SourceError> {
         let uri: Uri = source
             .url
@@ -134,6 +141,7 @@ impl Subscriber {
             publisher,
             registry,
             ready,
+            audit: tokio::sync::Mutex::new(audit),
         })
     }
 
@@ -215,7 +223,20 @@ impl Subscriber {
             .map_err(SessionError::Status)?
             .into_inner();
         tracing::info!(node.id = %self.node_id, url = %self.source.url, "subscribed to the control plane");
-        while let Some(snap) = stream.message().await.map_err(SessionError::Status)? {
+        let mut audit = self.audit.lock().await;
+        loop {
+            let snap = tokio::select! {
+                m = stream.message() => match m.map_err(SessionError::Status)? {
+                    Some(snap) => snap,
+                    None => break,
+                },
+                Some(record) = audit.recv() => {
+                    if tx.send(msg(Kind::Record(record))).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
             let version = snap.version;
             let schema = self.source.schema;
             let registry = self.registry.clone();
