@@ -698,9 +698,39 @@ pub struct AuditArgs {
     pub since: Option<std::time::Duration>,
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
+    /// Admin changes (who, what, version) instead of connections.
+    #[arg(long, conflicts_with_all = ["identity", "service", "decision", "since"])]
+    pub admin: bool,
 }
 
 pub async fn audit(c: &Client, a: AuditArgs, out: Output) -> anyhow::Result<()> {
+    if a.admin {
+        let (v, _) = get(c, &format!("/v1/audit/admin?limit={}", a.limit)).await?;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        return match out {
+            Output::Json => print_json(&Value::Array(items)),
+            Output::Table => {
+                let rows: Vec<Vec<String>> = items
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            s(&r["seq"]),
+                            s(&r["time_ms"]),
+                            s(&r["actor"]["token_name"]),
+                            s(&r["action"]),
+                            s(&r["target"]),
+                            s(&r["version"]),
+                        ]
+                    })
+                    .collect();
+                table::print(
+                    &["SEQ", "TIME (ms)", "WHO", "ACTION", "TARGET", "VERSION"],
+                    &rows,
+                );
+                Ok(())
+            }
+        };
+    }
     let mut q = vec![format!("limit={}", a.limit)];
     for (k, v) in [
         ("identity", &a.identity),

@@ -63,3 +63,32 @@ pub async fn audit(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(List { items, next: None }))
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AdminAuditParams {
+    /// Records, 1 to 1000 (default 100).
+    pub limit: Option<usize>,
+}
+
+/// Admin changes (who, what, the version it made), newest first.
+#[utoipa::path(get, path = "/v1/audit/admin", tag = "audit", params(AdminAuditParams),
+    responses((status = 200, body = List<crate::store::AuditRecord>), (status = 400, body = super::error::Problem)),
+    security(("token" = [])))]
+pub async fn admin_audit(
+    State(s): State<AppState>,
+    q: Result<Query<AdminAuditParams>, QueryRejection>,
+) -> Result<Json<List<crate::store::AuditRecord>>, ApiError> {
+    let Query(p) = q.map_err(|e| ApiError::field("query", e.body_text()))?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be 1 to {MAX_LIMIT}"),
+        ));
+    }
+    Ok(Json(List {
+        items: s.store.audit(limit)?,
+        next: None,
+    }))
+}

@@ -72,7 +72,7 @@ impl AppState {
         nodes::list_nodes,
         revoked::list_revoked, revoked::revoke, revoked::unrevoke,
         metrics::metrics,
-        audit::audit,
+        audit::audit, audit::admin_audit,
         healthz, readyz,
     ),
     components(schemas(error::Problem, error::ProblemField)),
@@ -201,6 +201,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
         .route("/v1/audit", get(audit::audit))
+        .route("/v1/audit/admin", get(audit::admin_audit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(actor_to_response))

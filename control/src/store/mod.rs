@@ -26,7 +26,7 @@ pub use conn_audit::{AuditQuery, ConnectionRecord};
 pub use tokens::{NewToken, TokenInfo};
 
 /// Who made a change (an admin token), for the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Actor {
     pub token_id: String,
     pub token_name: String,
@@ -43,7 +43,7 @@ impl Actor {
 }
 
 /// One admin change, as kept in the audit tree.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
