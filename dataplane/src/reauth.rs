@@ -71,7 +71,10 @@ pub fn watch(
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let left = Duration::from_secs(identity.not_after.max(0) as u64).saturating_sub(now);
+        // A certificate is valid through its notAfter second (RFC 5280): it ends when
+        // the next second begins, as the handshake check sees it.
+        let end = Duration::from_secs(identity.not_after.max(0) as u64 + 1);
+        let left = end.saturating_sub(now);
         let expiry = tokio::time::sleep(left);
         tokio::pin!(expiry);
         // The state may have moved between the decision and now.

@@ -134,6 +134,10 @@ fn operator_pki(dir: &Path, ca: Alg, leaf: Alg) {
 
 async fn s_client_echo(ca: Alg, leaf: Alg) {
     if !openssl_available() {
+        assert!(
+            !ztp_tests::process::tools_required(),
+            "`openssl` is missing and ZTP_REQUIRE_TOOLS is set"
+        );
         eprintln!("SKIPPED: `openssl` is not on PATH; the openssl interop test did not run");
         return;
     }

@@ -1,0 +1,125 @@
+//! What the benchmarks share: processes, ports, a tiny HTTP client.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe.parent().expect("bin dir").join(name);
+    assert!(
+        p.is_file(),
+        "{} missing: run `cargo build --release --workspace --bins`",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request; returns status, ETag and body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &[u8],
+) -> (u16, Option<String>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect to the API");
+    s.set_nodelay(true).ok();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head[9..12].parse().unwrap();
+    let etag = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("etag:"))
+        .map(|l| l[5..].trim().trim_matches('"').to_owned());
+    (status, etag, resp[split + 4..].to_vec())
+}
+
+pub fn wait_until(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + bound;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The applied versions of the connected nodes.
+pub fn applied(api: SocketAddr, token: &str) -> Vec<u64> {
+    let (_, _, body) = http(api, "GET", "/v1/nodes", token, b"");
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    v["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|n| n["connected"].as_bool() == Some(true))
+                .map(|n| n["applied"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr, listen: SocketAddr) -> Proc {
+    let child = Command::new(bin("ztp-dataplane"))
+        .arg("--listen")
+        .arg(listen.to_string())
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(dir.join("server.pem"))
+        .arg("--key")
+        .arg(dir.join("server.key"))
+        .arg("--client-ca")
+        .arg(ca)
+        .arg("--control")
+        .arg(format!("https://localhost:{}", grpc.port()))
+        .arg("--node-cert")
+        .arg(dir.join(format!("{id}.pem")))
+        .arg("--node-key")
+        .arg(dir.join(format!("{id}.key")))
+        .arg("--control-ca")
+        .arg(ca)
+        .args(["--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ztp-dataplane");
+    Proc(child)
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
