@@ -8,7 +8,10 @@
 //! closed by its data plane. Prints the median, p90 and max of the slowest replica per
 //! round.
 //!
-//! Usage: revocation [--replicas 2] [--rounds 20]
+//! Usage: revocation [--replicas 2] [--rounds 20] [--users 0]
+//!
+//! `--users N` adds N more users to the configuration, to see the cost of the full
+//! snapshot each version carries today.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -23,12 +26,14 @@ use common::*;
 fn main() {
     let mut replicas = 2usize;
     let mut rounds = 20usize;
+    let mut users = 0usize;
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
         let v = pair.get(1).map(String::as_str).unwrap_or("");
         match pair[0].as_str() {
             "--replicas" => replicas = v.parse().expect("--replicas N"),
             "--rounds" => rounds = v.parse().expect("--rounds N"),
+            "--users" => users = v.parse().expect("--users N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -38,7 +43,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(replicas, rounds));
+    rt.block_on(run(replicas, rounds, users));
 }
 
 async fn echo_backend() -> SocketAddr {
@@ -59,7 +64,7 @@ async fn echo_backend() -> SocketAddr {
     addr
 }
 
-async fn run(replicas: usize, rounds: usize) {
+async fn run(replicas: usize, rounds: usize, extra_users: usize) {
     let dir = std::env::temp_dir().join(format!("ztp-bench-revocation-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pki = TestPki::new();
@@ -102,9 +107,11 @@ async fn run(replicas: usize, rounds: usize) {
         .trim()
         .to_owned();
     let backend = echo_backend().await;
+    let mut users = vec![serde_json::json!({"name": "alice", "identities": ["alice@example.com"]})];
+    users.extend((0..extra_users).map(|i| serde_json::json!({"name": format!("u{i}"), "identities": [format!("u{i}@example.com")]})));
     let snap = serde_json::json!({"version": 1,
         "services": [{"name": "echo.svc.internal", "protocol": "tcp", "address": backend.to_string()}],
-        "users": [{"name": "alice", "identities": ["alice@example.com"]}], "groups": [], "revoked": []});
+        "users": users, "groups": [], "revoked": []});
     let (status, _, body) = http(
         api,
         "POST",
@@ -172,7 +179,8 @@ async fn run(replicas: usize, rounds: usize) {
     }
     times.sort();
     println!(
-        "revocation, {replicas} replicas: REST call returned -> live connection closed on every replica: median {:.1} ms, p90 {:.1} ms, max {:.1} ms ({rounds} rounds)",
+        "revocation, {replicas} replicas, {} users: REST call returned -> live connection closed on every replica: median {:.1} ms, p90 {:.1} ms, max {:.1} ms ({rounds} rounds)",
+        extra_users + 1,
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.9).as_secs_f64() * 1e3,
         times.last().unwrap().as_secs_f64() * 1e3,
