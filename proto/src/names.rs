@@ -206,17 +206,26 @@ pub fn node_id<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
     ok.then_some(id)
 }
 
-/// The node ID a certificate carries: its first URI SAN that is a node URI of
-/// `trust_domain`.
+/// The node ID a certificate carries: its URI SAN `spiffe://TRUST_DOMAIN/node/ID`. A
+/// node's certificate names nothing else a user's could: it must carry exactly one URI
+/// and no email, so that no certificate is both a node and a user.
 pub fn node_id_of_cert(der: &[u8], trust_domain: &str) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => node_id(u, trust_domain).map(str::to_owned),
+    let names = &san.value.general_names;
+    if names.iter().any(|n| matches!(n, GeneralName::RFC822Name(_))) {
+        return None;
+    }
+    let mut uris = names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
         _ => None,
-    })
+    });
+    let (Some(uri), None) = (uris.next(), uris.next()) else {
+        return None;
+    };
+    node_id(uri, trust_domain).map(str::to_owned)
 }
 
 /// A certificate serial number, normalized so that equal integers compare equal: big
