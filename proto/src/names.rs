@@ -396,6 +396,26 @@ mod tests {
     }
 
     #[test]
+    fn node_certificates_name_only_the_node() {
+        use rcgen::{CertificateParams, KeyPair, SanType};
+        let cert = |sans: Vec<SanType>| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names = sans;
+            p.self_signed(&KeyPair::generate().unwrap()).unwrap().der().to_vec()
+        };
+        let uri = |u: &str| SanType::URI(u.try_into().unwrap());
+        let td = DEFAULT_TRUST_DOMAIN;
+        let node = uri("spiffe://ztp.internal/node/n1");
+        assert_eq!(node_id_of_cert(&cert(vec![node.clone()]), td).as_deref(), Some("n1"));
+        let email = SanType::Rfc822Name("alice@x".try_into().unwrap());
+        assert_eq!(node_id_of_cert(&cert(vec![node.clone(), email]), td), None);
+        let other = uri("spiffe://ztp.internal/user/a");
+        assert_eq!(node_id_of_cert(&cert(vec![node.clone(), other]), td), None);
+        assert_eq!(node_id_of_cert(&cert(vec![uri("spiffe://elsewhere/node/n1")]), td), None);
+        assert_eq!(node_id_of_cert(b"junk", td), None);
+    }
+
+    #[test]
     fn serials_compare_as_integers() {
         let a = Serial::parse_hex("0a1b2c3d").unwrap();
         assert_eq!(a, Serial::parse_hex("A1B2C3D").unwrap());
