@@ -123,3 +123,65 @@ pub fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr, listen: Soc
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
+
+/// A control plane on loopback with the PKI in `dir` (written by `setup_pki`).
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub api: SocketAddr,
+    pub grpc: SocketAddr,
+    pub token: String,
+}
+
+/// Writes the test PKI into `dir` with node certificates n0..n{nodes}.
+pub fn setup_pki(dir: &Path, nodes: usize) -> ztp_tests::TestPki {
+    std::fs::create_dir_all(dir).unwrap();
+    let pki = ztp_tests::TestPki::new();
+    pki.write_files(dir).unwrap();
+    for i in 0..nodes {
+        pki.builder()
+            .uri(&format!("spiffe://ztp.internal/node/n{i}"))
+            .issue()
+            .write(dir, &format!("n{i}"))
+            .unwrap();
+    }
+    pki
+}
+
+/// Starts `ztp-control` with its store in `dir/data` and waits for its admin token.
+pub fn start_control(dir: &Path) -> ControlPlane {
+    let api: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let proc = Proc(
+        Command::new(bin("ztp-control"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--api-listen")
+            .arg(api.to_string())
+            .arg("--grpc-listen")
+            .arg(grpc.to_string())
+            .arg("--grpc-cert")
+            .arg(dir.join("server.pem"))
+            .arg("--grpc-key")
+            .arg(dir.join("server.key"))
+            .arg("--node-ca")
+            .arg(dir.join("ca.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ztp-control"),
+    );
+    let token_path = dir.join("data").join("admin-token");
+    wait_until("the admin token", Duration::from_secs(20), || {
+        token_path.exists() && TcpStream::connect(api).is_ok()
+    });
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap()
+        .trim()
+        .to_owned();
+    ControlPlane {
+        proc,
+        api,
+        grpc,
+        token,
+    }
+}

@@ -10,12 +10,9 @@
 //!
 //! Usage: propagation [--replicas 1,2,8] [--services 10000] [--users 100000] [--writes 15]
 
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ztp_tests::TestPki;
 
 mod common;
 use common::*;
@@ -59,48 +56,11 @@ fn main() {
     let o = opts();
     ztp_tests::install_crypto_provider();
     let dir = std::env::temp_dir().join(format!("ztp-bench-propagation-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pki = TestPki::new();
-    pki.write_files(&dir).unwrap();
     let max = o.replicas.iter().copied().max().unwrap_or(1);
-    for i in 0..max {
-        pki.builder()
-            .uri(&format!("spiffe://ztp.internal/node/n{i}"))
-            .issue()
-            .write(&dir, &format!("n{i}"))
-            .unwrap();
-    }
+    setup_pki(&dir, max);
     let ca = dir.join("ca.pem");
-    let (api_port, grpc_port) = (free_port(), free_port());
-    let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
-    let grpc: SocketAddr = ([127, 0, 0, 1], grpc_port).into();
-    let _control = Proc(
-        Command::new(bin("ztp-control"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-listen")
-            .arg(api.to_string())
-            .arg("--grpc-listen")
-            .arg(grpc.to_string())
-            .arg("--grpc-cert")
-            .arg(dir.join("server.pem"))
-            .arg("--grpc-key")
-            .arg(dir.join("server.key"))
-            .arg("--node-ca")
-            .arg(&ca)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ztp-control"),
-    );
-    let token_path = dir.join("data").join("admin-token");
-    wait_until("the admin token", Duration::from_secs(20), || {
-        token_path.exists() && TcpStream::connect(api).is_ok()
-    });
-    let token = std::fs::read_to_string(&token_path)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let control = start_control(&dir);
+    let (api, grpc, token) = (control.api, control.grpc, control.token.clone());
 
     // The configuration: SERVICES services over 10 groups, USERS users.
     let t = Instant::now();

@@ -14,11 +14,10 @@
 //! snapshot each version carries today.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztp_tests::{connect_with, ClientOptions, TestPki};
+use ztp_tests::{connect_with, ClientOptions};
 
 mod common;
 use common::*;
@@ -66,46 +65,10 @@ async fn echo_backend() -> SocketAddr {
 
 async fn run(replicas: usize, rounds: usize, extra_users: usize) {
     let dir = std::env::temp_dir().join(format!("ztp-bench-revocation-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pki = TestPki::new();
-    pki.write_files(&dir).unwrap();
-    for i in 0..replicas {
-        pki.builder()
-            .uri(&format!("spiffe://ztp.internal/node/n{i}"))
-            .issue()
-            .write(&dir, &format!("n{i}"))
-            .unwrap();
-    }
+    let pki = setup_pki(&dir, replicas);
     let ca = dir.join("ca.pem");
-    let api: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let grpc: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let _control = Proc(
-        Command::new(bin("ztp-control"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-listen")
-            .arg(api.to_string())
-            .arg("--grpc-listen")
-            .arg(grpc.to_string())
-            .arg("--grpc-cert")
-            .arg(dir.join("server.pem"))
-            .arg("--grpc-key")
-            .arg(dir.join("server.key"))
-            .arg("--node-ca")
-            .arg(&ca)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ztp-control"),
-    );
-    let token_path = dir.join("data").join("admin-token");
-    wait_until("the admin token", Duration::from_secs(20), || {
-        token_path.exists() && std::net::TcpStream::connect(api).is_ok()
-    });
-    let token = std::fs::read_to_string(&token_path)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let control = start_control(&dir);
+    let (api, grpc, token) = (control.api, control.grpc, control.token.clone());
     let backend = echo_backend().await;
     let mut users = vec![serde_json::json!({"name": "alice", "identities": ["alice@example.com"]})];
     users.extend((0..extra_users).map(|i| serde_json::json!({"name": format!("u{i}"), "identities": [format!("u{i}@example.com")]})));
