@@ -209,6 +209,8 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
+            // Small messages (acks, snapshots of small configs) must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
             let (acceptor, tx, td) = (acceptor.clone(), tx.clone(), trust_domain.clone());
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
