@@ -402,6 +402,7 @@ impl ConfigService for ConfigServer {
                             bytes_down: r.bytes_down,
                             duration_ms: r.duration_ms,
                         };
+                        nodes.seen(&id);
                         if let Err(e) = store.append_connections(&[record]) {
                             tracing::error!(error = %e, "cannot keep a connection record");
                         }

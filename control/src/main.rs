@@ -55,7 +55,7 @@ struct Args {
     trust_domain: String,
 
     /// Connection records kept in the audit trail; the oldest are dropped beyond it.
-    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    #[arg(long, default_value_t = 1_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     audit_retention: u64,
 
     /// Log format on stderr.

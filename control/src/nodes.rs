@@ -92,6 +92,15 @@ impl Nodes {
         })
     }
 
+    /// Any message from the node (a connection record, say) shows it is alive.
+    pub fn seen(&self, id: &str) {
+        self.with(|m| {
+            if let Some(n) = m.get_mut(id) {
+                n.last_seen_ms = now_ms();
+            }
+        })
+    }
+
     pub fn disconnected(&self, id: &str) {
         self.with(|m| {
             if let Some(n) = m.get_mut(id) {

@@ -274,7 +274,19 @@ impl HandshakeError {
         match self {
             HandshakeError::Timeout => "handshake timeout",
             HandshakeError::Hello(_) => "bad client hello",
-            HandshakeError::Tls(_) => "handshake failed",
+            HandshakeError::Tls(e) => {
+                use rustls::{CertificateError as C, Error as E};
+                match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
+                    Some(E::InvalidCertificate(C::Revoked)) => "certificate revoked",
+                    Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
+                        "certificate expired"
+                    }
+                    Some(E::InvalidCertificate(C::UnknownIssuer)) => "unknown ca",
+                    Some(E::NoCertificatesPresented) => "no client certificate",
+                    Some(E::PeerIncompatible(_)) => "protocol version",
+                    _ => "handshake failed",
+                }
+            }
         }
     }
 }

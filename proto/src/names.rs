@@ -215,7 +215,10 @@ pub fn node_id_of_cert(der: &[u8], trust_domain: &str) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     let names = &san.value.general_names;
-    if names.iter().any(|n| matches!(n, GeneralName::RFC822Name(_))) {
+    if names
+        .iter()
+        .any(|n| matches!(n, GeneralName::RFC822Name(_)))
+    {
         return None;
     }
     let mut uris = names.iter().filter_map(|n| match n {
@@ -401,17 +404,26 @@ mod tests {
         let cert = |sans: Vec<SanType>| {
             let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
             p.subject_alt_names = sans;
-            p.self_signed(&KeyPair::generate().unwrap()).unwrap().der().to_vec()
+            p.self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .to_vec()
         };
         let uri = |u: &str| SanType::URI(u.try_into().unwrap());
         let td = DEFAULT_TRUST_DOMAIN;
         let node = uri("spiffe://ztp.internal/node/n1");
-        assert_eq!(node_id_of_cert(&cert(vec![node.clone()]), td).as_deref(), Some("n1"));
+        assert_eq!(
+            node_id_of_cert(&cert(vec![node.clone()]), td).as_deref(),
+            Some("n1")
+        );
         let email = SanType::Rfc822Name("alice@x".try_into().unwrap());
         assert_eq!(node_id_of_cert(&cert(vec![node.clone(), email]), td), None);
         let other = uri("spiffe://ztp.internal/user/a");
         assert_eq!(node_id_of_cert(&cert(vec![node.clone(), other]), td), None);
-        assert_eq!(node_id_of_cert(&cert(vec![uri("spiffe://elsewhere/node/n1")]), td), None);
+        assert_eq!(
+            node_id_of_cert(&cert(vec![uri("spiffe://elsewhere/node/n1")]), td),
+            None
+        );
         assert_eq!(node_id_of_cert(b"junk", td), None);
     }
 

@@ -9,10 +9,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, CustomExtension, DistinguishedName,
-    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    CustomExtension, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType,
     SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -46,6 +48,41 @@ pub struct TestCert {
 }
 
 impl TestCert {
+    /// A certificate and key made elsewhere (e.g. by `ztpctl pki issue` or the openssl
+    /// CLI), from their PEM text: the first `CERTIFICATE` block and the first private key
+    /// (PKCS #8, PKCS #1 or SEC1). The serial is read from the certificate.
+    ///
+    /// # Errors
+    /// If either does not parse.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<TestCert, String> {
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| format!("not a PEM certificate: {e}"))?;
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| format!("not a PEM private key: {e}"))?;
+        let serial = der_serial(&cert_der).ok_or("the certificate's serial does not parse")?;
+        Ok(TestCert {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            cert_der,
+            key_der,
+            serial: hex_canonical(&serial),
+        })
+    }
+
+    /// Reads `DIR/NAME.pem` and `DIR/NAME.key` (see [`TestCert::from_pem`]).
+    ///
+    /// # Panics
+    /// If either is missing or does not parse.
+    pub fn read(dir: &Path, name: &str) -> TestCert {
+        let read = |ext: &str| {
+            let p = dir.join(format!("{name}.{ext}"));
+            std::fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+        };
+        TestCert::from_pem(&read("pem"), &read("key"))
+            .unwrap_or_else(|e| panic!("{}/{name}.pem and .key: {e}", dir.display()))
+    }
+
     /// Writes `DIR/NAME.pem` (certificate) and `DIR/NAME.key` (key, mode 0600).
     pub fn write(&self, dir: &Path, name: &str) -> io::Result<()> {
         std::fs::write(dir.join(format!("{name}.pem")), &self.cert_pem)?;
@@ -195,6 +232,34 @@ impl TestPki {
     /// nobody trusts.
     pub fn rogue(&self, email: &str) -> TestCert {
         TestPki::with_ca_name("Rogue CA").client_email(email)
+    }
+
+    /// A CRL signed by this CA that lists `serials` (hex, any case, leading zeros
+    /// allowed), issued an hour ago and due again in a day: PEM (`X509 CRL`) and DER.
+    ///
+    /// # Panics
+    /// If a serial is not hex.
+    pub fn crl(&self, serials: &[&str]) -> (String, Vec<u8>) {
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = serials
+            .iter()
+            .map(|s| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&hex_bytes(s)),
+                revocation_time: now - Duration::hours(1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from_slice(&[0x01]),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.ca).expect("sign the CRL");
+        (crl.pem().expect("CRL PEM"), crl.der().to_vec())
     }
 
     /// Writes `ca.pem`, `server.pem` and `server.key` (mode 0600) into `dir`.
@@ -355,6 +420,69 @@ pub fn hex_canonical(bytes: &[u8]) -> String {
         "0".to_string()
     } else {
         trimmed.to_string()
+    }
+}
+
+/// The bytes of a hex integer (leading zeros kept as given; an odd length is padded on
+/// the left).
+///
+/// # Panics
+/// If `hex` is not hex.
+pub fn hex_bytes(hex: &str) -> Vec<u8> {
+    let padded = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex.to_string()
+    };
+    (0..padded.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&padded[i..i + 2], 16)
+                .unwrap_or_else(|_| panic!("{hex:?} is not hex"))
+        })
+        .collect()
+}
+
+/// One DER TLV at the start of `der`: (tag, contents, rest).
+fn der_tlv(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        rest = &rest[n..];
+        len
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The serial number (big-endian bytes as encoded) of a DER certificate.
+pub fn der_serial(cert: &[u8]) -> Option<Vec<u8>> {
+    let (0x30, cert, _) = der_tlv(cert)? else {
+        return None;
+    };
+    let (0x30, mut tbs, _) = der_tlv(cert)? else {
+        return None;
+    };
+    let (tag, contents, rest) = der_tlv(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    } else if tag == 0x02 {
+        return Some(contents.to_vec());
+    }
+    match der_tlv(tbs)? {
+        (0x02, serial, _) => Some(serial.to_vec()),
+        _ => None,
     }
 }
 

@@ -217,3 +217,27 @@ async fn session_store_resumes_against_a_resuming_server() {
     );
     task.abort();
 }
+
+/// `TestCert::from_pem` reads back what the PKI wrote (serial included, with and without
+/// a DER sign byte), and `TestPki::crl` signs a CRL of the serials given.
+#[test]
+fn certificates_read_back_from_pem_and_crls_list_serials() {
+    let pki = TestPki::new();
+    for cert in [
+        pki.client_email("alice@example.com"),
+        // First byte >= 0x80: DER prepends a zero byte to keep it positive.
+        pki.builder().cn("big").serial(&[0x00, 0x9a, 0xbc]).issue(),
+        pki.builder().cn("small").serial(&[0x05]).issue(),
+    ] {
+        let back = crate::TestCert::from_pem(&cert.cert_pem, &cert.key_pem).unwrap();
+        assert_eq!(back.serial, cert.serial.trim_start_matches('0'));
+        assert_eq!(back.cert_der, cert.cert_der);
+    }
+    assert!(crate::TestCert::from_pem("nope", "nope").is_err());
+    let (pem, der) = pki.crl(&["0A1B", "ff"]);
+    assert!(pem.starts_with("-----BEGIN X509 CRL-----"), "{pem}");
+    // The DER carries both serials as INTEGERs (0x0a1b, and 0x00ff with its sign byte).
+    let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+    assert!(has(&[0x02, 0x02, 0x0a, 0x1b]), "{der:02x?}");
+    assert!(has(&[0x02, 0x02, 0x00, 0xff]), "{der:02x?}");
+}

@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use ztp_proto::names::identity_key;
+
 use super::{json, Store, StoreError, T};
 
 /// Records kept by default.
@@ -107,10 +109,11 @@ impl Store {
         for kv in self.tree(T::ConnAudit).range(lo..=hi).rev().take(MAX_SCAN) {
             let (k, v) = kv?;
             let r: ConnectionRecord = Self::decode(T::ConnAudit, &k, &v)?;
+            // The data plane's rule: emails case-insensitively, URIs and CNs exactly.
             let keep = q
                 .identity
                 .as_deref()
-                .is_none_or(|i| r.identity.eq_ignore_ascii_case(i))
+                .is_none_or(|i| identity_key(&r.identity) == identity_key(i))
                 && q.service
                     .as_deref()
                     .is_none_or(|s| r.service.eq_ignore_ascii_case(s))

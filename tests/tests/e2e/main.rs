@@ -7,6 +7,7 @@
 //! ztp-control -p ztpctl -p ztp-tests --bins`; quick when they are fresh).
 
 mod admin;
+mod audit;
 mod authz;
 mod auto_protocol;
 mod common;
@@ -20,11 +21,15 @@ mod ipv6;
 mod limits;
 mod live;
 mod logging;
+mod metrics;
 mod openssl;
+mod pki_cli;
+mod plane;
 mod real_clients;
 mod reload;
 mod replicas;
 mod resumption;
+mod revocation;
 mod snapshot_check;
 mod tls_gate;
 mod udp_spec;
