@@ -442,21 +442,7 @@ impl Store {
         let _w = self.write.lock().await;
         self.check_expected(expect)?;
         let old: Option<Service> = self.get(T::Services, &key)?;
-        match (&old, create) {
-            (Some(_), true) => {
-                return Err(StoreError::Exists {
-                    kind: "service",
-                    name: svc.name,
-                })
-            }
-            (None, false) => {
-                return Err(StoreError::NotFound {
-                    kind: "service",
-                    name: svc.name,
-                })
-            }
-            _ => {}
-        }
+        check_presence("service", &svc.name, old.is_some(), create)?;
         self.check_groups_exist(&svc.groups)?;
         let mut ops: Vec<Op> = Vec::new();
         if let Some(old) = &old {
@@ -535,21 +521,7 @@ impl Store {
         let _w = self.write.lock().await;
         self.check_expected(expect)?;
         let old: Option<User> = self.get(T::Users, &user.name)?;
-        match (&old, create) {
-            (Some(_), true) => {
-                return Err(StoreError::Exists {
-                    kind: "user",
-                    name: user.name,
-                })
-            }
-            (None, false) => {
-                return Err(StoreError::NotFound {
-                    kind: "user",
-                    name: user.name,
-                })
-            }
-            _ => {}
-        }
+        check_presence("user", &user.name, old.is_some(), create)?;
         self.check_groups_exist(&user.groups)?;
         let mut conflicts = Vec::new();
         for (k, id) in user.identities.iter().enumerate() {
@@ -945,6 +917,26 @@ impl Store {
                 Self::decode(T::Audit, &k, &v)
             })
             .collect()
+    }
+}
+
+/// A create needs the name free; a replace needs the record there.
+fn check_presence(
+    kind: &'static str,
+    name: &str,
+    exists: bool,
+    create: bool,
+) -> Result<(), StoreError> {
+    match (exists, create) {
+        (true, true) => Err(StoreError::Exists {
+            kind,
+            name: name.to_owned(),
+        }),
+        (false, false) => Err(StoreError::NotFound {
+            kind,
+            name: name.to_owned(),
+        }),
+        _ => Ok(()),
     }
 }
 
