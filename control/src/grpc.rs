@@ -38,6 +38,8 @@ use pb::node_message::Kind;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress on the gRPC port, at most.
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// WebPKI verification against the node CA, then: the certificate must name a node.
 struct NodeVerifier {
@@ -196,6 +198,7 @@ pub fn incoming(
 ) -> ReceiverStream<Result<NodeConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -209,15 +212,23 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
+            // Unauthenticated peers may hold at most this many handshakes at once; more
+            // are closed at once, so they cannot use up the descriptors nodes need.
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                drop(tcp);
+                continue;
+            };
             // Small messages (acks, snapshots of small configs) must not wait for Nagle.
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, td) = (acceptor.clone(), tx.clone(), trust_domain.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        tracing::warn!(client.addr = %addr, error = %e, "grpc handshake refused");
+                        // Debug, not warn: anyone can cause these, and logs are not free.
+                        tracing::debug!(client.addr = %addr, error = %e, "grpc handshake refused");
                         return;
                     }
                     Err(_) => return,
@@ -274,6 +285,9 @@ pub struct ConfigServer {
     /// Ends every subscription when the server stops, so that shutdown need not wait
     /// for streams that would otherwise never end.
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The live subscription of each node: a new one ends the old, so a node holds one
+    /// stream however often it reconnects.
+    live: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>>,
 }
 
 impl ConfigServer {
@@ -287,6 +301,7 @@ impl ConfigServer {
             nodes,
             cache: Arc::default(),
             stop,
+            live: Arc::default(),
         }
     }
 
@@ -341,6 +356,16 @@ impl ConfigService for ConfigServer {
         let mut versions = store.watch_version();
         let mut sent = (hello.last_version > 0).then_some(hello.last_version);
         let mut stop = self.stop.clone();
+        let replaced = Arc::new(tokio::sync::Notify::new());
+        if let Some(old) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), replaced.clone())
+        {
+            old.notify_one();
+        }
+        let mine = replaced.clone();
         tokio::spawn(async move {
             loop {
                 let version = *versions.borrow_and_update();
@@ -361,6 +386,7 @@ impl ConfigService for ConfigServer {
                     r = versions.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                     _ = stop.wait_for(|s| *s) => return,
+                    _ = replaced.notified() => return,
                 }
             }
         });
@@ -368,6 +394,7 @@ impl ConfigService for ConfigServer {
         // Inbound: acks, nacks and connection records, until the node goes.
         let nodes = self.nodes.clone();
         let store = self.store.clone();
+        let live = self.live.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -411,8 +438,20 @@ impl ConfigService for ConfigServer {
                     Ok(None) | Err(_) => break,
                 }
             }
-            tracing::info!(node.id = %id, "node disconnected");
-            nodes.disconnected(&id);
+            // A newer subscription of the same node may have replaced this one: only
+            // the live one decides whether the node is connected.
+            let current = {
+                let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+                let current = live.get(&id).is_some_and(|n| Arc::ptr_eq(n, &mine));
+                if current {
+                    live.remove(&id);
+                }
+                current
+            };
+            if current {
+                tracing::info!(node.id = %id, "node disconnected");
+                nodes.disconnected(&id);
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
