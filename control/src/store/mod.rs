@@ -302,6 +302,17 @@ impl Store {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page<V>, StoreError> {
+        self.page(t, cursor, limit, |k, v| Self::decode(t, k, v))
+    }
+
+    /// A page of `t` after `cursor` (a key), each entry made by `item`.
+    fn page<V>(
+        &self,
+        t: T,
+        cursor: Option<&str>,
+        limit: usize,
+        item: impl Fn(&[u8], &[u8]) -> Result<V, StoreError>,
+    ) -> Result<Page<V>, StoreError> {
         use std::ops::Bound;
         let start = match cursor {
             Some(c) => Bound::Excluded(c.as_bytes().to_vec()),
@@ -312,7 +323,7 @@ impl Store {
         let mut iter = self.tree(t).range::<Vec<u8>, _>((start, Bound::Unbounded));
         for kv in iter.by_ref().take(limit) {
             let (k, v) = kv?;
-            items.push(Self::decode(t, &k, &v)?);
+            items.push(item(&k, &v)?);
             last = Some(String::from_utf8_lossy(&k).into_owned());
         }
         let more = iter.next().is_some();
@@ -825,22 +836,8 @@ impl Store {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page<String>, StoreError> {
-        use std::ops::Bound;
-        let start = match cursor {
-            Some(c) => Bound::Excluded(c.as_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut items = Vec::new();
-        let mut iter = self
-            .tree(T::Revoked)
-            .range::<Vec<u8>, _>((start, Bound::Unbounded));
-        for k in iter.by_ref().take(limit) {
-            items.push(String::from_utf8_lossy(&k?.0).into_owned());
-        }
-        let more = iter.next().is_some();
-        Ok(Page {
-            next: if more { items.last().cloned() } else { None },
-            items,
+        self.page(T::Revoked, cursor, limit, |k, _| {
+            Ok(String::from_utf8_lossy(k).into_owned())
         })
     }
 
