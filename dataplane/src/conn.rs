@@ -64,12 +64,75 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ConnContext>) {
 }
 
 async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
+    // A connection's task is as big as the largest state of its future, for its whole
+    // life. Everything before the session (handshake, checks, peeking, refusals) runs in
+    // its own boxed future, freed when done, so an idle session holds only what serving
+    // it needs.
+    let Some(Admitted {
+        client,
+        protocol,
+        framed,
+        initial,
+        permit,
+        identity,
+        handler,
+        sni,
+    }) = Box::pin(admit(tcp, ctx, rec)).await
+    else {
+        return;
+    };
+    let outcome = handler
+        .serve(Session {
+            client,
+            protocol,
+            framed,
+            initial,
+            permit: &permit,
+            identity: &identity,
+            limits: ctx.handler,
+            revoked: reauth::watch(
+                ctx.state.clone(),
+                sni,
+                rec.peer.ip(),
+                identity.clone(),
+                permit.route.clone(),
+            ),
+        })
+        .await;
+    rec.bytes_up = outcome.bytes_up;
+    rec.bytes_down = outcome.bytes_down;
+    rec.backend = outcome.backend_addr;
+    // Authorized: the decision is "allow" even when the backend then failed (the code
+    // and reason say so).
+    rec.code = outcome.refusal.map(Refusal::code);
+    rec.allow(outcome.end);
+}
+
+/// An authorized connection, ready for its handler.
+struct Admitted {
+    /// Boxed: a session's futures move it around; one heap copy is all it needs.
+    client: Box<ClientStream>,
+    protocol: Protocol,
+    framed: bool,
+    initial: Vec<u8>,
+    permit: authz::Permit,
+    identity: identity::ClientIdentity,
+    handler: Arc<dyn crate::handler::Handler>,
+    sni: String,
+}
+
+/// Every stage before the handler. `None` when the connection was refused (answered and
+/// recorded in `rec`).
+async fn admit(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<Admitted> {
     // TLS: the ClientHello decides the service before anything is signed.
     let handshake = tokio::time::timeout(ctx.handshake_timeout, gate(tcp, ctx, rec)).await;
     let (mut client, hello_state) = match handshake {
         Ok(Some(c)) => c,
-        Ok(None) => return,
-        Err(_) => return rec.deny(HandshakeError::Timeout.reason()),
+        Ok(None) => return None,
+        Err(_) => {
+            rec.deny(HandshakeError::Timeout.reason());
+            return None;
+        }
     };
     rec.handshake_done = true;
 
@@ -82,12 +145,12 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
     if let Err(e) = tls::recheck_chain(&client, &active.tls.verifier, stale) {
         tracing::debug!(error = %e, "certificate refused on re-check");
         let reason = "certificate refused on re-check";
-        return refuse(&mut client, rec, Refusal::Forbidden, reason).await;
+        return refused(&mut client, rec, Refusal::Forbidden, reason).await;
     }
 
     // Identity.
     let Some(leaf) = tls::peer_chain(&client).first() else {
-        return refuse(
+        return refused(
             &mut client,
             rec,
             Refusal::Forbidden,
@@ -99,7 +162,7 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
         Ok(id) => id,
         Err(e) => {
             tracing::debug!(error = %e, "no identity");
-            return refuse(&mut client, rec, Refusal::Forbidden, "no identity").await;
+            return refused(&mut client, rec, Refusal::Forbidden, "no identity").await;
         }
     };
     rec.identity = Some(identity.id.clone());
@@ -107,11 +170,11 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
     // Service lookup.
     let sni = rec.sni.clone().unwrap_or_default();
     let Some(route) = active.policy.routes.lookup(&sni) else {
-        return refuse(&mut client, rec, Refusal::Misdirected, "service vanished").await;
+        return refused(&mut client, rec, Refusal::Misdirected, "service vanished").await;
     };
     rec.service = Some(route.name.clone());
     if !route.admits_source(rec.peer.ip()) {
-        return refuse(&mut client, rec, Refusal::Forbidden, "source not allowed").await;
+        return refused(&mut client, rec, Refusal::Forbidden, "source not allowed").await;
     }
 
     // Authorization.
@@ -119,7 +182,7 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
         Ok(p) => p,
         Err((denial, user)) => {
             rec.user = user.map(|u| u.name.clone());
-            return refuse(&mut client, rec, Refusal::Forbidden, denial_reason(denial)).await;
+            return refused(&mut client, rec, Refusal::Forbidden, denial_reason(denial)).await;
         }
     };
     rec.user = Some(permit.user.name.clone());
@@ -157,33 +220,18 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
         rec.allow("protocol not supported by handler");
         rec.code = Some(Refusal::NotImplemented.code());
         refusal::deliver(&mut client, Refusal::NotImplemented).await;
-        return;
+        return None;
     }
-    let outcome = handler
-        .serve(Session {
-            client,
-            protocol,
-            framed,
-            initial,
-            permit: &permit,
-            identity: &identity,
-            limits: ctx.handler,
-            revoked: reauth::watch(
-                ctx.state.clone(),
-                sni,
-                rec.peer.ip(),
-                identity.clone(),
-                permit.route.clone(),
-            ),
-        })
-        .await;
-    rec.bytes_up = outcome.bytes_up;
-    rec.bytes_down = outcome.bytes_down;
-    rec.backend = outcome.backend_addr;
-    // Authorized: the decision is "allow" even when the backend then failed (the code
-    // and reason say so).
-    rec.code = outcome.refusal.map(Refusal::code);
-    rec.allow(outcome.end);
+    Some(Admitted {
+        client: Box::new(client),
+        protocol,
+        framed,
+        initial,
+        permit,
+        identity,
+        handler,
+        sni,
+    })
 }
 
 /// Peeks at the client's first bytes, up to [`protocol::PEEK_DEADLINE`]. Returns what
@@ -277,10 +325,17 @@ async fn gate(
     }
 }
 
-async fn refuse(client: &mut ClientStream, rec: &mut Record, r: Refusal, reason: &'static str) {
+/// Answers a refusal after the handshake; always `None`, for `return refused(..).await`.
+async fn refused<T>(
+    client: &mut ClientStream,
+    rec: &mut Record,
+    r: Refusal,
+    reason: &'static str,
+) -> Option<T> {
     rec.code = Some(r.code());
     rec.deny(reason);
     refusal::deliver(client, r).await;
+    None
 }
 
 fn denial_reason(d: authz::Denial) -> &'static str {

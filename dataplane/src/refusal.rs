@@ -73,7 +73,9 @@ pub async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, b
 /// Reads and drops until end of stream, error, or the limit; keeps the kernel from
 /// answering unread bytes with a reset that would destroy the line in flight.
 async fn drain<S: AsyncRead + Unpin>(stream: &mut S) {
-    let mut buf = [0u8; 4096];
+    // On the heap: an array here would make every connection's task 4 KiB bigger for
+    // its whole life, refused or not.
+    let mut buf = vec![0u8; 4096];
     let mut total = 0;
     while total < DRAIN_LIMIT {
         match stream.read(&mut buf).await {

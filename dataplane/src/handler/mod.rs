@@ -44,7 +44,7 @@ pub struct HandlerLimits {
 
 /// An authorized connection, handed to its handler.
 pub struct Session<'a> {
-    pub client: ClientStream,
+    pub client: Box<ClientStream>,
     /// The protocol chosen for the connection (declared, or detected for `auto`).
     pub protocol: Protocol,
     /// The client negotiated the framed-datagram extension (ALPN `ztp-dgram`).

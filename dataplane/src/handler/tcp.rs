@@ -101,7 +101,8 @@ async fn forward(s: Session<'_>) -> Outcome {
     let Some(addr) = permit.route.backend.as_ref() else {
         return refuse(&mut client, ConnectError::NoAddress).await;
     };
-    let mut backend = match connect(addr, limits.connect_timeout).await {
+    // Boxed: the connect's state is not kept for the session's life.
+    let mut backend = match Box::pin(connect(addr, limits.connect_timeout)).await {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(backend.addr = %addr, error = %e, "backend connect failed");
