@@ -49,6 +49,7 @@ struct Opts {
     pings: usize,
     json: Option<PathBuf>,
     big: usize,
+    certs: usize,
 }
 
 fn opts() -> Opts {
@@ -66,6 +67,7 @@ fn opts() -> Opts {
         pings: 20_000,
         json: None,
         big: 100_000,
+        certs: 1,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -81,6 +83,7 @@ fn opts() -> Opts {
             "--conc" => o.conc = v.parse().expect("--conc N"),
             "--pings" => o.pings = v.parse().expect("--pings N"),
             "--big" => o.big = v.parse().expect("--big N"),
+            "--certs" => o.certs = v.parse().expect("--certs N"),
             "--json" => o.json = Some(PathBuf::from(v)),
             other => panic!("unknown argument {other} (see the comment at the top of peers.rs)"),
         }
@@ -111,7 +114,19 @@ fn main() {
         format!("{}{}", pki.server.cert_pem, pki.server.key_pem),
     )
     .unwrap();
-    let client = pki.client_email("alice@example.com");
+    // Client certificates, used in turn: with more than a proxy caches, every handshake
+    // verifies the whole chain.
+    let clients: Vec<_> = (0..o.certs.max(1))
+        .map(|i| pki.client_email(&format!("c{i}@example.com")))
+        .collect();
+    std::fs::write(
+        dir.join("identities"),
+        (0..clients.len())
+            .map(|i| format!("\"c{i}@example.com\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+    .unwrap();
 
     let backend_port = free_port();
     let backend = Proc(
@@ -124,7 +139,12 @@ fn main() {
     );
     wait_port(backend_port);
 
-    let tls = client_config(&pki.ca_pem, &client);
+    let tls = Arc::new(
+        clients
+            .iter()
+            .map(|c| client_config(&pki.ca_pem, c))
+            .collect::<Vec<_>>(),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -139,6 +159,7 @@ fn main() {
     }
     let env = Env {
         tls,
+        next: Arc::new(AtomicU64::new(0)),
         backend_pid: backend.0.id(),
         backend_port,
     };
@@ -195,12 +216,18 @@ impl Proxy {
         self.proc.0.id()
     }
 
-    /// SIGTERM, then up to 30 s to exit (a profiler in front writes its output), then
-    /// SIGKILL.
+    /// SIGINT to the process and its descendants (a profiler in front writes its output
+    /// and waits for ZTP to exit), up to 30 s to exit, then SIGKILL to what is left.
     fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
+        let pids = tree(self.pid());
+        let signal = |sig: &str| {
+            let _ = Command::new("kill")
+                .arg(sig)
+                .args(pids.iter().map(u32::to_string))
+                .stderr(Stdio::null())
+                .status();
+        };
+        signal("-INT");
         let end = Instant::now() + Duration::from_secs(30);
         while Instant::now() < end {
             if let Ok(Some(_)) = self.proc.0.try_wait() {
@@ -208,6 +235,7 @@ impl Proxy {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        signal("-KILL");
     }
 }
 
@@ -226,7 +254,12 @@ fn peers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("peers")
 }
 
-fn ztp_snapshot(backend: u16, extra_services: usize, extra_users: usize) -> String {
+fn ztp_snapshot(
+    backend: u16,
+    extra_services: usize,
+    extra_users: usize,
+    identities: &str,
+) -> String {
     let mut y = format!(
         "version: 1\nservices:\n  - name: {SNI}\n    protocol: tcp\n    address: \"127.0.0.1:{backend}\"\n    groups: [bench]\n"
     );
@@ -235,9 +268,9 @@ fn ztp_snapshot(backend: u16, extra_services: usize, extra_users: usize) -> Stri
             "  - name: s{i}.svc.internal\n    protocol: tcp\n    address: \"127.0.0.1:{backend}\"\n    groups: [bench]\n"
         ));
     }
-    y.push_str(
-        "users:\n  - name: alice\n    identities: [\"alice@example.com\"]\n    groups: [bench]\n",
-    );
+    y.push_str(&format!(
+        "users:\n  - name: bench\n    identities: [{identities}]\n    groups: [bench]\n"
+    ));
     for i in 0..extra_users {
         y.push_str(&format!(
             "  - name: u{i}\n    identities: [\"u{i}@example.com\"]\n    groups: [bench]\n"
@@ -264,7 +297,8 @@ fn start_proxy(
     match name {
         "ztp" => {
             let snap = run.join("snapshot.yaml");
-            std::fs::write(&snap, ztp_snapshot(backend, big, big)).unwrap();
+            let ids = std::fs::read_to_string(dir.join("identities")).unwrap();
+            std::fs::write(&snap, ztp_snapshot(backend, big, big, &ids)).unwrap();
             // A profiler in front of ZTP: `ZTP_BENCH_WRAP="perf record -g -o FILE"`.
             if let Ok(wrap) = std::env::var("ZTP_BENCH_WRAP") {
                 cmd.args(wrap.split_whitespace());
@@ -514,7 +548,8 @@ fn backend(port: u16) {
 
 #[derive(Clone)]
 struct Env {
-    tls: Arc<rustls::ClientConfig>,
+    tls: Arc<Vec<Arc<rustls::ClientConfig>>>,
+    next: Arc<AtomicU64>,
     backend_pid: u32,
     backend_port: u16,
 }
@@ -547,7 +582,8 @@ async fn connect(env: &Env, port: u16) -> std::io::Result<Tls> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from(SNI).unwrap();
-    tokio_rustls::TlsConnector::from(env.tls.clone())
+    let i = env.next.fetch_add(1, Ordering::Relaxed) as usize % env.tls.len();
+    tokio_rustls::TlsConnector::from(env.tls[i].clone())
         .connect(name, tcp)
         .await
 }
@@ -686,6 +722,10 @@ async fn one_conn(env: &Env, port: u16) -> std::io::Result<()> {
     s.flush().await?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await?;
+    if b[0] != b'x' {
+        // a refusal line, not the backend's echo
+        return Err(std::io::Error::other("refused by the proxy"));
+    }
     s.shutdown().await?;
     Ok(())
 }

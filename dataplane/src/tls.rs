@@ -69,6 +69,84 @@ pub enum TlsError {
 pub struct TlsMaterial {
     certified: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
+    /// Chains this CA set has vouched for; lives and dies with the CA set.
+    chains: Arc<ChainCache>,
+}
+
+/// Client chains the CA set has already vouched for, by their exact bytes.
+///
+/// A CA's signature over the same bytes verifies the same way every time, so a returning
+/// client's handshake checks one signature (its CertificateVerify, which proves it holds
+/// the key and can never be cached) instead of two. Everything that can change is still
+/// checked on every handshake: the validity dates against the clock, and the revoked
+/// serials. A new CA set (a reload) starts with an empty cache.
+#[derive(Debug, Default)]
+pub struct ChainCache {
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Validity>>,
+}
+
+/// When every certificate of a verified chain is valid, in seconds since the epoch.
+#[derive(Debug, Clone, Copy)]
+struct Validity {
+    not_before: u64,
+    not_after: u64,
+}
+
+impl ChainCache {
+    /// Entries kept; when full the cache starts over (bounded memory, ~100 B an entry).
+    const MAX: usize = 16_384;
+
+    fn key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            ctx.update(&(cert.len() as u64).to_be_bytes());
+            ctx.update(cert);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
+    }
+
+    /// Whether this exact chain was verified before and is within its dates at `now`.
+    fn vouched(&self, key: &[u8; 32], now: UnixTime) -> bool {
+        let now = now.as_secs();
+        let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .is_some_and(|v| v.not_before <= now && now <= v.not_after)
+    }
+
+    fn remember(
+        &self,
+        key: [u8; 32],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let mut v = Validity {
+            not_before: 0,
+            not_after: u64::MAX,
+        };
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            let Ok((_, c)) = X509Certificate::from_der(cert) else {
+                return;
+            };
+            let validity = c.validity();
+            let nb = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
+            let na = u64::try_from(validity.not_after.timestamp()).unwrap_or(0);
+            v.not_before = v.not_before.max(nb);
+            v.not_after = v.not_after.min(na);
+        }
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(key, v);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.verified.lock().unwrap().len()
+    }
 }
 
 impl TlsMaterial {
@@ -110,6 +188,7 @@ impl TlsMaterial {
         Ok(TlsMaterial {
             certified: Arc::new(certified),
             roots: Arc::new(roots),
+            chains: Arc::default(),
         })
     }
 }
@@ -158,7 +237,11 @@ impl TlsConfigs {
             WebPkiClientVerifier::builder_with_provider(material.roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
-        let verifier = Arc::new(ClientVerifier { webpki, revoked });
+        let verifier = Arc::new(ClientVerifier {
+            webpki,
+            revoked,
+            chains: material.chains.clone(),
+        });
         let mut stream = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -180,6 +263,7 @@ impl TlsConfigs {
 pub struct ClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
     revoked: Arc<HashSet<Serial>>,
+    chains: Arc<ChainCache>,
 }
 
 impl fmt::Debug for ClientVerifier {
@@ -225,13 +309,16 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let key = ChainCache::key(end_entity, intermediates);
+        if !self.chains.vouched(&key, now) {
+            self.webpki
+                .verify_client_cert(end_entity, intermediates, now)?;
+            self.chains.remember(key, end_entity, intermediates);
+        }
         if self.is_revoked(end_entity)? {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
-        Ok(verified)
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -350,3 +437,6 @@ pub fn recheck_chain(
         .verify_client_cert(leaf, rest, UnixTime::now())
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests;
