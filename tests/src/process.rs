@@ -86,6 +86,25 @@ pub fn free_udp_port() -> u16 {
         .expect("bind udp 127.0.0.1:0")
 }
 
+/// A port on 127.0.0.1 free for both UDP and TCP a moment ago, for a server that binds
+/// both (dnsmasq). Chosen below the kernel's ephemeral range (32768 and up), where an
+/// outgoing connection of another test could take the TCP side in the meantime.
+pub fn free_udp_tcp_port() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    for i in 0..2000u32 {
+        let port = 20_000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12_000) as u16;
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP on 127.0.0.1 in 20000..32000");
+}
+
 /// `127.0.0.1:PORT` for a port that was free a moment ago (see [`free_tcp_port`]).
 pub fn free_tcp_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_tcp_port()))

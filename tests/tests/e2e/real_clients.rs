@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use ztp_tests::process::{
-    describe_output, free_tcp_port, free_udp_port, require_tools, run_bounded, sh_quote, Process,
-    Stream,
+    describe_output, free_tcp_port, free_udp_port, free_udp_tcp_port, require_tools, run_bounded,
+    sh_quote, Process, Stream,
 };
 use ztp_tests::{Bin, Dataplane, TempDir, TestPki};
 
@@ -407,7 +407,8 @@ struct Dnsmasq {
 
 impl Dnsmasq {
     async fn start(dnsmasq: &Path, dig_bin: &Path) -> Dnsmasq {
-        let port = free_udp_port();
+        // dnsmasq binds the port for TCP too.
+        let port = free_udp_tcp_port();
         let mut cmd = Command::new(dnsmasq);
         cmd.args([
             "--no-daemon",
