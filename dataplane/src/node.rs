@@ -120,7 +120,8 @@ async fn reload_on_sighup(
         return;
     };
     while hup.recv().await.is_some() {
-        // Reading and indexing a large snapshot must not stall a worker.
+        // Reading and indexing a large snapshot must not stall a worker (see
+        // `snapshot::background`).
         let (p, f, pr, r, pb) = (
             path.clone(),
             files.clone(),
@@ -128,12 +129,12 @@ async fn reload_on_sighup(
             registry.clone(),
             publisher.clone(),
         );
-        let result = tokio::task::spawn_blocking(move || {
+        let result = crate::snapshot::background::run(move || {
             let mut publisher = pb.lock().unwrap_or_else(|p| p.into_inner());
             file::reload(p.as_deref(), &f, &pr, &r, &mut publisher)
         })
         .await;
-        let Ok(result) = result else { continue };
+        let Some(result) = result else { continue };
         match result {
             Ok((before, after)) => {
                 if path.is_some() && after <= before {

@@ -240,46 +240,42 @@ impl Subscriber {
             let version = snap.version;
             let schema = self.source.schema;
             let registry = self.registry.clone();
-            // Conversion, validation and indexing can take a while for large snapshots.
-            let compiled =
-                tokio::task::spawn_blocking(move || -> Result<(Policy, usize), String> {
-                    if snap.schema > schema {
-                        return Err(WireError::TooNew {
-                            found: snap.schema,
-                            known: schema,
-                        }
-                        .to_string());
+            // Conversion, validation, indexing, publishing and dropping the replaced
+            // state take a while for large snapshots: off the workers, at low priority.
+            let publisher = self.publisher.clone();
+            let applied_result = super::background::run(move || {
+                if snap.schema > schema {
+                    return Err(WireError::TooNew {
+                        found: snap.schema,
+                        known: schema,
                     }
-                    let snap = Snapshot::try_from(snap).map_err(|e| e.to_string())?;
-                    let users = snap.users.len();
-                    Policy::compile(&snap, &registry)
-                        .map(|p| (p, users))
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| SessionError::Connect(e.to_string()))?;
-            let reply = match compiled {
-                Ok((policy, users)) => {
-                    let services = policy.routes.len();
-                    let applied_ok = self
-                        .publisher
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .apply(Some(policy), None);
-                    match applied_ok {
-                        Ok(()) => {
-                            *applied = version;
-                            self.ready.set(true);
-                            tracing::info!(
-                                snapshot.version = version,
-                                services,
-                                users,
-                                "snapshot applied"
-                            );
-                            Kind::Ack(pb::Applied { version })
-                        }
-                        Err(e) => nack(version, e.to_string()),
-                    }
+                    .to_string());
+                }
+                let snap = Snapshot::try_from(snap).map_err(|e| e.to_string())?;
+                let users = snap.users.len();
+                let policy = Policy::compile(&snap, &registry).map_err(|e| e.to_string())?;
+                drop(snap);
+                let services = policy.routes.len();
+                publisher
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply(Some(policy), None)
+                    .map_err(|e| e.to_string())?;
+                Ok((services, users))
+            })
+            .await
+            .ok_or_else(|| SessionError::Connect("snapshot worker failed".into()))?;
+            let reply = match applied_result {
+                Ok((services, users)) => {
+                    *applied = version;
+                    self.ready.set(true);
+                    tracing::info!(
+                        snapshot.version = version,
+                        services,
+                        users,
+                        "snapshot applied"
+                    );
+                    Kind::Ack(pb::Applied { version })
                 }
                 Err(reason) => nack(version, reason),
             };

@@ -19,6 +19,7 @@ use crate::handler::Registry;
 use crate::routing::Routes;
 use crate::tls::{TlsConfigs, TlsError, TlsMaterial};
 
+pub mod background;
 pub mod file;
 pub mod grpc;
 
