@@ -172,7 +172,17 @@ fn main() {
                 if !matches!(test.as_str(), "up" | "down" | "conn" | "latency" | "idle") {
                     continue;
                 }
-                let s = rt.block_on(run_test(test, p, &env, &o));
+                let s = if test == "idle" {
+                    // A fresh instance: memory freed by earlier tests stays resident
+                    // and would be reused, hiding what a connection costs.
+                    let fresh = start_proxy(&p.name, &dir, backend_port, 0, "0", 1)
+                        .expect("restart the proxy");
+                    let s = rt.block_on(run_test(test, &fresh, &env, &o));
+                    fresh.stop();
+                    s
+                } else {
+                    rt.block_on(run_test(test, p, &env, &o))
+                };
                 eprintln!("round {round} {test:8} {:8} {}", p.name, s.line(test));
                 results
                     .entry(test.clone())

@@ -21,8 +21,8 @@ use crate::reauth::Revoked;
 /// Size of a copy buffer: four full TLS records of plaintext, so that a busy stream
 /// moves 64 KiB per system call each way (16 KiB, one record, quadruples the calls).
 const BUF_SIZE: usize = 64 * 1024;
-/// Buffers kept per thread between uses.
-const POOL_MAX: usize = 32;
+/// Buffers kept per thread between uses (512 KiB).
+const POOL_MAX: usize = 8;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
