@@ -325,7 +325,11 @@ fn start_proxy(
                 .arg("--snapshot")
                 .arg(&snap)
                 .args(["--threads", &threads.to_string()])
-                .args(["--max-connections", "100000"]);
+                .args(["--max-connections", "100000"])
+                // The load comes from one address: no per-source limits (the peers
+                // have none either).
+                .args(["--max-connections-per-source", "0"])
+                .args(["--handshake-rate-per-source", "0"]);
         }
         peer => {
             let (file, exe, args): (&str, &str, Vec<String>) = match peer {

@@ -278,6 +278,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(5),
         udp_timeout: Duration::from_secs(5),
         max_connections: 20_000,
+        max_connections_per_source: 1000,
+        handshake_rate_per_source: 200,
+        allow: Vec::new(),
+        deny: Vec::new(),
+        max_snapshot_age: None,
         drain_timeout: Duration::from_secs(5),
         threads: 1,
     };

@@ -86,6 +86,32 @@ pub struct Args {
     #[arg(long, default_value_t = 20000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
     pub max_connections: u32,
 
+    /// Concurrent connections from one source (an IPv4 address or an IPv6 /64); more are
+    /// closed at once. 0: no limit.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub max_connections_per_source: u32,
+
+    /// New connections per second from one source, and the burst allowed (a token
+    /// bucket); more are closed before the handshake. 0: no limit.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub handshake_rate_per_source: u32,
+
+    /// Only sources in these ranges may connect (CIDR or address; repeat the flag).
+    /// Default: any.
+    #[arg(long, value_name = "CIDR", value_parser = ztp_proto::names::parse_source_range)]
+    pub allow: Vec<ipnet::IpNet>,
+
+    /// Sources in these ranges are refused before the handshake, whatever --allow says
+    /// (repeat the flag).
+    #[arg(long, value_name = "CIDR", value_parser = ztp_proto::names::parse_source_range)]
+    pub deny: Vec<ipnet::IpNet>,
+
+    /// With --control: refuse new connections once the control plane has been out of
+    /// reach this long (fail closed); live ones go on. Default: serve the last snapshot
+    /// for as long as it takes.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub max_snapshot_age: Option<Duration>,
+
     /// On SIGTERM, time live connections get to finish.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
@@ -118,6 +144,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub udp_timeout: Duration,
     pub max_connections: u32,
+    pub max_connections_per_source: u32,
+    pub handshake_rate_per_source: u32,
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+    pub max_snapshot_age: Option<Duration>,
     pub drain_timeout: Duration,
     pub threads: usize,
 }
@@ -176,6 +207,11 @@ impl Args {
             connect_timeout: self.connect_timeout,
             udp_timeout: self.udp_timeout,
             max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            handshake_rate_per_source: self.handshake_rate_per_source,
+            allow: self.allow,
+            deny: self.deny,
+            max_snapshot_age: self.max_snapshot_age,
             drain_timeout: self.drain_timeout,
             threads,
         })

@@ -40,6 +40,8 @@ pub struct ConnContext {
     /// Connection records for the control plane's audit trail (control mode only);
     /// full means dropped, never waited on.
     pub audit: Option<tokio::sync::mpsc::Sender<ztp_proto::wire::pb::ConnectionRecord>>,
+    /// Readiness; with `--max-snapshot-age`, a stale node refuses new connections.
+    pub ready: Arc<crate::admin::Readiness>,
 }
 
 /// Serves one accepted connection to its end, then logs its record.

@@ -44,14 +44,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::conn::ConnContext;
-use crate::preauth::ConnectionCap;
+use crate::preauth::Gate;
 
 /// Serves clients on `listener` until `shutdown` completes, then waits up to `drain` for
 /// live connections to end. Returns the number of connections still open at the end.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ConnContext>,
-    cap: ConnectionCap,
+    cap: Gate,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> usize {

@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::conn::{self, ConnContext};
-use crate::preauth::{self, ConnectionCap};
+use crate::preauth::{self, Gate};
 
 /// Binds a listening socket. An IPv6 wildcard address is bound dual-stack (IPv4 peers
 /// arrive IPv4-mapped); where IPv6 is off, `[::]:PORT` falls back to `0.0.0.0:PORT`.
@@ -43,11 +43,11 @@ fn bind_exact(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Accepts connections until `shutdown` completes. Returns once accepting stopped; the
-/// connections already running go on (see [`ConnectionCap::all_closed`]).
+/// connections already running go on (see [`Gate::all_closed`]).
 pub async fn run(
     listener: TcpListener,
     ctx: Arc<ConnContext>,
-    cap: ConnectionCap,
+    gate: Gate,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -71,10 +71,19 @@ pub async fn run(
             }
         };
         let peer = preauth::canonical(peer);
-        let Some(permit) = cap.try_admit() else {
-            tracing::warn!(client.addr = %peer, "connection cap reached; connection shed");
+        if ctx.ready.stale() {
+            // Fail closed: the policy may have changed while the control plane was away.
+            ctx.metrics.connection_shed("snapshot stale", peer);
             drop(tcp);
             continue;
+        }
+        let permit = match gate.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(shed) => {
+                ctx.metrics.connection_shed(shed.as_str(), peer);
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();

@@ -23,6 +23,10 @@ pub struct Metrics {
     bytes_down: AtomicU64,
     active: AtomicI64,
     audit_dropped: AtomicU64,
+    /// Connections shed before the handshake, by reason (a fixed set).
+    shed: Mutex<BTreeMap<&'static str, u64>>,
+    /// When a shed connection was last logged (at most one line a second).
+    shed_logged: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 fn now_secs() -> u64 {
@@ -74,6 +78,34 @@ impl Metrics {
         }
     }
 
+    /// A connection refused before any crypto. Logged at most once a second, with the
+    /// count since the last line: a flood must not become a flood of log lines.
+    pub fn connection_shed(&self, reason: &'static str, peer: std::net::SocketAddr) {
+        *self
+            .shed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+        let mut last = self.shed_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match &mut *last {
+            Some((at, n)) if now.duration_since(*at) < std::time::Duration::from_secs(1) => {
+                *n += 1;
+            }
+            _ => {
+                let since = last.map_or(0, |(_, n)| n);
+                tracing::warn!(
+                    client.addr = %peer,
+                    reason,
+                    shed.unlogged = since,
+                    "connection shed before the handshake"
+                );
+                *last = Some((now, 0));
+            }
+        }
+    }
+
     /// A connection record the control plane will not get (queue full).
     pub fn audit_dropped(&self) {
         self.audit_dropped.fetch_add(1, Ordering::Relaxed);
@@ -109,6 +141,15 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "ztp_handshake_failures_total{{reason=\"{}\"}} {n}",
+                label(reason)
+            );
+        }
+        out.push_str("# HELP ztp_connections_shed_total Connections closed before the handshake, by reason.\n");
+        out.push_str("# TYPE ztp_connections_shed_total counter\n");
+        for (reason, n) in self.shed.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "ztp_connections_shed_total{{reason=\"{}\"}} {n}",
                 label(reason)
             );
         }

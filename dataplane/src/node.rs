@@ -8,7 +8,7 @@ use crate::admin::{self, Readiness};
 use crate::config::{Config, Source};
 use crate::conn::ConnContext;
 use crate::handler::{HandlerLimits, Registry};
-use crate::preauth::ConnectionCap;
+use crate::preauth::{Gate, Limits};
 use crate::snapshot::grpc::Subscriber;
 use crate::snapshot::{file, Policy, Publisher};
 use crate::{listener, shutdown, tls};
@@ -37,7 +37,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
     // The process-wide default, for any rustls user that does not name one.
     let _ = provider.as_ref().clone().install_default();
 
-    let ready = Arc::new(Readiness::default());
+    let ready = Arc::new(Readiness::new(config.max_snapshot_age));
     let started = start(&config, provider, ready.clone())
         .await
         .map_err(|(code, lines)| StartError { code, lines })?;
@@ -76,7 +76,13 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
     };
     let admin_task = tokio::spawn(admin::serve(admin, admin_state, stopped.wait()));
 
-    let cap = ConnectionCap::new(config.max_connections as usize);
+    let cap = Gate::new(Limits {
+        max_connections: config.max_connections as usize,
+        per_source: config.max_connections_per_source,
+        rate_per_source: config.handshake_rate_per_source,
+        allow: config.allow.clone(),
+        deny: config.deny.clone(),
+    });
     let signal = async {
         stop.await;
         tracing::info!("stopping: no new connections");
@@ -201,7 +207,7 @@ async fn start(
                 source.clone(),
                 publisher.clone(),
                 registry.clone(),
-                ready,
+                ready.clone(),
                 audit_rx
                     .take()
                     .ok_or_else(|| usage(vec!["no audit queue".into()]))?,
@@ -231,6 +237,7 @@ async fn start(
         registry,
         metrics: Arc::default(),
         audit: audit_tx,
+        ready: ready.clone(),
     });
     Ok(Started {
         listener,

@@ -1,40 +1,198 @@
-//! Before any crypto: the connection cap and the source address as rules see it.
+//! Before any crypto: who may connect at all, and how much.
+//!
+//! Cheap refusals first, in this order: the listener's deny and allow ranges, the cap on
+//! concurrent connections in total, the cap per source, and the rate of new connections
+//! per source (a token bucket). A refused connection is closed at once (shed), never left
+//! waiting in the kernel's backlog, and nothing is read from it. A source is an IPv4
+//! address or an IPv6 /64 (one host's usual share), after IPv4-mapped addresses are turned
+//! back into IPv4.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The cap on concurrent connections. A connection over the cap is closed at once
-/// (shed), rather than left waiting in the kernel's backlog.
-#[derive(Debug, Clone)]
-pub struct ConnectionCap {
-    permits: Arc<Semaphore>,
-    max: usize,
+/// What the listener admits.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Concurrent connections in total.
+    pub max_connections: usize,
+    /// Concurrent connections per source; 0: no limit.
+    pub per_source: u32,
+    /// New connections per second per source (and the burst allowed); 0: no limit.
+    pub rate_per_source: u32,
+    /// Sources admitted; empty: any (that `deny` does not name).
+    pub allow: Vec<IpNet>,
+    /// Sources refused, whatever `allow` says.
+    pub deny: Vec<IpNet>,
 }
 
-impl ConnectionCap {
-    pub fn new(max: usize) -> Self {
-        ConnectionCap {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
+/// Why a connection was shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The source is in a deny range or outside the allow ranges.
+    Denied,
+    /// The cap on connections in total.
+    Cap,
+    /// The cap on connections from this source.
+    SourceCap,
+    /// Too many new connections from this source.
+    Rate,
+}
+
+impl Shed {
+    /// The metric label and log reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shed::Denied => "source not allowed",
+            Shed::Cap => "connection cap",
+            Shed::SourceCap => "source connection cap",
+            Shed::Rate => "source rate",
+        }
+    }
+}
+
+/// Sources tracked at most; past it, idle ones are forgotten, and if none is idle a new
+/// source is admitted untracked (the total cap still holds).
+const MAX_SOURCES: usize = 65_536;
+
+#[derive(Debug)]
+struct Source {
+    live: u32,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// The preauth gate of one listener.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    sources: Mutex<HashMap<u128, Source>>,
+}
+
+/// Held for a connection's life.
+#[derive(Debug)]
+pub struct Permit {
+    _total: OwnedSemaphorePermit,
+    source: Option<(Arc<Inner>, u128)>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some((inner, key)) = self.source.take() {
+            let mut map = inner.sources.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = map.get_mut(&key) {
+                s.live = s.live.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// The key of a source: IPv4 address, or IPv6 /64.
+fn source_key(ip: IpAddr) -> u128 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | 1,
+    }
+}
+
+impl Gate {
+    pub fn new(limits: Limits) -> Self {
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        Gate {
+            inner: Arc::new(Inner {
+                limits,
+                permits,
+                sources: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
-    /// A permit held for the connection's life, or `None` when at the cap.
-    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    /// Admits a connection from `ip` (canonical), or says why not.
+    pub fn admit(&self, ip: IpAddr) -> Result<Permit, Shed> {
+        let l = &self.inner.limits;
+        if l.deny.iter().any(|n| n.contains(&ip))
+            || (!l.allow.is_empty() && !l.allow.iter().any(|n| n.contains(&ip)))
+        {
+            return Err(Shed::Denied);
+        }
+        let total = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Shed::Cap)?;
+        if l.per_source == 0 && l.rate_per_source == 0 {
+            return Ok(Permit {
+                _total: total,
+                source: None,
+            });
+        }
+        let key = source_key(ip);
+        let now = Instant::now();
+        let mut map = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_SOURCES && !map.contains_key(&key) {
+            let burst = f64::from(l.rate_per_source);
+            map.retain(|_, s| {
+                s.live > 0
+                    || (l.rate_per_source > 0
+                        && s.tokens + now.duration_since(s.refilled).as_secs_f64() * burst < burst)
+            });
+            if map.len() >= MAX_SOURCES {
+                return Ok(Permit {
+                    _total: total,
+                    source: None,
+                });
+            }
+        }
+        let burst = f64::from(l.rate_per_source);
+        let s = map.entry(key).or_insert(Source {
+            live: 0,
+            tokens: burst,
+            refilled: now,
+        });
+        if l.per_source > 0 && s.live >= l.per_source {
+            return Err(Shed::SourceCap);
+        }
+        if l.rate_per_source > 0 {
+            let elapsed = now.duration_since(s.refilled).as_secs_f64();
+            s.tokens = (s.tokens + elapsed * burst).min(burst);
+            s.refilled = now;
+            if s.tokens < 1.0 {
+                return Err(Shed::Rate);
+            }
+            s.tokens -= 1.0;
+        }
+        s.live += 1;
+        drop(map);
+        Ok(Permit {
+            _total: total,
+            source: Some((self.inner.clone(), key)),
+        })
     }
 
     /// Live connections.
     pub fn active(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.inner.limits.max_connections - self.inner.permits.available_permits()
     }
 
     /// Waits until every connection has ended.
     pub async fn all_closed(&self) {
         // The semaphore is never closed, and max fits u32 (the flag is checked).
-        let _ = self.permits.acquire_many(self.max as u32).await;
+        let _ = self
+            .inner
+            .permits
+            .acquire_many(self.inner.limits.max_connections as u32)
+            .await;
     }
 }
 
@@ -48,6 +206,19 @@ pub fn canonical(peer: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn gate(f: impl FnOnce(&mut Limits)) -> Gate {
+        let mut l = Limits {
+            max_connections: 100,
+            ..Limits::default()
+        };
+        f(&mut l);
+        Gate::new(l)
+    }
+
     #[test]
     fn mapped_addresses_are_canonicalized() {
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:5".parse().unwrap();
@@ -56,14 +227,75 @@ mod tests {
         assert_eq!(canonical(v6), v6);
     }
 
-    #[tokio::test]
-    async fn cap_sheds_over_the_limit() {
-        let cap = ConnectionCap::new(2);
-        let a = cap.try_admit().unwrap();
-        let _b = cap.try_admit().unwrap();
-        assert!(cap.try_admit().is_none());
-        assert_eq!(cap.active(), 2);
+    #[test]
+    fn cap_sheds_over_the_limit() {
+        let g = gate(|l| l.max_connections = 2);
+        let a = g.admit(ip("192.0.2.1")).unwrap();
+        let _b = g.admit(ip("192.0.2.2")).unwrap();
+        assert_eq!(g.admit(ip("192.0.2.3")).unwrap_err(), Shed::Cap);
+        assert_eq!(g.active(), 2);
         drop(a);
-        assert!(cap.try_admit().is_some());
+        assert!(g.admit(ip("192.0.2.3")).is_ok());
+    }
+
+    #[test]
+    fn per_source_cap_counts_live_connections_of_one_source() {
+        let g = gate(|l| l.per_source = 2);
+        let a = g.admit(ip("192.0.2.1")).unwrap();
+        let _b = g.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(g.admit(ip("192.0.2.1")).unwrap_err(), Shed::SourceCap);
+        assert!(g.admit(ip("192.0.2.9")).is_ok(), "other sources unaffected");
+        drop(a);
+        assert!(
+            g.admit(ip("192.0.2.1")).is_ok(),
+            "a closed one frees its place"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_slash_64() {
+        let g = gate(|l| l.per_source = 1);
+        let _a = g.admit(ip("2001:db8:1:2::1")).unwrap();
+        assert_eq!(
+            g.admit(ip("2001:db8:1:2::ffff")).unwrap_err(),
+            Shed::SourceCap
+        );
+        assert!(g.admit(ip("2001:db8:1:3::1")).is_ok());
+    }
+
+    #[test]
+    fn rate_refuses_past_the_burst_and_refills() {
+        let g = gate(|l| l.rate_per_source = 5);
+        let held: Vec<_> = (0..5).map(|_| g.admit(ip("192.0.2.1")).unwrap()).collect();
+        drop(held);
+        assert_eq!(g.admit(ip("192.0.2.1")).unwrap_err(), Shed::Rate);
+        assert!(g.admit(ip("192.0.2.2")).is_ok(), "per source");
+        std::thread::sleep(std::time::Duration::from_millis(450));
+        assert!(g.admit(ip("192.0.2.1")).is_ok(), "refilled at 5/s");
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let g = gate(|l| {
+            l.allow = vec!["10.0.0.0/8".parse().unwrap()];
+            l.deny = vec!["10.9.0.0/16".parse().unwrap()];
+        });
+        assert!(g.admit(ip("10.1.2.3")).is_ok());
+        assert_eq!(g.admit(ip("10.9.2.3")).unwrap_err(), Shed::Denied);
+        assert_eq!(g.admit(ip("192.0.2.1")).unwrap_err(), Shed::Denied);
+    }
+
+    #[test]
+    fn refused_connections_hold_nothing() {
+        let g = gate(|l| {
+            l.max_connections = 1;
+            l.per_source = 5;
+        });
+        let a = g.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(g.admit(ip("192.0.2.1")).unwrap_err(), Shed::Cap);
+        drop(a);
+        assert_eq!(g.active(), 0);
+        let map = g.inner.sources.lock().unwrap();
+        assert_eq!(map.values().map(|s| s.live).sum::<u32>(), 0);
     }
 }

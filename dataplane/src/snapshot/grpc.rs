@@ -155,7 +155,9 @@ impl Subscriber {
         let mut backoff = Duration::from_millis(100);
         loop {
             let before = applied;
-            match self.session(&mut applied).await {
+            let result = self.session(&mut applied).await;
+            self.ready.lost_contact();
+            match result {
                 Ok(()) => tracing::warn!("control plane closed the config stream"),
                 Err(e) => {
                     tracing::warn!(error = %e, "config stream failed; serving the last good snapshot")
@@ -223,6 +225,7 @@ impl Subscriber {
             .map_err(SessionError::Status)?
             .into_inner();
         tracing::info!(node.id = %self.node_id, url = %self.source.url, "subscribed to the control plane");
+        self.ready.in_contact();
         let mut audit = self.audit.lock().await;
         loop {
             let snap = tokio::select! {

@@ -25,6 +25,7 @@ mod metrics;
 mod openssl;
 mod pki_cli;
 mod plane;
+mod preauth;
 mod real_clients;
 mod reload;
 mod replicas;
