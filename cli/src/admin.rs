@@ -35,6 +35,9 @@ pub enum ServiceCmd {
         /// Source ranges admitted (repeat), e.g. 10.0.0.0/8; none admits any.
         #[arg(long = "allow")]
         allow: Vec<String>,
+        /// Source ranges refused (repeat), whatever --allow says.
+        #[arg(long = "deny")]
+        deny: Vec<String>,
     },
     /// List services.
     List,
@@ -56,6 +59,8 @@ pub enum ServiceCmd {
         handler: Option<String>,
         #[arg(long = "allow")]
         allow: Vec<String>,
+        #[arg(long = "deny")]
+        deny: Vec<String>,
     },
     /// Remove a service.
     #[command(alias = "remove", alias = "delete")]
@@ -287,6 +292,7 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             groups,
             handler,
             allow,
+            deny,
         } => {
             let svc = Service {
                 name: name.clone(),
@@ -294,6 +300,7 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
                 address,
                 groups,
                 allow,
+                deny,
                 handler,
             };
             let v = send(
@@ -334,6 +341,7 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             clear_groups,
             handler,
             allow,
+            deny,
         } => {
             let path = format!("/v1/services/{}", seg(&name));
             let (v, etag) = get(c, &path).await?;
@@ -355,6 +363,9 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             }
             if !allow.is_empty() {
                 svc.allow = allow;
+            }
+            if !deny.is_empty() {
+                svc.deny = deny;
             }
             let v = send(
                 c,

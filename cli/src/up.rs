@@ -125,6 +125,7 @@ async fn seed(store: &Store, echo: SocketAddr, udp_echo: SocketAddr) -> anyhow::
                 address,
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 allow: vec![],
+                deny: vec![],
                 handler: handler.map(str::to_owned),
             }
         };

@@ -24,6 +24,8 @@ pub struct Route {
     pub groups: Vec<String>,
     /// Source ranges allowed; empty admits any source.
     pub allow: Vec<IpNet>,
+    /// Source ranges refused, whatever `allow` says.
+    pub deny: Vec<IpNet>,
     /// The handler the service names; `None` means the forwarder for the protocol.
     pub handler: Option<Arc<dyn Handler>>,
 }
@@ -37,6 +39,11 @@ impl Route {
             groups: s.groups.clone(),
             allow: s
                 .allow
+                .iter()
+                .map(|r| parse_source_range(r))
+                .collect::<Result<_, _>>()?,
+            deny: s
+                .deny
                 .iter()
                 .map(|r| parse_source_range(r))
                 .collect::<Result<_, _>>()?,
@@ -54,7 +61,8 @@ impl Route {
 
     /// Whether a (canonical) source address may reach this service.
     pub fn admits_source(&self, ip: std::net::IpAddr) -> bool {
-        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+        !self.deny.iter().any(|net| net.contains(&ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip)))
     }
 }
 
@@ -118,6 +126,7 @@ mod tests {
                 address: Some(":1".into()),
                 groups: vec![],
                 allow: vec![],
+                deny: vec![],
                 handler: None,
             })
             .collect();
@@ -158,6 +167,7 @@ mod tests {
             address: Some(":1".into()),
             groups: vec![],
             allow: vec![],
+            deny: vec![],
             handler: None,
         };
         let any = Route::compile(&s, &Registry::builtin()).unwrap();
@@ -167,5 +177,16 @@ mod tests {
         assert!(some.admits_source("10.9.9.9".parse().unwrap()));
         assert!(some.admits_source("::1".parse().unwrap()));
         assert!(!some.admits_source("11.0.0.1".parse().unwrap()));
+        s.deny = vec!["10.9.0.0/16".into()];
+        let denied = Route::compile(&s, &Registry::builtin()).unwrap();
+        assert!(
+            !denied.admits_source("10.9.9.9".parse().unwrap()),
+            "deny wins"
+        );
+        assert!(denied.admits_source("10.8.9.9".parse().unwrap()));
+        s.allow.clear();
+        let deny_only = Route::compile(&s, &Registry::builtin()).unwrap();
+        assert!(!deny_only.admits_source("10.9.0.1".parse().unwrap()));
+        assert!(deny_only.admits_source("192.0.2.1".parse().unwrap()));
     }
 }

@@ -51,6 +51,7 @@ fn upgrades_a_schema_1_store_and_finds_every_record() {
             address: Some(format!(":{}", 1000 + i)),
             groups: vec!["ops".into()],
             allow: vec![],
+            deny: vec![],
             handler: None,
         };
         services

@@ -44,6 +44,9 @@ pub struct Service {
     /// Source address ranges allowed to reach the service; empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Source address ranges refused, whatever `allow` says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
     /// A custom handler; absent means the forwarder for the protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,

@@ -131,9 +131,11 @@ fn check_service(errs: &mut Errors, prefix: &str, s: &Service) {
         errs.push(path(prefix, "name"), e);
     }
     check_service_target(errs, prefix, s);
-    for (k, r) in s.allow.iter().enumerate() {
-        if let Err(e) = parse_source_range(r) {
-            errs.push(path(prefix, &format!("allow[{k}]")), e);
+    for (field, ranges) in [("allow", &s.allow), ("deny", &s.deny)] {
+        for (k, r) in ranges.iter().enumerate() {
+            if let Err(e) = parse_source_range(r) {
+                errs.push(path(prefix, &format!("{field}[{k}]")), e);
+            }
         }
     }
     check_group_names(errs, prefix, &s.groups);

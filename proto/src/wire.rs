@@ -11,10 +11,12 @@ pub mod pb {
     tonic::include_proto!("ztp.config.v1");
 }
 
-/// The snapshot schema this build writes and understands. A node refuses (nacks) a
-/// snapshot of a higher schema and keeps serving its last good one, so a rolling upgrade
-/// updates data planes first.
-pub const SCHEMA: u32 = 1;
+/// The highest snapshot schema this build understands. A node refuses (nacks) a snapshot
+/// of a higher schema and keeps serving its last good one, so a rolling upgrade updates
+/// data planes first. A snapshot is written with the lowest schema that carries it: 1,
+/// or 2 when a service has `deny` ranges (an older node would ignore them and admit the
+/// sources they refuse, so it must refuse the snapshot instead).
+pub const SCHEMA: u32 = 2;
 
 /// Largest gRPC message either side accepts: a 100,000-user snapshot is ~10 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -22,7 +24,11 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 impl From<&Snapshot> for pb::Snapshot {
     fn from(s: &Snapshot) -> Self {
         pb::Snapshot {
-            schema: SCHEMA,
+            schema: if s.services.iter().any(|s| !s.deny.is_empty()) {
+                2
+            } else {
+                1
+            },
             version: s.version,
             services: s
                 .services
@@ -34,6 +40,7 @@ impl From<&Snapshot> for pb::Snapshot {
                     groups: s.groups.clone(),
                     allow: s.allow.clone(),
                     handler: s.handler.clone(),
+                    deny: s.deny.clone(),
                 })
                 .collect(),
             users: s
@@ -103,6 +110,7 @@ impl TryFrom<pb::Snapshot> for Snapshot {
                     address: s.address,
                     groups: s.groups,
                     allow: s.allow,
+                    deny: s.deny,
                     handler: s.handler,
                 }
             })
@@ -146,7 +154,12 @@ mod tests {
         )
         .unwrap();
         let wire = pb::Snapshot::from(&snap);
-        assert_eq!(wire.schema, SCHEMA);
+        assert_eq!(wire.schema, 1, "no deny ranges: readable by schema-1 nodes");
+        let mut with_deny = snap.clone();
+        with_deny.services[0].deny = vec!["10.9.0.0/16".into()];
+        let w2 = pb::Snapshot::from(&with_deny);
+        assert_eq!(w2.schema, 2, "deny ranges need a node that knows them");
+        assert_eq!(Snapshot::try_from(w2).unwrap(), with_deny);
         assert_eq!(Snapshot::try_from(wire.clone()).unwrap(), snap);
 
         let mut newer = wire.clone();

@@ -33,6 +33,7 @@ fn svc(name: &str, groups: &[&str]) -> Service {
         address: Some(":22".into()),
         groups: groups.iter().map(|g| g.to_string()).collect(),
         allow: vec![],
+        deny: vec![],
         handler: None,
     }
 }

@@ -110,3 +110,31 @@ async fn service_source_ranges_are_enforced() {
     assert_eq!(echo_roundtrip(s, b"from loopback").await, b"from loopback");
     assert_eq!(lan.connections(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_deny_ranges_win_over_allow() {
+    let b = ztp_tests::EchoBackend::start().await;
+    let services = format!(
+        "  - name: denied.svc.internal\n    protocol: tcp\n    address: \"{a}\"\n    allow: [\"127.0.0.0/8\"]\n    deny: [\"127.0.0.1\"]\n\
+         \x20 - name: other.svc.internal\n    protocol: tcp\n    address: \"{a}\"\n    deny: [\"10.0.0.0/8\"]\n",
+        a = b.addr()
+    );
+    let fx = Fixture::start_with(
+        ztp_tests::TestPki::new(),
+        crate::common::Extra {
+            services: &services,
+            ..Default::default()
+        },
+    )
+    .await;
+    let bob = fx.pki.client_email("bob@example.com");
+    let how = crate::common::assert_denied(&fx, "denied.svc.internal", &bob).await;
+    eprintln!("source in `deny`: {how}");
+    assert_eq!(b.connections(), 0, "a denied source reached the backend");
+    let s = fx
+        .connect("other.svc.internal", &bob)
+        .await
+        .expect("a source outside `deny`");
+    assert_eq!(echo_roundtrip(s, b"ok").await, b"ok");
+    assert_eq!(b.connections(), 1);
+}
