@@ -18,6 +18,7 @@ mod forwarding;
 mod handlers;
 mod identity;
 mod ipv6;
+mod leaks;
 mod limits;
 mod live;
 mod logging;
