@@ -505,6 +505,13 @@ impl Drop for Control {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if !std::thread::panicking() {
+            let secrets = crate::secret_lines(&self.raw_logs());
+            assert!(
+                secrets.is_empty(),
+                "ztp-control logged secret material: {secrets:?}"
+            );
+        }
         if std::thread::panicking() {
             let lines = self.raw_logs();
             let tail = lines.len().saturating_sub(60);

@@ -423,6 +423,14 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
+            let secrets = crate::secret_lines(&lines);
+            assert!(
+                secrets.is_empty(),
+                "ztp-dataplane logged secret material: {secrets:?}"
+            );
+        }
         if std::thread::panicking() {
             let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
             let tail = lines.len().saturating_sub(60);

@@ -69,3 +69,47 @@ pub use tempdir::TempDir;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Lines of `lines` that carry secret material: a PEM private key, an admin token
+/// (`ztp_<16 hex>_<64 hex>`), or a bearer credential. Every data plane and control plane a
+/// test starts has its whole output checked with this when it is dropped: no secret may
+/// reach a log line, whatever the test did.
+pub fn secret_lines(lines: &[String]) -> Vec<String> {
+    fn has_token(line: &str) -> bool {
+        let b = line.as_bytes();
+        let hex = |s: &[u8]| s.iter().all(u8::is_ascii_hexdigit);
+        (0..b.len()).any(|i| {
+            b[i..].starts_with(b"ztp_")
+                && b.len() >= i + 4 + 16 + 1 + 64
+                && hex(&b[i + 4..i + 20])
+                && b[i + 20] == b'_'
+                && hex(&b[i + 21..i + 85])
+        })
+    }
+    lines
+        .iter()
+        .filter(|l| {
+            l.contains("PRIVATE KEY-----")
+                || has_token(l)
+                || l.to_ascii_lowercase().contains("bearer ztp_")
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #[test]
+    fn secret_lines_finds_keys_and_tokens_only() {
+        let token = format!("ztp_{}_{}", "a1".repeat(8), "0f".repeat(32));
+        let lines: Vec<String> = vec![
+            "connection ok".into(),
+            format!("auth with {token}"),
+            "-----BEGIN PRIVATE KEY-----".into(),
+            "ztp_0123 is not a token".into(),
+            "token id ztp_a1a1a1a1a1a1a1a1 named ci".into(),
+        ];
+        let found = super::secret_lines(&lines);
+        assert_eq!(found, vec![lines[1].clone(), lines[2].clone()]);
+    }
+}
