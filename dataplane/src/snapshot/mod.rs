@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::StoresServerSessions;
+use rustls::server::ProducesTickets;
 use tokio::sync::watch;
 use ztp_proto::names::Serial;
 use ztp_proto::{Invalid, Snapshot};
@@ -87,7 +87,7 @@ fn now_secs() -> u64 {
 pub struct Publisher {
     tx: watch::Sender<Arc<Active>>,
     material: TlsMaterial,
-    sessions: Arc<dyn StoresServerSessions>,
+    sessions: Arc<dyn ProducesTickets>,
     provider: Arc<CryptoProvider>,
 }
 
