@@ -100,7 +100,18 @@ impl Routes {
         if let Some(r) = self.exact.get(&sni) {
             return Some(r);
         }
-        let (_, parent) = sni.split_once('.')?;
+        // One label up, and that label a DNS label: an empty or odd first label
+        // (`.svc.internal`, `a b.svc.internal`) names nothing (rustls passes on valid
+        // DNS names only; this holds whoever calls).
+        let (first, parent) = sni.split_once('.')?;
+        let label_ok = !first.is_empty()
+            && first.len() <= 63
+            && first
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !label_ok {
+            return None;
+        }
         self.wildcard.get(parent)
     }
 
@@ -153,6 +164,12 @@ mod tests {
             ("top", Some("Top")),
             ("x.top", None),
             ("", None),
+            // found by fuzzing: the first label must be a DNS label
+            (".svc.internal", None),
+            ("a b.svc.internal", None),
+            ("*.svc.internal", None),
+            ("\u{e9}.svc.internal", None),
+            ("a.svc.internal\n", None),
         ];
         for (sni, want) in table {
             assert_eq!(r.lookup(sni).map(|r| r.name.as_str()), *want, "{sni:?}");

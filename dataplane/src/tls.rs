@@ -293,6 +293,30 @@ impl ClientVerifier {
     }
 }
 
+/// Length of a certificate's serial without leading zero octets.
+fn serial_len(cert: &CertificateDer<'_>) -> Result<usize, rustls::Error> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, c) = X509Certificate::from_der(cert)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let raw = c.raw_serial();
+    Ok(raw.len() - raw.iter().take_while(|b| **b == 0).count())
+}
+
+#[derive(Debug)]
+struct SerialTooLong;
+
+impl fmt::Display for SerialTooLong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "serial number longer than {} octets (it could not be revoked)",
+            Serial::MAX_LEN
+        )
+    }
+}
+
+impl std::error::Error for SerialTooLong {}
+
 impl ClientCertVerifier for ClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true
@@ -316,6 +340,13 @@ impl ClientCertVerifier for ClientVerifier {
         if !self.chains.vouched(&key, now) {
             self.webpki
                 .verify_client_cert(end_entity, intermediates, now)?;
+            // A serial longer than RFC 5280's 20 octets could never be named in
+            // `revoked`: such a certificate is refused rather than unrevocable.
+            if serial_len(end_entity)? > Serial::MAX_LEN {
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    rustls::OtherError(Arc::new(SerialTooLong)),
+                )));
+            }
             self.chains.remember(key, end_entity, intermediates);
         }
         if self.is_revoked(end_entity)? {

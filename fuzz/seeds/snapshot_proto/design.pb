@@ -1,0 +1,9 @@
+ 
+quic.svc.internalquic:44339
+ssh.svc.internaltcp127.0.0.1:22"admins*
+10.0.0.0/8)
+whoami.svc.internaltcp2identity-echo-
+*.svc.internalautobackend.internal:8080""
+alicealice@example.comadmins"0
+bobbob@example.comspiffe://example.org/bob*
+admins20a1b2c3d
