@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 
-use rustls_pki_types::DnsName;
 use ztp_dataplane::handler::Registry;
 use ztp_dataplane::routing::Routes;
 use ztp_proto::names::{normalize_sni, ServiceName};
