@@ -62,8 +62,9 @@ fn upgrades_a_schema_1_store_and_finds_every_record() {
     drop((groups, users, services));
     drop(db);
 
-    // Reopen, as a new ztp-control would, and upgrade.
-    let db = sled::open(&dir).unwrap();
+    // Reopen, as a new ztp-control would, and upgrade. sled's flusher thread may hold
+    // the file lock for a moment after the drop: retry, bounded.
+    let db = reopen(&dir);
     assert_eq!(
         run(&db).unwrap(),
         Applied {
@@ -129,4 +130,19 @@ fn a_corrupt_record_is_reported_not_skipped() {
     assert_eq!(schema_version(&db).unwrap(), 1, "version not bumped");
     drop(db);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Opens the sled store at `dir`, waiting (up to 10 s) for a previous handle's threads to
+/// let go of its lock.
+fn reopen(dir: &std::path::Path) -> sled::Db {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("cannot reopen {}: {e}", dir.display()),
+        }
+    }
 }

@@ -27,7 +27,6 @@ use super::{Policy, Publisher};
 use crate::admin::Readiness;
 use crate::handler::Registry;
 
-use pb::config_service_client::ConfigServiceClient;
 use pb::node_message::Kind;
 
 /// Where and how to reach the control plane.
@@ -207,7 +206,7 @@ impl Subscriber {
                 .connect_with_connector(connector)
                 .await
                 .map_err(|e| SessionError::Connect(format!("{e}: {}", source_chain(&e))))?;
-        let mut client = ConfigServiceClient::new(channel)
+        let mut client = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(1 << 20);
 
@@ -219,8 +218,18 @@ impl Subscriber {
             listen: self.source.listen.clone(),
         };
         let _ = tx.send(msg(Kind::Hello(hello))).await;
+        client
+            .ready()
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
         let mut stream = client
-            .subscribe(ReceiverStream::new(rx))
+            .streaming(
+                tonic::Request::new(ReceiverStream::new(rx)),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/ztp.config.v1.ConfigService/Subscribe",
+                ),
+                RawSnapshots,
+            )
             .await
             .map_err(SessionError::Status)?
             .into_inner();
@@ -228,9 +237,9 @@ impl Subscriber {
         self.ready.in_contact();
         let mut audit = self.audit.lock().await;
         loop {
-            let snap = tokio::select! {
+            let raw = tokio::select! {
                 m = stream.message() => match m.map_err(SessionError::Status)? {
-                    Some(snap) => snap,
+                    Some(raw) => raw,
                     None => break,
                 },
                 Some(record) = audit.recv() => {
@@ -240,31 +249,19 @@ impl Subscriber {
                     continue;
                 }
             };
-            let version = snap.version;
             let schema = self.source.schema;
             let registry = self.registry.clone();
-            // Conversion, validation, indexing, publishing and dropping the replaced
-            // state take a while for large snapshots: off the workers, at low priority.
+            // Decoding, conversion, validation, indexing, publishing and dropping the
+            // replaced state take a while for large snapshots: off the workers, at low
+            // priority.
             let publisher = self.publisher.clone();
-            let applied_result = super::background::run(move || {
-                if snap.schema > schema {
-                    return Err(WireError::TooNew {
-                        found: snap.schema,
-                        known: schema,
-                    }
-                    .to_string());
-                }
-                let snap = Snapshot::try_from(snap).map_err(|e| e.to_string())?;
-                let users = snap.users.len();
-                let policy = Policy::compile(&snap, &registry).map_err(|e| e.to_string())?;
-                drop(snap);
-                let services = policy.routes.len();
-                publisher
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply(Some(policy), None)
-                    .map_err(|e| e.to_string())?;
-                Ok((services, users))
+            let (version, applied_result) = super::background::run(move || {
+                use prost::Message as _;
+                let snap = match pb::Snapshot::decode(raw) {
+                    Ok(s) => s,
+                    Err(e) => return (0, Err(format!("undecodable snapshot: {e}"))),
+                };
+                (snap.version, apply(snap, schema, &registry, &publisher))
             })
             .await
             .ok_or_else(|| SessionError::Connect("snapshot worker failed".into()))?;
@@ -287,6 +284,70 @@ impl Subscriber {
             }
         }
         Ok(())
+    }
+}
+
+/// Converts, validates, compiles and publishes one snapshot; (services, users).
+fn apply(
+    snap: pb::Snapshot,
+    schema: u32,
+    registry: &Registry,
+    publisher: &Mutex<Publisher>,
+) -> Result<(usize, usize), String> {
+    if snap.schema > schema {
+        return Err(WireError::TooNew {
+            found: snap.schema,
+            known: schema,
+        }
+        .to_string());
+    }
+    let snap = Snapshot::try_from(snap).map_err(|e| e.to_string())?;
+    let users = snap.users.len();
+    let policy = Policy::compile(&snap, registry).map_err(|e| e.to_string())?;
+    drop(snap);
+    let services = policy.routes.len();
+    publisher
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .apply(Some(policy), None)
+        .map_err(|e| e.to_string())?;
+    Ok((services, users))
+}
+
+/// The stream's codec: node messages are encoded with prost; snapshots arrive as raw
+/// bytes, decoded on the snapshot thread (a 100,000-user snapshot takes tens of
+/// milliseconds to decode: not on a worker).
+#[derive(Debug, Clone, Copy, Default)]
+struct RawSnapshots;
+
+impl tonic::codec::Codec for RawSnapshots {
+    type Encode = pb::NodeMessage;
+    type Decode = bytes::Bytes;
+    type Encoder = tonic_prost::ProstEncoder<pb::NodeMessage>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        use bytes::Buf as _;
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
     }
 }
 
