@@ -185,3 +185,64 @@ pub fn start_control(dir: &Path) -> ControlPlane {
         token,
     }
 }
+
+/// Raises this process's open-file limit as far as it goes (children inherit it): to
+/// 200,000 where allowed, else to the hard limit. Returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let hard = getrlimit(Resource::Nofile).maximum;
+    for want in [Some(200_000), hard] {
+        let set = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: want,
+                maximum: want,
+            },
+        );
+        if set.is_ok() {
+            break;
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Resident memory of one process, KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A load client's TLS config: TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, trusting
+/// `ca_pem`, presenting `cert`, never resuming (every connection a full handshake).
+pub fn client_config(
+    ca_pem: &str,
+    cert: &ztp_tests::TestCert,
+) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::crypto::ring as provider;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let p = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![provider::cipher_suite::TLS13_AES_128_GCM_SHA256],
+        kx_groups: vec![provider::kx_group::X25519],
+        ..provider::default_provider()
+    };
+    let mut c = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(p))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
+        .unwrap();
+    c.resumption = rustls::client::Resumption::disabled();
+    std::sync::Arc::new(c)
+}

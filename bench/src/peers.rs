@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 mod common;
-use common::{bin, free_port, Proc};
+use common::{bin, client_config, free_port, raise_nofile, rss_kib, Proc};
 
 const SNI: &str = "bench.svc.internal";
 const PEERS: [&str; 4] = ["haproxy", "nginx", "hitch", "stunnel"];
@@ -418,29 +418,6 @@ fn pin_self(cpus: &str) {
     );
 }
 
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let cur = getrlimit(Resource::Nofile);
-    let want = Some(200_000);
-    if setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: want,
-            maximum: want,
-        },
-    )
-    .is_err()
-    {
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: cur.maximum,
-                maximum: cur.maximum,
-            },
-        );
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // /proc accounting
 
@@ -451,15 +428,7 @@ fn tree_cpu(pid: u32) -> Duration {
 
 /// Resident memory of `pid` and its descendants, bytes.
 fn tree_rss(pid: u32) -> u64 {
-    tree(pid)
-        .iter()
-        .filter_map(|p| {
-            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        })
-        .sum()
+    tree(pid).into_iter().map(|p| rss_kib(p) * 1024).sum()
 }
 
 fn tree(root: u32) -> Vec<u32> {
@@ -566,28 +535,6 @@ struct Env {
     next: Arc<AtomicU64>,
     backend_pid: u32,
     backend_port: u16,
-}
-
-fn client_config(ca_pem: &str, cert: &ztp_tests::TestCert) -> Arc<rustls::ClientConfig> {
-    use rustls::crypto::ring as provider;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let p = rustls::crypto::CryptoProvider {
-        cipher_suites: vec![provider::cipher_suite::TLS13_AES_128_GCM_SHA256],
-        kx_groups: vec![provider::kx_group::X25519],
-        ..provider::default_provider()
-    };
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(p))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-        .unwrap();
-    c.resumption = rustls::client::Resumption::disabled();
-    Arc::new(c)
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;

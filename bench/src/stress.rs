@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 mod common;
-use common::{bin, free_port, Proc};
+use common::{bin, client_config, free_port, raise_nofile, rss_kib, Proc};
 
 struct Opts {
     idle: usize,
@@ -54,35 +54,9 @@ fn opts() -> Opts {
     o
 }
 
-fn raise_nofile() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let cur = getrlimit(Resource::Nofile);
-    let hard = cur.maximum.unwrap_or(1 << 20);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: Some(hard),
-            maximum: Some(hard),
-        },
-    );
-    hard
-}
-
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
         .unwrap_or(0)
 }
 
@@ -227,20 +201,6 @@ struct Env {
     alice: Arc<rustls::ClientConfig>,
     stranger: Arc<rustls::ClientConfig>,
     rogue: Arc<rustls::ClientConfig>,
-}
-
-fn client_config(ca_pem: &str, cert: &ztp_tests::TestCert) -> Arc<rustls::ClientConfig> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut c = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-        .unwrap();
-    c.resumption = rustls::client::Resumption::disabled();
-    Arc::new(c)
 }
 
 async fn connect(

@@ -120,9 +120,7 @@ impl Gate {
     /// Admits a connection from `ip` (canonical), or says why not.
     pub fn admit(&self, ip: IpAddr) -> Result<Permit, Shed> {
         let l = &self.inner.limits;
-        if l.deny.iter().any(|n| n.contains(&ip))
-            || (!l.allow.is_empty() && !l.allow.iter().any(|n| n.contains(&ip)))
-        {
+        if !ztp_proto::names::source_admitted(&l.allow, &l.deny, ip) {
             return Err(Shed::Denied);
         }
         let total = self

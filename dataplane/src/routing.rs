@@ -61,8 +61,7 @@ impl Route {
 
     /// Whether a (canonical) source address may reach this service.
     pub fn admits_source(&self, ip: std::net::IpAddr) -> bool {
-        !self.deny.iter().any(|net| net.contains(&ip))
-            && (self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip)))
+        ztp_proto::names::source_admitted(&self.allow, &self.deny, ip)
     }
 }
 
@@ -104,12 +103,7 @@ impl Routes {
         // (`.svc.internal`, `a b.svc.internal`) names nothing (rustls passes on valid
         // DNS names only; this holds whoever calls).
         let (first, parent) = sni.split_once('.')?;
-        let label_ok = !first.is_empty()
-            && first.len() <= 63
-            && first
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !label_ok {
+        if !ztp_proto::names::is_dns_label(first) {
             return None;
         }
         self.wildcard.get(parent)
@@ -166,6 +160,7 @@ mod tests {
             ("", None),
             // found by fuzzing: the first label must be a DNS label
             (".svc.internal", None),
+            ("-a.svc.internal", None),
             ("a b.svc.internal", None),
             ("*.svc.internal", None),
             ("\u{e9}.svc.internal", None),

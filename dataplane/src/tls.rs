@@ -82,14 +82,56 @@ pub struct TlsMaterial {
 /// serials. A new CA set (a reload) starts with an empty cache.
 #[derive(Debug, Default)]
 pub struct ChainCache {
-    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Validity>>,
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Vetted>>,
 }
 
-/// When every certificate of a verified chain is valid, in seconds since the epoch.
-#[derive(Debug, Clone, Copy)]
-struct Validity {
+/// What a verified chain's bytes say, read once: when every certificate of it is valid
+/// (seconds since the epoch), and the leaf's serial for the revoked list.
+#[derive(Debug, Clone)]
+struct Vetted {
     not_before: u64,
     not_after: u64,
+    serial: Serial,
+}
+
+impl Vetted {
+    fn read(
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<Vetted, rustls::Error> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        fn parse(der: &[u8]) -> Result<X509Certificate<'_>, rustls::Error> {
+            X509Certificate::from_der(der)
+                .map(|(_, c)| c)
+                .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
+        }
+        let leaf = parse(end_entity)?;
+        let raw = leaf.raw_serial();
+        // A serial longer than RFC 5280's 20 octets could never be named in `revoked`:
+        // such a certificate is refused rather than unrevocable.
+        if raw.iter().skip_while(|b| **b == 0).count() > Serial::MAX_LEN {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(SerialTooLong)),
+            )));
+        }
+        let mut v = Vetted {
+            not_before: 0,
+            not_after: u64::MAX,
+            serial: Serial::from_be_bytes(raw),
+        };
+        let mut widen = |c: &X509Certificate<'_>| {
+            let validity = c.validity();
+            let nb = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
+            let na = u64::try_from(validity.not_after.timestamp()).unwrap_or(0);
+            v.not_before = v.not_before.max(nb);
+            v.not_after = v.not_after.min(na);
+        };
+        widen(&leaf);
+        for cert in intermediates {
+            widen(&parse(cert)?);
+        }
+        Ok(v)
+    }
 }
 
 impl ChainCache {
@@ -107,40 +149,22 @@ impl ChainCache {
         key
     }
 
-    /// Whether this exact chain was verified before and is within its dates at `now`.
-    fn vouched(&self, key: &[u8; 32], now: UnixTime) -> bool {
+    /// The leaf's serial, if this exact chain was verified before and is within its
+    /// dates at `now`.
+    fn vouched(&self, key: &[u8; 32], now: UnixTime) -> Option<Serial> {
         let now = now.as_secs();
         let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         map.get(key)
-            .is_some_and(|v| v.not_before <= now && now <= v.not_after)
+            .filter(|v| v.not_before <= now && now <= v.not_after)
+            .map(|v| v.serial.clone())
     }
 
-    fn remember(
-        &self,
-        key: [u8; 32],
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-    ) {
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let mut v = Validity {
-            not_before: 0,
-            not_after: u64::MAX,
-        };
-        for cert in std::iter::once(end_entity).chain(intermediates) {
-            let Ok((_, c)) = X509Certificate::from_der(cert) else {
-                return;
-            };
-            let validity = c.validity();
-            let nb = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
-            let na = u64::try_from(validity.not_after.timestamp()).unwrap_or(0);
-            v.not_before = v.not_before.max(nb);
-            v.not_after = v.not_after.min(na);
-        }
+    fn remember(&self, key: [u8; 32], vetted: Vetted) {
         let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= Self::MAX {
             map.clear();
         }
-        map.insert(key, v);
+        map.insert(key, vetted);
     }
 
     #[cfg(test)]
@@ -277,31 +301,6 @@ impl fmt::Debug for ClientVerifier {
     }
 }
 
-impl ClientVerifier {
-    /// Whether the end-entity certificate's serial is revoked. Only the leaf is checked:
-    /// serials are unique per issuer, and the revoked list names client certificates.
-    fn is_revoked(&self, end_entity: &CertificateDer<'_>) -> Result<bool, rustls::Error> {
-        if self.revoked.is_empty() {
-            return Ok(false);
-        }
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let (_, cert) = X509Certificate::from_der(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        Ok(self
-            .revoked
-            .contains(&Serial::from_be_bytes(cert.raw_serial())))
-    }
-}
-
-/// Length of a certificate's serial without leading zero octets.
-fn serial_len(cert: &CertificateDer<'_>) -> Result<usize, rustls::Error> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, c) = X509Certificate::from_der(cert)
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    let raw = c.raw_serial();
-    Ok(raw.len() - raw.iter().take_while(|b| **b == 0).count())
-}
-
 #[derive(Debug)]
 struct SerialTooLong;
 
@@ -337,19 +336,20 @@ impl ClientCertVerifier for ClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let key = ChainCache::key(end_entity, intermediates);
-        if !self.chains.vouched(&key, now) {
-            self.webpki
-                .verify_client_cert(end_entity, intermediates, now)?;
-            // A serial longer than RFC 5280's 20 octets could never be named in
-            // `revoked`: such a certificate is refused rather than unrevocable.
-            if serial_len(end_entity)? > Serial::MAX_LEN {
-                return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                    rustls::OtherError(Arc::new(SerialTooLong)),
-                )));
+        let serial = match self.chains.vouched(&key, now) {
+            Some(serial) => serial,
+            None => {
+                self.webpki
+                    .verify_client_cert(end_entity, intermediates, now)?;
+                let vetted = Vetted::read(end_entity, intermediates)?;
+                let serial = vetted.serial.clone();
+                self.chains.remember(key, vetted);
+                serial
             }
-            self.chains.remember(key, end_entity, intermediates);
-        }
-        if self.is_revoked(end_entity)? {
+        };
+        // Only the leaf is checked: serials are unique per issuer, and the revoked list
+        // names client certificates.
+        if self.revoked.contains(&serial) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ClientCertVerified::assertion())

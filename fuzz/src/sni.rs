@@ -89,7 +89,9 @@ pub fn run(data: &[u8]) {
             let (first, parent) = name.split_once('.')?;
             let label = !first.is_empty()
                 && first.len() <= 63
-                && first.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                && first.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !first.starts_with('-')
+                && !first.ends_with('-');
             if !label {
                 return None;
             }

@@ -50,28 +50,42 @@ fn check_dns_name(name: &str) -> Result<(), String> {
         return Err("longer than 253 characters".into());
     }
     for label in name.split('.') {
-        if label.is_empty() {
-            return Err("empty label".into());
-        }
-        if label.len() > 63 {
-            return Err("a label is longer than 63 characters".into());
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(format!(
-                "label {label:?} may hold only letters, digits and '-'"
-            ));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("label {label:?} starts or ends with '-'"));
+        if let Some(e) = label_error(label) {
+            return Err(e);
         }
     }
     if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err("an IP address is not a host name".into());
     }
     Ok(())
+}
+
+/// What is wrong with one DNS label, if anything: 1 to 63 letters, digits and hyphens,
+/// not starting or ending with a hyphen.
+fn label_error(label: &str) -> Option<String> {
+    if label.is_empty() {
+        return Some("empty label".into());
+    }
+    if label.len() > 63 {
+        return Some("a label is longer than 63 characters".into());
+    }
+    if !label
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Some(format!(
+            "label {label:?} may hold only letters, digits and '-'"
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Some(format!("label {label:?} starts or ends with '-'"));
+    }
+    None
+}
+
+/// Whether `label` is one DNS label (the label a wildcard service stands for).
+pub fn is_dns_label(label: &str) -> bool {
+    label_error(label).is_none()
 }
 
 /// Normalizes an SNI value for lookup: ASCII lowercase, one trailing dot removed.
@@ -287,6 +301,13 @@ impl fmt::Display for Serial {
         }
         Ok(())
     }
+}
+
+/// The one rule for source ranges, for a listener and for a service alike: no `deny`
+/// range holds `ip`, and `allow` is empty or one of its ranges holds it.
+pub fn source_admitted(allow: &[IpNet], deny: &[IpNet], ip: IpAddr) -> bool {
+    !deny.iter().any(|n| n.contains(&ip))
+        && (allow.is_empty() || allow.iter().any(|n| n.contains(&ip)))
 }
 
 /// Parses a source range: a CIDR (`10.0.0.0/8`) or a single address.
