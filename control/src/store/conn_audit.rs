@@ -77,27 +77,47 @@ impl Store {
         self.conn_audit_cap.store(cap.max(1), Ordering::Relaxed);
     }
 
-    /// Appends records, dropping the oldest beyond the retention.
+    /// Appends records, dropping the oldest beyond the retention, in one atomic batch: a
+    /// query never sees more records than the retention.
     pub fn append_connections(&self, records: &[ConnectionRecord]) -> Result<(), StoreError> {
         let tree = self.tree(T::ConnAudit);
         let mut state = self.conn_audit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut new: Vec<([u8; 16], Vec<u8>)> = records
+            .iter()
+            .map(|r| {
+                let k = key(r.time_ms, state.1);
+                state.1 += 1;
+                (k, json(r))
+            })
+            .collect();
+        new.sort_by_key(|a| a.0);
+        let total = state.0 + new.len() as u64;
+        let excess = total.saturating_sub(self.conn_audit_cap.load(Ordering::Relaxed)) as usize;
+        // The `excess` oldest keys, from the stored ones and the new ones (a data plane's
+        // clock may be behind): stored ones are removed, new ones never written.
+        let mut stored = tree.iter().keys();
+        let mut next_stored = stored.next().transpose()?;
+        let (mut old_gone, mut new_gone) = (Vec::new(), 0usize);
+        while old_gone.len() + new_gone < excess {
+            match (&next_stored, new.get(new_gone)) {
+                (Some(o), Some((n, _))) if n.as_slice() < o.as_ref() => new_gone += 1,
+                (Some(o), _) => {
+                    old_gone.push(o.clone());
+                    next_stored = stored.next().transpose()?;
+                }
+                (None, Some(_)) => new_gone += 1,
+                (None, None) => break,
+            }
+        }
         let mut batch = sled::Batch::default();
-        for r in records {
-            batch.insert(&key(r.time_ms, state.1), json(r));
-            state.1 += 1;
+        for (k, v) in new.into_iter().skip(new_gone) {
+            batch.insert(&k, v);
+        }
+        for k in &old_gone {
+            batch.remove(k);
         }
         tree.apply_batch(batch)?;
-        state.0 += records.len() as u64;
-        let cap = self.conn_audit_cap.load(Ordering::Relaxed);
-        if state.0 > cap {
-            let excess = (state.0 - cap) as usize;
-            let mut batch = sled::Batch::default();
-            for k in tree.iter().keys().take(excess) {
-                batch.remove(k?);
-            }
-            tree.apply_batch(batch)?;
-            state.0 = cap;
-        }
+        state.0 = total - (old_gone.len() + new_gone) as u64;
         Ok(())
     }
 
@@ -216,6 +236,53 @@ mod tests {
         let kept = all(AuditQuery::default());
         assert_eq!(kept.len(), 5);
         assert_eq!(kept.last().unwrap().time_ms, 40);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn retention_holds_in_every_view() {
+        let dir = std::env::temp_dir().join(format!("ztp-conn-audit-r-{}", std::process::id()));
+        let store = std::sync::Arc::new(Store::open(&dir).unwrap());
+        store.set_conn_audit_cap(3);
+        let times = |store: &Store| -> Vec<u64> {
+            store
+                .query_connections(&AuditQuery {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .unwrap()
+                .iter()
+                .map(|r| r.time_ms)
+                .collect()
+        };
+        let recs = |ts: &[u64]| -> Vec<ConnectionRecord> {
+            ts.iter().map(|t| rec(*t, "a@x", "s", "allow")).collect()
+        };
+        store.append_connections(&recs(&[50, 60])).unwrap();
+        // A node whose clock is behind: its old record is the one dropped.
+        store.append_connections(&recs(&[10, 70, 80])).unwrap();
+        assert_eq!(times(&store), [80, 70, 60]);
+        // More at once than are kept.
+        store
+            .append_connections(&recs(&[91, 92, 93, 94, 95, 96]))
+            .unwrap();
+        assert_eq!(times(&store), [96, 95, 94]);
+        // A reader never sees more than the retention while records arrive.
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for t in 100..400 {
+                    store.append_connections(&recs(&[t])).unwrap();
+                }
+            })
+        };
+        while !writer.is_finished() {
+            let n = times(&store).len();
+            assert!(n <= 3, "a query saw {n} records with a retention of 3");
+        }
+        writer.join().unwrap();
+        assert_eq!(times(&store), [399, 398, 397]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
