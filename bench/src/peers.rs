@@ -17,7 +17,10 @@
 //! (conn/s and latency with 100,000 services and users), `stall` (latency while a snapshot
 //! of 100,000 users is applied every second), `threads` (conn/s with `--threads 2`).
 //!
-//! Usage: peers [--proxies ztp,haproxy,nginx,hitch,stunnel] [--tests up,down,conn,latency,idle]
+//! `--proxies relay` adds the floor: a plaintext TCP relay (no TLS) in this program, for
+//! `up` and `down` only; it is not a peer and is never the "best peer".
+//!
+//! Usage: peers [--proxies ztp,haproxy,nginx,hitch,stunnel,relay] [--tests up,down,conn,latency,idle]
 //!              [--rounds 5] [--secs 5] [--idle 2000] [--conc 32] [--pings 20000] [--json FILE]
 
 use std::collections::BTreeMap;
@@ -99,6 +102,12 @@ fn main() {
         backend(port);
         return;
     }
+    if args.get(1).map(String::as_str) == Some("relay") {
+        let port: u16 = args[2].parse().expect("relay PORT BACKEND");
+        let backend: u16 = args[3].parse().expect("relay PORT BACKEND");
+        relay(port, backend);
+        return;
+    }
     let o = opts();
     raise_nofile();
     // The load client runs on CPU 1; every proxy is started on CPU 0.
@@ -170,6 +179,9 @@ fn main() {
         for test in &o.tests {
             for p in &proxies {
                 if !matches!(test.as_str(), "up" | "down" | "conn" | "latency" | "idle") {
+                    continue;
+                }
+                if p.name == "relay" && !matches!(test.as_str(), "up" | "down") {
                     continue;
                 }
                 let s = if test == "idle" {
@@ -331,6 +343,13 @@ fn start_proxy(
                 .args(["--max-connections-per-source", "0"])
                 .args(["--handshake-rate-per-source", "0"]);
         }
+        "relay" => {
+            cmd.arg(std::env::current_exe().unwrap()).args([
+                "relay",
+                &port.to_string(),
+                &backend.to_string(),
+            ]);
+        }
         peer => {
             let (file, exe, args): (&str, &str, Vec<String>) = match peer {
                 "haproxy" => ("haproxy.cfg", "haproxy", vec!["-db".into(), "-f".into()]),
@@ -468,7 +487,31 @@ fn self_cpu() -> Duration {
 }
 
 fn proc_cpu(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of each tokio worker thread of `pid`.
+fn worker_cpu(pid: u32) -> Vec<Duration> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(u64, Duration)> = tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("tokio-rt-worker") || c.starts_with("tokio-runtime-w"))
+        })
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            Some((tid, stat_cpu(&t.path().join("stat").display().to_string())?))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, d)| d).collect()
+}
+
+fn stat_cpu(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
     // fields 14 and 15 of proc_pid_stat(5); `rest` starts at field 3; USER_HZ is 100
@@ -526,6 +569,35 @@ fn backend(port: u16) {
     });
 }
 
+/// The floor: a plaintext TCP relay, no TLS, with 64 KiB buffers each way. What it costs
+/// per GB is what the kernel's loopback TCP path costs any user-space proxy here, before
+/// a byte is decrypted or encrypted (`--proxies relay`, tests `up` and `down` only).
+fn relay(port: u16, backend: u16) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the relay");
+        loop {
+            let Ok((mut a, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(("127.0.0.1", backend)).await else {
+                    return;
+                };
+                a.set_nodelay(true).ok();
+                b.set_nodelay(true).ok();
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await;
+            });
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // The client
 
@@ -565,6 +637,8 @@ struct Sample {
     max: f64,
     /// Proxy memory per idle connection, KiB (idle).
     kib: f64,
+    /// Share of the busiest worker thread in the workers' CPU time (threads).
+    busiest: f64,
 }
 
 impl Sample {
@@ -627,8 +701,15 @@ impl Meter {
 async fn run_test(test: &str, p: &Proxy, env: &Env, o: &Opts) -> Sample {
     let secs = Duration::from_secs_f64(o.secs);
     match test {
-        "up" => bulk(env, p.port, p.pid(), secs, true).await,
-        "down" => bulk(env, p.port, p.pid(), secs, false).await,
+        "up" | "down" if p.name == "relay" => {
+            let s = TcpStream::connect(("127.0.0.1", p.port)).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            bulk(s, env, p.pid(), secs, test == "up").await
+        }
+        "up" | "down" => {
+            let s = connect(env, p.port).await.expect("connect");
+            bulk(s, env, p.pid(), secs, test == "up").await
+        }
         "conn" => conn_rate(env, p.port, p.pid(), secs, o.conc).await,
         "latency" => latency(env, p.port, o.pings).await,
         "idle" => idle(env, p.port, p.pid(), o.idle).await,
@@ -636,8 +717,13 @@ async fn run_test(test: &str, p: &Proxy, env: &Env, o: &Opts) -> Sample {
     }
 }
 
-async fn bulk(env: &Env, port: u16, pid: u32, secs: Duration, up: bool) -> Sample {
-    let mut s = connect(env, port).await.expect("connect");
+async fn bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    env: &Env,
+    pid: u32,
+    secs: Duration,
+    up: bool,
+) -> Sample {
     s.write_all(if up { b"U" } else { b"D" }).await.unwrap();
     s.flush().await.unwrap();
     let mut buf = vec![0x33u8; CHUNK];
@@ -886,8 +972,20 @@ fn threads(
     let secs = Duration::from_secs_f64(o.secs);
     for round in 1..=o.rounds {
         for (label, p) in [("1", &one), ("2", &two)] {
-            let s = rt.block_on(conn_rate(env, p.port, p.pid(), secs, o.conc * 2));
-            eprintln!("round {round} threads {label} {}", s.line("conn"));
+            let before = worker_cpu(p.pid());
+            let mut s = rt.block_on(conn_rate(env, p.port, p.pid(), secs, o.conc * 2));
+            let used: Vec<f64> = worker_cpu(p.pid())
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (*a - *b).as_secs_f64())
+                .collect();
+            let total: f64 = used.iter().sum();
+            s.busiest = used.iter().fold(0.0, |m, u| f64::max(m, *u)) / total.max(1e-9);
+            eprintln!(
+                "round {round} threads {label} {}  (busiest worker: {:.0}% of the workers' CPU)",
+                s.line("conn"),
+                s.busiest * 100.0
+            );
             extra.entry(format!("threads-{label}")).or_default().push(s);
         }
     }
@@ -983,20 +1081,26 @@ fn report(
         out.push('\n');
     }
     for (label, v) in extra {
+        let (rate, cost) = (med(v, |s| s.rate), med(v, |s| s.cost));
+        if label.starts_with("threads") {
+            let busiest = med(v, |s| s.busiest);
+            out.push_str(&format!(
+                "\nztp {label}: {rate:.0} conn/s, {cost:.3} CPU ms/conn, busiest worker thread {:.0}% of the workers' CPU",
+                busiest * 100.0
+            ));
+            json.insert(
+                format!("ztp-{label}"),
+                serde_json::json!({"conn/s": rate, "CPU ms/conn": cost, "busiest worker share": busiest}),
+            );
+            continue;
+        }
+        let (p50, p99, max) = (med(v, |s| s.p50), med(v, |s| s.p99), med(v, |s| s.max));
         out.push_str(&format!(
-            "\nztp {label}: {:.0} conn/s, {:.3} CPU ms/conn, latency p50 {:+.1} µs p99 {:+.1} µs max {:.0} µs",
-            med(v, |s| s.rate),
-            med(v, |s| s.cost),
-            med(v, |s| s.p50),
-            med(v, |s| s.p99),
-            med(v, |s| s.max),
+            "\nztp {label}: {rate:.0} conn/s, {cost:.3} CPU ms/conn, latency p50 {p50:+.1} µs p99 {p99:+.1} µs max {max:.0} µs",
         ));
         json.insert(
             format!("ztp-{label}"),
-            serde_json::json!({
-                "conn/s": med(v, |s| s.rate), "CPU ms/conn": med(v, |s| s.cost),
-                "p50": med(v, |s| s.p50), "p99": med(v, |s| s.p99), "max": med(v, |s| s.max),
-            }),
+            serde_json::json!({"conn/s": rate, "CPU ms/conn": cost, "p50": p50, "p99": p99, "max": max}),
         );
     }
     println!("{out}");
