@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use ztp_proto::http;
 
 use crate::api::{self, AppState};
 use crate::grpc;
@@ -90,7 +91,7 @@ pub async fn serve(
     };
 
     let state = AppState::with_nodes(store, nodes);
-    let app = api::router(state).into_make_service_with_connect_info::<api::auth::ClientAddr>();
+    let app = api::router(state);
     let tcp = tokio::net::TcpListener::bind(opts.api_listen)
         .await
         .with_context(|| format!("cannot listen for the API on {}", opts.api_listen))?;
@@ -99,20 +100,17 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
+    let limits = http::Limits::default();
     match &opts.api_tls {
         Some((cert, key)) => {
             let config = api::https::server_config(cert, key)?;
-            let listener = api::https::HttpsListener::new(tcp, config)?;
+            let tls = api::https::Tls(tokio_rustls::TlsAcceptor::from(config));
             tracing::info!(%addr, scheme = "https", "api listening");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+            http::serve(tcp, tls, app, limits, shutdown).await;
         }
         None => {
             tracing::info!(%addr, scheme = "http", "api listening");
-            axum::serve(tcp, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+            http::serve(tcp, http::Plain, app, limits, shutdown).await;
         }
     }
     if let Some(t) = grpc_task {

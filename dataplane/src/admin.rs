@@ -119,12 +119,20 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
     }
 }
 
+/// Serves the admin port until `shutdown`, within `ztp_proto::http`'s limits on
+/// connections, handshake, header and body time.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    let limits = ztp_proto::http::Limits::default();
+    ztp_proto::http::serve(
+        listener,
+        ztp_proto::http::Plain,
+        router(state),
+        limits,
+        shutdown,
+    )
+    .await
 }

@@ -26,29 +26,6 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Sources remembered at most (oldest windows are dropped first).
 const MAX_SOURCES: usize = 10_000;
 
-/// The client's address, as the server saw it (plain or HTTPS).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for ClientAddr
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        ClientAddr(*s.remote_addr())
-    }
-}
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, super::https::HttpsListener>,
-    > for ClientAddr
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, super::https::HttpsListener>) -> Self {
-        ClientAddr(*s.remote_addr())
-    }
-}
-
 /// Counts failed authentications per source address.
 #[derive(Debug, Default)]
 pub struct AuthGuard {
@@ -102,9 +79,9 @@ pub async fn require_token(
     }
     let peer = req
         .extensions()
-        .get::<ConnectInfo<ClientAddr>>()
+        .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| {
-            c.0 .0.ip().to_canonical()
+            c.0.ip().to_canonical()
         });
     let (failures, delay) = state.guard.failed(peer);
     tracing::warn!(

@@ -1,23 +1,17 @@
 //! HTTPS for the admin API when it is exposed beyond loopback (`--api-cert`,
-//! `--api-key`): TLS 1.3, handshakes done off the accept loop and bounded in time, so a
-//! slow client cannot stall the others.
+//! `--api-key`): TLS 1.3 only. Handshakes run in each connection's own task, bounded in
+//! time and in number by `ztp_proto::http`, so a slow client cannot stall the others.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Completed handshakes waiting for the server to take them.
-const QUEUE: usize = 128;
+use ztp_proto::http::Handshake;
 
 /// Loads the API's certificate chain and key into a TLS 1.3 server config.
 pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
@@ -42,62 +36,14 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
     Ok(Arc::new(config))
 }
 
-/// A listener yielding completed TLS connections, for `axum::serve`.
-pub struct HttpsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
+/// The API's TLS handshake, for [`ztp_proto::http::serve`] (which bounds its time and
+/// the connections waiting in it).
+#[derive(Clone)]
+pub struct Tls(pub TlsAcceptor);
 
-impl HttpsListener {
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
-        let local = tcp.local_addr()?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let acceptor = TlsAcceptor::from(config);
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "api accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(client.addr = %peer, error = %e, "api handshake failed")
-                        }
-                        Err(_) => tracing::debug!(client.addr = %peer, "api handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(HttpsListener { rx, local })
-    }
-}
-
-impl axum::serve::Listener for HttpsListener {
+impl Handshake for Tls {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept task only ends when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+    async fn handshake(&self, tcp: TcpStream) -> io::Result<Self::Io> {
+        self.0.accept(tcp).await
     }
 }

@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 use ztp_proto::Snapshot;
 
-use super::auth::ClientAddr;
 use super::{router, AppState};
 use crate::store::{Actor, Store};
 
@@ -90,7 +89,7 @@ impl Call {
     /// adds in the binary).
     fn peer(mut self, addr: &str) -> Self {
         let addr: SocketAddr = addr.parse().unwrap();
-        self.req = self.req.extension(ConnectInfo(ClientAddr(addr)));
+        self.req = self.req.extension(ConnectInfo(addr));
         self
     }
 

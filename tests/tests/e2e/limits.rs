@@ -102,3 +102,70 @@ async fn connection_over_max_connections_is_closed_at_once() {
     echo_step(&mut c2, b"two still").await;
     assert_eq!(fx.echo.connections(), 3);
 }
+
+/// The control plane's API (DESIGN.md "Security notes": a limit on every resource a peer
+/// can hold): one address holding 64 idle connections gets no more, closed before a
+/// byte is read; other addresses are still served; a freed place is usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_connections_are_capped_per_source() {
+    use tokio::io::AsyncReadExt;
+    use ztp_tests::control::{Control, ControlOptions};
+
+    async fn from(src: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        sock.connect(to).await.unwrap()
+    }
+    /// One GET /healthz; the status line, or "" when closed unanswered.
+    async fn healthz(mut s: tokio::net::TcpStream) -> String {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .ok();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the API neither answered nor closed");
+        let text = String::from_utf8_lossy(&out);
+        text.lines().next().unwrap_or("").to_owned()
+    }
+
+    let pki = TestPki::new();
+    let control = Control::start_with(
+        &pki,
+        ControlOptions {
+            no_grpc: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let api = control.api_addr();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(from("127.0.0.1", api).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    assert_eq!(healthz(from("127.0.0.1", api).await).await, "");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "not closed at once"
+    );
+    assert_eq!(
+        healthz(from("127.0.0.2", api).await).await,
+        "HTTP/1.1 200 OK",
+        "another source is still served"
+    );
+    held.truncate(63);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        healthz(from("127.0.0.1", api).await).await,
+        "HTTP/1.1 200 OK"
+    );
+    assert!(
+        control
+            .raw_logs()
+            .iter()
+            .any(|l| l.contains("too many connections")),
+        "the refusal is logged"
+    );
+}

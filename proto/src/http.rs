@@ -1,0 +1,462 @@
+//! The HTTP/1.1 server of both planes' admin ports (the control plane's REST API, the
+//! data plane's health and metrics), with a limit on everything a peer can hold there.
+//!
+//! - connections: at most [`Limits::max_connections`] at once and
+//!   [`Limits::max_per_source`] from one address, counted from the TCP accept (before a
+//!   TLS handshake); more are closed at once, without a byte read;
+//! - a TLS handshake (where the port speaks HTTPS) must finish within
+//!   [`Limits::handshake_timeout`];
+//! - a request's head must arrive within [`Limits::header_timeout`] of the server starting
+//!   to wait for it, which also closes a keep-alive connection left idle that long;
+//! - a request body must keep coming: a handler waiting [`Limits::read_timeout`] for its
+//!   next part gets an error (and answers 400; the connection is then closed).
+//!
+//! Request bodies are bounded by the routers themselves (`DefaultBodyLimit`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Sleep;
+use tower::ServiceExt;
+
+/// Limits of an admin port. The defaults suit an operator's tools and a metrics scraper.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_per_source: usize,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 512,
+            max_per_source: 64,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(20),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What turns an accepted TCP connection into the stream HTTP is spoken on: [`Plain`], or
+/// a TLS handshake.
+pub trait Handshake: Clone + Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn handshake(&self, tcp: TcpStream) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+/// Plain HTTP: the TCP stream itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+    async fn handshake(&self, tcp: TcpStream) -> io::Result<TcpStream> {
+        Ok(tcp)
+    }
+}
+
+/// Open connections, in all and per source address.
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection's place; given back when dropped.
+struct Place {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.total -= 1;
+        if let Some(n) = c.per_source.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_source.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &Limits) -> Option<Place> {
+    let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+    let from_ip = c.per_source.get(&ip).copied().unwrap_or(0);
+    if c.total >= limits.max_connections || from_ip >= limits.max_per_source {
+        return None;
+    }
+    c.total += 1;
+    *c.per_source.entry(ip).or_insert(0) += 1;
+    Some(Place {
+        counts: counts.clone(),
+        ip,
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops accepting, lets
+/// requests in flight finish (up to 30 s) and closes idle connections. Handlers see the
+/// peer's address as `ConnectInfo<SocketAddr>`.
+pub async fn serve<H: Handshake>(
+    listener: TcpListener,
+    handshake: H,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, mostly: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(place) = admit(&counts, peer.ip(), &limits) else {
+            drop(tcp);
+            if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                last_warn = Some(Instant::now());
+                tracing::warn!(
+                    client.addr = %peer,
+                    max_connections = limits.max_connections,
+                    max_per_source = limits.max_per_source,
+                    "connection refused: too many connections (logged at most every 10 s)"
+                );
+            }
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (handshake, router, mut stop) = (handshake.clone(), router.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let _place = place;
+            let io = match tokio::time::timeout(limits.handshake_timeout, handshake.handshake(tcp))
+                .await
+            {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) => {
+                    tracing::debug!(client.addr = %peer, error = %e, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(client.addr = %peer, "handshake timed out");
+                    return;
+                }
+            };
+            let limit = limits.read_timeout;
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    let req = req.map(|inner| {
+                        axum::body::Body::new(TimedBody {
+                            inner,
+                            limit,
+                            timer: None,
+                        })
+                    });
+                    router.clone().oneshot(req)
+                },
+            );
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let io = TokioIo::new(io);
+            let conn = builder.serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(client.addr = %peer, error = %e, "connection ended");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection task holds a place until it ends.
+    let end = Instant::now() + Duration::from_secs(30);
+    while counts.lock().map(|c| c.total).unwrap_or(0) > 0 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A request body whose next frame must arrive within `limit` of the handler asking for
+/// it; else the body ends with an error (the handler answers 400 and the connection is
+/// closed, its body unread).
+struct TimedBody {
+    inner: hyper::body::Incoming,
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let me = &mut *self;
+        match Pin::new(&mut me.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let limit = me.limit;
+                let timer = me
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err("the request body stopped arriving".into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Ready(r) => {
+                me.timer = None;
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 4,
+            max_per_source: 2,
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_millis(300),
+            read_timeout: Duration::from_millis(300),
+        }
+    }
+
+    fn app() -> Router {
+        Router::new()
+            .route(
+                "/peer",
+                get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                    peer.ip().to_string()
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "done"
+                }),
+            )
+            .route("/echo", post(|body: String| async move { body }))
+    }
+
+    /// A server on 127.0.0.1 with `limits`; the sender stops it.
+    async fn start(
+        limits: Limits,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(l, Plain, app(), limits, async {
+            let _ = rx.await;
+        }));
+        (addr, tx, task)
+    }
+
+    async fn connect_from(src: &str, addr: SocketAddr) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        sock.connect(addr).await.unwrap()
+    }
+
+    /// Reads until the peer closes (or 5 s pass): what it sent.
+    async fn read_to_close(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        assert!(r.is_ok(), "the server did not close the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn get_once(s: &mut TcpStream, path: &str) -> String {
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        read_to_close(s).await
+    }
+
+    #[tokio::test]
+    async fn serves_requests_with_the_peer_address() {
+        let (addr, stop, task) = start(limits()).await;
+        let mut s = connect_from("127.0.0.3", addr).await;
+        let resp = get_once(&mut s, "/peer").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.ends_with("127.0.0.3"), "{resp}");
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn caps_connections_per_source_and_in_all() {
+        let held_long = Limits {
+            header_timeout: Duration::from_secs(10),
+            ..limits()
+        };
+        let (addr, _stop, _task) = start(held_long).await;
+        // Two held from 127.0.0.1 (its cap): a third is closed without an answer.
+        let mut held = vec![
+            connect_from("127.0.0.1", addr).await,
+            connect_from("127.0.0.1", addr).await,
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = connect_from("127.0.0.1", addr).await;
+        assert_eq!(
+            get_once(&mut third, "/peer").await,
+            "",
+            "over the per-source cap"
+        );
+        // Another source still gets in, up to the total cap of 4.
+        held.push(connect_from("127.0.0.2", addr).await);
+        let mut s = connect_from("127.0.0.2", addr).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut fifth = connect_from("127.0.0.4", addr).await;
+        assert_eq!(
+            get_once(&mut fifth, "/peer").await,
+            "",
+            "over the total cap"
+        );
+        assert!(get_once(&mut s, "/peer").await.starts_with("HTTP/1.1 200"));
+        // A place freed is a place for the next.
+        drop(held.remove(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut again = connect_from("127.0.0.1", addr).await;
+        assert!(get_once(&mut again, "/peer")
+            .await
+            .starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn silent_and_trickling_clients_are_closed_at_the_header_timeout() {
+        let (addr, _stop, _task) = start(limits()).await;
+        let t = Instant::now();
+        let mut silent = connect_from("127.0.0.1", addr).await;
+        let _ = read_to_close(&mut silent).await;
+        assert!(t.elapsed() >= Duration::from_millis(250));
+
+        // One byte of the head every 100 ms: never a whole head, closed all the same.
+        let mut trickle = connect_from("127.0.0.1", addr).await;
+        let t = Instant::now();
+        let closed = async {
+            for b in b"GET /peer HTTP/1.1\r\nHost: t\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaa" {
+                if trickle.write_all(&[*b]).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        };
+        assert!(closed.await, "a trickled head was not cut off");
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_left_idle_is_closed() {
+        let (addr, _stop, _task) = start(limits()).await;
+        let mut s = connect_from("127.0.0.1", addr).await;
+        s.write_all(b"GET /peer HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_to_close(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_is_refused() {
+        let (addr, _stop, _task) = start(limits()).await;
+        let mut s = connect_from("127.0.0.1", addr).await;
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nhalf")
+            .await
+            .unwrap();
+        let resp = read_to_close(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+        // A whole body is served.
+        let mut s = connect_from("127.0.0.1", addr).await;
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+            .await
+            .unwrap();
+        let resp = read_to_close(&mut s).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 200") && resp.ends_with("hello"),
+            "{resp}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_a_request_in_flight_finish() {
+        let (addr, stop, task) = start(limits()).await;
+        let mut s = connect_from("127.0.0.1", addr).await;
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        let resp = read_to_close(&mut s).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 200") && resp.ends_with("done"),
+            "{resp}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returns once its connections ended")
+            .unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+    }
+}
