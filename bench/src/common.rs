@@ -246,3 +246,47 @@ pub fn client_config(
     c.resumption = rustls::client::Resumption::disabled();
     std::sync::Arc::new(c)
 }
+
+/// Runs a loopback server on 127.0.0.1:`port` on a one-thread runtime in this process
+/// until it is killed: every accepted connection (TCP_NODELAY set) is served by `handle`
+/// in a task of its own. For the benchmarks' backends and relay.
+pub fn serve_loopback<F, Fut>(port: u16, what: &str, handle: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("bind the {what} on {port}: {e}"));
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                // Out of descriptors, mostly: wait instead of spinning.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            s.set_nodelay(true).ok();
+            tokio::spawn(handle(s));
+        }
+    });
+}
+
+/// Echoes every byte back until the peer closes, through a `buf`-byte buffer.
+pub async fn echo(mut s: tokio::net::TcpStream, buf: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; buf];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

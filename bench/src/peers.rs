@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 mod common;
-use common::{bin, client_config, free_port, raise_nofile, rss_kib, Proc};
+use common::{bin, client_config, echo, free_port, raise_nofile, rss_kib, serve_loopback, Proc};
 
 const SNI: &str = "bench.svc.internal";
 const PEERS: [&str; 4] = ["haproxy", "nginx", "hitch", "stunnel"];
@@ -523,48 +523,21 @@ fn stat_cpu(path: &str) -> Option<Duration> {
 // The backend: one byte picks the mode. U: sink, D: source, E: echo.
 
 fn backend(port: u16) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind the backend");
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            s.set_nodelay(true).ok();
-            tokio::spawn(async move {
-                let mut mode = [0u8; 1];
-                if s.read_exact(&mut mode).await.is_err() {
-                    return;
-                }
-                match mode[0] {
-                    b'U' => {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-                    }
-                    b'D' => {
-                        let buf = vec![0x5au8; 256 * 1024];
-                        while s.write_all(&buf).await.is_ok() {}
-                    }
-                    _ => {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if s.write_all(&buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            });
+    serve_loopback(port, "backend", |mut s| async move {
+        let mut mode = [0u8; 1];
+        if s.read_exact(&mut mode).await.is_err() {
+            return;
+        }
+        match mode[0] {
+            b'U' => {
+                let mut buf = vec![0u8; 256 * 1024];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+            b'D' => {
+                let buf = vec![0x5au8; 256 * 1024];
+                while s.write_all(&buf).await.is_ok() {}
+            }
+            _ => echo(s, 16 * 1024).await,
         }
     });
 }
@@ -573,28 +546,12 @@ fn backend(port: u16) {
 /// per GB is what the kernel's loopback TCP path costs any user-space proxy here, before
 /// a byte is decrypted or encrypted (`--proxies relay`, tests `up` and `down` only).
 fn relay(port: u16, backend: u16) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind the relay");
-        loop {
-            let Ok((mut a, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let Ok(mut b) = TcpStream::connect(("127.0.0.1", backend)).await else {
-                    return;
-                };
-                a.set_nodelay(true).ok();
-                b.set_nodelay(true).ok();
-                let _ =
-                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await;
-            });
-        }
+    serve_loopback(port, "relay", move |mut a| async move {
+        let Ok(mut b) = TcpStream::connect(("127.0.0.1", backend)).await else {
+            return;
+        };
+        b.set_nodelay(true).ok();
+        let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await;
     });
 }
 

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 mod common;
-use common::{bin, client_config, free_port, raise_nofile, rss_kib, Proc};
+use common::{bin, client_config, echo, free_port, raise_nofile, rss_kib, serve_loopback, Proc};
 
 struct Opts {
     idle: usize,
@@ -339,32 +339,5 @@ async fn churn(env: &Arc<Env>, n: usize) -> String {
 }
 
 fn echo_backend(port: u16) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind the backend");
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
+    serve_loopback(port, "backend", |s| echo(s, 1024));
 }

@@ -267,11 +267,19 @@ impl Cache {
         if let Some(s) = cached.as_ref().filter(|s| s.version == version) {
             return Ok(s.clone());
         }
+        let t = std::time::Instant::now();
         let snap = store
             .snapshot()
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        let read = t.elapsed();
         let wire = Arc::new(pb::Snapshot::from(&snap));
+        tracing::debug!(
+            version,
+            read_ms = read.as_millis() as u64,
+            build_ms = (t.elapsed() - read).as_millis() as u64,
+            "snapshot built"
+        );
         *cached = Some(wire.clone());
         Ok(wire)
     }

@@ -102,6 +102,18 @@ impl Control {
         Self::start_with(pki, ControlOptions::default()).await
     }
 
+    /// A control plane with a fresh store and the REST API only (no gRPC stream).
+    pub async fn start_api_only(pki: &TestPki) -> Control {
+        Self::start_with(
+            pki,
+            ControlOptions {
+                no_grpc: true,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     /// A control plane as `opts` say.
     ///
     /// # Panics

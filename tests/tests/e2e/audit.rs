@@ -12,7 +12,7 @@ use ztp_tests::backend::{pseudo_random_bytes, sha256};
 use ztp_tests::client::{alert_of, read_to_end_or_alert_within};
 use ztp_tests::control::query_escape;
 use ztp_tests::http::HttpResponse;
-use ztp_tests::{Control, ControlOptions, TestPki};
+use ztp_tests::{Control, TestPki};
 
 use crate::common::STEP;
 use crate::plane::{
@@ -390,14 +390,7 @@ fn problem_fields(r: &HttpResponse) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_changes_are_attributed_and_bad_queries_are_refused() {
     let pki = TestPki::new();
-    let control = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let control = Control::start_api_only(&pki).await;
     let t0 = now_ms();
     let before = control.config_version().await;
     let created = control.ztpctl_json(["token", "create", "ops-robot"]).await;

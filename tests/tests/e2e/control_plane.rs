@@ -56,14 +56,7 @@ fn assert_private_store(dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_store_is_private_and_holds_a_working_admin_token() {
     let pki = TestPki::new();
-    let control = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let control = Control::start_api_only(&pki).await;
     let token_file = control.data_dir().join("admin-token");
     assert_eq!(mode(&token_file), 0o600, "admin-token");
     let text = std::fs::read_to_string(&token_file).expect("read admin-token");
@@ -156,14 +149,7 @@ async fn bad_flags_exit_64() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_instance_on_the_same_store_is_refused() {
     let pki = TestPki::new();
-    let mut first = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut first = Control::start_api_only(&pki).await;
     let r = first
         .api("POST", "/v1/groups", Some(&json!({"name": "kept"})))
         .await;
@@ -260,14 +246,7 @@ async fn acknowledged_writes_survive_kill_9() {
     const WORKERS: usize = 8;
     const KILL_AFTER: usize = 120;
     let pki = TestPki::new();
-    let mut control = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut control = Control::start_api_only(&pki).await;
     let r = control
         .api("POST", "/v1/groups", Some(&json!({"name": "base"})))
         .await;
@@ -464,14 +443,7 @@ fn fields(p: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_walkthrough_rest_calls() {
     let pki = TestPki::new();
-    let control = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let control = Control::start_api_only(&pki).await;
     // What `curl -d` sends.
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
     let post = |path: &'static str, body: &'static str| {
@@ -719,14 +691,7 @@ async fn readme_walkthrough_rest_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztpctl_errors_are_one_clear_line() {
     let pki = TestPki::new();
-    let control = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let control = Control::start_api_only(&pki).await;
     let one_line = |out: &std::process::Output, what: &str, needle: &str| {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: exit {}", out.status);

@@ -109,7 +109,7 @@ async fn connection_over_max_connections_is_closed_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_connections_are_capped_per_source() {
     use tokio::io::AsyncReadExt;
-    use ztp_tests::control::{Control, ControlOptions};
+    use ztp_tests::control::Control;
 
     async fn from(src: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -130,14 +130,7 @@ async fn api_connections_are_capped_per_source() {
     }
 
     let pki = TestPki::new();
-    let control = Control::start_with(
-        &pki,
-        ControlOptions {
-            no_grpc: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let control = Control::start_api_only(&pki).await;
     let api = control.api_addr();
     let mut held = Vec::new();
     for _ in 0..64 {
