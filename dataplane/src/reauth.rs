@@ -122,31 +122,11 @@ groups: [{ name: g }]
 
     fn active(yaml: &str) -> Arc<Active> {
         // TLS configs are not looked at by recheck; build real ones anyway.
-        let pki = test_material();
+        let pki = crate::tls::test_material();
         let (publisher, rx) = Publisher::new(policy(yaml), pki, crate::tls::provider()).unwrap();
         drop(publisher);
         let a = rx.borrow().clone();
         a
-    }
-
-    fn test_material() -> crate::tls::TlsMaterial {
-        let dir = std::env::temp_dir().join(format!(
-            "ztp-reauth-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        std::fs::write(dir.join("c.pem"), ca.cert.pem()).unwrap();
-        std::fs::write(dir.join("k.pem"), ca.signing_key.serialize_pem()).unwrap();
-        let files = crate::tls::TlsFiles {
-            cert: dir.join("c.pem"),
-            key: dir.join("k.pem"),
-            client_ca: dir.join("c.pem"),
-        };
-        let m = crate::tls::TlsMaterial::load(&files, &crate::tls::provider()).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        m
     }
 
     #[test]

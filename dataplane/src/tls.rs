@@ -474,3 +474,25 @@ pub fn recheck_chain(
 
 #[cfg(test)]
 mod tests;
+
+/// TLS material for unit tests: one self-signed certificate as server and CA.
+#[cfg(test)]
+pub(crate) fn test_material() -> TlsMaterial {
+    let dir = std::env::temp_dir().join(format!(
+        "ztp-tls-material-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("c.pem"), ca.cert.pem()).unwrap();
+    std::fs::write(dir.join("k.pem"), ca.signing_key.serialize_pem()).unwrap();
+    let files = crate::tls::TlsFiles {
+        cert: dir.join("c.pem"),
+        key: dir.join("k.pem"),
+        client_ca: dir.join("c.pem"),
+    };
+    let m = crate::tls::TlsMaterial::load(&files, &crate::tls::provider()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    m
+}

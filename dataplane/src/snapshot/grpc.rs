@@ -255,16 +255,10 @@ impl Subscriber {
             // replaced state take a while for large snapshots: off the workers, at low
             // priority.
             let publisher = self.publisher.clone();
-            let (version, applied_result) = super::background::run(move || {
-                use prost::Message as _;
-                let snap = match pb::Snapshot::decode(raw) {
-                    Ok(s) => s,
-                    Err(e) => return (0, Err(format!("undecodable snapshot: {e}"))),
-                };
-                (snap.version, apply(snap, schema, &registry, &publisher))
-            })
-            .await
-            .ok_or_else(|| SessionError::Connect("snapshot worker failed".into()))?;
+            let (version, applied_result) =
+                super::background::run(move || apply(raw, schema, &registry, &publisher))
+                    .await
+                    .ok_or_else(|| SessionError::Connect("snapshot worker failed".into()))?;
             let reply = match applied_result {
                 Ok((services, users)) => {
                     *applied = version;
@@ -287,31 +281,104 @@ impl Subscriber {
     }
 }
 
-/// Converts, validates, compiles and publishes one snapshot; (services, users).
+/// Decodes, converts, validates, compiles and publishes one snapshot: its version, and
+/// (services, users) or why it was refused. A snapshot that differs from the one being
+/// served only in its version, schema and revoked serials (a revocation, mostly) reuses
+/// the compiled services and users: its cost does not grow with the configuration.
 fn apply(
-    snap: pb::Snapshot,
+    raw: bytes::Bytes,
     schema: u32,
     registry: &Registry,
     publisher: &Mutex<Publisher>,
-) -> Result<(usize, usize), String> {
+) -> (u64, Result<(usize, usize), String>) {
+    use prost::Message as _;
+    let digest = config_digest(&raw);
+    let snap = match pb::Snapshot::decode(raw) {
+        Ok(s) => s,
+        Err(e) => return (0, Err(format!("undecodable snapshot: {e}"))),
+    };
+    let version = snap.version;
     if snap.schema > schema {
-        return Err(WireError::TooNew {
+        let e = WireError::TooNew {
             found: snap.schema,
             known: schema,
-        }
-        .to_string());
+        };
+        return (version, Err(e.to_string()));
     }
-    let snap = Snapshot::try_from(snap).map_err(|e| e.to_string())?;
-    let users = snap.users.len();
-    let policy = Policy::compile(&snap, registry).map_err(|e| e.to_string())?;
-    drop(snap);
-    let services = policy.routes.len();
-    publisher
+    let current = publisher
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .apply(Some(policy), None)
-        .map_err(|e| e.to_string())?;
-    Ok((services, users))
+        .current()
+        .policy
+        .clone();
+    let policy = match digest {
+        Some(d) if current.config_digest == Some(d) => current
+            .with_revoked(version, &snap.revoked)
+            .map_err(|e| e.to_string()),
+        _ => Snapshot::try_from(snap)
+            .map_err(|e| e.to_string())
+            .and_then(|snap| Policy::compile(&snap, registry).map_err(|e| e.to_string()))
+            .map(|p| Policy {
+                config_digest: digest,
+                ..p
+            }),
+    };
+    let policy = match policy {
+        Ok(p) => p,
+        Err(e) => return (version, Err(e)),
+    };
+    let counts = (policy.routes.len(), policy.users);
+    let published = publisher
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .apply(Some(policy), None);
+    (
+        version,
+        published.map(|()| counts).map_err(|e| e.to_string()),
+    )
+}
+
+/// SHA-256 over every top-level field of a wire snapshot but `schema` (1), `version` (2)
+/// and `revoked` (6), in the order and bytes they arrived in; `None` if the bytes are not
+/// a well-formed protobuf message. Equal digests mean equal services, users and groups
+/// (and any field added later); different encodings of equal content only cost a full
+/// compile.
+pub fn config_digest(raw: &[u8]) -> Option<[u8; 32]> {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*i)?;
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut i = 0;
+    while i < raw.len() {
+        let start = i;
+        let key = varint(raw, &mut i)?;
+        match key & 7 {
+            0 => {
+                varint(raw, &mut i)?;
+            }
+            1 => i = i.checked_add(8)?,
+            2 => {
+                let len = usize::try_from(varint(raw, &mut i)?).ok()?;
+                i = i.checked_add(len)?;
+            }
+            5 => i = i.checked_add(4)?,
+            _ => return None,
+        }
+        let field = raw.get(start..i)?;
+        if !matches!(key >> 3, 1 | 2 | 6) {
+            ctx.update(field);
+        }
+    }
+    ctx.finish().as_ref().try_into().ok()
 }
 
 /// The stream's codec: node messages are encoded with prost; snapshots arrive as raw
@@ -399,6 +466,112 @@ enum SessionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
+
+    fn wire(version: u64, users: &[&str], revoked: &[&str]) -> bytes::Bytes {
+        pb::Snapshot {
+            schema: 1,
+            version,
+            services: vec![pb::Service {
+                name: "a.svc.internal".into(),
+                protocol: "tcp".into(),
+                address: Some("127.0.0.1:1".into()),
+                groups: vec!["g".into()],
+                ..Default::default()
+            }],
+            users: users
+                .iter()
+                .map(|u| pb::User {
+                    name: (*u).into(),
+                    identities: vec![format!("{u}@example.com")],
+                    groups: vec!["g".into()],
+                    disabled: false,
+                })
+                .collect(),
+            groups: vec![pb::Group { name: "g".into() }],
+            revoked: revoked.iter().map(|r| (*r).into()).collect(),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    #[test]
+    fn config_digest_ignores_version_schema_and_revoked_only() {
+        let base = config_digest(&wire(1, &["alice", "bob"], &[])).unwrap();
+        assert_eq!(
+            config_digest(&wire(9, &["alice", "bob"], &["0a", "0b"])),
+            Some(base)
+        );
+        let mut other_schema = pb::Snapshot::decode(wire(1, &["alice", "bob"], &[])).unwrap();
+        other_schema.schema = 2;
+        assert_eq!(config_digest(&other_schema.encode_to_vec()), Some(base));
+        assert_ne!(config_digest(&wire(1, &["alice"], &[])), Some(base));
+        assert_ne!(config_digest(&wire(1, &["bob", "alice"], &[])), Some(base));
+        // Not a protobuf message: no digest (a full compile, which refuses it).
+        assert_eq!(config_digest(&[0x1a, 0x05, 0x01]), None);
+        assert_eq!(config_digest(&[0xff]), None);
+        assert_eq!(config_digest(&[0x1b]), None, "wire type 3");
+    }
+
+    fn publisher() -> Mutex<Publisher> {
+        let (p, _rx) = Publisher::new(
+            Policy::empty(),
+            crate::tls::test_material(),
+            crate::tls::provider(),
+        )
+        .unwrap();
+        Mutex::new(p)
+    }
+
+    #[test]
+    fn a_revocation_reuses_the_compiled_configuration_and_nothing_else_does() {
+        let reg = Registry::builtin();
+        let p = publisher();
+        let current = || p.lock().unwrap().current().policy.clone();
+        assert_eq!(
+            apply(wire(1, &["alice", "bob"], &[]), 2, &reg, &p),
+            (1, Ok((1, 2)))
+        );
+        let v1 = current();
+        assert!(v1.directory.user("bob@example.com").is_some());
+
+        // Only the revoked serials moved: same compiled services and users.
+        assert_eq!(
+            apply(wire(2, &["alice", "bob"], &["0a"]), 2, &reg, &p),
+            (2, Ok((1, 2)))
+        );
+        let v2 = current();
+        assert_eq!(v2.version, 2);
+        assert!(Arc::ptr_eq(&v1.directory, &v2.directory));
+        assert!(Arc::ptr_eq(&v1.routes, &v2.routes));
+        assert!(v2
+            .revoked
+            .contains(&ztp_proto::names::Serial::parse_hex("0a").unwrap()));
+
+        // A bad serial in an otherwise unchanged snapshot is refused; nothing changes.
+        let (v, r) = apply(wire(3, &["alice", "bob"], &["not hex"]), 2, &reg, &p);
+        assert_eq!(v, 3);
+        assert!(r.unwrap_err().contains("revoked[0]"));
+        assert_eq!(current().version, 2);
+
+        // A user removed: compiled again, and the user is gone.
+        assert_eq!(
+            apply(wire(4, &["alice"], &["0a"]), 2, &reg, &p),
+            (4, Ok((1, 1)))
+        );
+        let v4 = current();
+        assert!(!Arc::ptr_eq(&v2.directory, &v4.directory));
+        assert!(v4.directory.user("bob@example.com").is_none());
+        assert!(v4.directory.user("alice@example.com").is_some());
+
+        // Too new a schema is refused even when the configuration is unchanged.
+        let mut newer = pb::Snapshot::decode(wire(5, &["alice"], &["0a"])).unwrap();
+        newer.schema = 3;
+        let (v, r) = apply(newer.encode_to_vec().into(), 2, &reg, &p);
+        assert_eq!(v, 5);
+        assert!(r.is_err());
+        assert_eq!(current().version, 4);
+    }
 
     #[test]
     fn jitter_stays_in_range() {

@@ -27,9 +27,16 @@ pub mod grpc;
 #[derive(Debug)]
 pub struct Policy {
     pub version: u64,
-    pub routes: Routes,
-    pub directory: Directory,
+    pub routes: Arc<Routes>,
+    pub directory: Arc<Directory>,
     pub revoked: Arc<HashSet<Serial>>,
+    /// Users in the snapshot.
+    pub users: usize,
+    /// For a snapshot from the control plane's stream: the SHA-256 of everything in it
+    /// but its version, schema and revoked serials, as it arrived (see
+    /// `grpc::config_digest`). A next snapshot with the same digest differs at most in
+    /// those, and reuses this one's validated, compiled services and users.
+    pub config_digest: Option<[u8; 32]>,
 }
 
 impl Policy {
@@ -38,33 +45,54 @@ impl Policy {
     pub fn empty() -> Policy {
         Policy {
             version: 0,
-            routes: Routes::default(),
-            directory: Directory::default(),
+            routes: Arc::default(),
+            directory: Arc::default(),
             revoked: Arc::default(),
+            users: 0,
+            config_digest: None,
         }
     }
 
     /// Validates and indexes a snapshot, resolving handler names in `registry`.
     pub fn compile(snap: &Snapshot, registry: &Registry) -> Result<Policy, Invalid> {
         snap.validate()?;
-        let revoked = snap
-            .revoked
-            .iter()
-            .map(|s| Serial::parse_hex(s))
-            .collect::<Result<HashSet<_>, _>>()
-            .map_err(|message| {
-                Invalid(vec![ztp_proto::FieldError {
-                    field: "revoked".into(),
-                    message,
-                }])
-            })?;
         Ok(Policy {
             version: snap.version,
-            routes: Routes::compile(&snap.services, registry)?,
-            directory: Directory::compile(&snap.users),
-            revoked: Arc::new(revoked),
+            routes: Arc::new(Routes::compile(&snap.services, registry)?),
+            directory: Arc::new(Directory::compile(&snap.users)),
+            revoked: Arc::new(revoked_set(&snap.revoked)?),
+            users: snap.users.len(),
+            config_digest: None,
         })
     }
+
+    /// This policy at `version` with `revoked` as the revoked serials: services, users
+    /// and groups shared, not compiled again.
+    pub fn with_revoked(&self, version: u64, revoked: &[String]) -> Result<Policy, Invalid> {
+        Ok(Policy {
+            version,
+            routes: self.routes.clone(),
+            directory: self.directory.clone(),
+            revoked: Arc::new(revoked_set(revoked)?),
+            users: self.users,
+            config_digest: self.config_digest,
+        })
+    }
+}
+
+fn revoked_set(revoked: &[String]) -> Result<HashSet<Serial>, Invalid> {
+    revoked
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Serial::parse_hex(s).map_err(|message| {
+                Invalid(vec![ztp_proto::FieldError {
+                    field: format!("revoked[{i}]"),
+                    message,
+                }])
+            })
+        })
+        .collect()
 }
 
 /// What connections decide against: a policy and the TLS configs built for it.
