@@ -28,12 +28,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use ztp_proto::wire::{pb, MAX_MESSAGE_BYTES};
+use ztp_proto::wire::{pb, ServerCodec, MAX_MESSAGE_BYTES};
 
 use crate::nodes::Nodes;
 use crate::store::Store;
 
-use pb::config_service_server::{ConfigService, ConfigServiceServer};
 use pb::node_message::Kind;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,34 +253,80 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// The newest snapshot in wire form, built once per version and shared by every node.
+/// The newest snapshot in wire form, encoded once per version and shared by every node.
 #[derive(Default)]
-struct Cache(tokio::sync::Mutex<Option<Arc<pb::Snapshot>>>);
+struct Cache(tokio::sync::Mutex<Option<Built>>);
+
+struct Built {
+    version: u64,
+    /// The store's configuration generation `config` was read at.
+    generation: u64,
+    schema: u32,
+    /// The encoded services, users and groups (fields 3, 4, 5 of `pb::Snapshot`).
+    config: bytes::Bytes,
+    /// The whole message: schema, version and revoked serials, then `config`.
+    message: bytes::Bytes,
+}
 
 impl Cache {
-    async fn current(&self, store: &Store) -> Result<Arc<pb::Snapshot>, Status> {
+    /// The newest version and its message.
+    async fn current(&self, store: &Store) -> Result<(u64, bytes::Bytes), Status> {
+        use prost::Message as _;
+        let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
         let mut cached = self.0.lock().await;
-        let version = store
-            .version()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        if let Some(s) = cached.as_ref().filter(|s| s.version == version) {
-            return Ok(s.clone());
+        let version = store.version().map_err(internal)?;
+        if let Some(b) = cached.as_ref().filter(|b| b.version == version) {
+            return Ok((b.version, b.message.clone()));
         }
         let t = std::time::Instant::now();
-        let snap = store
-            .snapshot()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let read = t.elapsed();
-        let wire = Arc::new(pb::Snapshot::from(&snap));
+        let seen = cached.as_ref().map(|b| b.generation);
+        let (snap, generation, whole) = store.snapshot_since(seen).await.map_err(internal)?;
+        let (schema, config) = match cached.as_ref() {
+            // Only the version and the revoked serials moved (a revocation, mostly): the
+            // encoded configuration is reused, and a node sees the same bytes for it.
+            Some(b) if !whole => (b.schema, b.config.clone()),
+            _ => {
+                let pb::Snapshot {
+                    schema,
+                    services,
+                    users,
+                    groups,
+                    ..
+                } = pb::Snapshot::from(&snap);
+                let config = pb::Snapshot {
+                    services,
+                    users,
+                    groups,
+                    ..Default::default()
+                };
+                (schema, bytes::Bytes::from(config.encode_to_vec()))
+            }
+        };
+        // Fields may come in any order: the head, then the configuration.
+        let head = pb::Snapshot {
+            schema,
+            version: snap.version,
+            revoked: snap.revoked,
+            ..Default::default()
+        };
+        let mut message = head.encode_to_vec();
+        message.extend_from_slice(&config);
+        let message = bytes::Bytes::from(message);
         tracing::debug!(
-            version,
-            read_ms = read.as_millis() as u64,
-            build_ms = (t.elapsed() - read).as_millis() as u64,
+            version = snap.version,
+            whole,
+            bytes = message.len(),
+            build_ms = t.elapsed().as_millis() as u64,
             "snapshot built"
         );
-        *cached = Some(wire.clone());
-        Ok(wire)
+        *cached = Some(Built {
+            version: snap.version,
+            generation,
+            schema,
+            config,
+            message: message.clone(),
+        });
+        Ok((snap.version, message))
     }
 }
 
@@ -313,22 +358,15 @@ impl ConfigServer {
         }
     }
 
-    /// The tonic service, with message limits large enough for big snapshots.
-    pub fn into_service(self) -> ConfigServiceServer<Self> {
-        ConfigServiceServer::new(self)
-            .max_decoding_message_size(1 << 20)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    /// The gRPC service.
+    pub fn into_service(self) -> ConfigService {
+        ConfigService(Arc::new(self))
     }
-}
-
-#[tonic::async_trait]
-impl ConfigService for ConfigServer {
-    type SubscribeStream = ReceiverStream<Result<pb::Snapshot, Status>>;
 
     async fn subscribe(
         &self,
         req: Request<Streaming<pb::NodeMessage>>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<bytes::Bytes, Status>>>, Status> {
         let peer = req
             .extensions()
             .get::<NodePeer>()
@@ -378,15 +416,15 @@ impl ConfigService for ConfigServer {
             loop {
                 let version = *versions.borrow_and_update();
                 if sent != Some(version) {
-                    let snap = match cache.current(&store).await {
+                    let (version, snap) = match cache.current(&store).await {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
                             return;
                         }
                     };
-                    sent = Some(snap.version);
-                    if tx.send(Ok((*snap).clone())).await.is_err() {
+                    sent = Some(version);
+                    if tx.send(Ok(snap)).await.is_err() {
                         return;
                     }
                 }
@@ -465,6 +503,53 @@ impl ConfigService for ConfigServer {
     }
 }
 
+/// The config service, written out by hand rather than generated: the generated server
+/// would encode every node's copy of a snapshot itself, where this one sends the bytes
+/// [`Cache`] encoded once per version ([`ServerCodec`]).
+#[derive(Clone)]
+pub struct ConfigService(Arc<ConfigServer>);
+
+const SUBSCRIBE: &str = "/ztp.config.v1.ConfigService/Subscribe";
+
+impl tonic::server::NamedService for ConfigService {
+    const NAME: &'static str = "ztp.config.v1.ConfigService";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for ConfigService {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let server = self.0.clone();
+        Box::pin(async move {
+            if req.uri().path() != SUBSCRIBE {
+                return Ok(Status::unimplemented("no such method").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(ServerCodec)
+                .apply_max_message_size_config(Some(1 << 20), Some(MAX_MESSAGE_BYTES));
+            Ok(grpc.streaming(Subscribe(server), req).await)
+        })
+    }
+}
+
+struct Subscribe(Arc<ConfigServer>);
+
+impl tonic::server::StreamingService<pb::NodeMessage> for Subscribe {
+    type Response = bytes::Bytes;
+    type ResponseStream = ReceiverStream<Result<bytes::Bytes, Status>>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, req: Request<Streaming<pb::NodeMessage>>) -> Self::Future {
+        let server = self.0.clone();
+        Box::pin(async move { server.subscribe(req).await })
+    }
+}
+
 /// Serves the config stream on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -479,4 +564,71 @@ pub async fn serve(
         .add_service(server.into_service())
         .serve_with_incoming_shutdown(incoming(listener, config, trust_domain), shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Actor;
+    use prost::Message as _;
+    use ztp_proto::{Group, User};
+
+    fn user(name: &str) -> User {
+        User {
+            name: name.into(),
+            identities: vec![format!("{name}@example.com")],
+            groups: vec!["g".into()],
+            disabled: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_version_that_only_revokes_reuses_the_encoded_configuration() {
+        let dir = std::env::temp_dir().join(format!("ztp-grpc-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let a = Actor::system();
+        store
+            .create_group(Group { name: "g".into() }, None, &a)
+            .await
+            .unwrap();
+        store.put_user(user("alice"), true, None, &a).await.unwrap();
+        let cache = Cache::default();
+
+        let (v1, m1) = cache.current(&store).await.unwrap();
+        let s1 = pb::Snapshot::decode(m1.clone()).unwrap();
+        assert_eq!((s1.version, s1.users.len(), s1.groups.len()), (v1, 1, 1));
+        let config1 = cache.0.lock().await.as_ref().unwrap().config.clone();
+        // Asked again at the same version: the same message.
+        assert_eq!(cache.current(&store).await.unwrap(), (v1, m1.clone()));
+
+        // A revocation: a new version whose message decodes to the whole snapshot, with
+        // the configuration's bytes the very ones encoded before.
+        store.revoke(&["0a".into()], None, &a).await.unwrap();
+        let (v2, m2) = cache.current(&store).await.unwrap();
+        assert_eq!(v2, v1 + 1);
+        let s2 = pb::Snapshot::decode(m2.clone()).unwrap();
+        assert_eq!(s2.version, v2);
+        assert_eq!(s2.revoked, ["0a"]);
+        assert_eq!((s2.users, s2.groups), (s1.users, s1.groups));
+        let config2 = cache.0.lock().await.as_ref().unwrap().config.clone();
+        assert_eq!(config1.as_ptr(), config2.as_ptr(), "not encoded again");
+        assert!(m2.ends_with(&config1));
+
+        // A user added: the configuration is read and encoded again.
+        store.put_user(user("bob"), true, None, &a).await.unwrap();
+        let (v3, m3) = cache.current(&store).await.unwrap();
+        let s3 = pb::Snapshot::decode(m3).unwrap();
+        assert_eq!((s3.version, s3.users.len()), (v3, 2));
+        assert_eq!(s3.revoked, ["0a"]);
+
+        // Unrevoked: back to no serials, the users kept.
+        store.unrevoke("0a", None, &a).await.unwrap();
+        let (_, m4) = cache.current(&store).await.unwrap();
+        let s4 = pb::Snapshot::decode(m4).unwrap();
+        assert!(s4.revoked.is_empty());
+        assert_eq!(s4.users.len(), 2);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

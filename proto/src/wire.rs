@@ -65,6 +65,82 @@ impl From<&Snapshot> for pb::Snapshot {
     }
 }
 
+/// The node's end of the stream: its messages encoded with prost; snapshots taken as the
+/// raw bytes of each message, to be decoded off the node's workers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeCodec;
+
+impl tonic::codec::Codec for NodeCodec {
+    type Encode = pb::NodeMessage;
+    type Decode = bytes::Bytes;
+    type Encoder = tonic_prost::ProstEncoder<pb::NodeMessage>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+/// The control plane's end: snapshots sent as the bytes of a `pb::Snapshot` encoded once
+/// per version for every node; node messages decoded with prost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerCodec;
+
+impl tonic::codec::Codec for ServerCodec {
+    type Encode = bytes::Bytes;
+    type Decode = pb::NodeMessage;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<pb::NodeMessage>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// A message's bytes, as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        use bytes::Buf as _;
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
+}
+
+/// Bytes already encoded, sent as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Self::Item,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
 /// Why a received snapshot cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

@@ -146,6 +146,9 @@ pub struct Store {
     conn_audit: std::sync::Mutex<(u64, u64)>,
     /// Most connection records kept; older ones are dropped.
     conn_audit_cap: std::sync::atomic::AtomicU64,
+    /// Moves (under the write lock) with every change to services, users or groups: a
+    /// reader that saw it unchanged needs only the version and the revoked serials.
+    config_gen: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -242,6 +245,7 @@ impl Store {
             versions: tokio::sync::watch::Sender::new(0),
             conn_audit: std::sync::Mutex::new((0, 0)),
             conn_audit_cap: std::sync::atomic::AtomicU64::new(conn_audit::DEFAULT_CAP),
+            config_gen: std::sync::atomic::AtomicU64::new(0),
         };
         store.init_conn_audit()?;
         store.versions = tokio::sync::watch::Sender::new(store.version()?);
@@ -382,6 +386,13 @@ impl Store {
             Err(TransactionError::Storage(e)) => return Err(e.into()),
             Err(TransactionError::Abort(())) => unreachable!("no transaction aborts"),
         };
+        if ops
+            .iter()
+            .any(|(t, _, _)| matches!(t, T::Services | T::Users | T::Groups))
+        {
+            self.config_gen
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         // Acknowledged only once it is on disk.
         self.db.flush_async().await?;
         if bump {
@@ -739,6 +750,37 @@ impl Store {
         self.snapshot_unlocked()
     }
 
+    /// The configuration at one version, for a reader that last read its services,
+    /// users and groups at generation `seen`: `(snapshot, generation, whole)`. When the
+    /// generation has not moved, the snapshot carries only the version and the revoked
+    /// serials (`whole` is false) and the reader's services, users and groups still hold.
+    pub async fn snapshot_since(
+        &self,
+        seen: Option<u64>,
+    ) -> Result<(Snapshot, u64, bool), StoreError> {
+        let _w = self.write.lock().await;
+        let generation = self.config_gen.load(std::sync::atomic::Ordering::SeqCst);
+        if seen == Some(generation) {
+            let snap = Snapshot {
+                version: self.version()?,
+                services: vec![],
+                users: vec![],
+                groups: vec![],
+                revoked: self.revoked_unlocked()?,
+            };
+            return Ok((snap, generation, false));
+        }
+        Ok((self.snapshot_unlocked()?, generation, true))
+    }
+
+    fn revoked_unlocked(&self) -> Result<Vec<String>, StoreError> {
+        self.tree(T::Revoked)
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
     fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
         let all = |t: T| -> Result<Vec<_>, StoreError> {
             self.tree(t)
@@ -762,9 +804,7 @@ impl Store {
         for (k, v) in all(T::Groups)? {
             snap.groups.push(Self::decode(T::Groups, &k, &v)?);
         }
-        for (k, _) in all(T::Revoked)? {
-            snap.revoked.push(String::from_utf8_lossy(&k).into_owned());
-        }
+        snap.revoked = self.revoked_unlocked()?;
         Ok(snap)
     }
 

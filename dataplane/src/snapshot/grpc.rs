@@ -228,7 +228,7 @@ impl Subscriber {
                 tonic::codegen::http::uri::PathAndQuery::from_static(
                     "/ztp.config.v1.ConfigService/Subscribe",
                 ),
-                RawSnapshots,
+                ztp_proto::wire::NodeCodec,
             )
             .await
             .map_err(SessionError::Status)?
@@ -379,43 +379,6 @@ pub fn config_digest(raw: &[u8]) -> Option<[u8; 32]> {
         }
     }
     ctx.finish().as_ref().try_into().ok()
-}
-
-/// The stream's codec: node messages are encoded with prost; snapshots arrive as raw
-/// bytes, decoded on the snapshot thread (a 100,000-user snapshot takes tens of
-/// milliseconds to decode: not on a worker).
-#[derive(Debug, Clone, Copy, Default)]
-struct RawSnapshots;
-
-impl tonic::codec::Codec for RawSnapshots {
-    type Encode = pb::NodeMessage;
-    type Decode = bytes::Bytes;
-    type Encoder = tonic_prost::ProstEncoder<pb::NodeMessage>;
-    type Decoder = RawDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::default()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawDecoder
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct RawDecoder;
-
-impl tonic::codec::Decoder for RawDecoder {
-    type Item = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Self::Item>, Self::Error> {
-        use bytes::Buf as _;
-        Ok(Some(buf.copy_to_bytes(buf.remaining())))
-    }
 }
 
 fn nack(version: u64, reason: String) -> Kind {
