@@ -460,21 +460,7 @@ impl ConfigServer {
                     Ok(Some(pb::NodeMessage {
                         kind: Some(Kind::Record(r)),
                     })) => {
-                        let record = crate::store::ConnectionRecord {
-                            time_ms: r.time_ms,
-                            node: id.clone(),
-                            peer: r.peer,
-                            sni: r.sni,
-                            identity: r.identity,
-                            user: r.user,
-                            service: r.service,
-                            decision: r.decision,
-                            reason: r.reason,
-                            code: r.code,
-                            bytes_up: r.bytes_up,
-                            bytes_down: r.bytes_down,
-                            duration_ms: r.duration_ms,
-                        };
+                        let record = connection_record(&id, r, now_ms());
                         nodes.seen(&id);
                         if let Err(e) = store.append_connections(&[record]) {
                             tracing::error!(error = %e, "cannot keep a connection record");
@@ -500,6 +486,40 @@ impl ConfigServer {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Further ahead than this, a node's record time is its clock's error (or a lie): it is
+/// kept as now plus this, so that records from the future cannot push every honest one
+/// out of the retention.
+const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A node's connection record as the audit trail keeps it.
+fn connection_record(
+    node: &str,
+    r: pb::ConnectionRecord,
+    now_ms: u64,
+) -> crate::store::ConnectionRecord {
+    crate::store::ConnectionRecord {
+        time_ms: r.time_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS)),
+        node: node.to_owned(),
+        peer: r.peer,
+        sni: r.sni,
+        identity: r.identity,
+        user: r.user,
+        service: r.service,
+        decision: r.decision,
+        reason: r.reason,
+        code: r.code,
+        bytes_up: r.bytes_up,
+        bytes_down: r.bytes_down,
+        duration_ms: r.duration_ms,
     }
 }
 
@@ -580,6 +600,25 @@ mod tests {
             groups: vec!["g".into()],
             disabled: false,
         }
+    }
+
+    #[test]
+    fn a_record_from_the_future_is_kept_at_now_plus_the_allowed_skew() {
+        let r = |time_ms| pb::ConnectionRecord {
+            time_ms,
+            ..Default::default()
+        };
+        let now = 1_800_000_000_000;
+        assert_eq!(connection_record("n1", r(now - 5), now).time_ms, now - 5);
+        assert_eq!(
+            connection_record("n1", r(now + 30_000), now).time_ms,
+            now + 30_000
+        );
+        assert_eq!(
+            connection_record("n1", r(u64::MAX), now).time_ms,
+            now + MAX_CLOCK_AHEAD_MS
+        );
+        assert_eq!(connection_record("n1", r(0), now).node, "n1");
     }
 
     #[tokio::test]

@@ -9,7 +9,14 @@
 //! - a request's head must arrive within [`Limits::header_timeout`] of the server starting
 //!   to wait for it, which also closes a keep-alive connection left idle that long;
 //! - a request body must keep coming: a handler waiting [`Limits::read_timeout`] for its
-//!   next part gets an error (and answers 400; the connection is then closed).
+//!   next part gets an error (and answers 400; the connection is then closed);
+//! - a client must read what it asked for: a write that waits
+//!   [`Limits::write_timeout`] for the client to read closes the connection (a client
+//!   that sends requests and reads no answer would otherwise hold it for ever, as no
+//!   next request head is waited for while an answer is pending);
+//! - a request head is at most 16 KiB and the read buffer 64 KiB.
+//!
+//! A source is an IPv4 address (an IPv4-mapped IPv6 one counts as IPv4) or an IPv6 /64.
 //!
 //! Request bodies are bounded by the routers themselves (`DefaultBodyLimit`).
 
@@ -39,6 +46,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub read_timeout: Duration,
+    /// How long a write may wait for the client to read.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +58,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(20),
             read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -97,6 +107,17 @@ impl Drop for Place {
     }
 }
 
+/// The address a connection is counted under: IPv4 as is, IPv6 by its /64.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &Limits) -> Option<Place> {
     let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
     let from_ip = c.per_source.get(&ip).copied().unwrap_or(0);
@@ -125,7 +146,9 @@ pub async fn serve<H: Handshake>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut last_warn: Option<Instant> = None;
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -138,7 +161,7 @@ pub async fn serve<H: Handshake>(
                 }
             },
         };
-        let Some(place) = admit(&counts, peer.ip(), &limits) else {
+        let Some(place) = admit(&counts, source(peer.ip()), &limits) else {
             drop(tcp);
             if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_warn = Some(Instant::now());
@@ -153,7 +176,7 @@ pub async fn serve<H: Handshake>(
         };
         let _ = tcp.set_nodelay(true);
         let (handshake, router, mut stop) = (handshake.clone(), router.clone(), stop_rx.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _place = place;
             let io = match tokio::time::timeout(limits.handshake_timeout, handshake.handshake(tcp))
                 .await
@@ -185,8 +208,14 @@ pub async fn serve<H: Handshake>(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            let io = TokioIo::new(io);
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(64 * 1024)
+                .max_header_size(16 * 1024);
+            let io = TokioIo::new(WriteTimeout {
+                inner: io,
+                limit: limits.write_timeout,
+                timer: None,
+            });
             let conn = builder.serve_connection(io, service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -208,6 +237,84 @@ pub async fn serve<H: Handshake>(
     let end = Instant::now() + Duration::from_secs(30);
     while counts.lock().map(|c| c.total).unwrap_or(0) > 0 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+/// A stream whose writes (and flushes) fail with `TimedOut` once one has waited `limit`
+/// for the peer to make room.
+struct WriteTimeout<S> {
+    inner: S,
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client does not read",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                self.timer = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, r)
     }
 }
 
@@ -272,6 +379,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_millis(300),
             read_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_millis(300),
         }
     }
 
@@ -291,6 +399,7 @@ mod tests {
                 }),
             )
             .route("/echo", post(|body: String| async move { body }))
+            .route("/big", get(|| async { vec![b'x'; 1 << 20] }))
     }
 
     /// A server on 127.0.0.1 with `limits`; the sender stops it.
@@ -458,5 +567,61 @@ mod tests {
             .expect("serve returns once its connections ended")
             .unwrap();
         assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_closed() {
+        let (addr, _stop, _task) = start(Limits {
+            header_timeout: Duration::from_secs(10),
+            ..limits()
+        })
+        .await;
+        // Two connections (the per-source cap) ask for 1 MiB answers, many times over,
+        // and read nothing.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = connect_from("127.0.0.1", addr).await;
+            let reqs = "GET /big HTTP/1.1\r\nHost: t\r\n\r\n".repeat(20);
+            let _ = s.write_all(reqs.as_bytes()).await;
+            held.push(s);
+        }
+        // Their places come free once the writes have waited too long.
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = connect_from("127.0.0.1", addr).await;
+            let resp = get_once(&mut s, "/peer").await;
+            if resp.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the non-reading clients kept their places"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_is_refused() {
+        let (addr, _stop, _task) = start(limits()).await;
+        let mut s = connect_from("127.0.0.1", addr).await;
+        let pad = "a".repeat(20 * 1024);
+        let req = format!("GET /peer HTTP/1.1\r\nHost: t\r\nX-Pad: {pad}\r\n\r\n");
+        let _ = s.write_all(req.as_bytes()).await;
+        let resp = read_to_close(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_64s() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source(ip("2001:db8:1:2:ffff::9")),
+            source(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(source(ip("2001:db8:1:3::1")), source(ip("2001:db8:1:2::1")));
     }
 }
