@@ -264,19 +264,19 @@ struct Built {
     schema: u32,
     /// The encoded services, users and groups (fields 3, 4, 5 of `pb::Snapshot`).
     config: bytes::Bytes,
-    /// The whole message: schema, version and revoked serials, then `config`.
-    message: bytes::Bytes,
+    /// The encoded schema, version and revoked serials: `config` follows it on the wire.
+    head: bytes::Bytes,
 }
 
 impl Cache {
-    /// The newest version and its message.
-    async fn current(&self, store: &Store) -> Result<(u64, bytes::Bytes), Status> {
+    /// The newest version and its message, in two parts.
+    async fn current(&self, store: &Store) -> Result<(u64, [bytes::Bytes; 2]), Status> {
         use prost::Message as _;
         let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
         let mut cached = self.0.lock().await;
         let version = store.version().map_err(internal)?;
         if let Some(b) = cached.as_ref().filter(|b| b.version == version) {
-            return Ok((b.version, b.message.clone()));
+            return Ok((b.version, [b.head.clone(), b.config.clone()]));
         }
         let t = std::time::Instant::now();
         let seen = cached.as_ref().map(|b| b.generation);
@@ -309,13 +309,11 @@ impl Cache {
             revoked: snap.revoked,
             ..Default::default()
         };
-        let mut message = head.encode_to_vec();
-        message.extend_from_slice(&config);
-        let message = bytes::Bytes::from(message);
+        let head = bytes::Bytes::from(head.encode_to_vec());
         tracing::debug!(
             version = snap.version,
             whole,
-            bytes = message.len(),
+            bytes = head.len() + config.len(),
             build_ms = t.elapsed().as_millis() as u64,
             "snapshot built"
         );
@@ -323,10 +321,10 @@ impl Cache {
             version: snap.version,
             generation,
             schema,
-            config,
-            message: message.clone(),
+            config: config.clone(),
+            head: head.clone(),
         });
-        Ok((snap.version, message))
+        Ok((snap.version, [head, config]))
     }
 }
 
@@ -366,7 +364,7 @@ impl ConfigServer {
     async fn subscribe(
         &self,
         req: Request<Streaming<pb::NodeMessage>>,
-    ) -> Result<Response<ReceiverStream<Result<bytes::Bytes, Status>>>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<[bytes::Bytes; 2], Status>>>, Status> {
         let peer = req
             .extensions()
             .get::<NodePeer>()
@@ -560,8 +558,8 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
 struct Subscribe(Arc<ConfigServer>);
 
 impl tonic::server::StreamingService<pb::NodeMessage> for Subscribe {
-    type Response = bytes::Bytes;
-    type ResponseStream = ReceiverStream<Result<bytes::Bytes, Status>>;
+    type Response = [bytes::Bytes; 2];
+    type ResponseStream = ReceiverStream<Result<[bytes::Bytes; 2], Status>>;
     type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, req: Request<Streaming<pb::NodeMessage>>) -> Self::Future {
@@ -634,8 +632,10 @@ mod tests {
         store.put_user(user("alice"), true, None, &a).await.unwrap();
         let cache = Cache::default();
 
+        // What a node receives: the parts, one after the other.
+        let whole = |parts: &[bytes::Bytes; 2]| [&parts[0][..], &parts[1][..]].concat();
         let (v1, m1) = cache.current(&store).await.unwrap();
-        let s1 = pb::Snapshot::decode(m1.clone()).unwrap();
+        let s1 = pb::Snapshot::decode(&whole(&m1)[..]).unwrap();
         assert_eq!((s1.version, s1.users.len(), s1.groups.len()), (v1, 1, 1));
         let config1 = cache.0.lock().await.as_ref().unwrap().config.clone();
         // Asked again at the same version: the same message.
@@ -646,25 +646,25 @@ mod tests {
         store.revoke(&["0a".into()], None, &a).await.unwrap();
         let (v2, m2) = cache.current(&store).await.unwrap();
         assert_eq!(v2, v1 + 1);
-        let s2 = pb::Snapshot::decode(m2.clone()).unwrap();
+        let s2 = pb::Snapshot::decode(&whole(&m2)[..]).unwrap();
         assert_eq!(s2.version, v2);
         assert_eq!(s2.revoked, ["0a"]);
         assert_eq!((s2.users, s2.groups), (s1.users, s1.groups));
         let config2 = cache.0.lock().await.as_ref().unwrap().config.clone();
         assert_eq!(config1.as_ptr(), config2.as_ptr(), "not encoded again");
-        assert!(m2.ends_with(&config1));
+        assert_eq!(m2[1].as_ptr(), config1.as_ptr(), "the same bytes sent");
 
         // A user added: the configuration is read and encoded again.
         store.put_user(user("bob"), true, None, &a).await.unwrap();
         let (v3, m3) = cache.current(&store).await.unwrap();
-        let s3 = pb::Snapshot::decode(m3).unwrap();
+        let s3 = pb::Snapshot::decode(&whole(&m3)[..]).unwrap();
         assert_eq!((s3.version, s3.users.len()), (v3, 2));
         assert_eq!(s3.revoked, ["0a"]);
 
         // Unrevoked: back to no serials, the users kept.
         store.unrevoke("0a", None, &a).await.unwrap();
         let (_, m4) = cache.current(&store).await.unwrap();
-        let s4 = pb::Snapshot::decode(m4).unwrap();
+        let s4 = pb::Snapshot::decode(&whole(&m4)[..]).unwrap();
         assert!(s4.revoked.is_empty());
         assert_eq!(s4.users.len(), 2);
         drop(store);

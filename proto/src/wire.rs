@@ -85,13 +85,14 @@ impl tonic::codec::Codec for NodeCodec {
     }
 }
 
-/// The control plane's end: snapshots sent as the bytes of a `pb::Snapshot` encoded once
-/// per version for every node; node messages decoded with prost.
+/// The control plane's end: a snapshot is sent as parts of an encoded `pb::Snapshot`
+/// (fields may come in any order, so the parts of one message may be encoded apart and
+/// shared between versions and nodes); node messages decoded with prost.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServerCodec;
 
 impl tonic::codec::Codec for ServerCodec {
-    type Encode = bytes::Bytes;
+    type Encode = [bytes::Bytes; 2];
     type Decode = pb::NodeMessage;
     type Encoder = RawEncoder;
     type Decoder = tonic_prost::ProstDecoder<pb::NodeMessage>;
@@ -122,12 +123,12 @@ impl tonic::codec::Decoder for RawDecoder {
     }
 }
 
-/// Bytes already encoded, sent as they are.
+/// Parts of one message, already encoded, sent one after the other as one message.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawEncoder;
 
 impl tonic::codec::Encoder for RawEncoder {
-    type Item = bytes::Bytes;
+    type Item = [bytes::Bytes; 2];
     type Error = tonic::Status;
 
     fn encode(
@@ -136,7 +137,9 @@ impl tonic::codec::Encoder for RawEncoder {
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), Self::Error> {
         use bytes::BufMut as _;
-        dst.put_slice(&item);
+        for part in &item {
+            dst.put_slice(part);
+        }
         Ok(())
     }
 }
