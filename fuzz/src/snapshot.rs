@@ -3,7 +3,8 @@
 //! - `snapshot_yaml`: `Snapshot::from_yaml` on the input (as UTF-8, invalid sequences
 //!   replaced) never panics; a refusal names at least one field.
 //! - `snapshot_proto`: the input decoded as the wire message `pb::Snapshot` (prost) and
-//!   converted with `Snapshot::try_from` never panics.
+//!   converted with `Snapshot::try_from` never panics; the data plane's configuration
+//!   digest of what it decoded ignores exactly version, schema and revoked serials.
 //!
 //! Whatever either accepts must also: validate again; survive the YAML round trip
 //! (`to_yaml` then `from_yaml` gives it back); survive the wire round trip (to
@@ -12,6 +13,7 @@
 
 use prost::Message;
 use ztp_dataplane::handler::Registry;
+use ztp_dataplane::snapshot::grpc::config_digest;
 use ztp_dataplane::snapshot::Policy;
 use ztp_proto::wire::pb;
 use ztp_proto::Snapshot;
@@ -33,8 +35,34 @@ pub fn proto(data: &[u8]) {
     let Ok(msg) = pb::Snapshot::decode(data) else {
         return;
     };
+    digest_properties(&msg);
     if let Ok(snap) = Snapshot::try_from(msg) {
         accepted(&snap);
+    }
+}
+
+/// The data plane's configuration digest (a snapshot with the digest of the one it
+/// serves reuses its compiled services and users): defined for every message prost
+/// encodes, the same whatever the version, schema and revoked serials, different when
+/// the services, users or groups differ.
+fn digest_properties(msg: &pb::Snapshot) {
+    let digest = |m: &pb::Snapshot| {
+        config_digest(&m.encode_to_vec())
+            .unwrap_or_else(|| panic!("no digest for prost's own encoding of {m:#?}"))
+    };
+    let base = digest(msg);
+    let mut moved = msg.clone();
+    moved.version = moved.version.wrapping_add(1);
+    moved.schema = moved.schema.wrapping_add(1);
+    moved.revoked.push("0a".into());
+    assert_eq!(digest(&moved), base, "version, schema or revoked moved the digest");
+    let mut changed = msg.clone();
+    changed.groups.push(pb::Group { name: "fuzz".into() });
+    assert_ne!(digest(&changed), base, "a group added kept the digest");
+    if let Some(u) = msg.users.first() {
+        let mut changed = msg.clone();
+        changed.users[0].disabled = !u.disabled;
+        assert_ne!(digest(&changed), base, "a user's disabled flag kept the digest");
     }
 }
 
