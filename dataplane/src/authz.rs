@@ -30,7 +30,7 @@ pub struct Directory {
 
 impl Directory {
     pub fn compile(users: &[User]) -> Directory {
-        let mut by_identity = HashMap::new();
+        let mut by_identity = HashMap::with_capacity(users.len());
         for u in users {
             let user = Arc::new(DirUser {
                 name: u.name.clone(),

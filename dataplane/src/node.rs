@@ -170,8 +170,9 @@ async fn start(
     let policy = match &config.source {
         Source::File(path) => {
             let snap = file::load(path).map_err(|e| usage(e.lines()))?;
-            let policy =
-                Policy::compile(&snap, &registry).map_err(|e| usage(vec![e.to_string()]))?;
+            // `file::load` validated it.
+            let policy = Policy::compile_validated(&snap, &registry)
+                .map_err(|e| usage(vec![e.to_string()]))?;
             tracing::info!(
                 snapshot.version = snap.version,
                 services = policy.routes.len(),

@@ -146,9 +146,8 @@ fn check_user(errs: &mut Errors, prefix: &str, u: &User) {
         errs.push(path(prefix, "name"), e);
     }
     for (k, id) in u.identities.iter().enumerate() {
-        let field = path(prefix, &format!("identities[{k}]"));
         if let Err(e) = check_identity(id) {
-            errs.push(field, e);
+            errs.push(path(prefix, &format!("identities[{k}]")), e);
         }
     }
     check_group_names(errs, prefix, &u.groups);
@@ -190,7 +189,7 @@ impl Snapshot {
     pub fn validate(&self) -> Result<(), Invalid> {
         let mut errs = Errors::default();
 
-        let mut groups: HashMap<&str, usize> = HashMap::new();
+        let mut groups: HashMap<&str, usize> = HashMap::with_capacity(self.groups.len());
         for (i, g) in self.groups.iter().enumerate() {
             let prefix = format!("groups[{i}]");
             let before = errs.0.len();
@@ -212,7 +211,7 @@ impl Snapshot {
             }
         };
 
-        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut names: HashMap<String, usize> = HashMap::with_capacity(self.services.len());
         for (i, s) in self.services.iter().enumerate() {
             let prefix = format!("services[{i}]");
             if let Ok(n) = ServiceName::parse(&s.name) {
@@ -224,8 +223,8 @@ impl Snapshot {
             check_group_refs(&mut errs, &prefix, &s.groups);
         }
 
-        let mut users: HashMap<&str, usize> = HashMap::new();
-        let mut claimed: HashMap<String, usize> = HashMap::new();
+        let mut users: HashMap<&str, usize> = HashMap::with_capacity(self.users.len());
+        let mut claimed: HashMap<String, usize> = HashMap::with_capacity(self.users.len());
         for (i, u) in self.users.iter().enumerate() {
             let prefix = format!("users[{i}]");
             let before = errs.0.len();

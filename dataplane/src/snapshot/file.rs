@@ -76,8 +76,9 @@ pub fn reload(
     let policy = match path {
         Some(path) => {
             let snap = load(path)?;
+            // `load` validated it.
             Some(
-                Policy::compile(&snap, registry).map_err(|e| FileError::Invalid {
+                Policy::compile_validated(&snap, registry).map_err(|e| FileError::Invalid {
                     path: path.to_owned(),
                     source: e.into(),
                 })?,

@@ -317,7 +317,8 @@ fn apply(
             .map_err(|e| e.to_string()),
         _ => Snapshot::try_from(snap)
             .map_err(|e| e.to_string())
-            .and_then(|snap| Policy::compile(&snap, registry).map_err(|e| e.to_string()))
+            // The conversion validated it.
+            .and_then(|snap| Policy::compile_validated(&snap, registry).map_err(|e| e.to_string()))
             .map(|p| Policy {
                 config_digest: digest,
                 ..p
