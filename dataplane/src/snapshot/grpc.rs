@@ -343,7 +343,9 @@ fn apply(
 /// and `revoked` (6), in the order and bytes they arrived in; `None` if the bytes are not
 /// a well-formed protobuf message. Equal digests mean equal services, users and groups
 /// (and any field added later); different encodings of equal content only cost a full
-/// compile.
+/// compile. What else a compile depends on must not change under it: the handler
+/// registry is fixed for the process today; were it reloadable, it would have to enter
+/// the digest.
 pub fn config_digest(raw: &[u8]) -> Option<[u8; 32]> {
     fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
         let mut v = 0u64;
