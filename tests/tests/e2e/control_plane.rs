@@ -736,3 +736,65 @@ async fn ztpctl_errors_are_one_clear_line() {
     );
     assert_eq!(control.config_version().await, 1);
 }
+
+/// The API exposed over HTTPS (`--api-cert`, `--api-key`): `ztpctl` with an `https://`
+/// server and `--api-ca` writes and reads through it; a plain-HTTP request to the port
+/// gets no HTTP answer; `https://` without the CA is one clear error line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_over_https_serves_ztpctl_and_nothing_in_plaintext() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = TestPki::new();
+    let dir = TempDir::new("https-api");
+    pki.server.write(dir.path(), "api").unwrap();
+    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+    let (cert, key, ca) = (
+        dir.join("api.pem").display().to_string(),
+        dir.join("api.key").display().to_string(),
+        dir.join("ca.pem").display().to_string(),
+    );
+    let control = Control::start_with(
+        &pki,
+        ControlOptions {
+            no_grpc: true,
+            args: &["--api-cert", &cert, "--api-key", &key],
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = format!("https://localhost:{}", control.api_addr().port());
+    let env = [("ZTP_SERVER", url.as_str()), ("ZTP_API_CA", ca.as_str())];
+
+    let out = control.ztpctl_env(["group", "add", "ops"], &env).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = control
+        .ztpctl_env(["-o", "json", "group", "list"], &env)
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        listed.to_string().contains("\"ops\""),
+        "the group written over HTTPS is listed: {listed}"
+    );
+
+    // Plain HTTP to the HTTPS port: never an HTTP answer.
+    let mut s = tokio::net::TcpStream::connect(control.api_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got))
+        .await
+        .expect("the HTTPS port neither refused nor closed a plaintext request");
+    assert!(!got.starts_with(b"HTTP/"), "answered in plaintext: {got:?}");
+
+    // https:// without the CA: one line saying what is missing.
+    let out = control
+        .ztpctl_env(["group", "list"], &[("ZTP_SERVER", url.as_str())])
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--api-ca"), "{err}");
+}
