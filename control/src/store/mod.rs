@@ -149,6 +149,48 @@ pub struct Store {
     /// Moves (under the write lock) with every change to services, users or groups: a
     /// reader that saw it unchanged needs only the version and the revoked serials.
     config_gen: std::sync::atomic::AtomicU64,
+    /// The services, users and groups in memory, kept in step by every commit (`None`
+    /// until first read, or after a record in a commit could not be decoded).
+    config: std::sync::Mutex<Option<ConfigCache>>,
+}
+
+/// The configuration's records by their store keys, in the store's order.
+#[derive(Default)]
+struct ConfigCache {
+    services: std::collections::BTreeMap<Vec<u8>, Service>,
+    users: std::collections::BTreeMap<Vec<u8>, User>,
+    groups: std::collections::BTreeMap<Vec<u8>, Group>,
+}
+
+impl ConfigCache {
+    /// Applies a commit's writes to services, users and groups, in order.
+    fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        fn put<V: for<'de> Deserialize<'de>>(
+            map: &mut std::collections::BTreeMap<Vec<u8>, V>,
+            t: T,
+            k: &[u8],
+            v: &Option<Vec<u8>>,
+        ) -> Result<(), StoreError> {
+            match v {
+                Some(v) => {
+                    map.insert(k.to_vec(), Store::decode(t, k, v)?);
+                }
+                None => {
+                    map.remove(k);
+                }
+            }
+            Ok(())
+        }
+        for (t, k, v) in ops {
+            match t {
+                T::Services => put(&mut self.services, *t, k, v)?,
+                T::Users => put(&mut self.users, *t, k, v)?,
+                T::Groups => put(&mut self.groups, *t, k, v)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 fn now_ms() -> u64 {
@@ -246,6 +288,7 @@ impl Store {
             conn_audit: std::sync::Mutex::new((0, 0)),
             conn_audit_cap: std::sync::atomic::AtomicU64::new(conn_audit::DEFAULT_CAP),
             config_gen: std::sync::atomic::AtomicU64::new(0),
+            config: std::sync::Mutex::new(None),
         };
         store.init_conn_audit()?;
         store.versions = tokio::sync::watch::Sender::new(store.version()?);
@@ -392,6 +435,13 @@ impl Store {
         {
             self.config_gen
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut cache = self.config.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.as_mut() {
+                if let Err(e) = c.apply(&ops) {
+                    tracing::warn!(error = %e, "configuration cache dropped; it is read again");
+                    *cache = None;
+                }
+            }
         }
         // Acknowledged only once it is on disk.
         self.db.flush_async().await?;
@@ -782,30 +832,41 @@ impl Store {
     }
 
     fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
-        let all = |t: T| -> Result<Vec<_>, StoreError> {
-            self.tree(t)
+        let version = self.version()?;
+        let mut cache = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.is_none() {
+            *cache = Some(self.config_from_disk()?);
+        }
+        let c = cache.as_ref().expect("filled above");
+        Ok(Snapshot {
+            version,
+            services: c.services.values().cloned().collect(),
+            users: c.users.values().cloned().collect(),
+            groups: c.groups.values().cloned().collect(),
+            revoked: self.revoked_unlocked()?,
+        })
+    }
+
+    /// Services, users and groups as sled holds them.
+    fn config_from_disk(&self) -> Result<ConfigCache, StoreError> {
+        fn all<V: for<'de> Deserialize<'de>>(
+            store: &Store,
+            t: T,
+        ) -> Result<std::collections::BTreeMap<Vec<u8>, V>, StoreError> {
+            store
+                .tree(t)
                 .iter()
-                .map(|kv| kv.map_err(StoreError::from))
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    Ok((k.to_vec(), Store::decode(t, &k, &v)?))
+                })
                 .collect()
-        };
-        let mut snap = Snapshot {
-            version: self.version()?,
-            services: vec![],
-            users: vec![],
-            groups: vec![],
-            revoked: vec![],
-        };
-        for (k, v) in all(T::Services)? {
-            snap.services.push(Self::decode(T::Services, &k, &v)?);
         }
-        for (k, v) in all(T::Users)? {
-            snap.users.push(Self::decode(T::Users, &k, &v)?);
-        }
-        for (k, v) in all(T::Groups)? {
-            snap.groups.push(Self::decode(T::Groups, &k, &v)?);
-        }
-        snap.revoked = self.revoked_unlocked()?;
-        Ok(snap)
+        Ok(ConfigCache {
+            services: all(self, T::Services)?,
+            users: all(self, T::Users)?,
+            groups: all(self, T::Groups)?,
+        })
     }
 
     /// Replaces the whole configuration with `snap` as one new version (its own

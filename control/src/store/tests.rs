@@ -418,3 +418,84 @@ async fn revocations_are_versions_and_normalized() {
     ));
     assert_eq!(store.list_revoked(None, 10).unwrap().items, ["0a1b"]);
 }
+
+/// The in-memory configuration stays what sled holds through every kind of write:
+/// creates, replaces, deletes, a cascading group delete, an import, a revocation.
+#[tokio::test]
+async fn the_configuration_in_memory_follows_every_write() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let check = |store: &Store, step: &str| {
+        let cached = store.snapshot_unlocked().unwrap();
+        let disk = store.config_from_disk().unwrap();
+        let disk: (Vec<Service>, Vec<User>, Vec<Group>) = (
+            disk.services.into_values().collect(),
+            disk.users.into_values().collect(),
+            disk.groups.into_values().collect(),
+        );
+        assert_eq!(
+            (cached.services, cached.users, cached.groups),
+            disk,
+            "after {step}"
+        );
+    };
+    check(&store, "open");
+    store.create_group(group("ops"), None, &a).await.unwrap();
+    store.create_group(group("dev"), None, &a).await.unwrap();
+    check(&store, "groups created");
+    store
+        .put_service(svc("a.svc.internal", &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_service(svc("b.svc.internal", &["ops", "dev"]), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_user(user("alice", &["alice@x"], &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_user(user("bob", &["bob@x"], &["dev"]), true, None, &a)
+        .await
+        .unwrap();
+    check(&store, "services and users created");
+    store
+        .put_user(
+            user("bob", &["bob@x", "robert@x"], &["ops"]),
+            false,
+            None,
+            &a,
+        )
+        .await
+        .unwrap();
+    store
+        .put_service(svc("a.svc.internal", &["dev", "ops"]), false, None, &a)
+        .await
+        .unwrap();
+    check(&store, "replaced");
+    store
+        .delete_service("b.svc.internal", None, &a)
+        .await
+        .unwrap();
+    store.delete_user("alice", None, &a).await.unwrap();
+    check(&store, "deleted");
+    store.delete_group("dev", true, None, &a).await.unwrap();
+    check(&store, "a cascading group delete");
+    store.revoke(&["0a".into()], None, &a).await.unwrap();
+    check(&store, "a revocation");
+    let imported = Snapshot {
+        version: 0,
+        services: vec![svc("c.svc.internal", &["g"])],
+        users: vec![user("carol", &["carol@x"], &["g"])],
+        groups: vec![group("g")],
+        revoked: vec![],
+    };
+    store.import(imported, None, &a).await.unwrap();
+    check(&store, "an import");
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.users.len(), 1);
+    assert_eq!(snap.users[0].name, "carol");
+    assert!(snap.revoked.is_empty());
+}
