@@ -426,7 +426,11 @@ impl Store {
         });
         let version = match result {
             Ok(v) => v,
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
+            Err(TransactionError::Storage(e)) => {
+                // Whatever sled kept, the copy in memory is read again from it.
+                *self.config_cache() = None;
+                return Err(e.into());
+            }
             Err(TransactionError::Abort(())) => unreachable!("no transaction aborts"),
         };
         if ops
@@ -435,7 +439,7 @@ impl Store {
         {
             self.config_gen
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut cache = self.config.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.config_cache();
             if let Some(c) = cache.as_mut() {
                 if let Err(e) = c.apply(&ops) {
                     tracing::warn!(error = %e, "configuration cache dropped; it is read again");
@@ -833,7 +837,7 @@ impl Store {
 
     fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
         let version = self.version()?;
-        let mut cache = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.config_cache();
         if cache.is_none() {
             *cache = Some(self.config_from_disk()?);
         }
@@ -845,6 +849,20 @@ impl Store {
             groups: c.groups.values().cloned().collect(),
             revoked: self.revoked_unlocked()?,
         })
+    }
+
+    /// The in-memory configuration; a panic while it was held (none is known) leaves it
+    /// to be read again from sled rather than trusted.
+    fn config_cache(&self) -> std::sync::MutexGuard<'_, Option<ConfigCache>> {
+        match self.config.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                *guard = None;
+                self.config.clear_poison();
+                guard
+            }
+        }
     }
 
     /// Services, users and groups as sled holds them.
