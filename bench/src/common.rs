@@ -93,10 +93,15 @@ pub fn applied(api: SocketAddr, token: &str) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-pub fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr, listen: SocketAddr) -> Proc {
-    let child = Command::new(bin("ztp-dataplane"))
-        .arg("--listen")
-        .arg(listen.to_string())
+/// The flags every benchmark's data plane starts with: listen on `listen`, admin port
+/// anywhere on loopback, `DIR/server.pem` and `DIR/server.key`, client CA `ca`.
+pub fn dataplane_args<'c>(
+    cmd: &'c mut Command,
+    dir: &Path,
+    listen: &str,
+    ca: &Path,
+) -> &'c mut Command {
+    cmd.args(["--listen", listen])
         .args(["--admin-listen", "127.0.0.1:0"])
         .arg("--cert")
         .arg(dir.join("server.pem"))
@@ -104,6 +109,11 @@ pub fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr, listen: Soc
         .arg(dir.join("server.key"))
         .arg("--client-ca")
         .arg(ca)
+}
+
+pub fn start_node(dir: &Path, id: &str, ca: &Path, grpc: SocketAddr, listen: SocketAddr) -> Proc {
+    let mut cmd = Command::new(bin("ztp-dataplane"));
+    let child = dataplane_args(&mut cmd, dir, &listen.to_string(), ca)
         .arg("--control")
         .arg(format!("https://localhost:{}", grpc.port()))
         .arg("--node-cert")

@@ -36,7 +36,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 mod common;
-use common::{bin, client_config, echo, free_port, raise_nofile, rss_kib, serve_loopback, Proc};
+use common::{
+    bin, client_config, dataplane_args, echo, free_port, raise_nofile, rss_kib, serve_loopback,
+    Proc,
+};
 
 const SNI: &str = "bench.svc.internal";
 const PEERS: [&str; 4] = ["haproxy", "nginx", "hitch", "stunnel"];
@@ -325,23 +328,21 @@ fn start_proxy(
             if let Ok(wrap) = std::env::var("ZTP_BENCH_WRAP") {
                 cmd.args(wrap.split_whitespace());
             }
-            cmd.arg(bin("ztp-dataplane"))
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--admin-listen", "127.0.0.1:0"])
-                .arg("--cert")
-                .arg(dir.join("server.pem"))
-                .arg("--key")
-                .arg(dir.join("server.key"))
-                .arg("--client-ca")
-                .arg(dir.join("ca.pem"))
-                .arg("--snapshot")
-                .arg(&snap)
-                .args(["--threads", &threads.to_string()])
-                .args(["--max-connections", "100000"])
-                // The load comes from one address: no per-source limits (the peers
-                // have none either).
-                .args(["--max-connections-per-source", "0"])
-                .args(["--handshake-rate-per-source", "0"]);
+            cmd.arg(bin("ztp-dataplane"));
+            dataplane_args(
+                &mut cmd,
+                dir,
+                &format!("127.0.0.1:{port}"),
+                &dir.join("ca.pem"),
+            )
+            .arg("--snapshot")
+            .arg(&snap)
+            .args(["--threads", &threads.to_string()])
+            .args(["--max-connections", "100000"])
+            // The load comes from one address: no per-source limits (the peers
+            // have none either).
+            .args(["--max-connections-per-source", "0"])
+            .args(["--handshake-rate-per-source", "0"]);
         }
         "relay" => {
             cmd.arg(std::env::current_exe().unwrap()).args([

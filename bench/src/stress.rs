@@ -25,7 +25,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 mod common;
-use common::{bin, client_config, echo, free_port, raise_nofile, rss_kib, serve_loopback, Proc};
+use common::{
+    bin, client_config, dataplane_args, echo, free_port, raise_nofile, rss_kib, serve_loopback,
+    Proc,
+};
 
 struct Opts {
     idle: usize,
@@ -95,21 +98,19 @@ fn main() {
     .unwrap();
     let port = free_port();
     let mut cmd = Command::new(bin("ztp-dataplane"));
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", "127.0.0.1:0"])
-        .arg("--cert")
-        .arg(dir.join("server.pem"))
-        .arg("--key")
-        .arg(dir.join("server.key"))
-        .arg("--client-ca")
-        .arg(dir.join("ca.pem"))
-        .arg("--snapshot")
-        .arg(dir.join("snapshot.yaml"))
-        .args(["--max-connections", "100000"])
-        // All the load comes from 127.0.0.1.
-        .args(["--max-connections-per-source", "0"])
-        .args(["--handshake-rate-per-source", "0"])
-        .args(["--log-format", "json"]);
+    dataplane_args(
+        &mut cmd,
+        &dir,
+        &format!("127.0.0.1:{port}"),
+        &dir.join("ca.pem"),
+    )
+    .arg("--snapshot")
+    .arg(dir.join("snapshot.yaml"))
+    .args(["--max-connections", "100000"])
+    // All the load comes from 127.0.0.1.
+    .args(["--max-connections-per-source", "0"])
+    .args(["--handshake-rate-per-source", "0"])
+    .args(["--log-format", "json"]);
     if let Some(t) = &o.threads {
         cmd.args(["--threads", t]);
     }

@@ -458,7 +458,7 @@ impl ConfigServer {
                     Ok(Some(pb::NodeMessage {
                         kind: Some(Kind::Record(r)),
                     })) => {
-                        let record = connection_record(&id, r, now_ms());
+                        let record = connection_record(&id, r, crate::store::now_ms());
                         nodes.seen(&id);
                         if let Err(e) = store.append_connections(&[record]) {
                             tracing::error!(error = %e, "cannot keep a connection record");
@@ -491,12 +491,6 @@ impl ConfigServer {
 /// kept as now plus this, so that records from the future cannot push every honest one
 /// out of the retention.
 const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// A node's connection record as the audit trail keeps it.
 fn connection_record(

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::store::now_ms;
 
 /// One replica as `/v1/nodes` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -30,12 +31,6 @@ pub struct NodeInfo {
 pub struct Nack {
     pub version: u64,
     pub reason: String,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Most nodes remembered; disconnected ones are forgotten first.

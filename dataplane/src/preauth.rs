@@ -97,14 +97,6 @@ impl Drop for Permit {
     }
 }
 
-/// The key of a source: IPv4 address, or IPv6 /64.
-fn source_key(ip: IpAddr) -> u128 {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | 1,
-    }
-}
-
 impl Gate {
     pub fn new(limits: Limits) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -135,7 +127,7 @@ impl Gate {
                 source: None,
             });
         }
-        let key = source_key(ip);
+        let key = ztp_proto::names::source_key(ip);
         let now = Instant::now();
         let mut map = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_SOURCES && !map.contains_key(&key) {

@@ -23,7 +23,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -85,50 +84,39 @@ impl Handshake for Plain {
 #[derive(Default)]
 struct Counts {
     total: usize,
-    per_source: HashMap<IpAddr, usize>,
+    per_source: HashMap<u128, usize>,
 }
 
 /// One admitted connection's place; given back when dropped.
 struct Place {
     counts: Arc<Mutex<Counts>>,
-    ip: IpAddr,
+    source: u128,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.total -= 1;
-        if let Some(n) = c.per_source.get_mut(&self.ip) {
+        if let Some(n) = c.per_source.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                c.per_source.remove(&self.ip);
+                c.per_source.remove(&self.source);
             }
         }
     }
 }
 
-/// The address a connection is counted under: IPv4 as is, IPv6 by its /64.
-fn source(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
-    }
-}
-
-fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: &Limits) -> Option<Place> {
+fn admit(counts: &Arc<Mutex<Counts>>, source: u128, limits: &Limits) -> Option<Place> {
     let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-    let from_ip = c.per_source.get(&ip).copied().unwrap_or(0);
+    let from_ip = c.per_source.get(&source).copied().unwrap_or(0);
     if c.total >= limits.max_connections || from_ip >= limits.max_per_source {
         return None;
     }
     c.total += 1;
-    *c.per_source.entry(ip).or_insert(0) += 1;
+    *c.per_source.entry(source).or_insert(0) += 1;
     Some(Place {
         counts: counts.clone(),
-        ip,
+        source,
     })
 }
 
@@ -161,7 +149,7 @@ pub async fn serve<H: Handshake>(
                 }
             },
         };
-        let Some(place) = admit(&counts, source(peer.ip()), &limits) else {
+        let Some(place) = admit(&counts, crate::names::source_key(peer.ip()), &limits) else {
             drop(tcp);
             if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_warn = Some(Instant::now());
@@ -198,8 +186,7 @@ pub async fn serve<H: Handshake>(
                     let req = req.map(|inner| {
                         axum::body::Body::new(TimedBody {
                             inner,
-                            limit,
-                            timer: None,
+                            stall: Stall::new(limit),
                         })
                     });
                     router.clone().oneshot(req)
@@ -213,8 +200,7 @@ pub async fn serve<H: Handshake>(
                 .max_header_size(16 * 1024);
             let io = TokioIo::new(WriteTimeout {
                 inner: io,
-                limit: limits.write_timeout,
-                timer: None,
+                stall: Stall::new(limits.write_timeout),
             });
             let conn = builder.serve_connection(io, service);
             let mut conn = std::pin::pin!(conn);
@@ -246,31 +232,48 @@ pub async fn serve<H: Handshake>(
 /// for the peer to make room.
 struct WriteTimeout<S> {
     inner: S,
-    limit: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
+    stall: Stall,
 }
 
 impl<S> WriteTimeout<S> {
     fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        match r {
-            Poll::Pending => {
-                let limit = self.limit;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client does not read",
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-            ready => {
-                self.timer = None;
-                ready
-            }
+        match self.stall.check(cx, r) {
+            Some(r) => r,
+            None => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client does not read",
+            ))),
         }
+    }
+}
+
+/// How long one operation has been pending: started at its first `Pending`, cleared by
+/// any progress.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Self {
+        Stall { limit, timer: None }
+    }
+
+    /// `r` as it is, or `None` once it has been pending for the limit.
+    fn check<T>(&mut self, cx: &mut Context<'_>, r: Poll<T>) -> Option<Poll<T>> {
+        if r.is_ready() {
+            self.timer = None;
+            return Some(r);
+        }
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer
+            .as_mut()
+            .poll(cx)
+            .is_pending()
+            .then_some(Poll::Pending)
     }
 }
 
@@ -323,8 +326,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
 /// closed, its body unread).
 struct TimedBody {
     inner: hyper::body::Incoming,
-    limit: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
+    stall: Stall,
 }
 
 impl http_body::Body for TimedBody {
@@ -336,23 +338,10 @@ impl http_body::Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let me = &mut *self;
-        match Pin::new(&mut me.inner).poll_frame(cx) {
-            Poll::Pending => {
-                let limit = me.limit;
-                let timer = me
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        Poll::Ready(Some(Err("the request body stopped arriving".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-            Poll::Ready(r) => {
-                me.timer = None;
-                Poll::Ready(r.map(|f| f.map_err(Into::into)))
-            }
+        let r = Pin::new(&mut me.inner).poll_frame(cx);
+        match me.stall.check(cx, r) {
+            Some(r) => r.map(|f| f.map(|f| f.map_err(Into::into))),
+            None => Poll::Ready(Some(Err("the request body stopped arriving".into()))),
         }
     }
 
@@ -369,7 +358,7 @@ impl http_body::Body for TimedBody {
 mod tests {
     use super::*;
     use axum::routing::{get, post};
-    use std::net::SocketAddr;
+    use std::net::{IpAddr, SocketAddr};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn limits() -> Limits {
@@ -614,10 +603,14 @@ mod tests {
 
     #[test]
     fn sources_are_ipv4_addresses_and_ipv6_64s() {
+        use crate::names::source_key as source;
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(source(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(source(ip("::ffff:192.0.2.7")), source(ip("192.0.2.7")));
+        assert_ne!(source(ip("192.0.2.8")), source(ip("192.0.2.7")));
+        assert_eq!(
+            source(ip("2001:db8:1:2:aaaa::1")),
+            source(ip("2001:db8:1:2::"))
+        );
         assert_eq!(
             source(ip("2001:db8:1:2:ffff::9")),
             source(ip("2001:db8:1:2::1"))
