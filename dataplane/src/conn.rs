@@ -13,21 +13,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-use tokio::io::AsyncReadExt;
+use tracing::field::Empty;
+use tracing::Instrument;
 use ztp_proto::Protocol;
 
-use crate::authz;
-use crate::handler::{ClientStream, HandlerLimits, Registry, Session, DGRAM_ALPN};
-use crate::identity;
+use crate::admission::{self, Admission, Choice, PeerFacts};
+use crate::handler::{Caller, Handler, HandlerLimits, Registry, Target, DGRAM_ALPN};
 use crate::protocol::{self, Detected};
 use crate::reauth;
 use crate::refusal::{self, Refusal};
+use crate::session::{self, Metered, Setup, Stop};
 use crate::snapshot::Active;
 use crate::tls::{self, HandshakeError, HelloAlert};
+
+/// The client's side of a TCP connection, after the gate.
+pub type ClientStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// What every connection shares: the published state and the limits.
 #[derive(Debug)]
@@ -42,27 +46,43 @@ pub struct ConnContext {
     pub audit: Option<tokio::sync::mpsc::Sender<ztp_proto::wire::pb::ConnectionRecord>>,
     /// Readiness; with `--max-snapshot-age`, a stale node refuses new connections.
     pub ready: Arc<crate::admin::Readiness>,
+    /// Set at the drain deadline: the pipeline ends every live session cleanly.
+    pub ending: watch::Sender<bool>,
 }
 
-/// Serves one accepted connection to its end, then logs its record.
+/// Serves one accepted connection to its end, then logs its record. Every log line of
+/// the connection is in its `conn` span, which carries who and what as they are learnt.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ConnContext>) {
-    let mut rec = Record::new(peer);
-    ctx.metrics.connection_opened();
-    run(tcp, &ctx, &mut rec).await;
-    rec.emit();
-    if let Some(audit) = &ctx.audit {
-        if audit.try_send(rec.to_wire()).is_err() {
-            ctx.metrics.audit_dropped();
-        }
-    }
-    ctx.metrics.connection_closed(
-        rec.service.as_deref(),
-        rec.allowed,
-        rec.reason,
-        !rec.handshake_done,
-        rec.bytes_up,
-        rec.bytes_down,
+    let span = tracing::info_span!(
+        "conn",
+        client.addr = %peer,
+        tls.sni = Empty,
+        client.id = Empty,
+        service.name = Empty,
+        backend.addr = Empty,
+        refusal.code = Empty,
     );
+    async move {
+        let mut rec = Record::new(peer);
+        ctx.metrics.connection_opened();
+        run(tcp, &ctx, &mut rec).await;
+        rec.emit();
+        if let Some(audit) = &ctx.audit {
+            if audit.try_send(rec.to_wire()).is_err() {
+                ctx.metrics.audit_dropped();
+            }
+        }
+        ctx.metrics.connection_closed(
+            rec.service.as_deref(),
+            rec.allowed,
+            rec.reason,
+            !rec.handshake_done,
+            rec.bytes_up,
+            rec.bytes_down,
+        );
+    }
+    .instrument(span)
+    .await
 }
 
 async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
@@ -73,53 +93,57 @@ async fn run(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) {
     let Some(Admitted {
         client,
         protocol,
-        framed,
         initial,
-        permit,
-        identity,
+        admission,
         handler,
         sni,
     }) = Box::pin(admit(tcp, ctx, rec)).await
     else {
         return;
     };
-    let outcome = handler
-        .serve(Session {
-            client,
+    let mut client = Metered::new(client);
+    let revoked = reauth::watch(ctx.state.clone(), sni, rec.peer.ip(), admission.clone());
+    let mut ending = ctx.ending.subscribe();
+    let stop = async move {
+        tokio::select! {
+            reason = revoked => Stop::Revoked(reason),
+            _ = ending.wait_for(|e| *e) => Stop::Drain,
+        }
+    };
+    let route = &admission.permit.route;
+    let setup = Setup {
+        framed: admission.framed,
+        initial,
+        target: Target {
+            service: &route.name,
+            backend: route.backend.as_ref(),
             protocol,
-            framed,
-            initial,
-            permit: &permit,
-            identity: &identity,
-            limits: ctx.handler,
-            revoked: reauth::watch(
-                ctx.state.clone(),
-                sni,
-                rec.peer.ip(),
-                identity.clone(),
-                permit.route.clone(),
-            ),
-        })
-        .await;
-    rec.bytes_up = outcome.bytes_up;
-    rec.bytes_down = outcome.bytes_down;
-    rec.backend = outcome.backend_addr;
-    // Authorized: the decision is "allow" even when the backend then failed (the code
-    // and reason say so).
-    rec.code = outcome.refusal.map(Refusal::code);
-    rec.allow(outcome.end);
+        },
+        caller: Caller {
+            identity: &admission.identity,
+            user: &admission.permit.user.name,
+            groups: &admission.permit.user.groups,
+        },
+        limits: ctx.handler,
+    };
+    let ended = session::run(&mut client, handler.as_ref(), setup, stop).await;
+    rec.bytes_up = ended.bytes_up;
+    rec.bytes_down = ended.bytes_down;
+    rec.backend = ended.backend_addr;
+    // Admitted: the decision is "allow" even when the backend then failed or a later
+    // decision ended it (the code and reason say so).
+    rec.code = ended.refusal.map(Refusal::code);
+    rec.allow(ended.end);
 }
 
-/// An authorized connection, ready for its handler.
+/// An admitted connection, ready for its handler.
 struct Admitted {
     /// Boxed: a session's futures move it around; one heap copy is all it needs.
     client: Box<ClientStream>,
     protocol: Protocol,
-    framed: bool,
     initial: Vec<u8>,
-    permit: authz::Permit,
-    identity: identity::ClientIdentity,
-    handler: Arc<dyn crate::handler::Handler>,
+    admission: Admission,
+    handler: Arc<dyn Handler>,
     sni: String,
 }
 
@@ -150,56 +174,37 @@ async fn admit(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<Ad
         return refused(&mut client, rec, Refusal::Forbidden, reason).await;
     }
 
-    // Identity.
-    let Some(leaf) = tls::peer_chain(&client).first() else {
-        return refused(
-            &mut client,
-            rec,
-            Refusal::Forbidden,
-            "no client certificate",
-        )
-        .await;
-    };
-    let identity = match identity::extract(leaf) {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::debug!(error = %e, "no identity");
-            return refused(&mut client, rec, Refusal::Forbidden, "no identity").await;
-        }
-    };
-    rec.identity = Some(identity.id.clone());
-
-    // Service lookup.
+    // Identity, service lookup, source ranges, authorization, protocol choice: one pure
+    // decision on the peer's facts.
     let sni = rec.sni.clone().unwrap_or_default();
-    let Some(route) = active.policy.routes.lookup(&sni) else {
-        return refused(&mut client, rec, Refusal::Misdirected, "service vanished").await;
-    };
-    rec.service = Some(route.name.clone());
-    if !route.admits_source(rec.peer.ip()) {
-        return refused(&mut client, rec, Refusal::Forbidden, "source not allowed").await;
-    }
-
-    // Authorization.
-    let permit = match authz::authorize(&active.policy.directory, &identity, route) {
-        Ok(p) => p,
-        Err((denial, user)) => {
-            rec.user = user.map(|u| u.name.clone());
-            return refused(&mut client, rec, Refusal::Forbidden, denial_reason(denial)).await;
+    let decision = admission::decide(
+        &active.policy,
+        &PeerFacts {
+            leaf: tls::peer_chain(&client).first().map(|c| c.as_ref()),
+            sni: &sni,
+            source: rec.peer.ip(),
+            alpn: client.get_ref().1.alpn_protocol(),
+        },
+    );
+    drop(active);
+    let admission = match decision {
+        Ok(a) => a,
+        Err(denied) => {
+            rec.set_identity(denied.identity);
+            rec.set_service(denied.service);
+            rec.user = denied.user;
+            let cause = denied.cause;
+            return refused(&mut client, rec, cause.refusal(), cause.reason()).await;
         }
     };
-    rec.user = Some(permit.user.name.clone());
-    drop(active);
+    rec.set_identity(Some(admission.identity.id.clone()));
+    rec.set_service(Some(admission.permit.route.name.clone()));
+    rec.user = Some(admission.permit.user.name.clone());
 
     // Protocol: declared, or detected for `auto` when the forwarder is to choose.
-    let framed = client.get_ref().1.alpn_protocol() == Some(DGRAM_ALPN);
-    let (protocol, initial) = match (
-        protocol::declared(permit.route.protocol),
-        &permit.route.handler,
-    ) {
-        (Some(p), _) => (p, Vec::new()),
-        // A named handler speaks over the stream itself.
-        (None, Some(_)) => (Protocol::Tcp, Vec::new()),
-        (None, None) => {
+    let (protocol, initial) = match admission.choice {
+        Choice::Declared(p) => (p, Vec::new()),
+        Choice::Detect => {
             let (detected, initial) = detect(&mut client).await;
             rec.detected = Some(detected.as_str());
             (detected.protocol(), initial)
@@ -208,13 +213,13 @@ async fn admit(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<Ad
     rec.protocol = Some(protocol.as_str());
 
     // Handler.
-    let handler = match &permit.route.handler {
+    let route = &admission.permit.route;
+    let handler = match &route.handler {
         Some(h) => h.clone(),
         None => ctx.registry.forwarder(protocol).clone(),
     };
     if !handler.supports(protocol) {
         tracing::warn!(
-            service.name = %permit.route.name,
             handler = handler.name(),
             protocol = protocol.as_str(),
             "handler does not support the service's protocol"
@@ -227,10 +232,8 @@ async fn admit(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Option<Ad
     Some(Admitted {
         client: Box::new(client),
         protocol,
-        framed,
         initial,
-        permit,
-        identity,
+        admission,
         handler,
         sni,
     })
@@ -291,6 +294,7 @@ async fn gate(
         tls::refuse_hello(start.io, HelloAlert::MissingExtension).await;
         return None;
     };
+    tracing::Span::current().record("tls.sni", sni.as_str());
     rec.sni = Some(sni.clone());
     let Some(route) = active.policy.routes.lookup(&sni) else {
         rec.deny("unknown sni");
@@ -299,7 +303,7 @@ async fn gate(
     };
     if !route.admits_source(rec.peer.ip()) {
         // Indistinguishable from an unknown name: no hint that the service exists.
-        rec.service = Some(route.name.clone());
+        rec.set_service(Some(route.name.clone()));
         rec.deny("source not allowed");
         tls::refuse_hello(start.io, HelloAlert::UnrecognizedName).await;
         return None;
@@ -338,14 +342,6 @@ async fn refused<T>(
     rec.deny(reason);
     refusal::deliver(client, r).await;
     None
-}
-
-fn denial_reason(d: authz::Denial) -> &'static str {
-    match d {
-        authz::Denial::UnknownIdentity => "unknown identity",
-        authz::Denial::UserDisabled => "user disabled",
-        authz::Denial::NotInGroup => "not in group",
-    }
 }
 
 /// The connection's record, logged once at its end.
@@ -392,6 +388,20 @@ impl Record {
         }
     }
 
+    fn set_identity(&mut self, id: Option<String>) {
+        if let Some(id) = &id {
+            tracing::Span::current().record("client.id", id.as_str());
+        }
+        self.identity = id;
+    }
+
+    fn set_service(&mut self, name: Option<String>) {
+        if let Some(name) = &name {
+            tracing::Span::current().record("service.name", name.as_str());
+        }
+        self.service = name;
+    }
+
     fn allow(&mut self, reason: &'static str) {
         self.allowed = true;
         self.reason = reason;
@@ -423,6 +433,13 @@ impl Record {
     }
 
     fn emit(&self) {
+        let span = tracing::Span::current();
+        if let Some(b) = self.backend {
+            span.record("backend.addr", tracing::field::display(b));
+        }
+        if let Some(code) = self.code {
+            span.record("refusal.code", code);
+        }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         tracing::info!(
             client.addr = %self.peer,

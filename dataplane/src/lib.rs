@@ -8,18 +8,26 @@
 //!
 //! ```text
 //!  accept ─► preauth ─► TLS handshake ─► identity ─► service lookup ─► authorize ─► protocol ─► handler
-//!  listener  preauth    tls (SNI, mTLS,  identity    routing            authz        protocol    handler::{tcp,
-//!            (cap)      revocation)                                                             identity_echo}
+//!  listener  preauth    tls (SNI, mTLS,  └──────────── admission::decide ─────────────┘        session ─► handler::{tcp,udp,
+//!            (cap)      revocation)       (identity, routing, authz, protocol: pure)            (ends it)   quic,identity_echo}
 //!     refusals in the handshake: alert or close │ after it: one ZTP-ERROR line (refusal)
 //! ```
 //!
 //! Routing state is one `Arc<Active>` (a compiled snapshot and the TLS configs built for
-//! it) published on a `tokio::sync::watch` by [`snapshot::Publisher`]; stages from
-//! identity to protocol choice are pure functions of it.
+//! it) published on a `tokio::sync::watch` by [`snapshot::Publisher`]. The decisions from
+//! identity to protocol choice are one pure function of (policy, peer facts):
+//! [`admission::decide`], which other transports reuse unchanged. The [`session`] stage
+//! races the handler against a later decision ([`reauth`]) and the drain deadline, and
+//! ends every session itself. Handlers see the client only through the transport-neutral
+//! [`handler::ClientIo`] and [`handler::DatagramChannel`].
+//!
+//! Modules layer without cycles: `identity`, `refusal`, `handler` at the bottom;
+//! `routing` → `authz` → `snapshot` → `admission` → `reauth` → `session` → `conn` above.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod authz;
 pub mod config;
 pub mod conn;
@@ -33,6 +41,7 @@ pub mod protocol;
 pub mod reauth;
 pub mod refusal;
 pub mod routing;
+pub mod session;
 pub mod shutdown;
 pub mod snapshot;
 pub mod tls;
@@ -46,8 +55,12 @@ use tokio::net::TcpListener;
 use crate::conn::ConnContext;
 use crate::preauth::Gate;
 
+/// How long sessions ended at the drain deadline get to send their close.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
 /// Serves clients on `listener` until `shutdown` completes, then waits up to `drain` for
-/// live connections to end. Returns the number of connections still open at the end.
+/// live connections to end; at that deadline the pipeline ends every live session
+/// cleanly (close_notify). Returns the number of connections still open at the end.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ConnContext>,
@@ -55,11 +68,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> usize {
-    listener::run(listener, ctx, cap.clone(), shutdown).await;
+    listener::run(listener, ctx.clone(), cap.clone(), shutdown).await;
     let live = cap.active();
     if live > 0 {
         tracing::info!(connections = live, "draining");
-        let _ = tokio::time::timeout(drain, cap.all_closed()).await;
+        if tokio::time::timeout(drain, cap.all_closed()).await.is_err() {
+            tracing::info!(
+                connections = cap.active(),
+                "drain deadline: ending sessions"
+            );
+            ctx.ending.send_replace(true);
+            let _ = tokio::time::timeout(CLOSE_GRACE, cap.all_closed()).await;
+        }
     }
     cap.active()
 }

@@ -239,6 +239,7 @@ async fn start(
         metrics: Arc::default(),
         audit: audit_tx,
         ready: ready.clone(),
+        ending: tokio::sync::watch::Sender::new(false),
     });
     Ok(Started {
         listener,

@@ -1,10 +1,10 @@
-//! Continuous authorization: a live connection is decided again on every new snapshot,
+//! Continuous authorization: a live session is decided again on every new snapshot,
 //! and ends when its client certificate expires.
 //!
-//! [`recheck`] is the decision, a pure function of (snapshot, connection); [`watch`]
-//! turns it into a future that completes with the reason the connection must end. The
-//! handlers race it against their work and close the client the way DESIGN.md says: the
-//! 403 line if nothing has been forwarded yet, close_notify otherwise.
+//! The decision is [`admission::still_admitted`], the admission decision made again;
+//! [`watch`] turns it into a future that completes with the reason the session must end.
+//! The pipeline ([`crate::session`]) races every handler against it and ends the session
+//! itself: the 403 line if nothing has been forwarded yet, close_notify otherwise.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -14,58 +14,34 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::authz::{self, Denial};
-use crate::identity::ClientIdentity;
-use crate::routing::Route;
+use crate::admission::{self, Admission};
 use crate::snapshot::Active;
 
-/// Completes with the reason a live connection must end.
+/// Completes with the reason a live session must end.
 pub type Revoked = Pin<Box<dyn Future<Output = &'static str> + Send>>;
 
-/// A future that never completes: for connections nothing can revoke (tests).
+/// A future that never completes: for sessions nothing can revoke (tests).
 pub fn never() -> Revoked {
     Box::pin(std::future::pending())
 }
 
-/// Whether a connection admitted to `route` may go on under `active`; `Some(reason)`
+/// Whether a session admitted as `admitted` may go on under `active`; `Some(reason)`
 /// when it must end.
 pub fn recheck(
     active: &Active,
+    admitted: &Admission,
     sni: &str,
     source: IpAddr,
-    identity: &ClientIdentity,
-    route: &Arc<Route>,
 ) -> Option<&'static str> {
-    if active.policy.revoked.contains(&identity.serial) {
-        return Some("certificate revoked");
-    }
-    let Some(now) = active.policy.routes.lookup(sni) else {
-        return Some("service removed");
-    };
-    if now.backend != route.backend
-        || now.protocol != route.protocol
-        || now.handler.as_ref().map(|h| h.name()) != route.handler.as_ref().map(|h| h.name())
-    {
-        return Some("service retargeted");
-    }
-    if !now.admits_source(source) {
-        return Some("source not allowed");
-    }
-    match authz::authorize(&active.policy.directory, identity, now) {
-        Ok(_) => None,
-        Err((Denial::UnknownIdentity, _)) => Some("user removed"),
-        Err((Denial::UserDisabled, _)) => Some("user disabled"),
-        Err((Denial::NotInGroup, _)) => Some("not in group"),
-    }
+    admission::still_admitted(&active.policy, admitted, sni, source).err()
 }
 
-/// Watches the published state and the certificate's expiry for one connection.
+/// Watches the published state and the certificate's expiry for one session.
 pub fn watch(
     mut state: watch::Receiver<Arc<Active>>,
     sni: String,
     source: IpAddr,
-    identity: ClientIdentity,
-    route: Arc<Route>,
+    admitted: Admission,
 ) -> Revoked {
     Box::pin(async move {
         let now = SystemTime::now()
@@ -73,7 +49,7 @@ pub fn watch(
             .unwrap_or_default();
         // A certificate is valid through its notAfter second (RFC 5280): it ends when
         // the next second begins, as the handshake check sees it.
-        let end = Duration::from_secs(identity.not_after.max(0) as u64 + 1);
+        let end = Duration::from_secs(admitted.identity.not_after.max(0) as u64 + 1);
         let left = end.saturating_sub(now);
         let expiry = tokio::time::sleep(left);
         tokio::pin!(expiry);
@@ -89,7 +65,7 @@ pub fn watch(
                         return "certificate expired";
                     }
                     let active = state.borrow_and_update().clone();
-                    if let Some(reason) = recheck(&active, &sni, source, &identity, &route) {
+                    if let Some(reason) = recheck(&active, &admitted, &sni, source) {
                         return reason;
                     }
                 }
@@ -102,7 +78,7 @@ pub fn watch(
 mod tests {
     use super::*;
     use crate::handler::Registry;
-    use crate::identity::IdentityKind;
+    use crate::identity::{ClientIdentity, IdentityKind};
     use crate::snapshot::{Policy, Publisher};
     use ztp_proto::names::Serial;
     use ztp_proto::Snapshot;
@@ -132,7 +108,6 @@ groups: [{ name: g }]
     #[test]
     fn recheck_rules() {
         let base = active(BASE);
-        let route = base.policy.routes.lookup("a.svc").unwrap().clone();
         let id = ClientIdentity {
             id: "alice@x".into(),
             kind: IdentityKind::Email,
@@ -218,7 +193,10 @@ groups: [{ name: g }]
         for (what, yaml, want) in table {
             let a = active(yaml);
             let source = "127.0.0.1".parse().unwrap();
-            assert_eq!(recheck(&a, "a.svc", source, &id, &route), *want, "{what}");
+            let admitted =
+                crate::admission::decide_for(&base.policy, id.clone(), "a.svc", source, None)
+                    .unwrap();
+            assert_eq!(recheck(&a, &admitted, "a.svc", source), *want, "{what}");
         }
     }
 }

@@ -55,12 +55,15 @@ const DRAIN_LIMIT: usize = 1 << 20;
 
 /// Writes the refusal line and closes gracefully; never fails (a client that is gone is
 /// gone).
-pub async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, refusal: Refusal) {
+pub async fn deliver<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(stream: &mut S, refusal: Refusal) {
     send_and_close(stream, refusal.line().as_bytes()).await
 }
 
 /// Writes `bytes`, sends close_notify and shuts the write side, then drains briefly.
-pub async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+pub async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    bytes: &[u8],
+) {
     let _ = tokio::time::timeout(DELIVERY_TIMEOUT, async {
         stream.write_all(bytes).await?;
         stream.shutdown().await?;
@@ -72,7 +75,7 @@ pub async fn send_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, b
 
 /// Reads and drops until end of stream, error, or the limit; keeps the kernel from
 /// answering unread bytes with a reset that would destroy the line in flight.
-async fn drain<S: AsyncRead + Unpin>(stream: &mut S) {
+async fn drain<S: AsyncRead + Unpin + ?Sized>(stream: &mut S) {
     // On the heap: an array here would make every connection's task 4 KiB bigger for
     // its whole life, refused or not.
     let mut buf = vec![0u8; 4096];

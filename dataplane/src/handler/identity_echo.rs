@@ -4,22 +4,20 @@
 
 use ztp_proto::Protocol;
 
-use super::{BoxOutcome, Handler, Outcome, Session};
-use crate::authz::Permit;
-use crate::identity::ClientIdentity;
+use super::{BoxOutcome, Caller, Client, Handler, Outcome, Session, Target};
 use crate::refusal;
 
 #[derive(Debug)]
 pub struct IdentityEcho;
 
 /// The answer: one `key: value` per line; groups comma-separated.
-pub fn answer(permit: &Permit, identity: &ClientIdentity) -> String {
+pub fn answer(caller: &Caller<'_>, target: &Target<'_>) -> String {
     format!(
         "identity: {}\nuser: {}\ngroups: {}\nservice: {}\n",
-        identity.id,
-        permit.user.name,
-        permit.user.groups.join(","),
-        permit.route.name
+        caller.identity.id,
+        caller.user,
+        caller.groups.join(","),
+        target.service
     )
 }
 
@@ -32,14 +30,14 @@ impl Handler for IdentityEcho {
         matches!(protocol, Protocol::Tcp | Protocol::Auto)
     }
 
-    fn serve<'a>(&'a self, mut s: Session<'a>) -> BoxOutcome<'a> {
+    fn serve<'a>(&'a self, s: Session<'a>) -> BoxOutcome<'a> {
         Box::pin(async move {
-            let text = answer(s.permit, s.identity);
-            refusal::send_and_close(&mut s.client, text.as_bytes()).await;
-            Outcome {
-                bytes_down: text.len() as u64,
-                ..Outcome::ended("answered")
-            }
+            let Client::Stream(client) = s.client else {
+                return Outcome::ended("not a stream");
+            };
+            let text = answer(&s.caller, &s.target);
+            refusal::send_and_close(client, text.as_bytes()).await;
+            Outcome::ended("answered")
         })
     }
 }

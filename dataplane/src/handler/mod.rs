@@ -1,22 +1,30 @@
-//! Handlers: what serves a client once it is authorized.
+//! Handlers: what serves a client once the pipeline has admitted it.
 //!
 //! Every handler is a [`Handler`] in the [`Registry`]. A service's `handler` field picks
 //! one by name; without it, the forwarder for the connection's protocol serves it. A
 //! handler that does not support the protocol refuses with 501: the snapshot stays
 //! valid, and a warning is logged.
+//!
+//! Handlers are transport-neutral: they see the client through [`ClientIo`] (a byte
+//! stream: TLS over TCP today, a QUIC stream or a tunnel's stream later) or a
+//! [`DatagramChannel`] (framed datagrams today, QUIC DATAGRAM frames later), the narrow
+//! [`Target`] of their route and the [`Caller`]. They never see a socket type, the
+//! snapshot, or the revocation and drain signals: the pipeline ([`crate::session`]) races
+//! every handler against those and ends the session itself, so no handler can forget to.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use ztp_proto::names::BackendAddr;
 use ztp_proto::Protocol;
 
-use crate::authz::Permit;
 use crate::identity::ClientIdentity;
 use crate::refusal::Refusal;
 
@@ -27,11 +35,59 @@ pub mod splice;
 pub mod tcp;
 pub mod udp;
 
-/// The client's side of a connection, after the gate.
-pub type ClientStream = TlsStream<TcpStream>;
-
 /// The ALPN protocol of the framed-datagram extension.
 pub const DGRAM_ALPN: &[u8] = b"ztp-dgram";
+
+/// A boxed future of an I/O result, for the object-safe client traits.
+pub type BoxIo<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// The client's side of a session as a byte stream. `shutdown` ends the client's
+/// direction cleanly (close_notify on TLS, FIN on a QUIC stream).
+pub trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {
+    /// The client's next message as its transport delimits it (the plaintext of one TLS
+    /// record), without merging messages that arrived together; `None` when the client
+    /// closed first. For spec-mode datagram services, where one message is one datagram.
+    fn read_message(&mut self) -> BoxIo<'_, Option<Vec<u8>>>;
+}
+
+impl<T: ClientIo + ?Sized> ClientIo for Box<T> {
+    fn read_message(&mut self) -> BoxIo<'_, Option<Vec<u8>>> {
+        (**self).read_message()
+    }
+}
+
+/// The client's side of a datagram session: whole datagrams both ways.
+pub trait DatagramChannel: Send {
+    /// The client's next datagram, into `buf` (replacing its contents); `false` when the
+    /// client closed. Cancel-safe: a datagram is never half taken.
+    fn recv<'a>(&'a mut self, buf: &'a mut Vec<u8>) -> BoxIo<'a, bool>;
+    /// Sends one datagram to the client (at most [`ztp_proto::framing::MAX_FRAME`]
+    /// bytes; a larger one is an `InvalidInput` error and nothing is sent).
+    fn send<'a>(&'a mut self, datagram: &'a [u8]) -> BoxIo<'a, ()>;
+}
+
+/// How the client is carried in a session.
+pub enum Client<'a> {
+    Stream(&'a mut dyn ClientIo),
+    Datagrams(&'a mut dyn DatagramChannel),
+}
+
+/// What a handler knows of its route: the service's name, backend and protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub service: &'a str,
+    pub backend: Option<&'a BackendAddr>,
+    /// The protocol chosen for the session (declared, or detected for `auto`).
+    pub protocol: Protocol,
+}
+
+/// Who is calling: the certificate's identity and the directory user it maps to.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub identity: &'a ClientIdentity,
+    pub user: &'a str,
+    pub groups: &'a [String],
+}
 
 /// Limits a handler works under.
 #[derive(Debug, Clone, Copy)]
@@ -42,57 +98,60 @@ pub struct HandlerLimits {
     pub udp_timeout: Duration,
 }
 
-/// An authorized connection, handed to its handler.
+/// An admitted session, handed to its handler.
 pub struct Session<'a> {
-    pub client: Box<ClientStream>,
-    /// The protocol chosen for the connection (declared, or detected for `auto`).
-    pub protocol: Protocol,
-    /// The client negotiated the framed-datagram extension (ALPN `ztp-dgram`).
-    pub framed: bool,
+    pub client: Client<'a>,
     /// Bytes already read from the client (while detecting the protocol), to be served
     /// first.
     pub initial: Vec<u8>,
-    pub permit: &'a Permit,
-    pub identity: &'a ClientIdentity,
+    pub target: Target<'a>,
+    pub caller: Caller<'a>,
     pub limits: HandlerLimits,
-    /// Completes when the connection is no longer authorized; long-lived handlers race
-    /// it and close the client (403 line if nothing was forwarded, else close_notify).
-    pub revoked: crate::reauth::Revoked,
+    /// Where the handler notes what the pipeline records even when it ends the session
+    /// before the handler returns.
+    pub report: &'a mut Report,
 }
 
-/// How a handled connection ended.
+/// What a handler reports while it works.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Report {
+    /// The backend address the session reached.
+    pub backend_addr: Option<SocketAddr>,
+}
+
+/// How a handled session ended, when the handler ended it.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Outcome {
-    /// Client to backend.
-    pub bytes_up: u64,
-    /// Backend to client.
-    pub bytes_down: u64,
     /// The refusal line sent instead of service, if any.
     pub refusal: Option<Refusal>,
     /// A short constant description of the end.
     pub end: &'static str,
-    pub backend_addr: Option<std::net::SocketAddr>,
 }
 
 impl Outcome {
     pub fn ended(end: &'static str) -> Self {
+        Outcome { end, refusal: None }
+    }
+
+    pub fn refused(refusal: Refusal, end: &'static str) -> Self {
         Outcome {
             end,
-            ..Outcome::default()
+            refusal: Some(refusal),
         }
     }
 }
 
 pub type BoxOutcome<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
-/// Something that serves authorized clients: a forwarder, or a gateway that speaks the
+/// Something that serves admitted clients: a forwarder, or a gateway that speaks the
 /// client's protocol itself.
 pub trait Handler: Send + Sync + fmt::Debug {
     /// The name a service's `handler` field uses.
     fn name(&self) -> &'static str;
     /// Whether the handler can serve a connection of this protocol.
     fn supports(&self, protocol: Protocol) -> bool;
-    /// Serves the session to its end.
+    /// Serves the session until the handler is done with it. The pipeline may drop the
+    /// future at any await point (a later decision, drain) and end the session itself.
     fn serve<'a>(&'a self, session: Session<'a>) -> BoxOutcome<'a>;
 }
 

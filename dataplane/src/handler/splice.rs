@@ -16,8 +16,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::reauth::Revoked;
-
 /// Size of a copy buffer: four full TLS records of plaintext, so that a busy stream
 /// moves 64 KiB per system call each way (16 KiB, one record, quadruples the calls).
 const BUF_SIZE: usize = 64 * 1024;
@@ -174,8 +172,6 @@ pub enum SpliceEnd {
     Idle,
     /// An I/O error on either side.
     Error(io::ErrorKind),
-    /// The connection is no longer authorized (see `reauth`).
-    Revoked(&'static str),
 }
 
 /// Bytes moved each way and how it ended.
@@ -189,13 +185,9 @@ pub struct SpliceResult {
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions have ended, an error, `idle`
-/// passes with no byte moved, or `revoked` completes.
-pub async fn splice<A, B>(
-    a: &mut A,
-    b: &mut B,
-    idle: Duration,
-    revoked: &mut Revoked,
-) -> SpliceResult
+/// passes with no byte moved. (Revocation and drain end the whole session, in the
+/// pipeline.)
+pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> SpliceResult
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -230,9 +222,6 @@ where
         if progress {
             last_progress = Instant::now();
         }
-        if let Poll::Ready(reason) = revoked.as_mut().poll(cx) {
-            return Poll::Ready(SpliceEnd::Revoked(reason));
-        }
         loop {
             match timer.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -260,15 +249,8 @@ mod tests {
     async fn copies_both_ways_and_passes_half_close() {
         let (mut client, mut a) = duplex(1024);
         let (mut b, mut server) = duplex(1024);
-        let task = tokio::spawn(async move {
-            splice(
-                &mut a,
-                &mut b,
-                Duration::from_secs(5),
-                &mut crate::reauth::never(),
-            )
-            .await
-        });
+        let task =
+            tokio::spawn(async move { splice(&mut a, &mut b, Duration::from_secs(5)).await });
 
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
         let sent = data.clone();
@@ -294,26 +276,11 @@ mod tests {
         assert_eq!(res.b_to_a, 22);
     }
 
-    #[tokio::test]
-    async fn revocation_ends_the_splice() {
-        let (_client, mut a) = duplex(64);
-        let (mut b, _server) = duplex(64);
-        let mut revoked: Revoked = Box::pin(async { "user disabled" });
-        let res = splice(&mut a, &mut b, Duration::from_secs(60), &mut revoked).await;
-        assert_eq!(res.end, SpliceEnd::Revoked("user disabled"));
-    }
-
     #[tokio::test(start_paused = true)]
     async fn idle_connection_times_out() {
         let (_client, mut a) = duplex(64);
         let (mut b, _server) = duplex(64);
-        let res = splice(
-            &mut a,
-            &mut b,
-            Duration::from_secs(60),
-            &mut crate::reauth::never(),
-        )
-        .await;
+        let res = splice(&mut a, &mut b, Duration::from_secs(60)).await;
         assert_eq!(res.end, SpliceEnd::Idle);
     }
 
@@ -322,8 +289,7 @@ mod tests {
         POOL.with(|p| p.borrow_mut().clear());
         let (_client, mut a) = duplex(64);
         let (mut b, _server) = duplex(64);
-        let mut never = crate::reauth::never();
-        let mut fut = Box::pin(splice(&mut a, &mut b, Duration::from_secs(60), &mut never));
+        let mut fut = Box::pin(splice(&mut a, &mut b, Duration::from_secs(60)));
         assert!(futures_poll_once(fut.as_mut()).await.is_none());
         // Both directions polled, found nothing, and returned their buffers.
         assert_eq!(POOL.with(|p| p.borrow().len()), 1);

@@ -12,7 +12,7 @@ use ztp_proto::names::{BackendAddr, BackendHost};
 use ztp_proto::Protocol;
 
 use super::splice::{splice, SpliceEnd};
-use super::{BoxOutcome, ClientStream, Handler, Outcome, Session};
+use super::{BoxOutcome, Client, ClientIo, Handler, Outcome, Session};
 use crate::refusal::{self, Refusal};
 
 /// Why a backend could not be reached (logged; the client sees 502 or 504).
@@ -88,73 +88,52 @@ impl Handler for TcpForwarder {
     }
 }
 
-/// Forwards an authorized client to its service's backend.
+/// Forwards an admitted client to its service's backend.
 async fn forward(s: Session<'_>) -> Outcome {
     let Session {
-        mut client,
-        permit,
+        client,
+        target,
         limits,
         initial,
-        mut revoked,
+        report,
         ..
     } = s;
-    let Some(addr) = permit.route.backend.as_ref() else {
-        return refuse(&mut client, ConnectError::NoAddress).await;
+    let Client::Stream(client) = client else {
+        return Outcome::ended("not a stream");
+    };
+    let Some(addr) = target.backend else {
+        return refuse(client, ConnectError::NoAddress).await;
     };
     // Boxed: the connect's state is not kept for the session's life.
     let mut backend = match Box::pin(connect(addr, limits.connect_timeout)).await {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(backend.addr = %addr, error = %e, "backend connect failed");
-            return refuse(&mut client, e).await;
+            return refuse(client, e).await;
         }
     };
-    let backend_addr = backend.peer_addr().ok();
+    report.backend_addr = backend.peer_addr().ok();
     // Bytes read while detecting the protocol go first.
     if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
-        return Outcome {
-            backend_addr,
-            ..Outcome::ended("connection error")
-        };
+        return Outcome::ended("connection error");
     }
-    let initial_len = initial.len() as u64;
     drop(initial);
-    let res = splice(&mut client, &mut backend, limits.idle_timeout, &mut revoked).await;
-    let bytes_up = initial_len + res.a_to_b;
-    let mut refusal = None;
-    let end = match res.end {
+    let res = splice(client, &mut backend, limits.idle_timeout).await;
+    Outcome::ended(match res.end {
         SpliceEnd::Closed => "closed",
         SpliceEnd::Idle => "idle timeout",
         SpliceEnd::Error(_) => "connection error",
-        SpliceEnd::Revoked(reason) => {
-            drop(backend);
-            if bytes_up == 0 && res.b_to_a == 0 {
-                refusal::deliver(&mut client, Refusal::Forbidden).await;
-                refusal = Some(Refusal::Forbidden);
-            } else {
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
-            }
-            reason
-        }
-    };
-    Outcome {
-        bytes_up,
-        bytes_down: res.b_to_a,
-        refusal,
-        end,
-        backend_addr,
-    }
+    })
 }
 
-async fn refuse(client: &mut ClientStream, e: ConnectError) -> Outcome {
+async fn refuse(client: &mut dyn ClientIo, e: ConnectError) -> Outcome {
     let r = e.refusal();
     refusal::deliver(client, r).await;
-    Outcome {
-        refusal: Some(r),
-        end: match r {
+    Outcome::refused(
+        r,
+        match r {
             Refusal::GatewayTimeout => "backend timeout",
             _ => "backend unreachable",
         },
-        ..Outcome::default()
-    }
+    )
 }

@@ -5,18 +5,20 @@
 //! first datagram back (within `--udp-timeout`) goes to the client, and the connection
 //! closes. A timeout or a failed backend just closes: a line would read as a datagram.
 //!
-//! With ALPN `ztp-dgram` the session carries many datagrams both ways ([`framed`]).
+//! With ALPN `ztp-dgram` (or any other datagram channel) the session carries many
+//! datagrams both ways ([`relay`]).
 
-use std::io::{self, BufRead, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+use ztp_proto::framing::MAX_FRAME;
 use ztp_proto::names::{BackendAddr, BackendHost};
 use ztp_proto::Protocol;
 
-use super::{framed, BoxOutcome, ClientStream, Handler, Outcome, Session};
+use super::{BoxOutcome, Client, DatagramChannel, Handler, Outcome, Session};
 use crate::refusal;
 
 #[derive(Debug)]
@@ -36,80 +38,57 @@ impl Handler for UdpForwarder {
     }
 }
 
-/// Serves a udp or quic session: framed when negotiated, spec mode otherwise.
+/// Serves a udp or quic session: framed datagrams when negotiated, spec mode otherwise.
 pub async fn forward(s: Session<'_>) -> Outcome {
     let Session {
-        mut client,
-        framed,
-        permit,
+        client,
+        target,
         limits,
-        mut revoked,
+        report,
         ..
     } = s;
-    let Some(addr) = permit.route.backend.as_ref() else {
-        return close(&mut client, "no backend address").await;
+    let Some(addr) = target.backend else {
+        return Outcome::ended("no backend address");
     };
     let sock = match socket(addr, limits.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(backend.addr = %addr, error = %e, "udp backend unusable");
-            return close(&mut client, "backend unreachable").await;
+            return Outcome::ended("backend unreachable");
         }
     };
-    let backend_addr = sock.peer_addr().ok();
-    if framed {
-        let r = framed::relay(&mut client, &sock, limits.idle_timeout, &mut revoked).await;
-        return Outcome {
-            bytes_up: r.bytes_up,
-            bytes_down: r.bytes_down,
-            refusal: None,
-            end: r.end,
-            backend_addr,
-        };
-    }
-
-    // Spec mode: one record out, one datagram back.
-    let first = match tokio::time::timeout(limits.idle_timeout, read_record(&mut client)).await {
-        Ok(Ok(Some(record))) => record,
-        Ok(Ok(None)) => return close(&mut client, "closed").await,
-        Ok(Err(_)) => return Outcome::ended("connection error"),
-        Err(_) => return close(&mut client, "idle timeout").await,
+    report.backend_addr = sock.peer_addr().ok();
+    let client = match client {
+        Client::Datagrams(channel) => {
+            return Outcome::ended(relay(channel, &sock, limits.idle_timeout).await)
+        }
+        Client::Stream(client) => client,
     };
-    let mut out = Outcome {
-        bytes_up: first.len() as u64,
-        backend_addr,
-        ..Outcome::default()
+
+    // Spec mode: one message out, one datagram back.
+    let first = match tokio::time::timeout(limits.idle_timeout, client.read_message()).await {
+        Ok(Ok(Some(message))) => message,
+        Ok(Ok(None)) => return Outcome::ended("closed"),
+        Ok(Err(_)) => return Outcome::ended("connection error"),
+        Err(_) => return Outcome::ended("idle timeout"),
     };
     if let Err(e) = sock.send(&first).await {
         tracing::debug!(error = %e, "datagram to backend failed");
-        out.end = "backend unreachable";
-        close(&mut client, "").await;
-        return out;
+        return Outcome::ended("backend unreachable");
     }
+    drop(first);
     let mut buf = vec![0u8; 65536];
     match tokio::time::timeout(limits.udp_timeout, sock.recv(&mut buf)).await {
         Ok(Ok(n)) => {
-            refusal::send_and_close(&mut client, &buf[..n]).await;
-            out.bytes_down = n as u64;
-            out.end = "answered";
+            refusal::send_and_close(client, &buf[..n]).await;
+            Outcome::ended("answered")
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "backend datagram error");
-            out.end = "backend unreachable";
-            close(&mut client, "").await;
+            Outcome::ended("backend unreachable")
         }
-        Err(_) => {
-            out.end = "backend timeout";
-            close(&mut client, "").await;
-        }
+        Err(_) => Outcome::ended("backend timeout"),
     }
-    out
-}
-
-/// Closes with close_notify and nothing else.
-async fn close(client: &mut ClientStream, end: &'static str) -> Outcome {
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
-    Outcome::ended(end)
 }
 
 /// An ephemeral UDP socket connected to the backend, so that only the backend's
@@ -136,44 +115,50 @@ pub async fn socket(addr: &BackendAddr, timeout: Duration) -> io::Result<UdpSock
     Ok(sock)
 }
 
-/// Reads the plaintext of exactly one TLS record from the client: `None` when the client
-/// closed first. rustls keeps received plaintext as one chunk per record; reading through
-/// `AsyncRead` would merge records that arrived together.
-pub async fn read_record(client: &mut ClientStream) -> io::Result<Option<Vec<u8>>> {
+/// Carries datagrams between the client's channel and a connected UDP socket until the
+/// client closes, an error, or `idle` passes with nothing moving. Returns how it ended.
+pub async fn relay(
+    client: &mut dyn DatagramChannel,
+    sock: &UdpSocket,
+    idle: Duration,
+) -> &'static str {
+    let mut up = Vec::new();
+    // One byte more than a frame can carry, to tell an oversize datagram.
+    let mut down = vec![0u8; MAX_FRAME + 1];
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     loop {
-        let (tcp, conn) = client.get_mut();
-        let mut reader = conn.reader();
-        match reader.fill_buf() {
-            Ok([]) => return Ok(None),
-            Ok(chunk) => {
-                let record = chunk.to_vec();
-                reader.consume(record.len());
-                return Ok(Some(record));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+        tokio::select! {
+            r = client.recv(&mut up) => match r {
+                Ok(true) => {
+                    // Datagrams are lossy; a refused send is a lost datagram.
+                    if let Err(e) = sock.send(&up).await {
+                        tracing::debug!(error = %e, "datagram to backend lost");
+                    }
+                }
+                Ok(false) => return "closed",
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    tracing::debug!(error = %e, "bad frame from client");
+                    return "bad frame";
+                }
+                Err(_) => return "connection error",
+            },
+            r = sock.recv(&mut down) => match r {
+                Ok(n) if n > MAX_FRAME => {
+                    tracing::debug!(bytes = n, "backend datagram too large for a frame; dropped");
+                }
+                Ok(n) => {
+                    // Bounded: a client that stops reading must not hold the session
+                    // past the idle timeout.
+                    if !matches!(tokio::time::timeout(idle, client.send(&down[..n])).await, Ok(Ok(()))) {
+                        return "connection error";
+                    }
+                }
+                // An ICMP error from an earlier send: the datagram was lost.
+                Err(e) => tracing::debug!(error = %e, "backend datagram error"),
+            },
+            _ = &mut timer => return "idle timeout",
         }
-        // More ciphertext is needed.
-        tcp.readable().await?;
-        match conn.read_tls(&mut TryRead(tcp)) {
-            Ok(0) => {
-                // End of stream: rustls now reports a clean or unclean close.
-            }
-            Ok(_) => {
-                conn.process_new_packets()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `std::io::Read` over a tokio socket's non-blocking `try_read`.
-struct TryRead<'a>(&'a TcpStream);
-
-impl Read for TryRead<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+        timer.as_mut().reset(Instant::now() + idle);
     }
 }

@@ -14,6 +14,7 @@ mod common;
 mod control_plane;
 mod dgram;
 mod drain;
+mod enforcement;
 mod faults;
 mod forwarding;
 mod handlers;

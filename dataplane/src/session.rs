@@ -1,0 +1,268 @@
+//! The session stage: the pipeline serves an admitted client with its handler and ends
+//! the session itself.
+//!
+//! [`run`] races the handler's future against [`Stop`]: a later decision that refuses
+//! the session (revocation, group change, expiry: [`crate::reauth`]) or the drain
+//! deadline. When one fires, the handler's future is dropped (and with it its backend
+//! connection), then the client is told: the 403 line if nothing has moved either way,
+//! close_notify otherwise (DESIGN.md "Refusals"). A handler that ends by itself is
+//! followed by close_notify if it did not send one. No handler can forget either.
+//!
+//! The bytes each way are counted here, on the client's side ([`Metered`]), so the
+//! record is right however the session ended.
+
+use std::future::Future;
+use std::io::{self, BufRead, Read};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::handler::framed::FramedChannel;
+use crate::handler::{
+    BoxIo, Caller, Client, ClientIo, Handler, HandlerLimits, Outcome, Report, Session, Target,
+};
+use crate::refusal::{self, Refusal};
+
+/// How long the pipeline waits to deliver its close (line or close_notify).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the pipeline ends a live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A later decision refused it, for this reason.
+    Revoked(&'static str),
+    /// The node is draining and its deadline has come.
+    Drain,
+}
+
+/// How a session ended, for its record.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    pub end: &'static str,
+    /// The refusal line the client got, if any.
+    pub refusal: Option<Refusal>,
+    /// Client to data plane (datagram payload for datagram sessions).
+    pub bytes_up: u64,
+    /// Data plane to client.
+    pub bytes_down: u64,
+    pub backend_addr: Option<SocketAddr>,
+}
+
+/// What the pipeline hands a handler besides the client.
+pub struct Setup<'a> {
+    /// Serve datagrams framed over the stream (ALPN `ztp-dgram`).
+    pub framed: bool,
+    pub initial: Vec<u8>,
+    pub target: Target<'a>,
+    pub caller: Caller<'a>,
+    pub limits: HandlerLimits,
+}
+
+/// Serves the session with `handler` until it ends or `stop` fires, then ends it.
+pub async fn run<S: ClientIo>(
+    client: &mut Metered<S>,
+    handler: &dyn Handler,
+    setup: Setup<'_>,
+    stop: impl Future<Output = Stop>,
+) -> Ended {
+    let mut report = Report::default();
+    let initial_len = setup.initial.len() as u64;
+    tokio::pin!(stop);
+    let (result, up, down) = if setup.framed {
+        let mut channel = FramedChannel::new(client);
+        let result = {
+            let session = Session {
+                client: Client::Datagrams(&mut channel),
+                initial: setup.initial,
+                target: setup.target,
+                caller: setup.caller,
+                limits: setup.limits,
+                report: &mut report,
+            };
+            race(handler.serve(session), stop.as_mut()).await
+        };
+        (result, channel.bytes_up, channel.bytes_down)
+    } else {
+        let result = {
+            let session = Session {
+                client: Client::Stream(client),
+                initial: setup.initial,
+                target: setup.target,
+                caller: setup.caller,
+                limits: setup.limits,
+                report: &mut report,
+            };
+            race(handler.serve(session), stop.as_mut()).await
+        };
+        (result, initial_len + client.up, client.down)
+    };
+    let mut ended = Ended {
+        end: "",
+        refusal: None,
+        bytes_up: up,
+        bytes_down: down,
+        backend_addr: report.backend_addr,
+    };
+    match result {
+        Ok(Outcome { refusal, end }) => {
+            ended.end = end;
+            ended.refusal = refusal;
+        }
+        Err(Stop::Revoked(reason)) if up == 0 && down == 0 => {
+            ended.end = reason;
+            ended.refusal = Some(Refusal::Forbidden);
+            refusal::deliver(client, Refusal::Forbidden).await;
+        }
+        Err(Stop::Revoked(reason)) => ended.end = reason,
+        Err(Stop::Drain) => ended.end = "drained",
+    }
+    if !client.shut {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+    }
+    ended
+}
+
+/// The handler's outcome, or the stop that came first (the handler's future dropped).
+async fn race(
+    serve: impl Future<Output = Outcome>,
+    stop: Pin<&mut impl Future<Output = Stop>>,
+) -> Result<Outcome, Stop> {
+    tokio::select! {
+        biased;
+        s = stop => Err(s),
+        o = serve => Ok(o),
+    }
+}
+
+/// A client stream that counts plaintext each way and notes its clean close.
+#[derive(Debug)]
+pub struct Metered<S> {
+    inner: S,
+    pub up: u64,
+    pub down: u64,
+    /// The stream's write side was shut down (close_notify sent).
+    pub shut: bool,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S) -> Self {
+        Metered {
+            inner,
+            up: 0,
+            down: 0,
+            shut: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.up += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.down += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        if let Poll::Ready(Ok(())) = r {
+            self.shut = true;
+        }
+        r
+    }
+}
+
+impl<S: ClientIo> ClientIo for Metered<S> {
+    fn read_message(&mut self) -> BoxIo<'_, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let m = self.inner.read_message().await?;
+            if let Some(m) = &m {
+                self.up += m.len() as u64;
+            }
+            Ok(m)
+        })
+    }
+}
+
+/// The TLS-over-TCP transport: a message is one TLS record's plaintext.
+impl ClientIo for TlsStream<TcpStream> {
+    fn read_message(&mut self) -> BoxIo<'_, Option<Vec<u8>>> {
+        Box::pin(read_record(self))
+    }
+}
+
+/// Reads the plaintext of exactly one TLS record from the client: `None` when the client
+/// closed first. rustls keeps received plaintext as one chunk per record; reading through
+/// `AsyncRead` would merge records that arrived together.
+async fn read_record(client: &mut TlsStream<TcpStream>) -> io::Result<Option<Vec<u8>>> {
+    loop {
+        let (tcp, conn) = client.get_mut();
+        let mut reader = conn.reader();
+        match reader.fill_buf() {
+            Ok([]) => return Ok(None),
+            Ok(chunk) => {
+                let record = chunk.to_vec();
+                reader.consume(record.len());
+                return Ok(Some(record));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        // More ciphertext is needed.
+        tcp.readable().await?;
+        match conn.read_tls(&mut TryRead(tcp)) {
+            Ok(0) => {
+                // End of stream: rustls now reports a clean or unclean close.
+            }
+            Ok(_) => {
+                conn.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `std::io::Read` over a tokio socket's non-blocking `try_read`.
+struct TryRead<'a>(&'a TcpStream);
+
+impl Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,220 @@
+//! The pipeline ends sessions itself, whatever the handler does.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+use ztp_proto::names::Serial;
+use ztp_proto::Protocol;
+
+use super::*;
+use crate::handler::BoxOutcome;
+use crate::identity::{ClientIdentity, IdentityKind};
+
+/// A transport for tests: a message is whatever one read returns.
+impl ClientIo for DuplexStream {
+    fn read_message(&mut self) -> BoxIo<'_, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::io::AsyncReadExt::read(self, &mut buf).await?;
+            buf.truncate(n);
+            Ok((n > 0).then_some(buf))
+        })
+    }
+}
+
+/// What the rude handler does before ignoring everything.
+#[derive(Debug, Clone, Copy)]
+enum Rude {
+    /// Nothing: it waits forever.
+    Silent,
+    /// Writes a greeting to the client, then waits forever.
+    Greets,
+    /// Reads one message, then waits forever.
+    Listens,
+    /// Returns at once without closing anything.
+    Leaves,
+}
+
+/// A handler that ignores every signal and never closes the client.
+#[derive(Debug)]
+struct RudeHandler {
+    mode: Rude,
+    dropped: Arc<AtomicBool>,
+}
+
+/// Notes that the handler's future was dropped (as its backend connection would be).
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Handler for RudeHandler {
+    fn name(&self) -> &'static str {
+        "rude"
+    }
+
+    fn supports(&self, _: Protocol) -> bool {
+        true
+    }
+
+    fn serve<'a>(&'a self, s: Session<'a>) -> BoxOutcome<'a> {
+        let flag = DropFlag(self.dropped.clone());
+        Box::pin(async move {
+            let _flag = flag;
+            let Client::Stream(client) = s.client else {
+                std::future::pending::<()>().await;
+                unreachable!()
+            };
+            match self.mode {
+                Rude::Silent => {}
+                Rude::Greets => {
+                    client.write_all(b"hello").await.unwrap();
+                    client.flush().await.unwrap();
+                }
+                Rude::Listens => {
+                    client.read_message().await.unwrap();
+                }
+                Rude::Leaves => return Outcome::ended("left"),
+            }
+            std::future::pending::<()>().await;
+            unreachable!()
+        })
+    }
+}
+
+fn identity() -> ClientIdentity {
+    ClientIdentity {
+        id: "alice@x".into(),
+        kind: IdentityKind::Email,
+        serial: Serial::parse_hex("01").unwrap(),
+        not_after: i64::MAX,
+    }
+}
+
+/// Runs a rude handler on one end of a pipe until `stop` fires; returns the record and
+/// everything the client read to its end of stream.
+async fn rude(
+    mode: Rude,
+    framed: bool,
+    client_sends: &[u8],
+    stop: impl Future<Output = Stop>,
+) -> (Ended, Vec<u8>, bool) {
+    let (mut peer, server) = duplex(64 * 1024);
+    peer.write_all(client_sends).await.unwrap();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let handler = RudeHandler {
+        mode,
+        dropped: dropped.clone(),
+    };
+    let id = identity();
+    let groups = vec!["g".to_string()];
+    let mut client = Metered::new(server);
+    let setup = Setup {
+        framed,
+        initial: Vec::new(),
+        target: Target {
+            service: "a.svc",
+            backend: None,
+            protocol: Protocol::Tcp,
+        },
+        caller: Caller {
+            identity: &id,
+            user: "alice",
+            groups: &groups,
+        },
+        limits: HandlerLimits {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::from_secs(1),
+        },
+    };
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let ended = run(&mut client, &handler, setup, stop).await;
+    drop(client);
+    let got = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the client sees the end of the session")
+        .unwrap();
+    (ended, got, dropped.load(Ordering::SeqCst))
+}
+
+async fn after_a_while(stop: Stop) -> Stop {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop
+}
+
+#[tokio::test]
+async fn a_revoked_session_with_nothing_forwarded_gets_the_403_line() {
+    let stop = after_a_while(Stop::Revoked("user disabled"));
+    let (ended, got, dropped) = rude(Rude::Silent, false, b"", stop).await;
+    assert_eq!(got, Refusal::Forbidden.line().as_bytes());
+    assert_eq!(ended.refusal, Some(Refusal::Forbidden));
+    assert_eq!(ended.end, "user disabled");
+    assert!(dropped, "the handler's future (and its backend) is dropped");
+}
+
+#[tokio::test]
+async fn a_revoked_session_that_moved_bytes_gets_only_a_clean_close() {
+    let stop = after_a_while(Stop::Revoked("certificate revoked"));
+    let (ended, got, dropped) = rude(Rude::Greets, false, b"", stop).await;
+    assert_eq!(
+        got, b"hello",
+        "no line after forwarded bytes: a clean end of stream"
+    );
+    assert_eq!(ended.refusal, None);
+    assert_eq!(ended.end, "certificate revoked");
+    assert_eq!((ended.bytes_up, ended.bytes_down), (0, 5));
+    assert!(dropped);
+
+    let stop = after_a_while(Stop::Revoked("not in group"));
+    let (ended, got, _) = rude(Rude::Listens, false, b"ping", stop).await;
+    assert!(got.is_empty(), "bytes went up: no line, {got:?}");
+    assert_eq!(ended.refusal, None);
+    assert_eq!((ended.bytes_up, ended.bytes_down), (4, 0));
+}
+
+#[tokio::test]
+async fn drain_ends_a_session_that_ignores_it() {
+    let stop = after_a_while(Stop::Drain);
+    let (ended, got, dropped) = rude(Rude::Greets, false, b"", stop).await;
+    assert_eq!(got, b"hello");
+    assert_eq!(ended.end, "drained");
+    assert_eq!(ended.refusal, None);
+    assert!(dropped);
+}
+
+#[tokio::test]
+async fn a_datagram_session_is_ended_too() {
+    let stop = after_a_while(Stop::Revoked("user disabled"));
+    let (ended, got, dropped) = rude(Rude::Silent, true, b"", stop).await;
+    // The line is sent on a framed session too: a reader tells `ZT` from a length.
+    assert_eq!(got, Refusal::Forbidden.line().as_bytes());
+    assert_eq!(ended.refusal, Some(Refusal::Forbidden));
+    assert!(dropped);
+}
+
+#[tokio::test]
+async fn a_handler_that_leaves_without_closing_is_closed_for_it() {
+    let (ended, got, _) = rude(Rude::Leaves, false, b"", std::future::pending()).await;
+    assert!(got.is_empty());
+    assert_eq!(ended.end, "left");
+}
+
+#[tokio::test]
+async fn a_stop_that_never_comes_lets_the_handler_finish() {
+    // Sanity: the race does not end sessions by itself.
+    let quiet = tokio::time::timeout(
+        Duration::from_millis(200),
+        rude(Rude::Silent, false, b"", std::future::pending()),
+    )
+    .await;
+    assert!(quiet.is_err(), "a silent session with no stop stays open");
+}
