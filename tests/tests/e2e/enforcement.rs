@@ -35,7 +35,8 @@ async fn spec_mode_session_is_ended_by_a_later_decision(protocol: &str) {
     let mut old = fx.connect(&name, &bob).await.expect("handshake");
     assert_eq!(old.get_ref().1.alpn_protocol(), None);
 
-    // Bob is disabled by a reload; a new bob connection is refused once it applies.
+    // Bob is disabled by a reload; a new bob connection (to the identity-echo service,
+    // which answers at once) is refused once it applies.
     let extra = Extra {
         services: &services,
         ..Extra::default()
@@ -45,7 +46,10 @@ async fn spec_mode_session_is_ended_by_a_later_decision(protocol: &str) {
     fx.dp.reload_snapshot(&yaml.replace(BOB, BOB_DISABLED));
     let deadline = tokio::time::Instant::now() + LIVE_BOUND;
     loop {
-        let mut s = fx.connect(&name, &bob).await.expect("handshake");
+        let mut s = fx
+            .connect("whoami.svc.internal", &bob)
+            .await
+            .expect("handshake");
         let r = read_to_end_or_alert_within(&mut s, STEP).await;
         let data = match &r {
             Ok(d) => d.as_slice(),
