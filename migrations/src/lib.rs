@@ -7,16 +7,26 @@
 //! access to the records (the control plane's store module).
 //!
 //! Every migration is idempotent and the version is bumped (and flushed) only after its
-//! writes are flushed: a crash mid-migration reruns it from the start.
+//! writes are flushed: a crash mid-migration reruns it from the start. A migration reads
+//! every record it needs before it writes anything, so a record it cannot read stops it
+//! with the tree and key named, and the store as it was.
+//!
+//! Migrations never decode with today's model (`ztp_proto`) nor use [`layout`]: a
+//! migration from schema N reads the frozen shapes of schema N (`vN` modules, written
+//! once and never edited) and writes those of N + 1, so changing the model cannot change
+//! what an old store is read as. Only the schema marker (`meta`/`schema_version`, a
+//! big-endian u32) is shared by every version.
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use ztp_proto::names::identity_key;
-use ztp_proto::{Service, User};
+mod record;
+mod v1;
+mod v2;
 
-/// Tree names and key formats of the current schema.
+/// Tree names and key formats of the current schema ([`LATEST`]), for the store. Each
+/// must equal its frozen copy in the latest `vN` module (tested).
 pub mod layout {
     /// Schema and config versions, counters.
     pub const META: &str = "meta";
@@ -136,8 +146,7 @@ pub fn run(db: &sled::Db) -> Result<Applied, MigrationError> {
     run_to(db, LATEST)
 }
 
-/// Applies the migrations up to and including `target` (tests write older stores with
-/// this).
+/// Applies the migrations up to and including `target`.
 pub fn run_to(db: &sled::Db, target: u32) -> Result<Applied, MigrationError> {
     let from = schema_version(db)?;
     if from > LATEST {
@@ -165,31 +174,27 @@ pub fn run_to(db: &sled::Db, target: u32) -> Result<Applied, MigrationError> {
 /// Schema 1: the record trees and a config version of 0.
 fn initial_layout(db: &sled::Db) -> Result<(), MigrationError> {
     for t in [
-        layout::SERVICES,
-        layout::USERS,
-        layout::GROUPS,
-        layout::REVOKED,
-        layout::TOKENS,
-        layout::AUDIT,
+        v1::SERVICES,
+        v1::USERS,
+        v1::GROUPS,
+        v1::REVOKED,
+        v1::TOKENS,
+        v1::AUDIT,
     ] {
         db.open_tree(t)?;
     }
-    let meta = db.open_tree(layout::META)?;
-    if meta.get(layout::CONFIG_VERSION)?.is_none() {
-        meta.insert(layout::CONFIG_VERSION, &0u64.to_be_bytes())?;
+    let meta = db.open_tree(v1::META)?;
+    if meta.get(v1::CONFIG_VERSION)?.is_none() {
+        meta.insert(v1::CONFIG_VERSION, &0u64.to_be_bytes())?;
     }
     Ok(())
 }
 
 /// Schema 2: reverse indexes that make integrity checks lookups instead of scans:
-/// identity → user (an identity maps to at most one user) and group → referrers.
+/// identity → user (an identity maps to at most one user) and group → referrers. The
+/// records are read as schema 1 wrote them and left as they are.
 fn reference_indexes(db: &sled::Db) -> Result<(), MigrationError> {
     const NAME: &str = "identity and group reference indexes";
-    let identities = db.open_tree(layout::IDENTITIES)?;
-    let refs = db.open_tree(layout::GROUP_REFS)?;
-    // Idempotent: rebuilt from the records each time.
-    identities.clear()?;
-    refs.clear()?;
     let bad = |tree: &'static str, key: &[u8], reason: String| MigrationError::BadRecord {
         version: 2,
         name: NAME,
@@ -197,40 +202,55 @@ fn reference_indexes(db: &sled::Db) -> Result<(), MigrationError> {
         key: String::from_utf8_lossy(key).into_owned(),
         reason,
     };
-    for kv in db.open_tree(layout::USERS)?.iter() {
+    // Every record is read and checked before anything is written: a bad one leaves the
+    // store untouched. The indexes are held in memory meanwhile (tens of bytes a user).
+    let mut identities: BTreeMap<String, String> = BTreeMap::new();
+    let mut refs: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for kv in db.open_tree(v1::USERS)?.iter() {
         let (k, v) = kv?;
-        let user: User =
-            serde_json::from_slice(&v).map_err(|e| bad(layout::USERS, &k, e.to_string()))?;
+        let user = v1::user(&v).map_err(|reason| bad(v1::USERS, &k, reason))?;
         let mut seen = BTreeSet::new();
         for id in &user.identities {
-            let key = identity_key(id);
+            let key = v2::identity_key(id);
             if !seen.insert(key.clone()) {
                 continue;
             }
-            if let Some(other) = identities.insert(key.as_bytes(), user.name.as_bytes())? {
+            if let Some(other) = identities.insert(key, user.name.clone()) {
                 return Err(bad(
-                    layout::USERS,
+                    v1::USERS,
                     &k,
-                    format!(
-                        "identity {id:?} is also claimed by {}",
-                        String::from_utf8_lossy(&other)
-                    ),
+                    format!("identity {id:?} is also claimed by {other}"),
                 ));
             }
         }
         for g in &user.groups {
-            refs.insert(layout::group_ref(g, layout::REF_USER, &user.name), &[])?;
+            refs.insert(v2::group_ref(g, v2::REF_USER, user.name.as_bytes()));
         }
     }
-    for kv in db.open_tree(layout::SERVICES)?.iter() {
+    for kv in db.open_tree(v1::SERVICES)?.iter() {
         let (k, v) = kv?;
-        let svc: Service =
-            serde_json::from_slice(&v).map_err(|e| bad(layout::SERVICES, &k, e.to_string()))?;
-        let key = String::from_utf8_lossy(&k).into_owned();
+        let svc = v1::service(&v).map_err(|reason| bad(v1::SERVICES, &k, reason))?;
         for g in &svc.groups {
-            refs.insert(layout::group_ref(g, layout::REF_SERVICE, &key), &[])?;
+            refs.insert(v2::group_ref(g, v2::REF_SERVICE, &k));
         }
     }
+
+    // Idempotent: rebuilt from the records each time, so a rerun after a crash replaces
+    // a partial build.
+    let identities_tree = db.open_tree(v2::IDENTITIES)?;
+    let refs_tree = db.open_tree(v2::GROUP_REFS)?;
+    identities_tree.clear()?;
+    refs_tree.clear()?;
+    let mut batch = sled::Batch::default();
+    for (id, user) in identities {
+        batch.insert(id.as_bytes(), user.as_bytes());
+    }
+    identities_tree.apply_batch(batch)?;
+    let mut batch = sled::Batch::default();
+    for r in refs {
+        batch.insert(r, &[]);
+    }
+    refs_tree.apply_batch(batch)?;
     Ok(())
 }
 
