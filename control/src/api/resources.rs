@@ -87,21 +87,19 @@ pub fn etag(version: u64) -> [(header::HeaderName, HeaderValue); 1] {
     [(header::ETAG, v)]
 }
 
-fn listed<T: Serialize>(state: &AppState, page: Page<T>) -> Result<Response, ApiError> {
-    let version = state.store.version()?;
-    Ok((
-        etag(version),
-        Json(List {
-            items: page.items,
-            next: page.next,
-        }),
-    )
-        .into_response())
+/// A page and the version it was read at (one store read: the tag never runs ahead of
+/// the body).
+pub fn listed<T: Serialize>((page, version): (Page<T>, u64)) -> Response {
+    let list = List {
+        items: page.items,
+        next: page.next,
+    };
+    (etag(version), Json(list)).into_response()
 }
 
-fn one<T: Serialize>(state: &AppState, item: T) -> Result<Response, ApiError> {
-    let version = state.store.version()?;
-    Ok((etag(version), Json(item)).into_response())
+/// A record and the version it was read at (one store read).
+fn one<T: Serialize>((item, version): (T, u64)) -> Response {
+    (etag(version), Json(item)).into_response()
 }
 
 fn created<T: Serialize>(version: u64, location: String, item: T) -> Response {
@@ -150,7 +148,7 @@ pub async fn list_services(
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (cursor, limit) = list_params(q)?;
-    listed(&s, s.store.list_services(cursor.as_deref(), limit)?)
+    Ok(listed(s.store.services(cursor.as_deref(), limit).await?))
 }
 
 /// Get a service.
@@ -162,7 +160,7 @@ pub async fn get_service(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    one(&s, s.store.get_service(&name)?)
+    Ok(one(s.store.service(&name).await?))
 }
 
 /// Create a service.
@@ -233,7 +231,7 @@ pub async fn list_users(
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (cursor, limit) = list_params(q)?;
-    listed(&s, s.store.list_users(cursor.as_deref(), limit)?)
+    Ok(listed(s.store.users(cursor.as_deref(), limit).await?))
 }
 
 /// Get a user.
@@ -245,7 +243,7 @@ pub async fn get_user(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    one(&s, s.store.get_user(&name)?)
+    Ok(one(s.store.user(&name).await?))
 }
 
 /// Create a user.
@@ -317,7 +315,7 @@ pub async fn list_groups(
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (cursor, limit) = list_params(q)?;
-    listed(&s, s.store.list_groups(cursor.as_deref(), limit)?)
+    Ok(listed(s.store.groups(cursor.as_deref(), limit).await?))
 }
 
 /// Get a group.
@@ -329,7 +327,7 @@ pub async fn get_group(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    one(&s, s.store.get_group(&name)?)
+    Ok(one(s.store.group(&name).await?))
 }
 
 /// Create a group.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::body::JsonBody;
 use super::error::ApiError;
-use super::resources::{etag, if_match, list_params, List, ListParams};
+use super::resources::{etag, if_match, list_params, listed, List, ListParams};
 use super::AppState;
 use crate::store::Actor;
 
@@ -35,16 +35,7 @@ pub async fn list_revoked(
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (cursor, limit) = list_params(q)?;
-    let page = s.store.list_revoked(cursor.as_deref(), limit)?;
-    let version = s.store.version()?;
-    Ok((
-        etag(version),
-        Json(List {
-            items: page.items,
-            next: page.next,
-        }),
-    )
-        .into_response())
+    Ok(listed(s.store.revoked(cursor.as_deref(), limit).await?))
 }
 
 /// Revoke certificates by serial (one new version).

@@ -5,8 +5,14 @@
 //! config version and appends an audit record, and acknowledged only after sled has
 //! flushed it to disk. Writes are serialized by one lock, which also gives readers of the
 //! whole configuration (snapshots) a consistent view.
+//!
+//! Services, users, groups and revoked serials are also kept in memory with the version
+//! they are at, updated under one mutex as each commit applies: a reader of records and
+//! their version (the admin API's bodies and `ETag`s) takes both from there, one state,
+//! without waiting for writes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -149,24 +155,28 @@ pub struct Store {
     /// Moves (under the write lock) with every change to services, users or groups: a
     /// reader that saw it unchanged needs only the version and the revoked serials.
     config_gen: std::sync::atomic::AtomicU64,
-    /// The services, users and groups in memory, kept in step by every commit (`None`
-    /// until first read, or after a record in a commit could not be decoded).
+    /// The configuration in memory with its version, kept in step by every commit
+    /// (`None` until first read, or after a commit that could not be applied to it).
     config: std::sync::Mutex<Option<ConfigCache>>,
 }
 
-/// The configuration's records by their store keys, in the store's order.
+/// The configuration's records by their store keys, in the store's order, and the config
+/// version they are at: one state, as a commit left it.
 #[derive(Default)]
 struct ConfigCache {
-    services: std::collections::BTreeMap<Vec<u8>, Service>,
-    users: std::collections::BTreeMap<Vec<u8>, User>,
-    groups: std::collections::BTreeMap<Vec<u8>, Group>,
+    version: u64,
+    services: BTreeMap<Vec<u8>, Service>,
+    users: BTreeMap<Vec<u8>, User>,
+    groups: BTreeMap<Vec<u8>, Group>,
+    /// Revoked serials, normalized hex.
+    revoked: BTreeSet<String>,
 }
 
 impl ConfigCache {
-    /// Applies a commit's writes to services, users and groups, in order.
-    fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+    /// Applies a commit's writes, in order, and the version it made.
+    fn apply(&mut self, ops: &[Op], version: u64) -> Result<(), StoreError> {
         fn put<V: for<'de> Deserialize<'de>>(
-            map: &mut std::collections::BTreeMap<Vec<u8>, V>,
+            map: &mut BTreeMap<Vec<u8>, V>,
             t: T,
             k: &[u8],
             v: &Option<Vec<u8>>,
@@ -186,10 +196,46 @@ impl ConfigCache {
                 T::Services => put(&mut self.services, *t, k, v)?,
                 T::Users => put(&mut self.users, *t, k, v)?,
                 T::Groups => put(&mut self.groups, *t, k, v)?,
+                T::Revoked => {
+                    let serial = String::from_utf8_lossy(k).into_owned();
+                    if v.is_some() {
+                        self.revoked.insert(serial);
+                    } else {
+                        self.revoked.remove(&serial);
+                    }
+                }
                 _ => {}
             }
         }
+        self.version = version;
         Ok(())
+    }
+}
+
+/// A page of `map` after `cursor` (a key).
+fn page_in<V: Clone>(map: &BTreeMap<Vec<u8>, V>, cursor: Option<&str>, limit: usize) -> Page<V> {
+    let start = cursor.map_or(Bound::Unbounded, |c| Bound::Excluded(c.as_bytes()));
+    let entries = map.range::<[u8], _>((start, Bound::Unbounded));
+    page_of(entries.map(|(k, v)| (k.as_slice(), v)), limit)
+}
+
+/// A page of at most `limit` of `entries` (keys and values, in key order).
+fn page_of<'a, V: Clone + 'a>(
+    mut entries: impl Iterator<Item = (&'a [u8], &'a V)>,
+    limit: usize,
+) -> Page<V> {
+    let mut items = Vec::new();
+    let mut last = None;
+    for (k, v) in entries.by_ref().take(limit) {
+        items.push(v.clone());
+        last = Some(k);
+    }
+    let more = entries.next().is_some();
+    Page {
+        items,
+        next: last
+            .filter(|_| more)
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
     }
 }
 
@@ -361,7 +407,6 @@ impl Store {
         limit: usize,
         item: impl Fn(&[u8], &[u8]) -> Result<V, StoreError>,
     ) -> Result<Page<V>, StoreError> {
-        use std::ops::Bound;
         let start = match cursor {
             Some(c) => Bound::Excluded(c.as_bytes().to_vec()),
             None => Bound::Unbounded,
@@ -383,11 +428,13 @@ impl Store {
 
     /// Applies `ops` atomically with a version bump (when `bump`) and an audit record,
     /// then flushes. Returns the config version after the change. The caller holds the
-    /// write lock.
+    /// write lock. `expect` (an `If-Match`) is checked against the version inside the
+    /// same transaction: a write never lands on a version it did not expect.
     async fn commit(
         &self,
         ops: Vec<Op>,
         bump: bool,
+        expect: Option<u64>,
         actor: &Actor,
         action: &str,
         target: &str,
@@ -395,13 +442,16 @@ impl Store {
         let time_ms = now_ms();
         let result = self.trees.as_slice().transaction(|tx| {
             let meta = &tx[T::Meta as usize];
-            let read = |k: &[u8]| -> Result<u64, ConflictableTransactionError<()>> {
+            let read = |k: &[u8]| -> Result<u64, ConflictableTransactionError<u64>> {
                 Ok(meta
                     .get(k)?
                     .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
                     .map_or(0, u64::from_be_bytes))
             };
             let mut version = read(layout::CONFIG_VERSION)?;
+            if expect.is_some_and(|want| want != version) {
+                return Err(ConflictableTransactionError::Abort(version));
+            }
             if bump {
                 version += 1;
                 meta.insert(layout::CONFIG_VERSION, &version.to_be_bytes())?;
@@ -432,7 +482,7 @@ impl Store {
                 *self.config_cache() = None;
                 return Err(e.into());
             }
-            Err(TransactionError::Abort(())) => unreachable!("no transaction aborts"),
+            Err(TransactionError::Abort(current)) => return Err(StoreError::Stale { current }),
         };
         if ops
             .iter()
@@ -440,9 +490,13 @@ impl Store {
         {
             self.config_gen
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        {
+            // Records and version move together: a reader sees this commit whole or not
+            // at all.
             let mut cache = self.config_cache();
             if let Some(c) = cache.as_mut() {
-                if let Err(e) = c.apply(&ops) {
+                if let Err(e) = c.apply(&ops, version) {
                     tracing::warn!(error = %e, "configuration cache dropped; it is read again");
                     *cache = None;
                 }
@@ -456,6 +510,10 @@ impl Store {
         Ok(version)
     }
 
+    /// Refuses a stale `expect` before any work, and before other refusals; [`commit`]
+    /// checks it again inside the write's transaction.
+    ///
+    /// [`commit`]: Store::commit
     fn check_expected(&self, expect: Option<u64>) -> Result<(), StoreError> {
         if let Some(want) = expect {
             let current = self.version()?;
@@ -485,7 +543,35 @@ impl Store {
 
     // ----- services -----
 
-    pub fn get_service(&self, name: &str) -> Result<Service, StoreError> {
+    /// A service and the config version it is at, from one state: the version names
+    /// exactly this record (what an `ETag` needs).
+    pub async fn service(&self, name: &str) -> Result<(Service, u64), StoreError> {
+        let not_found = || StoreError::NotFound {
+            kind: "service",
+            name: name.into(),
+        };
+        let key = service_key(name).map_err(|_| not_found())?;
+        self.read_config(|c| {
+            c.services
+                .get(key.as_bytes())
+                .cloned()
+                .ok_or_else(not_found)
+        })
+        .await
+    }
+
+    /// A page of services after `cursor`, and the config version it is at.
+    pub async fn services(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Page<Service>, u64), StoreError> {
+        self.read_config(|c| Ok(page_in(&c.services, cursor, limit)))
+            .await
+    }
+
+    /// A service as sled holds it, for a write (which holds the write lock).
+    fn get_service(&self, name: &str) -> Result<Service, StoreError> {
         let key = service_key(name).map_err(|_| StoreError::NotFound {
             kind: "service",
             name: name.into(),
@@ -495,14 +581,6 @@ impl Store {
                 kind: "service",
                 name: name.into(),
             })
-    }
-
-    pub fn list_services(
-        &self,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<Page<Service>, StoreError> {
-        self.list(T::Services, cursor, limit)
     }
 
     /// Creates (`create`) or replaces a service. Replacing one that does not exist is
@@ -544,7 +622,7 @@ impl Store {
         } else {
             "service.replace"
         };
-        self.commit(ops, true, actor, action, &key).await
+        self.commit(ops, true, expect, actor, action, &key).await
     }
 
     pub async fn delete_service(
@@ -569,21 +647,43 @@ impl Store {
             })
             .collect();
         ops.push((T::Services, key.clone().into_bytes(), None));
-        self.commit(ops, true, actor, "service.delete", &key).await
+        self.commit(ops, true, expect, actor, "service.delete", &key)
+            .await
     }
 
     // ----- users -----
 
-    pub fn get_user(&self, name: &str) -> Result<User, StoreError> {
+    /// A user and the config version it is at, from one state.
+    pub async fn user(&self, name: &str) -> Result<(User, u64), StoreError> {
+        self.read_config(|c| {
+            c.users
+                .get(name.as_bytes())
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "user",
+                    name: name.into(),
+                })
+        })
+        .await
+    }
+
+    /// A page of users after `cursor`, and the config version it is at.
+    pub async fn users(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Page<User>, u64), StoreError> {
+        self.read_config(|c| Ok(page_in(&c.users, cursor, limit)))
+            .await
+    }
+
+    /// A user as sled holds it, for a write (which holds the write lock).
+    fn get_user(&self, name: &str) -> Result<User, StoreError> {
         self.get(T::Users, name)?
             .ok_or_else(|| StoreError::NotFound {
                 kind: "user",
                 name: name.into(),
             })
-    }
-
-    pub fn list_users(&self, cursor: Option<&str>, limit: usize) -> Result<Page<User>, StoreError> {
-        self.list(T::Users, cursor, limit)
     }
 
     /// Creates or replaces a user; its identities must not be claimed by another user.
@@ -631,7 +731,8 @@ impl Store {
         } else {
             "user.replace"
         };
-        self.commit(ops, true, actor, action, &user.name).await
+        self.commit(ops, true, expect, actor, action, &user.name)
+            .await
     }
 
     pub async fn delete_user(
@@ -645,25 +746,43 @@ impl Store {
         let old = self.get_user(name)?;
         let mut ops = user_index_ops(&old, false);
         ops.push((T::Users, name.as_bytes().to_vec(), None));
-        self.commit(ops, true, actor, "user.delete", name).await
+        self.commit(ops, true, expect, actor, "user.delete", name)
+            .await
     }
 
     // ----- groups -----
 
-    pub fn get_group(&self, name: &str) -> Result<Group, StoreError> {
+    /// A group and the config version it is at, from one state.
+    pub async fn group(&self, name: &str) -> Result<(Group, u64), StoreError> {
+        self.read_config(|c| {
+            c.groups
+                .get(name.as_bytes())
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "group",
+                    name: name.into(),
+                })
+        })
+        .await
+    }
+
+    /// A page of groups after `cursor`, and the config version it is at.
+    pub async fn groups(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Page<Group>, u64), StoreError> {
+        self.read_config(|c| Ok(page_in(&c.groups, cursor, limit)))
+            .await
+    }
+
+    /// A group as sled holds it, for a write (which holds the write lock).
+    fn get_group(&self, name: &str) -> Result<Group, StoreError> {
         self.get(T::Groups, name)?
             .ok_or_else(|| StoreError::NotFound {
                 kind: "group",
                 name: name.into(),
             })
-    }
-
-    pub fn list_groups(
-        &self,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<Page<Group>, StoreError> {
-        self.list(T::Groups, cursor, limit)
     }
 
     pub async fn create_group(
@@ -686,7 +805,7 @@ impl Store {
             group.name.clone().into_bytes(),
             Some(json(&group)),
         )];
-        self.commit(ops, true, actor, "group.create", &group.name)
+        self.commit(ops, true, expect, actor, "group.create", &group.name)
             .await
     }
 
@@ -707,7 +826,7 @@ impl Store {
             group.name.clone().into_bytes(),
             Some(json(&group)),
         )];
-        self.commit(ops, true, actor, "group.replace", &group.name)
+        self.commit(ops, true, expect, actor, "group.replace", &group.name)
             .await
     }
 
@@ -794,7 +913,7 @@ impl Store {
         } else {
             "group.delete"
         };
-        self.commit(ops, true, actor, action, name).await
+        self.commit(ops, true, expect, actor, action, name).await
     }
 
     // ----- whole configuration -----
@@ -836,20 +955,51 @@ impl Store {
             .collect()
     }
 
+    /// The whole configuration; the caller holds the write lock (or opens the store).
     fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
-        let version = self.version()?;
         let mut cache = self.config_cache();
-        if cache.is_none() {
-            *cache = Some(self.config_from_disk()?);
-        }
-        let c = cache.as_ref().expect("filled above");
+        let c = self.filled(&mut cache)?;
         Ok(Snapshot {
-            version,
+            version: c.version,
             services: c.services.values().cloned().collect(),
             users: c.users.values().cloned().collect(),
             groups: c.groups.values().cloned().collect(),
-            revoked: self.revoked_unlocked()?,
+            revoked: c.revoked.iter().cloned().collect(),
         })
+    }
+
+    /// The configuration in memory, read from sled first if it is not there; the caller
+    /// holds the write lock (or opens the store), so that no commit is under way.
+    fn filled<'a>(
+        &self,
+        cache: &'a mut Option<ConfigCache>,
+    ) -> Result<&'a ConfigCache, StoreError> {
+        let c = match cache.take() {
+            Some(c) => c,
+            None => self.config_from_disk()?,
+        };
+        Ok(cache.insert(c))
+    }
+
+    /// Runs `read` on the configuration in memory; returns its answer and the version
+    /// that configuration is at, both from one state (a commit updates them together).
+    /// Waits for no write, unless the configuration must be read from sled again.
+    async fn read_config<R>(
+        &self,
+        read: impl FnOnce(&ConfigCache) -> Result<R, StoreError>,
+    ) -> Result<(R, u64), StoreError> {
+        {
+            let cache = self.config_cache();
+            if let Some(c) = cache.as_ref() {
+                return Ok((read(c)?, c.version));
+            }
+        }
+        // Dropped after a commit that could not be applied to it: read it again from
+        // sled, with no commit under way.
+        let _w = self.write.lock().await;
+        let mut cache = self.config_cache();
+        let c = self.filled(&mut cache)?;
+        Ok((read(c)?, c.version))
     }
 
     /// The in-memory configuration; a panic while it was held (none is known) leaves it
@@ -866,12 +1016,13 @@ impl Store {
         }
     }
 
-    /// Services, users and groups as sled holds them.
+    /// The configuration as sled holds it; the caller holds the write lock (or opens the
+    /// store), so that it is one version's.
     fn config_from_disk(&self) -> Result<ConfigCache, StoreError> {
         fn all<V: for<'de> Deserialize<'de>>(
             store: &Store,
             t: T,
-        ) -> Result<std::collections::BTreeMap<Vec<u8>, V>, StoreError> {
+        ) -> Result<BTreeMap<Vec<u8>, V>, StoreError> {
             store
                 .tree(t)
                 .iter()
@@ -882,9 +1033,11 @@ impl Store {
                 .collect()
         }
         Ok(ConfigCache {
+            version: self.version()?,
             services: all(self, T::Services)?,
             users: all(self, T::Users)?,
             groups: all(self, T::Groups)?,
+            revoked: self.revoked_unlocked()?.into_iter().collect(),
         })
     }
 
@@ -945,20 +1098,25 @@ impl Store {
             snap.users.len(),
             snap.groups.len()
         );
-        self.commit(ops, true, actor, "import", &target).await
+        self.commit(ops, true, expect, actor, "import", &target)
+            .await
     }
 
     // ----- revoked certificates -----
 
-    /// Revoked serials (normalized hex), in order.
-    pub fn list_revoked(
+    /// A page of revoked serials (normalized hex, in order) after `cursor`, and the
+    /// config version it is at.
+    pub async fn revoked(
         &self,
         cursor: Option<&str>,
         limit: usize,
-    ) -> Result<Page<String>, StoreError> {
-        self.page(T::Revoked, cursor, limit, |k, _| {
-            Ok(String::from_utf8_lossy(k).into_owned())
+    ) -> Result<(Page<String>, u64), StoreError> {
+        self.read_config(|c| {
+            let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+            let entries = c.revoked.range::<str, _>((start, Bound::Unbounded));
+            Ok(page_of(entries.map(|s| (s.as_bytes(), s)), limit))
         })
+        .await
     }
 
     /// Revokes certificates by serial (hex, any form operators copy) as one version;
@@ -998,7 +1156,8 @@ impl Store {
             .into_iter()
             .map(|s| (T::Revoked, s.into_bytes(), Some(vec![])))
             .collect();
-        self.commit(ops, true, actor, "revoke", &target).await
+        self.commit(ops, true, expect, actor, "revoke", &target)
+            .await
     }
 
     /// Lifts a revocation (for mistakes).
@@ -1020,7 +1179,7 @@ impl Store {
             });
         }
         let ops: Vec<Op> = vec![(T::Revoked, s.clone().into_bytes(), None)];
-        self.commit(ops, true, actor, "unrevoke", &s).await
+        self.commit(ops, true, expect, actor, "unrevoke", &s).await
     }
 
     /// The newest admin audit records, newest first.

@@ -407,7 +407,10 @@ async fn revocations_are_versions_and_normalized() {
         .await
         .unwrap();
     assert_eq!(v, 1, "one version for the whole list");
-    assert_eq!(store.list_revoked(None, 10).unwrap().items, ["0a1b", "ff"]);
+    assert_eq!(
+        store.revoked(None, 10).await.unwrap().0.items,
+        ["0a1b", "ff"]
+    );
     assert_eq!(store.snapshot().await.unwrap().revoked, ["0a1b", "ff"]);
     let e = store.revoke(&["zz".into()], None, &a).await.unwrap_err();
     assert_eq!(fields(&e), ["serials[0]"]);
@@ -416,7 +419,7 @@ async fn revocations_are_versions_and_normalized() {
         store.unrevoke("ff", None, &a).await.unwrap_err(),
         StoreError::NotFound { .. }
     ));
-    assert_eq!(store.list_revoked(None, 10).unwrap().items, ["0a1b"]);
+    assert_eq!(store.revoked(None, 10).await.unwrap().0.items, ["0a1b"]);
 }
 
 /// The in-memory configuration stays what sled holds through every kind of write:
@@ -429,13 +432,22 @@ async fn the_configuration_in_memory_follows_every_write() {
     let check = |store: &Store, step: &str| {
         let cached = store.snapshot_unlocked().unwrap();
         let disk = store.config_from_disk().unwrap();
-        let disk: (Vec<Service>, Vec<User>, Vec<Group>) = (
+        let disk: (u64, Vec<Service>, Vec<User>, Vec<Group>, Vec<String>) = (
+            disk.version,
             disk.services.into_values().collect(),
             disk.users.into_values().collect(),
             disk.groups.into_values().collect(),
+            disk.revoked.into_iter().collect(),
         );
+        assert_eq!(disk.0, store.version().unwrap(), "after {step}");
         assert_eq!(
-            (cached.services, cached.users, cached.groups),
+            (
+                cached.version,
+                cached.services,
+                cached.users,
+                cached.groups,
+                cached.revoked
+            ),
             disk,
             "after {step}"
         );
@@ -498,4 +510,86 @@ async fn the_configuration_in_memory_follows_every_write() {
     assert_eq!(snap.users.len(), 1);
     assert_eq!(snap.users[0].name, "carol");
     assert!(snap.revoked.is_empty());
+    store.create_token("t", &a).await.unwrap();
+    check(&store, "a token (no new version)");
+
+    // Dropped (as after a commit it could not apply), it is read again, version included.
+    *store.config_cache() = None;
+    let (carol, version) = store.user("carol").await.unwrap();
+    assert_eq!((carol.name.as_str(), version), ("carol", snap.version));
+    check(&store, "read again");
+}
+
+/// Records and their version are read together (issue 14): each read answers with the
+/// version the record is at, through every kind of write.
+#[tokio::test]
+async fn records_are_read_with_the_version_they_are_at() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let v = store.create_group(group("ops"), None, &a).await.unwrap();
+    assert_eq!(store.group("ops").await.unwrap(), (group("ops"), v));
+    let v = store
+        .put_service(svc("A.svc.internal", &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    let (s, at) = store.service("a.SVC.internal").await.unwrap();
+    assert_eq!((s.name.as_str(), at), ("A.svc.internal", v));
+    let v = store
+        .put_user(user("alice", &["alice@x"], &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.user("alice").await.unwrap(),
+        (user("alice", &["alice@x"], &["ops"]), v)
+    );
+    let v = store.revoke(&["0a".into()], None, &a).await.unwrap();
+    let (page, at) = store.revoked(None, 10).await.unwrap();
+    assert_eq!((page.items, at), (vec!["0a".to_owned()], v));
+    // Every read now names the newest version, whichever write made it.
+    let (page, at) = store.services(None, 10).await.unwrap();
+    assert_eq!((page.items.len(), at), (1, v));
+    let (page, at) = store.users(None, 10).await.unwrap();
+    assert_eq!((page.items.len(), at), (1, v));
+    let (page, at) = store.groups(None, 10).await.unwrap();
+    assert_eq!((page.items.len(), at), (1, v));
+    for e in [
+        store.service("b.svc.internal").await.unwrap_err(),
+        store.service("not a name").await.unwrap_err(),
+        store.user("bob").await.unwrap_err(),
+        store.group("dev").await.unwrap_err(),
+    ] {
+        assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+    }
+}
+
+/// `If-Match` is checked inside the write's transaction, not only before it: a commit
+/// that expects a version the store has moved past stores nothing.
+#[tokio::test]
+async fn a_stale_expectation_is_refused_inside_the_transaction() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let v = store.create_group(group("ops"), None, &a).await.unwrap();
+    let audited = store.audit(100).unwrap().len();
+    let ops: Vec<Op> = vec![(T::Groups, b"dev".to_vec(), Some(json(&group("dev"))))];
+    // Straight to the commit, as a write that skipped the early check would.
+    let e = store
+        .commit(ops.clone(), true, Some(v - 1), &a, "group.create", "dev")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Stale { current } if current == v),
+        "{e}"
+    );
+    assert_eq!(store.version().unwrap(), v);
+    assert_eq!(store.audit(100).unwrap().len(), audited);
+    assert!(store.get_group("dev").is_err());
+    assert!(store.group("dev").await.is_err());
+    let next = store
+        .commit(ops, true, Some(v), &a, "group.create", "dev")
+        .await
+        .unwrap();
+    assert_eq!(next, v + 1);
+    assert_eq!(store.group("dev").await.unwrap(), (group("dev"), v + 1));
 }

@@ -107,7 +107,8 @@ impl Store {
         let id = info.id.clone();
         let ops: Vec<Op> = vec![(T::Tokens, id.clone().into_bytes(), Some(json(&info)))];
         // Tokens are not configuration: no version bump, but audited.
-        self.commit(ops, false, actor, "token.create", &id).await?;
+        self.commit(ops, false, None, actor, "token.create", &id)
+            .await?;
         Ok(())
     }
 
@@ -142,7 +143,8 @@ impl Store {
             });
         }
         let ops: Vec<Op> = vec![(T::Tokens, id.as_bytes().to_vec(), None)];
-        self.commit(ops, false, actor, "token.revoke", id).await?;
+        self.commit(ops, false, None, actor, "token.revoke", id)
+            .await?;
         Ok(())
     }
 
