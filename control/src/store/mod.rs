@@ -160,6 +160,21 @@ pub struct Store {
     config: std::sync::Mutex<Option<ConfigCache>>,
 }
 
+/// Announces a committed version to the config stream when dropped: after the flush, or
+/// when the commit's future is dropped during it.
+struct Announce<'a> {
+    versions: &'a tokio::sync::watch::Sender<u64>,
+    version: Option<u64>,
+}
+
+impl Drop for Announce<'_> {
+    fn drop(&mut self) {
+        if let Some(v) = self.version {
+            self.versions.send_replace(v);
+        }
+    }
+}
+
 /// The configuration's records by their store keys, in the store's order, and the config
 /// version they are at: one state, as a commit left it.
 #[derive(Default)]
@@ -502,11 +517,15 @@ impl Store {
                 }
             }
         }
-        // Acknowledged only once it is on disk.
+        // Acknowledged only once it is on disk. The version is announced to the nodes
+        // even if this future is dropped while flushing (a client that went away): the
+        // change is committed and readable, and sled flushes it in the background.
+        let announce = Announce {
+            versions: &self.versions,
+            version: bump.then_some(version),
+        };
         self.db.flush_async().await?;
-        if bump {
-            self.versions.send_replace(version);
-        }
+        drop(announce);
         Ok(version)
     }
 

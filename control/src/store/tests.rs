@@ -593,3 +593,29 @@ async fn a_stale_expectation_is_refused_inside_the_transaction() {
     assert_eq!(next, v + 1);
     assert_eq!(store.group("dev").await.unwrap(), (group("dev"), v + 1));
 }
+
+/// A write whose caller goes away while it flushes is still announced to the config
+/// stream: it is committed (and readable), so the nodes must not wait for the next write
+/// to hear of it.
+#[tokio::test]
+async fn a_write_dropped_while_flushing_is_still_announced() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let mut versions = store.watch_version();
+    let before = *versions.borrow_and_update();
+    let mut announced = 0;
+    for i in 0..20 {
+        // Polled once: the transaction commits, then the flush is pending and the
+        // future is dropped (if the flush happened to finish at once, it was announced
+        // the ordinary way).
+        let write = store.put_service(svc(&format!("s{i}.svc"), &[]), true, None, &a);
+        let _ = tokio::time::timeout(std::time::Duration::ZERO, write).await;
+        let now = store.version().unwrap();
+        assert_eq!(now, before + i + 1, "the write committed");
+        if *versions.borrow_and_update() == now {
+            announced += 1;
+        }
+    }
+    assert_eq!(announced, 20, "every committed version is announced");
+}
