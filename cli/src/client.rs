@@ -8,8 +8,7 @@ use anyhow::{bail, Context};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
@@ -58,19 +57,12 @@ impl Client {
             _ => (authority.to_owned(), if https { 443 } else { 80 }),
         };
         let tls = if https {
-            let mut roots = rustls::RootCertStore::empty();
             let ca = ca.context("an https:// server needs --api-ca FILE (or ZTP_API_CA)")?;
-            for c in CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("cannot read {}", ca.display()))?
-            {
-                roots.add(c.with_context(|| format!("cannot read {}", ca.display()))?)?;
-            }
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            let roots = ztp_infra::tls::read_roots(ca)?;
+            let config = rustls::ClientConfig::builder_with_provider(ztp_infra::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
             Some(Arc::new(config))
         } else {
             None

@@ -11,14 +11,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
+use rustls::sign::SingleCertAndKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -72,16 +72,6 @@ struct Client {
     server_name: ServerName<'static>,
 }
 
-fn read_certs(p: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(p)
-        .and_then(|it| it.collect())
-        .with_context(|| format!("cannot read {}", p.display()))?;
-    if certs.is_empty() {
-        bail!("{}: no certificate found", p.display());
-    }
-    Ok(certs)
-}
-
 impl Client {
     fn new(
         args: &ConnectArgs,
@@ -104,21 +94,13 @@ impl Client {
             .clone()
             .or(s.via.clone())
             .context("--via HOST:PORT is required (or ZTP_VIA, or `via` in the config file)")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in read_certs(&ca)? {
-            roots
-                .add(c)
-                .with_context(|| format!("{}: bad CA certificate", ca.display()))?;
-        }
-        let key = PrivateKeyDer::from_pem_file(&key)
-            .with_context(|| format!("cannot read {}", key.display()))?;
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(read_certs(&cert)?, key)
-        .context("the certificate and key do not fit together")?;
+        let roots = ztp_infra::tls::read_roots(&ca)?;
+        let provider = ztp_infra::tls::provider();
+        let certified = ztp_infra::tls::certified_key(&cert, &key, &provider)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
         if let Some(a) = alpn {
             config.alpn_protocols = vec![a.to_vec()];
         }

@@ -122,12 +122,7 @@ fn main() -> ExitCode {
 
 /// `up` logs warnings and errors of the planes it runs (RUST_LOG for more).
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    ztp_infra::trace::init(ztp_infra::trace::LogFormat::Text, "warn");
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

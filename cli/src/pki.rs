@@ -6,7 +6,6 @@
 //! data-plane node's `node-ID.pem`/`node-ID.key`. Keys are written 0600 and nothing is
 //! overwritten without `--force`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -188,31 +187,22 @@ pub fn default_name(identity: &str) -> String {
     }
 }
 
-/// Writes a file, refusing to overwrite unless `force`; keys get mode 0600.
+/// Writes a file whole, refusing to overwrite unless `force`; keys get mode 0600.
 fn write_file(path: &Path, bytes: &[u8], private: bool, force: bool) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).mode(if private { 0o600 } else { 0o644 });
-    if force {
-        o.create(true).truncate(true);
+    use ztp_infra::fs::{write_atomic, Existing};
+    let mode = if private { 0o600 } else { 0o644 };
+    let existing = if force {
+        Existing::Replace
     } else {
-        o.create_new(true);
-    }
-    let mut f = o.open(path).map_err(|e| {
+        Existing::Refuse
+    };
+    write_atomic(path, bytes, mode, existing).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             anyhow::anyhow!("{} exists; pass --force to overwrite it", path.display())
         } else {
             anyhow::anyhow!("cannot write {}: {e}", path.display())
         }
-    })?;
-    if private {
-        // An existing file kept its old mode when overwritten.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    })
 }
 
 fn refuse_existing(paths: &[&Path], force: bool) -> anyhow::Result<()> {

@@ -297,7 +297,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     print_welcome(&state, &pki_dir, &data_dir, &args);
 
-    let sig = signal().await;
+    let sig = ztp_infra::signal::stop().await;
     eprintln!("ztpctl: {sig}: stopping");
     let _ = stop_tx.send(true);
     let (c, n) = tokio::join!(control, node);
@@ -366,18 +366,4 @@ fn print_welcome(state: &Path, pki: &Path, data: &Path, args: &UpArgs) {
     println!("  {me} service list; {me} user list; {me} node list");
     println!();
     println!("Ctrl-C stops it; the next `up` reuses the state.");
-}
-
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => tokio::select! {
-            _ = t.recv() => "SIGTERM",
-            _ = i.recv() => "SIGINT",
-        },
-        _ => std::future::pending().await,
-    }
 }

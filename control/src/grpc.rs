@@ -16,11 +16,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::sign::SingleCertAndKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -107,23 +107,10 @@ pub fn server_config(
     trust_domain: &str,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context as _;
-    let read_certs = |p: &Path| -> anyhow::Result<Vec<CertificateDer<'static>>> {
-        let certs = CertificateDer::pem_file_iter(p)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .with_context(|| format!("cannot read {}", p.display()))?;
-        anyhow::ensure!(!certs.is_empty(), "{}: no certificate found", p.display());
-        Ok(certs)
-    };
-    let chain = read_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("cannot read {}", key.display()))?;
-    let mut roots = RootCertStore::empty();
-    for ca in read_certs(node_ca)? {
-        roots
-            .add(ca)
-            .with_context(|| format!("{}: bad CA certificate", node_ca.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = ztp_infra::tls::provider();
+    // The key enters as a rustls signer, so a remote one can replace it.
+    let certified = ztp_infra::tls::certified_key(cert, key, &provider)?;
+    let roots = ztp_infra::tls::read_roots(node_ca)?;
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .context("cannot build the node verifier")?;
@@ -134,8 +121,7 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("the gRPC certificate and key do not fit together")?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

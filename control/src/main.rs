@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ztp_control::server::{self, GrpcOptions, Options};
+use ztp_infra::trace::{self, LogFormat};
 
 /// sysexits EX_USAGE: invalid command line or configuration.
 const EX_USAGE: u8 = 64;
@@ -76,7 +77,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing(args.log_format == "json");
+    let format = if args.log_format == "json" {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    trace::init(format, "info");
     // Everything this process creates (store files, the token file) is private.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -95,24 +101,6 @@ fn main() -> ExitCode {
             eprintln!("ztp-control: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init();
-    } else {
-        builder.init();
     }
 }
 
@@ -135,24 +123,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let store = server::open_store(&opts.data_dir).await?;
     server::serve(store, &opts, async {
-        let sig = signal().await;
+        let sig = ztp_infra::signal::stop().await;
         tracing::info!(signal = sig, "stopping");
     })
     .await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => tokio::select! {
-            _ = t.recv() => "SIGTERM",
-            _ = i.recv() => "SIGINT",
-        },
-        _ => std::future::pending().await,
-    }
 }

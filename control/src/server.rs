@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use ztp_proto::http;
+use ztp_infra::fs::write_private;
+use ztp_infra::http;
 
 use crate::api::{self, AppState};
 use crate::grpc;
@@ -140,19 +141,6 @@ async fn bootstrap_token(store: &Store, dir: &Path) -> anyhow::Result<()> {
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     tracing::info!(path = %path.display(), "admin token written");
     Ok(())
-}
-
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// Store files 0600 and folders 0700, whatever made them.

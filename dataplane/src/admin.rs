@@ -119,17 +119,17 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Serves the admin port until `shutdown`, within `ztp_proto::http`'s limits on
+/// Serves the admin port until `shutdown`, within `ztp_infra::http`'s limits on
 /// connections, handshake, header and body time.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let limits = ztp_proto::http::Limits::default();
-    ztp_proto::http::serve(
+    let limits = ztp_infra::http::Limits::default();
+    ztp_infra::http::serve(
         listener,
-        ztp_proto::http::Plain,
+        ztp_infra::http::Plain,
         router(state),
         limits,
         shutdown,

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use ztp_dataplane::config::{Args, Config};
 use ztp_dataplane::node::{self, EX_USAGE};
-use ztp_dataplane::shutdown;
 use ztp_dataplane::snapshot::file;
+use ztp_infra::trace::{self, LogFormat};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -26,7 +26,11 @@ fn main() -> ExitCode {
     if let Some(path) = &args.check {
         return check(path);
     }
-    let json = args.log_format == "json";
+    let format = if args.log_format == "json" {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -34,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    init_tracing(json);
+    trace::init(format, "info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .enable_all()
@@ -72,27 +76,9 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn run(config: Config) -> ExitCode {
     let stop = async {
-        let sig = shutdown::signal().await;
+        let sig = ztp_infra::signal::stop().await;
         tracing::info!(signal = sig, "signal received");
     };
     match node::run(config, stop).await {

@@ -120,8 +120,7 @@ async fn reload_on_sighup(
     registry: Registry,
     publisher: Arc<Mutex<Publisher>>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    let Ok(mut hup) = ztp_infra::signal::hangups() else {
         tracing::warn!("cannot watch SIGHUP; reload disabled");
         return;
     };

@@ -5,7 +5,7 @@
 //! per source (a token bucket). A refused connection is closed at once (shed), never left
 //! waiting in the kernel's backlog, and nothing is read from it. A source is an IPv4
 //! address or an IPv6 /64 (one host's usual share), after IPv4-mapped addresses are turned
-//! back into IPv4.
+//! back into IPv4 ([`ztp_infra::source`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use ipnet::IpNet;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use ztp_infra::source::{self, Source};
 
 /// What the listener admits.
 #[derive(Debug, Clone, Default)]
@@ -55,13 +56,14 @@ impl Shed {
     }
 }
 
-/// Sources tracked at most; past it, idle ones are forgotten, and if none is idle a new
-/// source is admitted untracked (the total cap still holds).
+/// Sources whose rate is tracked at most; past it, sources with a full bucket are
+/// forgotten, and if none is full a new source is admitted without a rate (the caps still
+/// hold).
 const MAX_SOURCES: usize = 65_536;
 
+/// A source's token bucket.
 #[derive(Debug)]
-struct Source {
-    live: u32,
+struct Bucket {
     tokens: f64,
     refilled: Instant,
 }
@@ -76,35 +78,35 @@ pub struct Gate {
 struct Inner {
     limits: Limits,
     permits: Arc<Semaphore>,
-    sources: Mutex<HashMap<u128, Source>>,
+    /// Live connections per source, when capped.
+    sources: Option<source::Counter>,
+    /// Token buckets per source, when rated.
+    rates: Mutex<HashMap<Source, Bucket>>,
 }
 
 /// Held for a connection's life.
 #[derive(Debug)]
 pub struct Permit {
     _total: OwnedSemaphorePermit,
-    source: Option<(Arc<Inner>, u128)>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if let Some((inner, key)) = self.source.take() {
-            let mut map = inner.sources.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = map.get_mut(&key) {
-                s.live = s.live.saturating_sub(1);
-            }
-        }
-    }
+    _source: Option<source::Place>,
 }
 
 impl Gate {
     pub fn new(limits: Limits) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
+        // The total is the semaphore's: the counter counts per source only.
+        let sources = (limits.per_source > 0).then(|| {
+            source::Counter::new(source::Caps {
+                total: usize::MAX,
+                per_source: limits.per_source as usize,
+            })
+        });
         Gate {
             inner: Arc::new(Inner {
                 limits,
                 permits,
-                sources: Mutex::new(HashMap::new()),
+                sources,
+                rates: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -124,50 +126,51 @@ impl Gate {
         if l.per_source == 0 && l.rate_per_source == 0 {
             return Ok(Permit {
                 _total: total,
-                source: None,
+                _source: None,
             });
         }
-        let key = ztp_proto::names::source_key(ip);
+        let key = Source::of(ip);
+        // The cap is checked before the rate spends a token; a refusal by the rate drops
+        // `place`, so a refused connection holds nothing.
+        let place = match &self.inner.sources {
+            Some(counter) => Some(counter.admit(key).map_err(|_| Shed::SourceCap)?),
+            None => None,
+        };
+        if l.rate_per_source > 0 && !self.take_token(key, l.rate_per_source) {
+            return Err(Shed::Rate);
+        }
+        Ok(Permit {
+            _total: total,
+            _source: place,
+        })
+    }
+
+    /// Takes one of `key`'s tokens, if it has one; the bucket holds `rate` and refills
+    /// `rate` a second.
+    fn take_token(&self, key: Source, rate: u32) -> bool {
         let now = Instant::now();
-        let mut map = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let burst = f64::from(rate);
+        let mut map = self.inner.rates.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_SOURCES && !map.contains_key(&key) {
-            let burst = f64::from(l.rate_per_source);
-            map.retain(|_, s| {
-                s.live > 0
-                    || (l.rate_per_source > 0
-                        && s.tokens + now.duration_since(s.refilled).as_secs_f64() * burst < burst)
+            map.retain(|_, b| {
+                b.tokens + now.duration_since(b.refilled).as_secs_f64() * burst < burst
             });
             if map.len() >= MAX_SOURCES {
-                return Ok(Permit {
-                    _total: total,
-                    source: None,
-                });
+                return true;
             }
         }
-        let burst = f64::from(l.rate_per_source);
-        let s = map.entry(key).or_insert(Source {
-            live: 0,
+        let b = map.entry(key).or_insert(Bucket {
             tokens: burst,
             refilled: now,
         });
-        if l.per_source > 0 && s.live >= l.per_source {
-            return Err(Shed::SourceCap);
+        let elapsed = now.duration_since(b.refilled).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * burst).min(burst);
+        b.refilled = now;
+        if b.tokens < 1.0 {
+            return false;
         }
-        if l.rate_per_source > 0 {
-            let elapsed = now.duration_since(s.refilled).as_secs_f64();
-            s.tokens = (s.tokens + elapsed * burst).min(burst);
-            s.refilled = now;
-            if s.tokens < 1.0 {
-                return Err(Shed::Rate);
-            }
-            s.tokens -= 1.0;
-        }
-        s.live += 1;
-        drop(map);
-        Ok(Permit {
-            _total: total,
-            source: Some((self.inner.clone(), key)),
-        })
+        b.tokens -= 1.0;
+        true
     }
 
     /// Live connections.
@@ -285,7 +288,6 @@ mod tests {
         assert_eq!(g.admit(ip("192.0.2.1")).unwrap_err(), Shed::Cap);
         drop(a);
         assert_eq!(g.active(), 0);
-        let map = g.inner.sources.lock().unwrap();
-        assert_eq!(map.values().map(|s| s.live).sum::<u32>(), 0);
+        assert_eq!(g.inner.sources.as_ref().unwrap().total(), 0);
     }
 }

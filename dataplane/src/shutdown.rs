@@ -1,4 +1,5 @@
-//! Process signals: SIGTERM and SIGINT stop accepting, then connections drain.
+//! Shutdown: on SIGTERM or SIGINT (`ztp_infra::signal::stop`, in `main`) the node stops
+//! accepting, then connections drain.
 
 use tokio::sync::watch;
 
@@ -25,22 +26,5 @@ impl Shutdown {
     /// Completes once shutdown was triggered (or the trigger dropped).
     pub async fn wait(mut self) {
         let _ = self.0.wait_for(|v| *v).await;
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub async fn signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        },
-        _ => {
-            // No signal handling possible: run until killed.
-            std::future::pending::<&'static str>().await
-        }
     }
 }

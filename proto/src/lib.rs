@@ -4,16 +4,15 @@
 //! schema of DESIGN.md, its validation ([`Snapshot::validate`], errors naming the field),
 //! the typed parsers both planes index with ([`names`]), and the duration syntax of the
 //! command lines, and the gRPC contract of the snapshot stream ([`wire`]: the `.proto`,
-//! its generated code and conversions); with the `http` feature, the bounded HTTP/1.1
-//! server both planes' admin ports run on ([`http`]).
-//! Does not own: storage (the control plane) or the routing index (the data plane).
+//! its generated code and conversions).
+//! Does not own: storage (the control plane), the routing index (the data plane), or the
+//! infrastructure the binaries share (TLS material, signals, the admin ports' HTTP
+//! server: `ztp-infra`).
 
 #![forbid(unsafe_code)]
 
 mod duration;
 pub mod framing;
-#[cfg(feature = "http")]
-pub mod http;
 mod model;
 pub mod names;
 mod validate;

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
+use rustls::sign::SingleCertAndKey;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -48,8 +48,8 @@ pub struct ControlSource {
 pub enum SourceError {
     #[error("--control {0:?}: expected https://HOST:PORT")]
     BadUrl(String),
-    #[error("cannot read {path}: {reason}")]
-    Read { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Material(#[from] ztp_infra::tls::TlsError),
     #[error("{0}: the node certificate carries no node URI (spiffe://DOMAIN/node/ID) in trust domain {1}")]
     NotANode(PathBuf, String),
     #[error("node TLS config: {0}")]
@@ -73,13 +73,6 @@ pub struct Subscriber {
 
 /// Connection records a node keeps for the control plane while it is away.
 pub const AUDIT_QUEUE: usize = 10_000;
-
-fn read_err(path: &std::path::Path, e: impl std::fmt::Display) -> SourceError {
-    SourceError::Read {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    }
-}
 
 impl Subscriber {
     /// Loads the node's certificate, key and the control plane's CA; checks the URL.
@@ -105,31 +98,22 @@ impl Subscriber {
             .to_owned();
         let port = uri.port_u16().unwrap_or(9781);
 
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&source.node_cert)
-            .and_then(|it| it.collect())
-            .map_err(|e| read_err(&source.node_cert, e))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| read_err(&source.node_cert, "no certificate"))?;
+        // The node's key enters as a signer (`SigningKey`), as the servers' do.
+        let provider = ztp_infra::tls::provider();
+        let certified =
+            ztp_infra::tls::certified_key(&source.node_cert, &source.node_key, &provider)?;
+        // A certified key holds at least its leaf.
+        let leaf = &certified.cert[0];
         let node_id =
             ztp_proto::names::node_id_of_cert(leaf, &source.trust_domain).ok_or_else(|| {
                 SourceError::NotANode(source.node_cert.clone(), source.trust_domain.clone())
             })?;
-        let key = PrivateKeyDer::from_pem_file(&source.node_key)
-            .map_err(|e| read_err(&source.node_key, e))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(&source.control_ca)
-            .map_err(|e| read_err(&source.control_ca, e))?
-        {
-            let ca = ca.map_err(|e| read_err(&source.control_ca, e))?;
-            roots.add(ca).map_err(|e| read_err(&source.control_ca, e))?;
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let roots = ztp_infra::tls::read_roots(&source.control_ca)?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| SourceError::Tls(e.to_string()))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| SourceError::Tls(e.to_string()))?;
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Subscriber {
             source,

@@ -170,3 +170,47 @@ async fn logs_never_contain_private_keys_or_payload() {
         );
     }
 }
+
+/// One span per connection (STYLE.md "Config, shutdown, tracing"): a line logged inside a
+/// connection, not only its final `connection` event, carries the client's address and
+/// identity and the service, so an operator can follow one connection through the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_of_a_connection_carries_its_client_and_identity() {
+    let services =
+        "  - name: whoami-udp.svc.internal\n    protocol: udp\n    handler: identity-echo\n";
+    let fx = Fixture::start_with(
+        ztp_tests::TestPki::new(),
+        crate::common::Extra {
+            services,
+            ..crate::common::Extra::default()
+        },
+    )
+    .await;
+    let bob = fx.pki.client_email("bob@example.com");
+    let s = fx
+        .connect("whoami-udp.svc.internal", &bob)
+        .await
+        .expect("handshake");
+    let local = s.get_ref().0.local_addr().expect("local addr").to_string();
+    assert_refusal_line(s, 0, 501, "not implemented").await;
+
+    // The handler's warning is logged in the middle of the connection's path.
+    let warned = fx
+        .dp
+        .wait_for_log(
+            |v| v["level"] == "WARN" && v["span"]["client.addr"] == local.as_str(),
+            STEP,
+        )
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no WARN line carries the connection's span (client.addr {local}): {:?}",
+                fx.dp.raw_logs()
+            )
+        });
+    let span = &warned["span"];
+    assert_eq!(span["name"], "conn", "{warned}");
+    assert_eq!(span["client.id"], "bob@example.com", "{warned}");
+    assert_eq!(span["tls.sni"], "whoami-udp.svc.internal", "{warned}");
+    assert_eq!(span["service.name"], "whoami-udp.svc.internal", "{warned}");
+}

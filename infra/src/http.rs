@@ -16,15 +16,14 @@
 //!   next request head is waited for while an answer is pending);
 //! - a request head is at most 16 KiB and the read buffer 64 KiB.
 //!
-//! A source is an IPv4 address (an IPv4-mapped IPv6 one counts as IPv4) or an IPv6 /64.
+//! A source is an IPv4 address (an IPv4-mapped IPv6 one counts as IPv4) or an IPv6 /64
+//! ([`crate::source`]).
 //!
 //! Request bodies are bounded by the routers themselves (`DefaultBodyLimit`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,6 +35,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 use tower::ServiceExt;
+
+use crate::source::{Caps, Counter, Source};
 
 /// Limits of an admin port. The defaults suit an operator's tools and a metrics scraper.
 #[derive(Debug, Clone, Copy)]
@@ -80,46 +81,6 @@ impl Handshake for Plain {
     }
 }
 
-/// Open connections, in all and per source address.
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_source: HashMap<u128, usize>,
-}
-
-/// One admitted connection's place; given back when dropped.
-struct Place {
-    counts: Arc<Mutex<Counts>>,
-    source: u128,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.total -= 1;
-        if let Some(n) = c.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_source.remove(&self.source);
-            }
-        }
-    }
-}
-
-fn admit(counts: &Arc<Mutex<Counts>>, source: u128, limits: &Limits) -> Option<Place> {
-    let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-    let from_ip = c.per_source.get(&source).copied().unwrap_or(0);
-    if c.total >= limits.max_connections || from_ip >= limits.max_per_source {
-        return None;
-    }
-    c.total += 1;
-    *c.per_source.entry(source).or_insert(0) += 1;
-    Some(Place {
-        counts: counts.clone(),
-        source,
-    })
-}
-
 /// Serves `router` on `listener` until `shutdown` completes; then stops accepting, lets
 /// requests in flight finish (up to 30 s) and closes idle connections. Handlers see the
 /// peer's address as `ConnectInfo<SocketAddr>`.
@@ -130,7 +91,10 @@ pub async fn serve<H: Handshake>(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let counts = Arc::new(Mutex::new(Counts::default()));
+    let counter = Counter::new(Caps {
+        total: limits.max_connections,
+        per_source: limits.max_per_source,
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut last_warn: Option<Instant> = None;
@@ -149,7 +113,7 @@ pub async fn serve<H: Handshake>(
                 }
             },
         };
-        let Some(place) = admit(&counts, crate::names::source_key(peer.ip()), &limits) else {
+        let Ok(place) = counter.admit(Source::of(peer.ip())) else {
             drop(tcp);
             if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                 last_warn = Some(Instant::now());
@@ -221,7 +185,7 @@ pub async fn serve<H: Handshake>(
     let _ = stop_tx.send(true);
     // Every connection task holds a place until it ends.
     let end = Instant::now() + Duration::from_secs(30);
-    while counts.lock().map(|c| c.total).unwrap_or(0) > 0 && Instant::now() < end {
+    while counter.total() > 0 && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tasks.abort_all();
@@ -358,7 +322,7 @@ impl http_body::Body for TimedBody {
 mod tests {
     use super::*;
     use axum::routing::{get, post};
-    use std::net::{IpAddr, SocketAddr};
+    use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn limits() -> Limits {
@@ -599,22 +563,5 @@ mod tests {
         let _ = s.write_all(req.as_bytes()).await;
         let resp = read_to_close(&mut s).await;
         assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
-    }
-
-    #[test]
-    fn sources_are_ipv4_addresses_and_ipv6_64s() {
-        use crate::names::source_key as source;
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(source(ip("::ffff:192.0.2.7")), source(ip("192.0.2.7")));
-        assert_ne!(source(ip("192.0.2.8")), source(ip("192.0.2.7")));
-        assert_eq!(
-            source(ip("2001:db8:1:2:aaaa::1")),
-            source(ip("2001:db8:1:2::"))
-        );
-        assert_eq!(
-            source(ip("2001:db8:1:2:ffff::9")),
-            source(ip("2001:db8:1:2::1"))
-        );
-        assert_ne!(source(ip("2001:db8:1:3::1")), source(ip("2001:db8:1:2::1")));
     }
 }
