@@ -1,8 +1,8 @@
 //! The ZTP control plane: the system of record.
 //!
 //! Owns: the sled store ([`store`], the only module that touches sled), the REST admin
-//! API ([`api`]) and, later, the gRPC `ConfigService` that streams snapshots to data-plane
-//! nodes and the node registry. Does not own: the domain model and its validation
+//! API ([`api`]), the gRPC `ConfigService` that streams snapshots to data-plane nodes
+//! ([`grpc`]) and the node registry. Does not own: the domain model and its validation
 //! (`ztp-proto`), schema upgrades (`ztp-migrations`).
 //!
 //! What it acknowledges is on disk; what it refuses says why, naming the field.

@@ -2,7 +2,7 @@
 //! (policy, peer facts).
 //!
 //! The TLS listener calls [`decide`] after its handshake; a QUIC listener or a tunnel
-//! calls it unchanged with its own facts. [`reauth`](crate::reauth) calls [`decide_for`]
+//! calls it unchanged with its own facts. The `reauth` stage calls [`decide_for`]
 //! again on every snapshot for a live session. No I/O here: table-driven tests cover it.
 
 use std::net::IpAddr;
@@ -251,9 +251,11 @@ revoked: ["0bad"]
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let ten: IpAddr = "10.1.2.3".parse().unwrap();
         type Want = Result<(Choice, bool), Cause>;
+        /// identity, serial, SNI, source, ALPN, decision
+        type Row<'a> = (&'a str, &'a str, &'a str, IpAddr, Option<&'a [u8]>, Want);
         use Cause::*;
         let tcp = Protocol::Tcp;
-        let table: &[(&str, &str, &str, IpAddr, Option<&[u8]>, Want)] = &[
+        let table: &[Row] = &[
             (
                 "alice@x",
                 "01",

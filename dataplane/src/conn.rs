@@ -45,7 +45,7 @@ pub struct ConnContext {
     /// full means dropped, never waited on.
     pub audit: Option<tokio::sync::mpsc::Sender<ztp_proto::wire::pb::ConnectionRecord>>,
     /// Readiness; with `--max-snapshot-age`, a stale node refuses new connections.
-    pub ready: Arc<crate::admin::Readiness>,
+    pub ready: Arc<crate::snapshot::Readiness>,
     /// Set at the drain deadline: the pipeline ends every live session cleanly.
     pub ending: watch::Sender<bool>,
 }

@@ -4,12 +4,13 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use crate::admin::{self, Readiness};
+use crate::admin;
 use crate::config::{Config, Source};
 use crate::conn::ConnContext;
 use crate::handler::{HandlerLimits, Registry};
 use crate::preauth::{Gate, Limits};
 use crate::snapshot::grpc::Subscriber;
+use crate::snapshot::Readiness;
 use crate::snapshot::{file, Policy, Publisher};
 use crate::{listener, shutdown, tls};
 

@@ -3,7 +3,7 @@
 //!
 //! The decision is [`admission::still_admitted`], the admission decision made again;
 //! [`watch`] turns it into a future that completes with the reason the session must end.
-//! The pipeline ([`crate::session`]) races every handler against it and ends the session
+//! The pipeline (the `session` stage) races every handler against it and ends the session
 //! itself: the 403 line if nothing has been forwarded yet, close_notify otherwise.
 
 use std::future::Future;

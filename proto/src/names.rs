@@ -303,16 +303,6 @@ impl fmt::Display for Serial {
     }
 }
 
-/// The one rule for what counts as one source, for per-source limits: an IPv4 address
-/// (an IPv4-mapped IPv6 address counts as IPv4), or an IPv6 /64 (one host's usual
-/// share), as a number.
-pub fn source_key(ip: IpAddr) -> u128 {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | 1,
-    }
-}
-
 /// The one rule for source ranges, for a listener and for a service alike: no `deny`
 /// range holds `ip`, and `allow` is empty or one of its ranges holds it.
 pub fn source_admitted(allow: &[IpNet], deny: &[IpNet], ip: IpAddr) -> bool {

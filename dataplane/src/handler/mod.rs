@@ -9,7 +9,7 @@
 //! stream: TLS over TCP today, a QUIC stream or a tunnel's stream later) or a
 //! [`DatagramChannel`] (framed datagrams today, QUIC DATAGRAM frames later), the narrow
 //! [`Target`] of their route and the [`Caller`]. They never see a socket type, the
-//! snapshot, or the revocation and drain signals: the pipeline ([`crate::session`]) races
+//! snapshot, or the revocation and drain signals: the pipeline (the `session` stage) races
 //! every handler against those and ends the session itself, so no handler can forget to.
 
 use std::collections::HashMap;

@@ -24,8 +24,8 @@ use ztp_proto::wire::{pb, WireError, MAX_MESSAGE_BYTES};
 use ztp_proto::Snapshot;
 
 use super::{Policy, Publisher};
-use crate::admin::Readiness;
 use crate::handler::Registry;
+use crate::snapshot::Readiness;
 
 use pb::node_message::Kind;
 
