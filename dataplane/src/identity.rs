@@ -3,7 +3,8 @@
 //! Deterministic, in this order: the first SAN email, else the first SAN URI, else the
 //! subject CN. The subject's `emailAddress` attribute is ignored. A SAN extension that
 //! cannot be parsed (or appears twice) denies: there is no fallback to the CN, which
-//! would let a malformed certificate choose a weaker identity.
+//! would let a malformed certificate choose a weaker identity. A certificate with a node's
+//! (`…/node/ID`) or a connector's (`…/connector/NAME`) URI SAN is never a user's.
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -39,6 +40,8 @@ pub enum IdentityError {
     NoIdentity,
     #[error("a data-plane node's certificate is not a user's")]
     NodeCertificate,
+    #[error("a connector's certificate is not a user's")]
+    ConnectorCertificate,
 }
 
 /// Extracts the identity from an end-entity certificate's DER.
@@ -71,6 +74,13 @@ fn pick<'a>(cert: &'a X509Certificate<'_>) -> Result<(&'a str, IdentityKind), Id
             .any(|n| matches!(n, GeneralName::URI(u) if ztp_proto::names::is_node_uri(u)))
         {
             return Err(IdentityError::NodeCertificate);
+        }
+        // Nor is a connector's (DESIGN.md: "never a user's or a node's").
+        if names
+            .iter()
+            .any(|n| matches!(n, GeneralName::URI(u) if ztp_proto::names::is_connector_uri(u)))
+        {
+            return Err(IdentityError::ConnectorCertificate);
         }
         let email = names.iter().find_map(|n| match n {
             GeneralName::RFC822Name(e) => Some(*e),

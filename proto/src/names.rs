@@ -195,11 +195,25 @@ pub fn uri_scheme(s: &str) -> Option<&str> {
 /// Whether an identity is a data-plane node's URI (`…/node/ID`), which no directory user
 /// may claim.
 pub fn is_node_uri(identity: &str) -> bool {
+    is_machine_uri(identity, "node")
+}
+
+/// Whether an identity is a connector's URI (`…/connector/NAME`), which no directory
+/// user may claim.
+pub fn is_connector_uri(identity: &str) -> bool {
+    is_machine_uri(identity, "connector")
+}
+
+/// A URI (any scheme and authority) whose path is `kind` or starts with `kind/`.
+fn is_machine_uri(identity: &str, kind: &str) -> bool {
     uri_scheme(identity).is_some()
         && identity
             .split_once("://")
             .and_then(|(_, rest)| rest.split_once('/'))
-            .is_some_and(|(_, path)| path == "node" || path.starts_with("node/"))
+            .is_some_and(|(_, path)| {
+                path.strip_prefix(kind)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
 }
 
 /// The default trust domain of node identities.
@@ -402,6 +416,17 @@ mod tests {
         assert!(!is_node_uri("spiffe://ztp.internal/nodes/n1"));
         assert!(!is_node_uri("spiffe://ztp.internal/user/node/x"));
         assert!(!is_node_uri("alice@example.com"));
+        assert!(!is_node_uri("spiffe://ztp.internal/connector/c1"));
+    }
+
+    #[test]
+    fn connector_uris() {
+        assert!(is_connector_uri("spiffe://ztp.internal/connector/c1"));
+        assert!(is_connector_uri("spiffe://other.domain/connector"));
+        assert!(!is_connector_uri("spiffe://ztp.internal/connectors/c1"));
+        assert!(!is_connector_uri("spiffe://ztp.internal/user/connector/x"));
+        assert!(!is_connector_uri("spiffe://ztp.internal/node/n1"));
+        assert!(!is_connector_uri("connector/c1"));
     }
 
     #[test]

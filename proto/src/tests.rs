@@ -165,6 +165,11 @@ fn refusals_name_the_field() {
             "spiffe://ztp.internal/node/n1",
             "users[1].identities[1]",
         ),
+        (
+            "spiffe://example.org/bob",
+            "spiffe://ztp.internal/connector/c1",
+            "users[1].identities[1]",
+        ),
         ("\"bob@example.com\", ", "\"\", ", "users[1].identities[0]"),
         ("name: bob", "name: alice", "users[1].name"),
         // serials

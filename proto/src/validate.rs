@@ -7,7 +7,8 @@ use std::fmt;
 
 use crate::model::{Group, Service, Snapshot, User};
 use crate::names::{
-    identity_key, is_node_uri, parse_source_range, BackendAddr, Serial, ServiceName,
+    identity_key, is_connector_uri, is_node_uri, parse_source_range, BackendAddr, Serial,
+    ServiceName,
 };
 
 /// Handlers a service may name. Data planes register exactly these.
@@ -200,6 +201,8 @@ pub fn check_identity(id: &str) -> Result<(), String> {
         Err("must not hold control characters".into())
     } else if is_node_uri(id) {
         Err("\"/node/\" URIs identify data-plane nodes, not users".into())
+    } else if is_connector_uri(id) {
+        Err("\"/connector/\" URIs identify connectors, not users".into())
     } else {
         Ok(())
     }

@@ -37,6 +37,11 @@ fn cert(cn: Option<&str>, email_attr: Option<&str>, sans: &[San]) -> Vec<u8> {
         .to_vec()
 }
 
+/// A data-plane node's identity (DESIGN.md "Identities of machines").
+const NODE: &str = "spiffe://ztp.internal/node/n1";
+/// A connector's identity.
+const CONNECTOR: &str = "spiffe://ztp.internal/connector/c1";
+
 #[test]
 fn identity_rules() {
     use IdentityKind::CommonName;
@@ -95,6 +100,54 @@ fn identity_rules() {
             vec![0x30, 0x03, 0x02, 0x01],
             Err(IdentityError::Unparsable),
         ),
+        (
+            "a node's URI is never a user's",
+            cert(Some("n1"), None, &[San::Uri(NODE)]),
+            Err(IdentityError::NodeCertificate),
+        ),
+        (
+            "a node's URI, whatever else the certificate names",
+            cert(
+                Some("alice"),
+                None,
+                &[San::Email("alice@example.com"), San::Uri(NODE)],
+            ),
+            Err(IdentityError::NodeCertificate),
+        ),
+        (
+            "a node's URI in another trust domain",
+            cert(None, None, &[San::Uri("spiffe://example.org/node/n1")]),
+            Err(IdentityError::NodeCertificate),
+        ),
+        (
+            "a connector's URI is never a user's",
+            cert(Some("c1"), None, &[San::Uri(CONNECTOR)]),
+            Err(IdentityError::ConnectorCertificate),
+        ),
+        (
+            "a connector's URI, whatever else the certificate names",
+            cert(
+                None,
+                None,
+                &[San::Email("alice@example.com"), San::Uri(CONNECTOR)],
+            ),
+            Err(IdentityError::ConnectorCertificate),
+        ),
+        (
+            "the path decides, not a look-alike",
+            cert(None, None, &[San::Uri("spiffe://ztp.internal/nodes/n1")]),
+            Ok(("spiffe://ztp.internal/nodes/n1", IdentityKind::Uri)),
+        ),
+        (
+            "a node segment deeper in the path is a user's",
+            cert(None, None, &[San::Uri("spiffe://ztp.internal/ns/node/x")]),
+            Ok(("spiffe://ztp.internal/ns/node/x", IdentityKind::Uri)),
+        ),
+        (
+            "a CN that reads like a node URI is only a CN",
+            cert(Some(NODE), None, &[]),
+            Ok((NODE, CommonName)),
+        ),
     ];
     for (what, der, want) in table {
         let got = extract(&der).map(|i| (i.id, i.kind));
@@ -121,4 +174,30 @@ fn unparsable_san_denies_without_falling_back_to_cn() {
     ));
     let der = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
     assert_eq!(extract(der.der()), Err(IdentityError::BadSan));
+}
+
+fn snapshot_with_user_identity(id: &str) -> String {
+    format!(
+        "version: 1\nservices: []\nusers:\n  - name: bob\n    identities: [\"bob@example.com\"]\n  \
+         - name: mallory\n    identities: [\"{id}\"]\ngroups: []\nrevoked: []\n"
+    )
+}
+
+/// The other half of the rule: no directory user may claim a node's identity, so no
+/// snapshot the data plane accepts could let one in.
+#[test]
+fn a_snapshot_user_may_not_claim_a_node_uri() {
+    let ok = ztp_proto::Snapshot::from_yaml(&snapshot_with_user_identity("spiffe://x/ns/y"));
+    assert!(ok.is_ok(), "{ok:?}");
+    let err = ztp_proto::Snapshot::from_yaml(&snapshot_with_user_identity(NODE)).unwrap_err();
+    assert!(err.to_string().contains("users[1].identities[0]"), "{err}");
+}
+
+/// DESIGN.md: "A directory user may not claim a `/connector/` URI". `ztp_proto`'s
+/// validation does not refuse it yet; certificates carrying one are refused by `extract`.
+#[test]
+fn a_snapshot_user_may_not_claim_a_connector_uri() {
+    let err = ztp_proto::Snapshot::from_yaml(&snapshot_with_user_identity(CONNECTOR))
+        .expect_err("a user claiming a connector's URI was accepted");
+    assert!(err.to_string().contains("users[1].identities[0]"), "{err}");
 }

@@ -2,9 +2,13 @@
 //! subject CN; the subject `emailAddress` attribute is ignored; emails compare
 //! case-insensitively. Checked through the `identity-echo` handler.
 
-use ztp_tests::pki::OID_SUBJECT_ALT_NAME;
+use tokio::net::TcpStream;
+use ztp_tests::client::{handshake, read_to_end_or_alert};
+use ztp_tests::dataplane::check;
+use ztp_tests::pki::{node_uri, OID_SUBJECT_ALT_NAME, TRUST_DOMAIN};
+use ztp_tests::{TempDir, TestCert};
 
-use crate::common::{assert_denied, whoami, whoami_ok, Fixture, SPIFFE_X};
+use crate::common::{assert_denied, whoami, whoami_ok, Fixture, SPIFFE_X, STEP};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn san_uri_is_the_identity() {
@@ -157,4 +161,115 @@ async fn unparsable_san_is_denied_without_falling_back_to_cn() {
         .issue();
     let how = assert_denied(&fx, "whoami.svc.internal", &cert).await;
     eprintln!("unparsable SAN: {how}");
+}
+
+/// Presents `cert` to `whoami.svc.internal`: it must get the 403 line and nothing else,
+/// and the data plane must record the refusal as one of identity (not, say, of a user
+/// not found), reaching no backend.
+async fn assert_no_identity(fx: &Fixture, cert: &TestCert, what: &str) {
+    let before = fx.backend_connections();
+    let tcp = TcpStream::connect(fx.dp.addr()).await.expect("tcp connect");
+    let local = tcp.local_addr().expect("local address");
+    let mut s = handshake(tcp, &fx.opts("whoami.svc.internal", cert))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the handshake (a valid chain) failed: {e}"));
+    match read_to_end_or_alert(&mut s).await {
+        Ok(data) => assert_eq!(
+            String::from_utf8_lossy(&data),
+            "ZTP-ERROR 403 forbidden\n",
+            "{what} was taken for a user's"
+        ),
+        Err(e) => panic!("{what}: expected the 403 line, got {e}"),
+    }
+    let ev = fx
+        .dp
+        .wait_for_connection_event(local, STEP)
+        .await
+        .unwrap_or_else(|| panic!("{what}: no connection record"));
+    assert_eq!(ev["reason"], "no identity", "{what}: {ev}");
+    assert_eq!(
+        fx.backend_connections(),
+        before,
+        "{what}: a backend was contacted"
+    );
+}
+
+/// DESIGN.md "Identities of machines": a data-plane node's certificate (URI SAN
+/// `spiffe://ztp.internal/node/ID`, issued by the client CA) is never a user's, even when
+/// it also names a real user's email, which alone would be let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificate_is_never_a_user() {
+    let fx = Fixture::start().await;
+    // Control: the same email alone is alice.
+    let alice = fx.pki.client_email("alice@example.com");
+    let who = whoami_ok(&fx, &alice).await;
+    assert_eq!(
+        who.get("user").map(String::as_str),
+        Some("alice"),
+        "{who:?}"
+    );
+
+    assert_no_identity(&fx, &fx.pki.node("n1"), "a node's certificate").await;
+    let with_email = fx
+        .pki
+        .builder()
+        .cn("n1")
+        .email("alice@example.com")
+        .uri(&node_uri("n1"))
+        .issue();
+    assert_no_identity(
+        &fx,
+        &with_email,
+        "a node's certificate naming alice's email",
+    )
+    .await;
+}
+
+/// DESIGN.md "Identities of machines": a connector's certificate (URI SAN
+/// `spiffe://ztp.internal/connector/NAME`, from the client CA set) is never a user's,
+/// whatever else it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_certificate_is_never_a_user() {
+    let fx = Fixture::start().await;
+    let connector = format!("spiffe://{TRUST_DOMAIN}/connector/c1");
+    let plain = fx.pki.builder().cn("c1").uri(&connector).issue();
+    assert_no_identity(&fx, &plain, "a connector's certificate").await;
+    let with_email = fx
+        .pki
+        .builder()
+        .email("alice@example.com")
+        .uri(&connector)
+        .issue();
+    assert_no_identity(
+        &fx,
+        &with_email,
+        "a connector's certificate naming alice's email",
+    )
+    .await;
+}
+
+/// The directory side of the rule: `ztp-dataplane --check` refuses a snapshot whose user
+/// claims a node's URI, naming the field.
+#[test]
+fn snapshot_user_claiming_a_node_uri_is_invalid() {
+    let dir = TempDir::new("node-claim");
+    let path = dir.join("snapshot.yaml");
+    let yaml = |id: &str| {
+        format!(
+            "version: 1\nusers:\n  - name: bob\n    identities: [\"bob@example.com\"]\n  \
+             - name: mallory\n    identities: [\"{id}\"]\n"
+        )
+    };
+    std::fs::write(&path, yaml(SPIFFE_X)).expect("write snapshot");
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(0), "control: {out:?}");
+    std::fs::write(&path, yaml(&node_uri("n1"))).expect("write snapshot");
+    let out = check(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a user claimed a node URI: {out:?}"
+    );
+    assert!(stderr.contains("users[1].identities[0]"), "{stderr}");
 }

@@ -569,3 +569,227 @@ fn exposition_parser_is_strict() {
         assert!(parse_exposition(bad).is_err(), "accepted {bad:?}");
     }
 }
+
+/// `ztp_handshake_failures_total{reason}` names each incompatibility for what it is: a
+/// TLS 1.2-only client, one whose only cipher suite, only key-exchange group or only
+/// signature schemes the gate (TLS 1.3, ring) does not share are four causes, four
+/// labels, never all "protocol version".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_failures_are_counted_by_cause() {
+    use rustls::{CipherSuite, NamedGroup, SignatureScheme};
+    use ztp_tests::connect_with;
+
+    use crate::common::Fixture;
+    use incompatible::{only_group, only_schemes, only_suite, refused};
+
+    let fx = Fixture::start().await;
+    let bob = fx.pki.client_email("bob@example.com");
+    let sni = "echo.svc.internal";
+    let m0 = scrape(&fx.dp).await;
+
+    let tls12 = connect_with(fx.dp.addr(), &fx.opts(sni, &bob).tls12_only()).await;
+    match tls12 {
+        Ok(_) => panic!("a TLS 1.2-only handshake succeeded"),
+        Err(e) => assert_eq!(alert_of(&e), Some(AlertDescription::ProtocolVersion), "{e}"),
+    }
+    let cases = [
+        (
+            "no shared cipher suite",
+            only_suite(CipherSuite::TLS13_AES_128_CCM_SHA256),
+        ),
+        ("no shared group", only_group(NamedGroup::secp521r1)),
+        (
+            "no shared signature scheme",
+            only_schemes(vec![
+                SignatureScheme::ED448,
+                SignatureScheme::RSA_PKCS1_SHA256,
+            ]),
+        ),
+    ];
+    for (reason, config) in &cases {
+        let alert = refused(fx.dp.addr(), config.clone(), sni).await;
+        assert_eq!(alert, AlertDescription::HandshakeFailure, "{reason}");
+    }
+
+    let mut want = vec![("protocol version", 1.0)];
+    want.extend(cases.iter().map(|(reason, _)| (*reason, 1.0)));
+    let counted = |m: &Exposition| {
+        want.iter()
+            .all(|(r, n)| m.count(HS, &[("reason", r)]) - m0.count(HS, &[("reason", r)]) == *n)
+    };
+    let m = wait_metrics(&fx.dp, "each incompatibility under its own reason", |m| {
+        counted(m) || m.sum(HS) - m0.sum(HS) >= want.len() as f64
+    })
+    .await;
+    let by_reason: BTreeMap<&str, f64> = m
+        .samples
+        .iter()
+        .filter(|s| s.name == HS)
+        .filter_map(|s| {
+            let r = s.labels.get("reason")?;
+            let n = s.value - m0.count(HS, &[("reason", r)]);
+            (n > 0.0).then_some((r.as_str(), n))
+        })
+        .collect();
+    let expected: BTreeMap<&str, f64> = want.iter().copied().collect();
+    assert_eq!(by_reason, expected, "handshake failures by reason");
+    assert_eq!(fx.backend_connections(), 0);
+}
+
+/// TLS 1.3 clients that offer what the gate does not share. They accept any server
+/// certificate: what is under test is the offer, not whether the client trusts the gate.
+mod incompatible {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{ActiveKeyExchange, CryptoProvider, SharedSecret, SupportedKxGroup};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{
+        AlertDescription, CipherSuite, CipherSuiteCommon, ClientConfig, DigitallySignedStruct,
+        NamedGroup, SignatureScheme, SupportedCipherSuite, Tls13CipherSuite,
+    };
+    use tokio::net::TcpStream;
+    use ztp_tests::client::alert_of;
+
+    use crate::common::STEP;
+
+    #[derive(Debug)]
+    struct AnyServer(Vec<SignatureScheme>);
+
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        /// What the client offers in `signature_algorithms`.
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.clone()
+        }
+    }
+
+    /// X25519 under another group's name: the client offers (and sends a key share for)
+    /// only a group the gate lacks.
+    #[derive(Debug)]
+    struct Renamed(NamedGroup);
+
+    struct RenamedKx(Box<dyn ActiveKeyExchange>, NamedGroup);
+
+    impl SupportedKxGroup for Renamed {
+        fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, rustls::Error> {
+            let inner = rustls::crypto::ring::kx_group::X25519.start()?;
+            Ok(Box::new(RenamedKx(inner, self.0)))
+        }
+        fn name(&self) -> NamedGroup {
+            self.0
+        }
+    }
+
+    impl ActiveKeyExchange for RenamedKx {
+        fn complete(self: Box<Self>, peer: &[u8]) -> Result<SharedSecret, rustls::Error> {
+            self.0.complete(peer)
+        }
+        fn pub_key(&self) -> &[u8] {
+            self.0.pub_key()
+        }
+        fn group(&self) -> NamedGroup {
+            self.1
+        }
+    }
+
+    fn client(provider: CryptoProvider, schemes: Vec<SignatureScheme>) -> Arc<ClientConfig> {
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("a TLS 1.3 provider")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(schemes)))
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    fn ecdsa() -> Vec<SignatureScheme> {
+        vec![
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+        ]
+    }
+
+    /// Offers only `suite` (AES-128-GCM under that suite's code point).
+    pub fn only_suite(suite: CipherSuite) -> Arc<ClientConfig> {
+        let SupportedCipherSuite::Tls13(real) =
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        else {
+            unreachable!("a TLS 1.3 suite")
+        };
+        let fake = Tls13CipherSuite {
+            common: CipherSuiteCommon {
+                suite,
+                hash_provider: real.common.hash_provider,
+                confidentiality_limit: real.common.confidentiality_limit,
+            },
+            hkdf_provider: real.hkdf_provider,
+            aead_alg: real.aead_alg,
+            quic: None,
+        };
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites = vec![SupportedCipherSuite::Tls13(Box::leak(Box::new(fake)))];
+        client(p, ecdsa())
+    }
+
+    /// Offers only secp521r1, which ring (and so the gate) lacks.
+    pub fn only_group(group: NamedGroup) -> Arc<ClientConfig> {
+        static SECP521R1: Renamed = Renamed(NamedGroup::secp521r1);
+        assert_eq!(group, NamedGroup::secp521r1);
+        let mut p = rustls::crypto::ring::default_provider();
+        p.kx_groups = vec![&SECP521R1];
+        client(p, ecdsa())
+    }
+
+    /// Accepts only `schemes` for the server's CertificateVerify.
+    pub fn only_schemes(schemes: Vec<SignatureScheme>) -> Arc<ClientConfig> {
+        client(rustls::crypto::ring::default_provider(), schemes)
+    }
+
+    /// Connects with `config` and SNI `sni`; the alert the gate refused the handshake with.
+    pub async fn refused(
+        addr: SocketAddr,
+        config: Arc<ClientConfig>,
+        sni: &str,
+    ) -> AlertDescription {
+        let name = ServerName::try_from(sni.to_owned()).expect("a DNS name");
+        let r = tokio::time::timeout(STEP, async {
+            let tcp = TcpStream::connect(addr).await?;
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+        })
+        .await
+        .expect("the handshake ends within STEP");
+        match r {
+            Ok(_) => panic!("the handshake succeeded"),
+            Err(e) => alert_of(&e).unwrap_or_else(|| panic!("refused without an alert: {e}")),
+        }
+    }
+}
