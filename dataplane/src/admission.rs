@@ -10,11 +10,12 @@ use std::sync::Arc;
 
 use ztp_proto::Protocol;
 
-use crate::authz::{self, Denial, Permit};
+use crate::authz::{self, Denial, DirUser, Permit};
 use crate::handler::DGRAM_ALPN;
 use crate::identity::{self, ClientIdentity};
 use crate::protocol;
 use crate::refusal::Refusal;
+use crate::routing::Route;
 use crate::snapshot::Policy;
 
 /// What the transport knows of a peer once its handshake is done. The chain was
@@ -139,34 +140,18 @@ pub fn decide_for(
     source: IpAddr,
     alpn: Option<&[u8]>,
 ) -> Result<Admission, Denied> {
-    let mut denied = Denied::new(Cause::NoIdentity);
-    denied.identity = Some(identity.id.clone());
-    let deny = |mut d: Denied, cause| {
-        d.cause = cause;
-        Err(d)
-    };
-    if policy.revoked.contains(&identity.serial) {
-        return deny(denied, Cause::Revoked);
-    }
-    let Some(route) = policy.routes.lookup(sni) else {
-        return deny(denied, Cause::UnknownService);
-    };
-    denied.service = Some(route.name.clone());
-    if !route.admits_source(source) {
-        return deny(denied, Cause::SourceNotAllowed);
-    }
-    let permit = match authz::authorize(&policy.directory, &identity, route) {
+    let permit = match judge(policy, &identity, sni, source) {
         Ok(p) => p,
-        Err((denial, user)) => {
-            denied.user = user.map(|u| u.name.clone());
-            let cause = match denial {
-                Denial::UnknownIdentity => Cause::UnknownIdentity,
-                Denial::UserDisabled => Cause::UserDisabled,
-                Denial::NotInGroup => Cause::NotInGroup,
-            };
-            return deny(denied, cause);
+        Err(refused) => {
+            return Err(Denied {
+                cause: refused.cause,
+                identity: Some(identity.id),
+                service: refused.route.map(|r| r.name.clone()),
+                user: refused.user.map(|u| u.name.clone()),
+            })
         }
     };
+    let route = &permit.route;
     let framed =
         matches!(route.protocol, Protocol::Udp | Protocol::Quic) && alpn == Some(DGRAM_ALPN);
     let choice = match (protocol::declared(route.protocol), &route.handler) {
@@ -183,29 +168,68 @@ pub fn decide_for(
     })
 }
 
+/// A refusal as [`judge`] finds it: nothing copied.
+struct Refused<'a> {
+    cause: Cause,
+    route: Option<&'a Arc<Route>>,
+    user: Option<Arc<DirUser>>,
+}
+
+/// The decision proper, allocation-free (it runs for every live session on every
+/// snapshot): revoked, route, source, authorization.
+fn judge<'p>(
+    policy: &'p Policy,
+    identity: &ClientIdentity,
+    sni: &str,
+    source: IpAddr,
+) -> Result<Permit, Refused<'p>> {
+    let refused = |cause, route, user| Refused { cause, route, user };
+    if policy.revoked.contains(&identity.serial) {
+        return Err(refused(Cause::Revoked, None, None));
+    }
+    let Some(route) = policy.routes.lookup(sni) else {
+        return Err(refused(Cause::UnknownService, None, None));
+    };
+    if !route.admits_source(source) {
+        return Err(refused(Cause::SourceNotAllowed, Some(route), None));
+    }
+    authz::authorize(&policy.directory, identity, route).map_err(|(denial, user)| {
+        let cause = match denial {
+            Denial::UnknownIdentity => Cause::UnknownIdentity,
+            Denial::UserDisabled => Cause::UserDisabled,
+            Denial::NotInGroup => Cause::NotInGroup,
+        };
+        refused(cause, Some(route), user)
+    })
+}
+
 /// Whether a live session admitted as `admitted` may go on under `policy`: `Err` with
-/// the reason it must end. The same decision as at admission, and the service must
-/// still send the session where it was sent (same backend, protocol and handler).
+/// the reason it must end. The service must still send the session where it was sent
+/// (same backend, protocol and handler), and the admission decision must still hold.
+/// (The framed choice cannot change without the protocol changing.)
 pub fn still_admitted(
     policy: &Policy,
     admitted: &Admission,
     sni: &str,
     source: IpAddr,
 ) -> Result<(), &'static str> {
-    let alpn = admitted.framed.then_some(DGRAM_ALPN);
-    let now = decide_for(policy, admitted.identity.clone(), sni, source, alpn)
-        .map_err(|d| d.cause.live_reason())?;
-    let (was, is) = (&admitted.permit.route, &now.permit.route);
-    if Arc::ptr_eq(was, is) {
-        return Ok(());
+    if policy.revoked.contains(&admitted.identity.serial) {
+        return Err(Cause::Revoked.live_reason());
     }
-    if is.backend != was.backend
-        || is.protocol != was.protocol
-        || is.handler.as_ref().map(|h| h.name()) != was.handler.as_ref().map(|h| h.name())
+    let Some(now) = policy.routes.lookup(sni) else {
+        return Err(Cause::UnknownService.live_reason());
+    };
+    let was = &admitted.permit.route;
+    if !Arc::ptr_eq(was, now)
+        && (now.backend != was.backend
+            || now.protocol != was.protocol
+            || now.handler.as_ref().map(|h| h.name()) != was.handler.as_ref().map(|h| h.name()))
     {
         return Err("service retargeted");
     }
-    Ok(())
+    judge(policy, &admitted.identity, sni, source)
+        .map(drop)
+        .map_err(|r| r.cause.live_reason())
 }
 
 #[cfg(test)]

@@ -55,20 +55,25 @@ use tokio::net::TcpListener;
 use crate::conn::ConnContext;
 use crate::preauth::Gate;
 
-/// How long sessions ended at the drain deadline get to send their close.
+/// How long sessions ended at the drain deadline get to send their close (each close is
+/// bounded by 2 s).
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// Serves clients on `listener` until `shutdown` completes, then waits up to `drain` for
 /// live connections to end; at that deadline the pipeline ends every live session
 /// cleanly (close_notify). Returns the number of connections still open at the end.
+///
+/// `end_sessions` marks the published state draining (see
+/// [`snapshot::Publisher::drain`]).
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ConnContext>,
     cap: Gate,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
+    end_sessions: impl FnOnce(),
 ) -> usize {
-    listener::run(listener, ctx.clone(), cap.clone(), shutdown).await;
+    listener::run(listener, ctx, cap.clone(), shutdown).await;
     let live = cap.active();
     if live > 0 {
         tracing::info!(connections = live, "draining");
@@ -77,7 +82,7 @@ pub async fn serve(
                 connections = cap.active(),
                 "drain deadline: ending sessions"
             );
-            ctx.ending.send_replace(true);
+            end_sessions();
             let _ = tokio::time::timeout(CLOSE_GRACE, cap.all_closed()).await;
         }
     }

@@ -59,7 +59,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         config.tls.clone(),
         provider,
         ctx.registry.clone(),
-        publisher,
+        publisher.clone(),
     ));
     match subscriber {
         Some(sub) => {
@@ -90,11 +90,20 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         ready.set(false);
         trigger.fire();
     };
-    let left = crate::serve(listener, ctx, cap, signal, config.drain_timeout).await;
+    let end_sessions = move || publisher.lock().unwrap_or_else(|p| p.into_inner()).drain();
+    let left = crate::serve(
+        listener,
+        ctx,
+        cap,
+        signal,
+        config.drain_timeout,
+        end_sessions,
+    )
+    .await;
     if left > 0 {
         tracing::warn!(
             connections = left,
-            "drain timeout: closing live connections"
+            "drain timeout: connections still open at exit"
         );
     }
     let _ = admin_task.await;
@@ -239,7 +248,6 @@ async fn start(
         metrics: Arc::default(),
         audit: audit_tx,
         ready: ready.clone(),
-        ending: tokio::sync::watch::Sender::new(false),
     });
     Ok(Started {
         listener,

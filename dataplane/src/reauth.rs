@@ -15,15 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use crate::admission::{self, Admission};
+use crate::session::Stop;
 use crate::snapshot::Active;
 
-/// Completes with the reason a live session must end.
-pub type Revoked = Pin<Box<dyn Future<Output = &'static str> + Send>>;
-
-/// A future that never completes: for sessions nothing can revoke (tests).
-pub fn never() -> Revoked {
-    Box::pin(std::future::pending())
-}
+/// Completes when a live session must end, saying why.
+pub type Stops = Pin<Box<dyn Future<Output = Stop> + Send>>;
 
 /// Whether a session admitted as `admitted` may go on under `active`; `Some(reason)`
 /// when it must end.
@@ -36,13 +32,14 @@ pub fn recheck(
     admission::still_admitted(&active.policy, admitted, sni, source).err()
 }
 
-/// Watches the published state and the certificate's expiry for one session.
+/// Watches the published state (new snapshots, and the drain deadline) and the
+/// certificate's expiry for one session.
 pub fn watch(
     mut state: watch::Receiver<Arc<Active>>,
     sni: String,
     source: IpAddr,
     admitted: Admission,
-) -> Revoked {
+) -> Stops {
     Box::pin(async move {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -57,16 +54,19 @@ pub fn watch(
         state.mark_changed();
         loop {
             tokio::select! {
-                _ = &mut expiry => return "certificate expired",
+                _ = &mut expiry => return Stop::Revoked("certificate expired"),
                 changed = state.changed() => {
                     if changed.is_err() {
                         // The publisher is gone (process ending): only expiry remains.
                         (&mut expiry).await;
-                        return "certificate expired";
+                        return Stop::Revoked("certificate expired");
                     }
                     let active = state.borrow_and_update().clone();
                     if let Some(reason) = recheck(&active, &admitted, &sni, source) {
-                        return reason;
+                        return Stop::Revoked(reason);
+                    }
+                    if active.draining {
+                        return Stop::Drain;
                     }
                 }
             }

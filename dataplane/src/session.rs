@@ -24,7 +24,8 @@ use tokio_rustls::server::TlsStream;
 
 use crate::handler::framed::FramedChannel;
 use crate::handler::{
-    BoxIo, Caller, Client, ClientIo, Handler, HandlerLimits, Outcome, Report, Session, Target,
+    BoxIo, BoxOutcome, Caller, Client, ClientIo, Close, Handler, HandlerLimits, Outcome, Report,
+    Session, Target,
 };
 use crate::refusal::{self, Refusal};
 
@@ -63,80 +64,123 @@ pub struct Setup<'a> {
     pub limits: HandlerLimits,
 }
 
+/// The handler's outcome, or the stop that came first (the handler's future dropped).
+/// A macro, not a function: a future per layer would be kept in the session's state.
+macro_rules! race {
+    ($serve:expr, $stop:expr) => {
+        tokio::select! {
+            biased;
+            s = $stop.as_mut() => Err(s),
+            o = $serve => Ok::<Outcome, Stop>(o),
+        }
+    };
+}
+
 /// Serves the session with `handler` until it ends or `stop` fires, then ends it.
+///
+/// `setup` is boxed so that it is not kept in this future's state for the session's
+/// life (it moves into the handler's future at once): an idle session holds only what
+/// serving it needs.
 pub async fn run<S: ClientIo>(
     client: &mut Metered<S>,
     handler: &dyn Handler,
-    setup: Setup<'_>,
-    stop: impl Future<Output = Stop>,
+    setup: Box<Setup<'_>>,
+    mut stop: Pin<Box<dyn Future<Output = Stop> + Send + '_>>,
 ) -> Ended {
     let mut report = Report::default();
     let initial_len = setup.initial.len() as u64;
-    tokio::pin!(stop);
-    let (result, up, down) = if setup.framed {
-        let mut channel = FramedChannel::new(client);
-        let result = {
-            let session = Session {
-                client: Client::Datagrams(&mut channel),
-                initial: setup.initial,
-                target: setup.target,
-                caller: setup.caller,
-                limits: setup.limits,
-                report: &mut report,
-            };
-            race(handler.serve(session), stop.as_mut()).await
-        };
-        (result, channel.bytes_up, channel.bytes_down)
+    let framed = setup.framed;
+    let (result, payload) = if framed {
+        let mut channel = Box::new(FramedChannel::new(client));
+        let serve = start(
+            handler,
+            Client::Datagrams(&mut *channel),
+            setup,
+            &mut report,
+        );
+        let result = race!(serve, stop);
+        (result, Some((channel.bytes_up, channel.bytes_down)))
     } else {
-        let result = {
-            let session = Session {
-                client: Client::Stream(client),
-                initial: setup.initial,
-                target: setup.target,
-                caller: setup.caller,
-                limits: setup.limits,
-                report: &mut report,
-            };
-            race(handler.serve(session), stop.as_mut()).await
-        };
-        (result, initial_len + client.up, client.down)
+        let serve = start(handler, Client::Stream(client), setup, &mut report);
+        (race!(serve, stop), None)
     };
+    // What moved on the client's side, before the pipeline writes anything itself.
+    let moved = initial_len + client.up + client.down > 0;
+    let (bytes_up, bytes_down) = payload.unwrap_or((initial_len + client.up, client.down));
     let mut ended = Ended {
         end: "",
         refusal: None,
-        bytes_up: up,
-        bytes_down: down,
+        bytes_up,
+        bytes_down,
         backend_addr: report.backend_addr,
     };
-    match result {
-        Ok(Outcome { refusal, end }) => {
+    let close = match result {
+        Ok(Outcome { end, close }) => {
             ended.end = end;
-            ended.refusal = refusal;
+            close
         }
-        Err(Stop::Revoked(reason)) if up == 0 && down == 0 => {
+        Err(Stop::Revoked(reason)) => {
             ended.end = reason;
-            ended.refusal = Some(Refusal::Forbidden);
-            refusal::deliver(client, Refusal::Forbidden).await;
+            // The line only where the client can still read it as the first thing.
+            if moved || client.shut {
+                Close::Clean
+            } else {
+                Close::Refuse(Refusal::Forbidden)
+            }
         }
-        Err(Stop::Revoked(reason)) => ended.end = reason,
-        Err(Stop::Drain) => ended.end = "drained",
-    }
-    if !client.shut {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
-    }
+        Err(Stop::Drain) => {
+            ended.end = "drained";
+            Close::Clean
+        }
+    };
+    // Boxed: the close's futures (timers, a drain buffer) are needed once, at the end,
+    // and must not size the session's state for its whole life.
+    ended.refusal = Box::pin(finish(client, close)).await;
     ended
 }
 
-/// The handler's outcome, or the stop that came first (the handler's future dropped).
-async fn race(
-    serve: impl Future<Output = Outcome>,
-    stop: Pin<&mut impl Future<Output = Stop>>,
-) -> Result<Outcome, Stop> {
-    tokio::select! {
-        biased;
-        s = stop => Err(s),
-        o = serve => Ok(o),
+/// Closes the client as `close` says; returns the refusal line it got, if any.
+async fn finish<S: ClientIo>(client: &mut Metered<S>, close: Close) -> Option<Refusal> {
+    match close {
+        Close::Refuse(r) if !client.shut => {
+            refusal::deliver(client, r).await;
+            return Some(r);
+        }
+        Close::Abort => {}
+        Close::Linger => refusal::send_and_close(client, &[]).await,
+        Close::Clean | Close::Refuse(_) => {
+            if !client.shut {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+            }
+        }
     }
+    None
+}
+
+/// The handler's future, built outside any async state: the session's pieces move into
+/// it and are kept once.
+#[allow(clippy::boxed_local)] // `run` takes the setup boxed (see there) and hands it on.
+fn start<'a>(
+    handler: &'a dyn Handler,
+    client: Client<'a>,
+    setup: Box<Setup<'a>>,
+    report: &'a mut Report,
+) -> BoxOutcome<'a> {
+    let Setup {
+        initial,
+        target,
+        caller,
+        limits,
+        ..
+    } = *setup;
+    handler.serve(Session {
+        client,
+        initial,
+        target,
+        caller,
+        limits,
+        report,
+    })
 }
 
 /// A client stream that counts plaintext each way and notes its clean close.

@@ -8,13 +8,12 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ProducesTickets, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
@@ -28,10 +27,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake};
 use ztp_proto::names::Serial;
 
-/// The crypto provider: ring, one choice for the whole process.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+pub use ztp_infra::tls::{provider, TlsError};
 
 /// Paths of the node's own TLS material.
 #[derive(Debug, Clone)]
@@ -39,29 +35,6 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("{path}: no certificate found")]
-    NoCertificate { path: PathBuf },
-    #[error("{path}: no usable private key: {reason}")]
-    Key { path: PathBuf, reason: String },
-    #[error("{cert} and {key} do not belong together: {reason}")]
-    Mismatch {
-        cert: PathBuf,
-        key: PathBuf,
-        reason: String,
-    },
-    #[error("{path}: bad CA certificate: {reason}")]
-    BadCa { path: PathBuf, reason: String },
-    #[error("cannot build the TLS config: {0}")]
-    Config(String),
 }
 
 /// The node's certificate, key and client CA set, loaded and checked.
@@ -177,59 +150,21 @@ impl TlsMaterial {
     /// Loads PEM files: the server chain (leaf first), its key (PKCS#8, PKCS#1 or SEC1),
     /// and one or more CA certificates for clients.
     pub fn load(files: &TlsFiles, provider: &CryptoProvider) -> Result<Self, TlsError> {
-        let chain = read_certs(&files.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
-            rustls::pki_types::pem::Error::NoItemsFound => TlsError::Key {
-                path: files.key.clone(),
-                reason: "no PEM private key in the file".into(),
-            },
-            source => TlsError::Read {
-                path: files.key.clone(),
-                source,
-            },
-        })?;
-        let signing = provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| TlsError::Key {
-                path: files.key.clone(),
-                reason: e.to_string(),
-            })?;
-        let certified = CertifiedKey::new(chain, signing);
-        certified.keys_match().map_err(|e| TlsError::Mismatch {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-            reason: e.to_string(),
-        })?;
+        let certified = ztp_infra::tls::certified_key(&files.cert, &files.key, provider)?;
+        let roots = ztp_infra::tls::read_roots(&files.client_ca)?;
+        Ok(Self::from_parts(certified, roots))
+    }
 
-        let mut roots = RootCertStore::empty();
-        for ca in read_certs(&files.client_ca)? {
-            roots.add(ca).map_err(|e| TlsError::BadCa {
-                path: files.client_ca.clone(),
-                reason: e.to_string(),
-            })?;
-        }
-        Ok(TlsMaterial {
-            certified: Arc::new(certified),
+    /// The server's certificate with its signing key, and the client CA set. The key is
+    /// a rustls [`SigningKey`](rustls::sign::SigningKey): a local key, or a remote
+    /// signer that holds the private key elsewhere (keyless).
+    pub fn from_parts(certified: Arc<CertifiedKey>, roots: RootCertStore) -> Self {
+        TlsMaterial {
+            certified,
             roots: Arc::new(roots),
             chains: Arc::default(),
-        })
+        }
     }
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
 }
 
 /// Everything the gate needs for one snapshot: built once, shared by every connection.
@@ -390,25 +325,74 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
-    /// A short constant reason for the connection record.
+    /// A short constant reason for the connection record, the audit trail and the
+    /// `ztp_handshake_failures_total{reason}` label: one of [`HANDSHAKE_REASONS`].
     pub fn reason(&self) -> &'static str {
         match self {
             HandshakeError::Timeout => "handshake timeout",
             HandshakeError::Hello(_) => "bad client hello",
-            HandshakeError::Tls(e) => {
-                use rustls::{CertificateError as C, Error as E};
-                match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
-                    Some(E::InvalidCertificate(C::Revoked)) => "certificate revoked",
-                    Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
-                        "certificate expired"
-                    }
-                    Some(E::InvalidCertificate(C::UnknownIssuer)) => "unknown ca",
-                    Some(E::NoCertificatesPresented) => "no client certificate",
-                    Some(E::PeerIncompatible(_)) => "protocol version",
-                    _ => "handshake failed",
-                }
-            }
+            HandshakeError::Tls(e) => e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .map_or("handshake failed", tls_reason),
         }
+    }
+}
+
+/// Every reason [`HandshakeError::reason`] can give. A metric label: the set stays small
+/// and fixed, whatever a client sends.
+pub const HANDSHAKE_REASONS: &[&str] = &[
+    "handshake timeout",
+    "bad client hello",
+    "certificate revoked",
+    "certificate expired",
+    "unknown ca",
+    "no client certificate",
+    "protocol version",
+    "no shared cipher suite",
+    "no shared group",
+    "no shared signature scheme",
+    "incompatible client",
+    "protocol violation",
+    "handshake failed",
+];
+
+/// Names the cause of a handshake the server's rustls ended. Incompatibilities are told
+/// apart: a client that offers only TLS 1.2 is not one whose TLS 1.3 offer shares no
+/// cipher suite, key-exchange group or signature scheme with the gate.
+fn tls_reason(e: &rustls::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E, PeerIncompatible as P};
+    match e {
+        E::InvalidCertificate(C::Revoked) => "certificate revoked",
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "certificate expired",
+        E::InvalidCertificate(C::UnknownIssuer) => "unknown ca",
+        E::NoCertificatesPresented => "no client certificate",
+        E::PeerIncompatible(p) => match p {
+            // No TLS 1.3 offered (with or without a supported_versions extension).
+            P::Tls12NotOffered
+            | P::Tls12NotOfferedOrEnabled
+            | P::SupportedVersionsExtensionRequired
+            | P::Tls13RequiredForQuic
+            | P::ServerDoesNotSupportTls12Or13
+            | P::ServerTlsVersionIsDisabledByOurConfig => "protocol version",
+            P::NoCipherSuitesInCommon => "no shared cipher suite",
+            P::NoKxGroupsInCommon
+            | P::KeyShareExtensionRequired
+            | P::NamedGroupsExtensionRequired
+            | P::EcPointsExtensionRequired
+            | P::NoEcPointFormatsInCommon
+            | P::UncompressedEcPointsRequired => "no shared group",
+            P::NoSignatureSchemesInCommon
+            | P::SignatureAlgorithmsExtensionRequired
+            | P::NoCertificateRequestSignatureSchemesInCommon => "no shared signature scheme",
+            // Compression, extended master secret, certificate types, ECH, and whatever a
+            // later rustls adds.
+            _ => "incompatible client",
+        },
+        // A client that broke the protocol (duplicate extensions, a bad binder, a
+        // second ClientHello that ignores the retry request, ...), not an incompatible one.
+        E::PeerMisbehaved(_) => "protocol violation",
+        _ => "handshake failed",
     }
 }
 

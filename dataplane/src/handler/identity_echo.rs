@@ -2,13 +2,18 @@
 //! example that is not a forwarder, and a debugging aid. It speaks over the stream, so it
 //! serves stream protocols only.
 
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
 use ztp_proto::Protocol;
 
 use super::{BoxOutcome, Caller, Client, Handler, Outcome, Session, Target};
-use crate::refusal;
 
 #[derive(Debug)]
 pub struct IdentityEcho;
+
+/// A client that does not read its answer does not hold the session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The answer: one `key: value` per line; groups comma-separated.
 pub fn answer(caller: &Caller<'_>, target: &Target<'_>) -> String {
@@ -36,8 +41,14 @@ impl Handler for IdentityEcho {
                 return Outcome::ended("not a stream");
             };
             let text = answer(&s.caller, &s.target);
-            refusal::send_and_close(client, text.as_bytes()).await;
-            Outcome::ended("answered")
+            let written = async {
+                client.write_all(text.as_bytes()).await?;
+                client.flush().await
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, written).await {
+                Ok(Ok(())) => Outcome::answered("answered"),
+                _ => Outcome::aborted("connection error"),
+            }
         })
     }
 }

@@ -119,24 +119,57 @@ pub struct Report {
     pub backend_addr: Option<SocketAddr>,
 }
 
-/// How a handled session ended, when the handler ended it.
-#[derive(Debug, Default, Clone, Copy)]
+/// How a handled session ended, when the handler ended it. The pipeline then closes the
+/// client as asked; a handler never writes a refusal line or closes the client itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
-    /// The refusal line sent instead of service, if any.
-    pub refusal: Option<Refusal>,
     /// A short constant description of the end.
     pub end: &'static str,
+    pub close: Close,
+}
+
+/// How the pipeline closes the client after the handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// close_notify: the session ended cleanly.
+    Clean,
+    /// close_notify, then read (bounded) what the client still sends, so that it reads
+    /// an answer just written rather than a reset.
+    Linger,
+    /// Write this refusal line instead of service, then close as `Linger`.
+    Refuse(Refusal),
+    /// No close_notify: the session was cut (a backend error mid-stream), and a clean
+    /// end would tell the client it got everything.
+    Abort,
 }
 
 impl Outcome {
     pub fn ended(end: &'static str) -> Self {
-        Outcome { end, refusal: None }
+        Outcome {
+            end,
+            close: Close::Clean,
+        }
+    }
+
+    /// An answer was written: close, and let the client read it.
+    pub fn answered(end: &'static str) -> Self {
+        Outcome {
+            end,
+            close: Close::Linger,
+        }
     }
 
     pub fn refused(refusal: Refusal, end: &'static str) -> Self {
         Outcome {
             end,
-            refusal: Some(refusal),
+            close: Close::Refuse(refusal),
+        }
+    }
+
+    pub fn aborted(end: &'static str) -> Self {
+        Outcome {
+            end,
+            close: Close::Abort,
         }
     }
 }

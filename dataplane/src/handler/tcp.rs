@@ -12,8 +12,8 @@ use ztp_proto::names::{BackendAddr, BackendHost};
 use ztp_proto::Protocol;
 
 use super::splice::{splice, SpliceEnd};
-use super::{BoxOutcome, Client, ClientIo, Handler, Outcome, Session};
-use crate::refusal::{self, Refusal};
+use super::{BoxOutcome, Client, Handler, Outcome, Session};
+use crate::refusal::Refusal;
 
 /// Why a backend could not be reached (logged; the client sees 502 or 504).
 #[derive(Debug, thiserror::Error)]
@@ -102,33 +102,33 @@ async fn forward(s: Session<'_>) -> Outcome {
         return Outcome::ended("not a stream");
     };
     let Some(addr) = target.backend else {
-        return refuse(client, ConnectError::NoAddress).await;
+        return refuse(ConnectError::NoAddress);
     };
     // Boxed: the connect's state is not kept for the session's life.
     let mut backend = match Box::pin(connect(addr, limits.connect_timeout)).await {
         Ok(b) => b,
         Err(e) => {
             tracing::debug!(backend.addr = %addr, error = %e, "backend connect failed");
-            return refuse(client, e).await;
+            return refuse(e);
         }
     };
     report.backend_addr = backend.peer_addr().ok();
     // Bytes read while detecting the protocol go first.
     if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
-        return Outcome::ended("connection error");
+        return Outcome::aborted("connection error");
     }
     drop(initial);
     let res = splice(client, &mut backend, limits.idle_timeout).await;
-    Outcome::ended(match res.end {
-        SpliceEnd::Closed => "closed",
-        SpliceEnd::Idle => "idle timeout",
-        SpliceEnd::Error(_) => "connection error",
-    })
+    match res.end {
+        SpliceEnd::Closed => Outcome::ended("closed"),
+        SpliceEnd::Idle => Outcome::ended("idle timeout"),
+        // Either side failed mid-stream: the client must not read a clean end.
+        SpliceEnd::Error(_) => Outcome::aborted("connection error"),
+    }
 }
 
-async fn refuse(client: &mut dyn ClientIo, e: ConnectError) -> Outcome {
+fn refuse(e: ConnectError) -> Outcome {
     let r = e.refusal();
-    refusal::deliver(client, r).await;
     Outcome::refused(
         r,
         match r {

@@ -12,6 +12,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use ztp_proto::framing::MAX_FRAME;
@@ -19,7 +20,6 @@ use ztp_proto::names::{BackendAddr, BackendHost};
 use ztp_proto::Protocol;
 
 use super::{BoxOutcome, Client, DatagramChannel, Handler, Outcome, Session};
-use crate::refusal;
 
 #[derive(Debug)]
 pub struct UdpForwarder;
@@ -69,7 +69,7 @@ pub async fn forward(s: Session<'_>) -> Outcome {
     let first = match tokio::time::timeout(limits.idle_timeout, client.read_message()).await {
         Ok(Ok(Some(message))) => message,
         Ok(Ok(None)) => return Outcome::ended("closed"),
-        Ok(Err(_)) => return Outcome::ended("connection error"),
+        Ok(Err(_)) => return Outcome::aborted("connection error"),
         Err(_) => return Outcome::ended("idle timeout"),
     };
     if let Err(e) = sock.send(&first).await {
@@ -80,8 +80,14 @@ pub async fn forward(s: Session<'_>) -> Outcome {
     let mut buf = vec![0u8; 65536];
     match tokio::time::timeout(limits.udp_timeout, sock.recv(&mut buf)).await {
         Ok(Ok(n)) => {
-            refusal::send_and_close(client, &buf[..n]).await;
-            Outcome::ended("answered")
+            let written = async {
+                client.write_all(&buf[..n]).await?;
+                client.flush().await
+            };
+            match tokio::time::timeout(limits.udp_timeout, written).await {
+                Ok(Ok(())) => Outcome::answered("answered"),
+                _ => Outcome::aborted("connection error"),
+            }
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "backend datagram error");

@@ -34,6 +34,12 @@ enum Rude {
     Listens,
     /// Returns at once without closing anything.
     Leaves,
+    /// Returns a 502 refusal for the pipeline to deliver.
+    Refuses,
+    /// Writes a greeting, then says the session was cut.
+    Fails,
+    /// Writes an answer and asks for a lingering close.
+    Answers,
 }
 
 /// A handler that ignores every signal and never closes the client.
@@ -79,6 +85,17 @@ impl Handler for RudeHandler {
                     client.read_message().await.unwrap();
                 }
                 Rude::Leaves => return Outcome::ended("left"),
+                Rude::Refuses => {
+                    return Outcome::refused(Refusal::BadGateway, "backend unreachable")
+                }
+                Rude::Fails => {
+                    client.write_all(b"partial").await.unwrap();
+                    return Outcome::aborted("connection error");
+                }
+                Rude::Answers => {
+                    client.write_all(b"answer").await.unwrap();
+                    return Outcome::answered("answered");
+                }
             }
             std::future::pending::<()>().await;
             unreachable!()
@@ -95,14 +112,26 @@ fn identity() -> ClientIdentity {
     }
 }
 
-/// Runs a rude handler on one end of a pipe until `stop` fires; returns the record and
-/// everything the client read to its end of stream.
+/// Runs a rude handler on one end of a pipe until `stop` fires; returns the record,
+/// everything the client read to its end of stream, and whether the handler's future was
+/// dropped.
 async fn rude(
     mode: Rude,
     framed: bool,
     client_sends: &[u8],
-    stop: impl Future<Output = Stop>,
+    stop: impl Future<Output = Stop> + Send + 'static,
 ) -> (Ended, Vec<u8>, bool) {
+    let (ended, got, dropped, _) = rude_shut(mode, framed, client_sends, stop).await;
+    (ended, got, dropped)
+}
+
+/// [`rude`], and whether the pipeline shut the client's stream cleanly (close_notify).
+async fn rude_shut(
+    mode: Rude,
+    framed: bool,
+    client_sends: &[u8],
+    stop: impl Future<Output = Stop> + Send + 'static,
+) -> (Ended, Vec<u8>, bool, bool) {
     let (mut peer, server) = duplex(64 * 1024);
     peer.write_all(client_sends).await.unwrap();
     let dropped = Arc::new(AtomicBool::new(false));
@@ -113,7 +142,7 @@ async fn rude(
     let id = identity();
     let groups = vec!["g".to_string()];
     let mut client = Metered::new(server);
-    let setup = Setup {
+    let setup = Box::new(Setup {
         framed,
         initial: Vec::new(),
         target: Target {
@@ -131,19 +160,20 @@ async fn rude(
             idle_timeout: Duration::from_secs(3600),
             udp_timeout: Duration::from_secs(1),
         },
-    };
+    });
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
         got
     });
-    let ended = run(&mut client, &handler, setup, stop).await;
+    let ended = run(&mut client, &handler, setup, Box::pin(stop)).await;
+    let shut = client.shut;
     drop(client);
     let got = tokio::time::timeout(Duration::from_secs(5), reader)
         .await
         .expect("the client sees the end of the session")
         .unwrap();
-    (ended, got, dropped.load(Ordering::SeqCst))
+    (ended, got, dropped.load(Ordering::SeqCst), shut)
 }
 
 async fn after_a_while(stop: Stop) -> Stop {
@@ -217,4 +247,83 @@ async fn a_stop_that_never_comes_lets_the_handler_finish() {
     )
     .await;
     assert!(quiet.is_err(), "a silent session with no stop stays open");
+}
+
+#[tokio::test]
+async fn a_refusal_from_the_handler_is_delivered_by_the_pipeline_and_not_counted() {
+    let (ended, got, _, shut) = rude_shut(Rude::Refuses, false, b"", std::future::pending()).await;
+    assert_eq!(got, Refusal::BadGateway.line().as_bytes());
+    assert_eq!(ended.refusal, Some(Refusal::BadGateway));
+    assert_eq!(
+        (ended.bytes_up, ended.bytes_down),
+        (0, 0),
+        "the line is not traffic"
+    );
+    assert!(shut);
+}
+
+#[tokio::test]
+async fn a_cut_session_gets_no_clean_close() {
+    let (ended, got, _, shut) = rude_shut(Rude::Fails, false, b"", std::future::pending()).await;
+    assert_eq!(got, b"partial");
+    assert_eq!(ended.end, "connection error");
+    assert!(
+        !shut,
+        "a clean close would tell the client it got everything"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_is_closed_cleanly_and_what_the_client_sends_after_is_not_counted() {
+    let (ended, got, _, shut) =
+        rude_shut(Rude::Answers, false, b"ignored", std::future::pending()).await;
+    assert_eq!(got, b"answer");
+    assert!(shut);
+    assert_eq!((ended.bytes_up, ended.bytes_down), (0, 6));
+}
+
+#[tokio::test]
+async fn a_revocation_after_the_client_was_closed_writes_no_line() {
+    // The handler closed its side (as a backend's end of stream would), then a later
+    // decision comes: no line after close_notify.
+    let (mut peer, server) = duplex(1024);
+    let mut client = Metered::new(server);
+    client.shutdown().await.unwrap();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let handler = RudeHandler {
+        mode: Rude::Silent,
+        dropped,
+    };
+    let id = identity();
+    let setup = Box::new(Setup {
+        framed: false,
+        initial: Vec::new(),
+        target: Target {
+            service: "a.svc",
+            backend: None,
+            protocol: Protocol::Tcp,
+        },
+        caller: Caller {
+            identity: &id,
+            user: "alice",
+            groups: &[],
+        },
+        limits: HandlerLimits {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::from_secs(1),
+        },
+    });
+    let ended = run(
+        &mut client,
+        &handler,
+        setup,
+        Box::pin(after_a_while(Stop::Revoked("user disabled"))),
+    )
+    .await;
+    drop(client);
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).await.unwrap();
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(ended.refusal, None);
 }

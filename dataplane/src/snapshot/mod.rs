@@ -173,6 +173,10 @@ pub struct Active {
     pub tls: TlsConfigs,
     /// Unix seconds when this state was published.
     pub applied_at: u64,
+    /// The drain deadline has come: every live session is to end (the pipeline ends
+    /// it, like a later refusal). Published on the same channel, so that a session
+    /// watches one thing.
+    pub draining: bool,
 }
 
 fn now_secs() -> u64 {
@@ -208,6 +212,7 @@ impl Publisher {
             policy,
             tls,
             applied_at: now_secs(),
+            draining: false,
         }));
         Ok((
             Publisher {
@@ -250,11 +255,25 @@ impl Publisher {
             self.sessions.clone(),
             self.provider.clone(),
         )?;
+        let draining = self.tx.borrow().draining;
         self.tx.send_replace(Arc::new(Active {
             policy,
             tls,
             applied_at: now_secs(),
+            draining,
         }));
         Ok(())
+    }
+
+    /// Marks the state draining: every live session is ended by the pipeline.
+    pub fn drain(&self) {
+        self.tx.send_modify(|active| {
+            *active = Arc::new(Active {
+                policy: active.policy.clone(),
+                tls: active.tls.clone(),
+                applied_at: active.applied_at,
+                draining: true,
+            })
+        });
     }
 }
