@@ -38,7 +38,7 @@ pub fn watch(
     mut state: watch::Receiver<Arc<Active>>,
     sni: String,
     source: IpAddr,
-    admitted: Admission,
+    admitted: Arc<Admission>,
 ) -> Stops {
     Box::pin(async move {
         let now = SystemTime::now()

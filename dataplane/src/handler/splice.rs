@@ -187,10 +187,18 @@ pub struct SpliceResult {
 /// Copies `a` to `b` and `b` to `a` until both directions have ended, an error, `idle`
 /// passes with no byte moved. (Revocation and drain end the whole session, in the
 /// pipeline.)
-pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> SpliceResult
+///
+/// Not an `async fn`: the returned future is the copy loop's state alone (an idle
+/// session keeps it for its whole life), not that state plus the arguments and
+/// references to it.
+pub fn splice<'a, A, B>(
+    a: &'a mut A,
+    b: &'a mut B,
+    idle: Duration,
+) -> impl Future<Output = SpliceResult> + Send + 'a
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin + Send + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + Send + ?Sized,
 {
     let mut up = Pipe::new();
     let mut down = Pipe::new();
@@ -198,45 +206,72 @@ where
     // wheel on every read.
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(idle));
     let mut last_progress = Instant::now();
-    let end = poll_fn(|cx| {
-        let mut progress = false;
-        let up_res = if up.is_done() {
-            Poll::Ready(Ok(()))
-        } else {
-            up.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), &mut progress)
-        };
-        if let Poll::Ready(Err(e)) = up_res {
-            return Poll::Ready(SpliceEnd::Error(e.kind()));
-        }
-        let down_res = if down.is_done() {
-            Poll::Ready(Ok(()))
-        } else {
-            down.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), &mut progress)
-        };
-        if let Poll::Ready(Err(e)) = down_res {
-            return Poll::Ready(SpliceEnd::Error(e.kind()));
-        }
-        if up.is_done() && down.is_done() {
-            return Poll::Ready(SpliceEnd::Closed);
-        }
-        if progress {
-            last_progress = Instant::now();
-        }
-        loop {
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if last_progress.elapsed() >= idle => {
-                    return Poll::Ready(SpliceEnd::Idle)
-                }
-                Poll::Ready(()) => timer.as_mut().reset(last_progress + idle),
-            }
-        }
+    poll_fn(move |cx| {
+        let end = step(
+            cx,
+            &mut up,
+            &mut down,
+            &mut *a,
+            &mut *b,
+            &mut timer,
+            &mut last_progress,
+            idle,
+        );
+        end.map(|end| SpliceResult {
+            a_to_b: up.bytes,
+            b_to_a: down.bytes,
+            end,
+        })
     })
-    .await;
-    SpliceResult {
-        a_to_b: up.bytes,
-        b_to_a: down.bytes,
-        end,
+}
+
+/// One poll of both directions and the idle timer.
+#[allow(clippy::too_many_arguments)]
+fn step<A, B>(
+    cx: &mut Context<'_>,
+    up: &mut Pipe,
+    down: &mut Pipe,
+    a: &mut A,
+    b: &mut B,
+    timer: &mut Pin<Box<Sleep>>,
+    last_progress: &mut Instant,
+    idle: Duration,
+) -> Poll<SpliceEnd>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut progress = false;
+    let up_res = if up.is_done() {
+        Poll::Ready(Ok(()))
+    } else {
+        up.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), &mut progress)
+    };
+    if let Poll::Ready(Err(e)) = up_res {
+        return Poll::Ready(SpliceEnd::Error(e.kind()));
+    }
+    let down_res = if down.is_done() {
+        Poll::Ready(Ok(()))
+    } else {
+        down.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), &mut progress)
+    };
+    if let Poll::Ready(Err(e)) = down_res {
+        return Poll::Ready(SpliceEnd::Error(e.kind()));
+    }
+    if up.is_done() && down.is_done() {
+        return Poll::Ready(SpliceEnd::Closed);
+    }
+    if progress {
+        *last_progress = Instant::now();
+    }
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(()) if last_progress.elapsed() >= idle => {
+                return Poll::Ready(SpliceEnd::Idle)
+            }
+            Poll::Ready(()) => timer.as_mut().reset(*last_progress + idle),
+        }
     }
 }
 

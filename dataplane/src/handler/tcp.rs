@@ -12,7 +12,7 @@ use ztp_proto::names::{BackendAddr, BackendHost};
 use ztp_proto::Protocol;
 
 use super::splice::{splice, SpliceEnd};
-use super::{BoxOutcome, Client, Handler, Outcome, Session};
+use super::{BoxOutcome, Client, ClientIo, Handler, HandlerLimits, Outcome, Report, Session};
 use crate::refusal::Refusal;
 
 /// Why a backend could not be reached (logged; the client sees 502 or 504).
@@ -84,26 +84,35 @@ impl Handler for TcpForwarder {
     }
 
     fn serve<'a>(&'a self, s: Session<'a>) -> BoxOutcome<'a> {
-        Box::pin(forward(s))
+        // The session is taken apart here, outside the future: the future keeps only the
+        // parts it uses, once (an `async fn` keeps its arguments whole for its life,
+        // beside anything moved out of them).
+        let Session {
+            client,
+            target,
+            limits,
+            initial,
+            report,
+            ..
+        } = s;
+        let Client::Stream(client) = client else {
+            return Box::pin(std::future::ready(Outcome::ended("not a stream")));
+        };
+        let Some(addr) = target.backend else {
+            return Box::pin(std::future::ready(refuse(ConnectError::NoAddress)));
+        };
+        Box::pin(forward(client, addr, limits, initial, report))
     }
 }
 
 /// Forwards an admitted client to its service's backend.
-async fn forward(s: Session<'_>) -> Outcome {
-    let Session {
-        client,
-        target,
-        limits,
-        initial,
-        report,
-        ..
-    } = s;
-    let Client::Stream(client) = client else {
-        return Outcome::ended("not a stream");
-    };
-    let Some(addr) = target.backend else {
-        return refuse(ConnectError::NoAddress);
-    };
+async fn forward(
+    client: &mut dyn ClientIo,
+    addr: &BackendAddr,
+    limits: HandlerLimits,
+    initial: Vec<u8>,
+    report: &mut Report,
+) -> Outcome {
     // Boxed: the connect's state is not kept for the session's life.
     let mut backend = match Box::pin(connect(addr, limits.connect_timeout)).await {
         Ok(b) => b,
