@@ -214,3 +214,75 @@ async fn every_line_of_a_connection_carries_its_client_and_identity() {
     assert_eq!(span["tls.sni"], "whoami-udp.svc.internal", "{warned}");
     assert_eq!(span["service.name"], "whoami-udp.svc.internal", "{warned}");
 }
+
+/// Text logs written to a pipe or a file carry no colour codes (colour is for a
+/// terminal): an operator's `grep` and log shipper see plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let pki = ztp_tests::TestPki::new();
+    let dir = ztp_tests::TempDir::new("ztp-colour");
+    pki.write_files(dir.path()).unwrap();
+    let snapshot = dir.path().join("snapshot.yaml");
+    std::fs::write(
+        &snapshot,
+        "version: 1\nservices: []\nusers: []\ngroups: []\n",
+    )
+    .unwrap();
+    let mut child = Command::new(ztp_tests::dataplane::dataplane_bin())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--cert")
+        .arg(dir.path().join("server.pem"))
+        .arg("--key")
+        .arg(dir.path().join("server.key"))
+        .arg("--client-ca")
+        .arg(dir.path().join("ca.pem"))
+        .arg("--snapshot")
+        .arg(&snapshot)
+        .args(["--log-format", "text"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ztp-dataplane");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + STEP;
+    while std::time::Instant::now() < deadline {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(line) => {
+                let done = line.contains("listening");
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("listening")),
+        "no `listening` line: {seen:?}"
+    );
+    for line in &seen {
+        assert!(
+            !line.contains('\u{1b}'),
+            "a log line to a pipe carries an escape code: {line:?}"
+        );
+    }
+}
