@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -77,7 +76,7 @@ pub fn serve(
             let Admitted {
                 client,
                 protocol,
-                initial,
+                detect,
                 admission,
                 handler,
                 sni,
@@ -91,7 +90,6 @@ pub fn serve(
             let route = &admission.permit.route;
             let setup = Box::new(Setup {
                 framed: admission.framed,
-                initial,
                 target: Target {
                     service: &route.name,
                     backend: route.backend.as_ref(),
@@ -105,6 +103,9 @@ pub fn serve(
                 limits: ctx.handler,
             });
             let ended = session::run(&mut client, handler.as_ref(), setup, stop).await;
+            if detect {
+                rec.detected = Some(detected(client.first_bytes()).as_str());
+            }
             // Who and what, copied for the record once the session is over (not kept
             // twice while it lasts).
             rec.identity = Some(admission.identity.id.clone());
@@ -141,7 +142,8 @@ struct Admitted {
     /// Boxed: a session's futures move it around; one heap copy is all it needs.
     client: Box<ClientStream>,
     protocol: Protocol,
-    initial: Vec<u8>,
+    /// `auto`: the client's first bytes name the protocol in the record.
+    detect: bool,
     admission: Admission,
     handler: Arc<dyn Handler>,
     sni: String,
@@ -213,14 +215,12 @@ async fn admit_with(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Opti
     // In the span at once; in the record when the connection ends.
     record_in_span(&admission.identity.id, &admission.permit.route.name);
 
-    // Protocol: declared, or detected for `auto` when the forwarder is to choose.
-    let (protocol, initial) = match admission.choice {
-        Choice::Declared(p) => (p, Vec::new()),
-        Choice::Detect => {
-            let (detected, initial) = detect(&mut client).await;
-            rec.detected = Some(detected.as_str());
-            (detected.protocol(), initial)
-        }
+    // Protocol: declared, or, for `auto`, tcp forwarding at once (whatever the client
+    // speaks, it is forwarded as a stream): nothing waits for the client's first bytes,
+    // which name the detected kind in the record afterwards.
+    let (protocol, detect) = match admission.choice {
+        Choice::Declared(p) => (p, false),
+        Choice::Detect => (Protocol::Tcp, true),
     };
     rec.protocol = Some(protocol.as_str());
 
@@ -248,44 +248,19 @@ async fn admit_with(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Opti
     Some(Admitted {
         client: Box::new(client),
         protocol,
-        initial,
+        detect,
         admission,
         handler,
         sni,
     })
 }
 
-/// Peeks at the client's first bytes, up to [`protocol::PEEK_DEADLINE`]. Returns what
-/// they look like and the bytes read, which the handler must serve first.
-async fn detect(client: &mut ClientStream) -> (Detected, Vec<u8>) {
-    // Small: a connection must not hold a copy buffer for its lifetime because of a peek.
-    let mut buf = vec![0u8; 256];
-    let mut len = 0;
-    let deadline = Instant::now() + protocol::PEEK_DEADLINE;
-    loop {
-        match tokio::time::timeout_at(deadline, client.read(&mut buf[len..])).await {
-            Ok(Ok(n)) if n > 0 => {
-                len += n;
-                if let Some(d) = protocol::detect(&buf[..len]) {
-                    buf.truncate(len);
-                    return (d, buf);
-                }
-                if len == buf.len() {
-                    break;
-                }
-            }
-            // End of stream, an error or the deadline: decide on what arrived; the
-            // handler meets the end or the error itself.
-            _ => break,
-        }
+/// What the client's first bytes look like (`silent` if it sent none).
+fn detected(first: &[u8]) -> Detected {
+    if first.is_empty() {
+        return Detected::Silent;
     }
-    buf.truncate(len);
-    let d = if len == 0 {
-        Detected::Silent
-    } else {
-        Detected::Unknown
-    };
-    (d, buf)
+    protocol::detect(first).unwrap_or(Detected::Unknown)
 }
 
 /// The handshake stage: ClientHello, SNI and route, source ranges, then the handshake

@@ -37,9 +37,6 @@ impl Detected {
     }
 }
 
-/// How long `auto` waits for the client's first bytes.
-pub const PEEK_DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// How many bytes detection needs at most.
 pub const PEEK_MAX: usize = 8;
 

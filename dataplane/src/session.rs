@@ -27,6 +27,7 @@ use crate::handler::{
     BoxIo, BoxOutcome, Caller, Client, ClientIo, Close, Handler, HandlerLimits, Outcome, Report,
     Session, Target,
 };
+use crate::protocol::PEEK_MAX;
 use crate::refusal::{self, Refusal};
 
 /// How long the pipeline waits to deliver its close (line or close_notify).
@@ -58,7 +59,6 @@ pub struct Ended {
 pub struct Setup<'a> {
     /// Serve datagrams framed over the stream (ALPN `ztp-dgram`).
     pub framed: bool,
-    pub initial: Vec<u8>,
     pub target: Target<'a>,
     pub caller: Caller<'a>,
     pub limits: HandlerLimits,
@@ -88,7 +88,6 @@ pub async fn run<S: ClientIo>(
     mut stop: Pin<Box<dyn Future<Output = Stop> + Send + '_>>,
 ) -> Ended {
     let mut report = Report::default();
-    let initial_len = setup.initial.len() as u64;
     let framed = setup.framed;
     let (result, payload) = if framed {
         let mut channel = Box::new(FramedChannel::new(client));
@@ -105,8 +104,8 @@ pub async fn run<S: ClientIo>(
         (race!(serve, stop), None)
     };
     // What moved on the client's side, before the pipeline writes anything itself.
-    let moved = initial_len + client.up + client.down > 0;
-    let (bytes_up, bytes_down) = payload.unwrap_or((initial_len + client.up, client.down));
+    let moved = client.up + client.down > 0;
+    let (bytes_up, bytes_down) = payload.unwrap_or((client.up, client.down));
     let mut ended = Ended {
         end: "",
         refusal: None,
@@ -167,7 +166,6 @@ fn start<'a>(
     report: &'a mut Report,
 ) -> BoxOutcome<'a> {
     let Setup {
-        initial,
         target,
         caller,
         limits,
@@ -175,7 +173,6 @@ fn start<'a>(
     } = *setup;
     handler.serve(Session {
         client,
-        initial,
         target,
         caller,
         limits,
@@ -183,7 +180,9 @@ fn start<'a>(
     })
 }
 
-/// A client stream that counts plaintext each way and notes its clean close.
+/// A client stream that counts plaintext each way, keeps the client's first bytes (to
+/// name the protocol of an `auto` service in the record, without waiting for them) and
+/// notes its clean close.
 #[derive(Debug)]
 pub struct Metered<S> {
     inner: S,
@@ -191,6 +190,7 @@ pub struct Metered<S> {
     pub down: u64,
     /// The stream's write side was shut down (close_notify sent).
     pub shut: bool,
+    first: [u8; PEEK_MAX],
 }
 
 impl<S> Metered<S> {
@@ -200,6 +200,20 @@ impl<S> Metered<S> {
             up: 0,
             down: 0,
             shut: false,
+            first: [0; PEEK_MAX],
+        }
+    }
+
+    /// The client's first bytes (up to [`PEEK_MAX`]).
+    pub fn first_bytes(&self) -> &[u8] {
+        &self.first[..(self.up as usize).min(PEEK_MAX)]
+    }
+
+    fn keep_first(&mut self, read: &[u8]) {
+        let at = self.up as usize;
+        if at < PEEK_MAX {
+            let n = read.len().min(PEEK_MAX - at);
+            self.first[at..at + n].copy_from_slice(&read[..n]);
         }
     }
 
@@ -216,7 +230,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.up += (buf.filled().len() - before) as u64;
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            let this = &mut *self;
+            this.keep_first(read);
+            this.up += read.len() as u64;
+        }
         r
     }
 }
@@ -252,6 +271,7 @@ impl<S: ClientIo> ClientIo for Metered<S> {
         Box::pin(async move {
             let m = self.inner.read_message().await?;
             if let Some(m) = &m {
+                self.keep_first(m);
                 self.up += m.len() as u64;
             }
             Ok(m)

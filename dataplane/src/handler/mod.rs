@@ -101,9 +101,6 @@ pub struct HandlerLimits {
 /// An admitted session, handed to its handler.
 pub struct Session<'a> {
     pub client: Client<'a>,
-    /// Bytes already read from the client (while detecting the protocol), to be served
-    /// first.
-    pub initial: Vec<u8>,
     pub target: Target<'a>,
     pub caller: Caller<'a>,
     pub limits: HandlerLimits,

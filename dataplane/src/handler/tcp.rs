@@ -5,7 +5,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use ztp_proto::names::{BackendAddr, BackendHost};
@@ -91,7 +90,6 @@ impl Handler for TcpForwarder {
             client,
             target,
             limits,
-            initial,
             report,
             ..
         } = s;
@@ -101,7 +99,7 @@ impl Handler for TcpForwarder {
         let Some(addr) = target.backend else {
             return Box::pin(std::future::ready(refuse(ConnectError::NoAddress)));
         };
-        Box::pin(forward(client, addr, limits, initial, report))
+        Box::pin(forward(client, addr, limits, report))
     }
 }
 
@@ -110,7 +108,6 @@ async fn forward(
     client: &mut dyn ClientIo,
     addr: &BackendAddr,
     limits: HandlerLimits,
-    initial: Vec<u8>,
     report: &mut Report,
 ) -> Outcome {
     // Boxed: the connect's state is not kept for the session's life.
@@ -122,11 +119,6 @@ async fn forward(
         }
     };
     report.backend_addr = backend.peer_addr().ok();
-    // Bytes read while detecting the protocol go first.
-    if !initial.is_empty() && backend.write_all(&initial).await.is_err() {
-        return Outcome::aborted("connection error");
-    }
-    drop(initial);
     let res = splice(client, &mut backend, limits.idle_timeout).await;
     match res.end {
         SpliceEnd::Closed => Outcome::ended("closed"),

@@ -144,7 +144,6 @@ async fn rude_shut(
     let mut client = Metered::new(server);
     let setup = Box::new(Setup {
         framed,
-        initial: Vec::new(),
         target: Target {
             service: "a.svc",
             backend: None,
@@ -297,7 +296,6 @@ async fn a_revocation_after_the_client_was_closed_writes_no_line() {
     let id = identity();
     let setup = Box::new(Setup {
         framed: false,
-        initial: Vec::new(),
         target: Target {
             service: "a.svc",
             backend: None,
@@ -326,4 +324,27 @@ async fn a_revocation_after_the_client_was_closed_writes_no_line() {
     peer.read_to_end(&mut got).await.unwrap();
     assert!(got.is_empty(), "{got:?}");
     assert_eq!(ended.refusal, None);
+}
+
+#[tokio::test]
+async fn the_first_bytes_are_kept_across_reads_and_messages() {
+    let (mut peer, server) = duplex(1024);
+    let mut client = Metered::new(server);
+    peer.write_all(b"SSH").await.unwrap();
+    let mut buf = [0u8; 3];
+    client.read_exact(&mut buf).await.unwrap();
+    assert_eq!(client.first_bytes(), b"SSH");
+    peer.write_all(b"-2.0-OpenSSH_9.2\r\n").await.unwrap();
+    client.read_message().await.unwrap();
+    assert_eq!(
+        client.first_bytes(),
+        b"SSH-2.0-",
+        "at most PEEK_MAX bytes, in order"
+    );
+    assert_eq!(client.up, 21);
+    assert_eq!(
+        crate::protocol::detect(client.first_bytes()),
+        Some(crate::protocol::Detected::Ssh)
+    );
+    assert!(Metered::new(duplex(8).1).first_bytes().is_empty());
 }

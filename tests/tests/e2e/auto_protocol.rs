@@ -1,8 +1,7 @@
-//! `protocol: auto` (DESIGN.md step 6): the default when the field is left out; the proxy
-//! may peek at the client's first bytes, with a deadline, to choose. TLS, SSH and HTTP/1
-//! first bytes go to tcp forwarding, byte-exact; a client that sends nothing (a
-//! server-speaks-first protocol) is connected once the peek deadline passes. A declared
-//! protocol is never detected: a `tcp` service connects its backend at once.
+//! `protocol: auto` (DESIGN.md step 6): the default when the field is left out. Whatever
+//! the client speaks goes to tcp forwarding, byte-exact, and the backend is connected at
+//! once: a client that sends nothing (a server-speaks-first protocol) gets its banner
+//! without waiting for a peek. The first bytes name the detected kind in the record.
 
 use std::time::{Duration, Instant};
 
@@ -70,6 +69,7 @@ async fn auto_service_forwards_tls_ssh_and_http_first_bytes_exactly() {
     for sni in ["auto.svc.internal", "default.svc.internal"] {
         for (kind, first, rest) in first_bytes(&fx.pki) {
             let mut s = fx.connect(sni, &bob).await.expect("handshake");
+            let local = s.get_ref().0.local_addr().expect("local addr");
             assert_eq!(
                 s.get_ref().1.alpn_protocol(),
                 None,
@@ -92,6 +92,15 @@ async fn auto_service_forwards_tls_ssh_and_http_first_bytes_exactly() {
                 expected,
                 "{sni} / {kind}: one tcp backend connection"
             );
+            // The first bytes name the kind in the record.
+            let ev = fx
+                .dp
+                .wait_for_connection_event(local, STEP)
+                .await
+                .unwrap_or_else(|| panic!("{sni} / {kind}: no connection event"));
+            let want = if kind == "http" { "http1" } else { kind };
+            assert_eq!(ev["protocol.detected"], want, "{sni} / {kind}: {ev}");
+            assert_eq!(ev["protocol"], "tcp", "{ev}");
         }
     }
 }
@@ -154,6 +163,7 @@ async fn auto_service_with_a_server_first_backend_stops_peeking_and_connects() {
         "banner-explicit-auto.svc.internal",
     ] {
         let (took, mut s) = banner_after_handshake(&fx, sni, &banner).await;
+        let local = s.get_ref().0.local_addr().expect("local addr");
         eprintln!("{sni}: banner {took:?} after the handshake");
         assert!(
             took < PEEK_BOUND,
@@ -163,6 +173,13 @@ async fn auto_service_with_a_server_first_backend_stops_peeking_and_connects() {
         // Then it is an ordinary stream both ways.
         echo_step(&mut s, b"EHLO client\r\n").await;
         assert_eq!(echo_roundtrip(s, b"QUIT\r\n").await, b"QUIT\r\n");
+        // The client spoke second: its first bytes are plain text, not a known kind.
+        let ev = fx
+            .dp
+            .wait_for_connection_event(local, STEP)
+            .await
+            .expect("connection event");
+        assert_eq!(ev["protocol.detected"], "unknown", "{ev}");
     }
     assert_eq!(banner.connections(), 2);
 }
