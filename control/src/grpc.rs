@@ -490,6 +490,7 @@ fn connection_record(
         peer: r.peer,
         sni: r.sni,
         identity: r.identity,
+        identity_unverified: r.identity_unverified,
         user: r.user,
         service: r.service,
         decision: r.decision,

@@ -311,10 +311,31 @@ async fn gate(
     } else {
         active.tls.stream.clone()
     };
-    match tls::complete(start, config).await {
+    // The service is known from here on: a handshake refused below is recorded with it.
+    rec.service = Some(route.name.clone());
+    // A certificate the verifier refuses is noted, on the polling thread, with the
+    // identity it claims: taken right after each poll, so it is this connection's.
+    let mut handshake = std::pin::pin!(tls::complete(start, config));
+    let mut claimed = None;
+    let done = std::future::poll_fn(|cx| {
+        let _ = tls::take_refused_identity();
+        let poll = handshake.as_mut().poll(cx);
+        if let Some(id) = tls::take_refused_identity() {
+            claimed = Some(id);
+        }
+        poll
+    })
+    .await;
+    match done {
         Ok(client) => Some((client, active)),
         Err(e) => {
             tracing::debug!(error = %e, "handshake failed");
+            if let Some(id) = claimed {
+                // What the refused certificate claims, marked as such: an operator can
+                // find alice's refused attempts under her name.
+                rec.identity = Some(id);
+                rec.identity_unverified = true;
+            }
             rec.tls_error = Some(e.to_string());
             rec.deny(e.reason());
             None
@@ -360,6 +381,8 @@ struct Record {
     peer: SocketAddr,
     sni: Option<String>,
     identity: Option<String>,
+    /// `identity` is what a certificate refused in the handshake claims.
+    identity_unverified: bool,
     user: Option<String>,
     service: Option<String>,
     protocol: Option<&'static str>,
@@ -382,6 +405,7 @@ impl Record {
             peer,
             sni: None,
             identity: None,
+            identity_unverified: false,
             user: None,
             service: None,
             protocol: None,
@@ -416,6 +440,7 @@ impl Record {
             peer: self.peer.to_string(),
             sni: self.sni.clone().unwrap_or_default(),
             identity: self.identity.clone().unwrap_or_default(),
+            identity_unverified: self.identity_unverified,
             user: self.user.clone().unwrap_or_default(),
             service: self.service.clone().unwrap_or_default(),
             decision: if self.allowed { "allow" } else { "deny" }.into(),
@@ -440,6 +465,7 @@ impl Record {
             client.addr = %self.peer,
             tls.sni = self.sni.as_deref(),
             client.id = self.identity.as_deref(),
+            client.id_unverified = self.identity_unverified.then_some(true),
             user.name = self.user.as_deref(),
             service.name = self.service.as_deref(),
             protocol = self.protocol,

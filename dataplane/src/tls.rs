@@ -251,20 +251,8 @@ impl fmt::Display for SerialTooLong {
 
 impl std::error::Error for SerialTooLong {}
 
-impl ClientCertVerifier for ClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
+impl ClientVerifier {
+    fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -288,6 +276,52 @@ impl ClientCertVerifier for ClientVerifier {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ClientCertVerified::assertion())
+    }
+}
+
+thread_local! {
+    /// The identity a certificate refused by [`ClientVerifier`] claims, for the
+    /// connection's record. Set and taken within one poll of that connection's handshake
+    /// (rustls verifies inside it, on the polling thread); see [`take_refused_identity`].
+    static REFUSED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+fn note_refused(end_entity: &CertificateDer<'_>) {
+    let claimed = crate::identity::extract(end_entity).ok().map(|i| i.id);
+    REFUSED.with(|r| *r.borrow_mut() = claimed);
+}
+
+/// What the last certificate refused on this thread claimed to be, taken. A caller
+/// takes (and drops) it before polling a handshake and takes it again right after the
+/// poll: what it finds then was refused in that poll, for that connection.
+pub fn take_refused_identity() -> Option<String> {
+    REFUSED.with(|r| r.borrow_mut().take())
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verdict = self.verify(end_entity, intermediates, now);
+        if verdict.is_err() {
+            note_refused(end_entity);
+        }
+        verdict
     }
 
     fn verify_tls12_signature(

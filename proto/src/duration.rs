@@ -1,12 +1,12 @@
-//! Durations as DESIGN.md writes them: `500ms`, `10s`, `5m`, `1h`, or a sum of such
-//! parts (`1m30s`).
+//! Durations as DESIGN.md writes them: `500ms`, `10s`, `5m`, `1h`, and days (`7d`), or a
+//! sum of such parts (`1m30s`, `1d12h`).
 
 use std::time::Duration;
 
 /// Parses a duration; a bare number is refused, because a unit left out is a unit
 /// guessed.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("{s:?} is not a duration like 500ms, 10s, 5m or 1h");
+    let err = || format!("{s:?} is not a duration like 500ms, 10s, 5m, 1h or 7d");
     let mut rest = s.trim();
     if rest.is_empty() {
         return Err(err());
@@ -25,6 +25,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
             "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(err)?),
             _ => return Err(err()),
         };
         total = total.checked_add(part).ok_or_else(err)?;
@@ -45,6 +46,9 @@ mod tests {
             ("5m", 300_000),
             ("1h", 3_600_000),
             ("1m30s", 90_000),
+            ("7d", 7 * 86_400_000),
+            ("1d12h", 36 * 3_600_000),
+            ("365d", 365 * 86_400_000),
             ("0s", 0),
         ];
         for (s, ms) in ok {
@@ -63,8 +67,17 @@ mod tests {
             "-1s",
             "10 s",
             "99999999999999999999h",
+            "213503982334602d",
+            "d",
+            "1dd",
+            "1D",
+            "1w",
         ] {
             assert!(parse_duration(s).is_err(), "{s:?}");
         }
+        // Overflow of the sum, not of one part.
+        assert!(parse_duration("213503982334600d213503982334600d").is_err());
+        let e = parse_duration("7x").unwrap_err();
+        assert!(e.contains("\"7x\"") && e.contains("7d"), "{e}");
     }
 }

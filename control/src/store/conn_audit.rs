@@ -26,6 +26,10 @@ pub struct ConnectionRecord {
     pub peer: String,
     pub sni: String,
     pub identity: String,
+    /// `identity` is what a certificate refused in the handshake claims, not a
+    /// verified identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity_unverified: bool,
     pub user: String,
     pub service: String,
     /// `allow` or `deny`.
@@ -160,6 +164,7 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             sni: svc.into(),
             identity: id.into(),
+            identity_unverified: false,
             user: String::new(),
             service: svc.into(),
             decision: decision.into(),

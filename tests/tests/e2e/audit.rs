@@ -685,3 +685,70 @@ async fn records_made_during_a_control_plane_outage_arrive_after_it_returns() {
         m.text()
     );
 }
+
+/// A handshake refused for its certificate (here: revoked) reaches the trail with its
+/// SNI, its service, and the identity the certificate claims, marked unverified, so that
+/// `/v1/audit?identity=alice@example.com&decision=deny` (what `ztpctl audit --identity
+/// alice@example.com --decision deny` asks) finds alice's refused attempt. A handshake
+/// refused for its SNI claims no identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_is_recorded_with_the_identity_its_certificate_claims() {
+    let p = Plane::start(&["audit-rv"], &[]).await;
+    let dp = &p.replicas[0];
+    let control = &p.control;
+    let body = json!({ "serials": [p.alice.serial] }).to_string();
+    let r = control
+        .request(
+            "POST",
+            "/v1/revoked",
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        )
+        .await
+        .expect("POST /v1/revoked");
+    assert!(r.status < 300, "POST /v1/revoked: {r:?}");
+    // The revocation reaches the replica: alice is refused in the handshake.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let peer = loop {
+        let (peer, s) = dial(dp.addr(), &p.opts(ECHO, &p.alice)).await;
+        let refused = match s {
+            Err(e) => alert_of(&e) == Some(AlertDescription::CertificateRevoked),
+            Ok(mut s) => matches!(
+                read_to_end_or_alert_within(&mut s, STEP).await,
+                Err(e) if e.alert() == Some(AlertDescription::CertificateRevoked)
+            ),
+        };
+        if refused {
+            break peer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice is still admitted after the revocation"
+        );
+        sleep_ms(50).await;
+    };
+    let r = wait_record(control, peer).await;
+    assert_eq!(r["decision"], "deny", "{r}");
+    assert_eq!(r["reason"], "certificate revoked", "{r}");
+    assert_eq!(r["sni"], ECHO, "{r}");
+    assert_eq!(r["service"], ECHO, "{r}");
+    assert_eq!(r["identity"], "alice@example.com", "{r}");
+    assert_eq!(r["identity_unverified"], true, "{r}");
+    assert_eq!(r["user"], "", "an unverified claim maps to no user: {r}");
+    let found = audit(
+        control,
+        "identity=alice%40example.com&decision=deny&limit=100",
+    )
+    .await;
+    assert!(
+        found.iter().any(|x| x["peer"] == peer.to_string().as_str()),
+        "the identity and decision filters find the refused attempt: {found:?}"
+    );
+
+    // An unknown SNI: refused before any certificate is seen; it claims nothing.
+    let (peer, s) = dial(dp.addr(), &p.opts(UNKNOWN, &p.bob)).await;
+    assert!(s.is_err(), "a handshake for an unknown SNI succeeded");
+    let r = wait_record(control, peer).await;
+    assert_eq!(r["identity"], "", "{r}");
+    assert!(r.get("identity_unverified").is_none(), "{r}");
+}
