@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use ztp_proto::{Group, Protocol, Service, User};
 
 use crate::client::{check, Client};
-use crate::{table, Output};
+use crate::{clock, table, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceCmd {
@@ -40,53 +40,76 @@ pub enum ServiceCmd {
         deny: Vec<String>,
     },
     /// List services.
+    #[command(visible_alias = "ls")]
     List,
     /// Show a service.
-    Get { name: String },
+    Get {
+        /// The service's SNI name.
+        name: String,
+    },
     /// Change a service; lists given replace the old ones.
     Update {
+        /// The service's SNI name.
         name: String,
+        /// tcp, udp, quic or auto.
         #[arg(long = "proto", value_parser = parse_protocol)]
         protocol: Option<Protocol>,
+        /// Backend host:port; `:port` means the data plane's own host.
         #[arg(long = "addr")]
         address: Option<String>,
+        /// Groups admitted (repeat); replaces the old ones.
         #[arg(long = "group", conflicts_with = "clear_groups")]
         groups: Vec<String>,
         /// Remove every group (admits every enabled user).
         #[arg(long)]
         clear_groups: bool,
+        /// A handler instead of forwarding, e.g. identity-echo.
         #[arg(long)]
         handler: Option<String>,
+        /// Source ranges admitted (repeat); replaces the old ones.
         #[arg(long = "allow")]
         allow: Vec<String>,
+        /// Source ranges refused (repeat); replaces the old ones.
         #[arg(long = "deny")]
         deny: Vec<String>,
     },
     /// Remove a service.
     #[command(alias = "remove", alias = "delete")]
-    Rm { name: String },
+    Rm {
+        /// The service's SNI name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum UserCmd {
     /// Add a user with its certificate identities.
     Add {
+        /// The user's name.
         name: String,
         /// SAN email, SAN URI or subject CN (repeat).
         #[arg(long = "identity", required = true)]
         identities: Vec<String>,
+        /// Groups the user is in (repeat).
         #[arg(long = "group")]
         groups: Vec<String>,
     },
     /// List users.
+    #[command(visible_alias = "ls")]
     List,
     /// Show a user.
-    Get { name: String },
+    Get {
+        /// The user's name.
+        name: String,
+    },
     /// Change a user; lists given replace the old ones.
     Update {
+        /// The user's name.
         name: String,
+        /// SAN email, SAN URI or subject CN (repeat); replaces the old ones.
         #[arg(long = "identity")]
         identities: Vec<String>,
+        /// Groups (repeat); replaces the old ones.
         #[arg(long = "group", conflicts_with = "clear_groups")]
         groups: Vec<String>,
         /// Remove the user from every group.
@@ -94,23 +117,37 @@ pub enum UserCmd {
         clear_groups: bool,
     },
     /// Disable a user: their connections are refused.
-    Disable { name: String },
+    Disable {
+        /// The user's name.
+        name: String,
+    },
     /// Enable a disabled user.
-    Enable { name: String },
+    Enable {
+        /// The user's name.
+        name: String,
+    },
     /// Remove a user.
     #[command(alias = "remove", alias = "delete")]
-    Rm { name: String },
+    Rm {
+        /// The user's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCmd {
     /// Add a group.
-    Add { name: String },
+    Add {
+        /// The group's name.
+        name: String,
+    },
     /// List groups.
+    #[command(visible_alias = "ls")]
     List,
     /// Remove a group (refused while in use, unless --cascade).
     #[command(alias = "remove", alias = "delete")]
     Rm {
+        /// The group's name.
         name: String,
         /// Also remove it from users and services (never leaving a service with none).
         #[arg(long)]
@@ -121,6 +158,7 @@ pub enum GroupCmd {
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
     /// List data-plane replicas: applied version, lag, last nack.
+    #[command(visible_alias = "ls")]
     List,
 }
 
@@ -133,12 +171,19 @@ pub enum SnapshotCmd {
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
     /// Create a token; its secret is printed once.
-    Create { name: String },
+    Create {
+        /// What the token is for, e.g. ci or an operator's name.
+        name: String,
+    },
     /// List tokens (never their secrets).
+    #[command(visible_alias = "ls")]
     List,
     /// Revoke a token by id.
     #[command(alias = "rm")]
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (see `token list`).
+        id: String,
+    },
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
@@ -213,9 +258,34 @@ async fn list_all(c: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
     }
 }
 
-fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+/// `v` as scripts read it (json, yaml: the values the API sent, epoch milliseconds
+/// included); `None` for the outputs meant for people.
+fn for_scripts(out: Output, v: &Value) -> anyhow::Result<Option<String>> {
+    Ok(match out {
+        Output::Json => Some(serde_json::to_string_pretty(v)? + "\n"),
+        Output::Yaml => Some(serde_yaml_ng::to_string(v)?),
+        Output::Table | Output::Wide => None,
+    })
+}
+
+/// Prints `v` for scripts, or hands it to `people` with whether to print the wide table.
+fn show(
+    out: Output,
+    v: &Value,
+    people: impl FnOnce(bool) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    match for_scripts(out, v)? {
+        Some(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        None => people(out == Output::Wide),
+    }
+}
+
+/// The items of a listing shown by [`show`].
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
 }
 
 fn join(v: &Value) -> String {
@@ -237,23 +307,44 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn services_table(items: &[Value]) {
+fn services_table(items: &[Value], wide: bool) -> anyhow::Result<()> {
+    print!("{}", services_table_text(items, wide));
+    Ok(())
+}
+
+fn services_table_text(items: &[Value], wide: bool) -> String {
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|v| {
-            vec![
+            let mut row = vec![
                 s(&v["name"]),
                 s(&v["protocol"]),
                 s(&v["address"]),
                 join(&v["groups"]),
                 s(&v["handler"]),
-            ]
+            ];
+            if wide {
+                row.extend([or_dash(join(&v["allow"])), or_dash(join(&v["deny"]))]);
+            }
+            row
         })
         .collect();
-    table::print(&["NAME", "PROTO", "ADDRESS", "GROUPS", "HANDLER"], &rows);
+    let mut header = vec!["NAME", "PROTO", "ADDRESS", "GROUPS", "HANDLER"];
+    if wide {
+        header.extend(["ALLOW", "DENY"]);
+    }
+    table::render(&header, &rows)
 }
 
-fn users_table(items: &[Value]) {
+fn or_dash(s: String) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+fn users_table(items: &[Value]) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|v| {
@@ -271,16 +362,14 @@ fn users_table(items: &[Value]) {
         })
         .collect();
     table::print(&["NAME", "IDENTITIES", "GROUPS", "STATUS"], &rows);
+    Ok(())
 }
 
 fn done(out: Output, v: &Value, what: &str) -> anyhow::Result<()> {
-    match out {
-        Output::Json => print_json(v),
-        Output::Table => {
-            println!("{what}");
-            Ok(())
-        }
-    }
+    show(out, v, |_| {
+        println!("{what}");
+        Ok(())
+    })
 }
 
 pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result<()> {
@@ -314,24 +403,14 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             done(out, &v, &format!("service {name} added"))
         }
         ServiceCmd::List => {
-            let items = list_all(c, "/v1/services").await?;
-            match out {
-                Output::Json => print_json(&Value::Array(items)),
-                Output::Table => {
-                    services_table(&items);
-                    Ok(())
-                }
-            }
+            let all = Value::Array(list_all(c, "/v1/services").await?);
+            show(out, &all, |wide| services_table(items(&all), wide))
         }
         ServiceCmd::Get { name } => {
             let (v, _) = get(c, &format!("/v1/services/{}", seg(&name))).await?;
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => {
-                    services_table(&[v]);
-                    Ok(())
-                }
-            }
+            show(out, &v, |wide| {
+                services_table(std::slice::from_ref(&v), wide)
+            })
         }
         ServiceCmd::Update {
             name,
@@ -428,24 +507,12 @@ pub async fn user(c: &Client, cmd: UserCmd, out: Output) -> anyhow::Result<()> {
             done(out, &v, &format!("user {name} added"))
         }
         UserCmd::List => {
-            let items = list_all(c, "/v1/users").await?;
-            match out {
-                Output::Json => print_json(&Value::Array(items)),
-                Output::Table => {
-                    users_table(&items);
-                    Ok(())
-                }
-            }
+            let all = Value::Array(list_all(c, "/v1/users").await?);
+            show(out, &all, |_| users_table(items(&all)))
         }
         UserCmd::Get { name } => {
             let (v, _) = get(c, &path_of(&name)).await?;
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => {
-                    users_table(&[v]);
-                    Ok(())
-                }
-            }
+            show(out, &v, |_| users_table(std::slice::from_ref(&v)))
         }
         UserCmd::Update {
             name,
@@ -499,16 +566,13 @@ pub async fn group(c: &Client, cmd: GroupCmd, out: Output) -> anyhow::Result<()>
             done(out, &v, &format!("group {name} added"))
         }
         GroupCmd::List => {
-            let items = list_all(c, "/v1/groups").await?;
-            match out {
-                Output::Json => print_json(&Value::Array(items)),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> =
-                        items.iter().map(|v| vec![s(&v["name"])]).collect();
-                    table::print(&["NAME"], &rows);
-                    Ok(())
-                }
-            }
+            let all = Value::Array(list_all(c, "/v1/groups").await?);
+            show(out, &all, |_| {
+                let rows: Vec<Vec<String>> =
+                    items(&all).iter().map(|v| vec![s(&v["name"])]).collect();
+                table::print(&["NAME"], &rows);
+                Ok(())
+            })
         }
         GroupCmd::Rm { name, cascade } => {
             let q = if cascade { "?cascade=true" } else { "" };
@@ -526,61 +590,65 @@ pub async fn node(c: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
         NodeCmd::List => {
             let (v, _) = get(c, "/v1/nodes").await?;
-            let items = v["items"].as_array().cloned().unwrap_or_default();
-            match out {
-                Output::Json => print_json(&Value::Array(items)),
-                Output::Table => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64);
-                    let rows: Vec<Vec<String>> = items
-                        .iter()
-                        .map(|n| {
-                            let seen = n["last_seen_ms"].as_u64().unwrap_or(0);
-                            let nack = match &n["last_nack"] {
-                                Value::Null => "-".to_owned(),
-                                v => format!("v{}: {}", s(&v["version"]), s(&v["reason"])),
-                            };
-                            vec![
-                                s(&n["id"]),
-                                s(&n["listen"]),
-                                s(&n["peer"]),
-                                s(&n["applied"]),
-                                s(&n["lag"]),
-                                if n["connected"].as_bool() == Some(true) {
-                                    "up"
-                                } else {
-                                    "down"
-                                }
-                                .into(),
-                                format!("{}s ago", now.saturating_sub(seen) / 1000),
-                                nack,
-                            ]
-                        })
-                        .collect();
-                    table::print(
-                        &[
-                            "ID",
-                            "LISTEN",
-                            "PEER",
-                            "APPLIED",
-                            "LAG",
-                            "STATE",
-                            "LAST SEEN",
-                            "LAST NACK",
-                        ],
-                        &rows,
-                    );
-                    Ok(())
-                }
-            }
+            let all = Value::Array(v["items"].as_array().cloned().unwrap_or_default());
+            show(out, &all, |wide| {
+                print!("{}", nodes_table(items(&all), clock::now_ms(), wide));
+                Ok(())
+            })
         }
     }
+}
+
+fn nodes_table(items: &[Value], now_ms: u64, wide: bool) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|n| {
+            let seen = n["last_seen_ms"].as_u64().unwrap_or(0);
+            let nack = match &n["last_nack"] {
+                Value::Null => "-".to_owned(),
+                v => format!("v{}: {}", s(&v["version"]), s(&v["reason"])),
+            };
+            let mut row = vec![
+                s(&n["id"]),
+                s(&n["listen"]),
+                s(&n["peer"]),
+                s(&n["applied"]),
+                s(&n["lag"]),
+                if n["connected"].as_bool() == Some(true) {
+                    "up"
+                } else {
+                    "down"
+                }
+                .into(),
+                clock::age(now_ms, seen),
+            ];
+            if wide {
+                row.extend([clock::local(seen), s(&n["schema"])]);
+            }
+            row.push(nack);
+            row
+        })
+        .collect();
+    let mut header = vec![
+        "ID",
+        "LISTEN",
+        "PEER",
+        "APPLIED",
+        "LAG",
+        "STATE",
+        "LAST SEEN",
+    ];
+    if wide {
+        header.extend(["SEEN AT", "SCHEMA"]);
+    }
+    header.push("LAST NACK");
+    table::render(&header, &rows)
 }
 
 pub async fn snapshot(c: &Client, cmd: SnapshotCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Export => {
+            // The server's own rendering: yaml for people too (it is the file format).
             let format = if out == Output::Json { "json" } else { "yaml" };
             let r = check(
                 c.request(
@@ -637,41 +705,47 @@ pub async fn token(c: &Client, cmd: TokenCmd, out: Output) -> anyhow::Result<()>
     match cmd {
         TokenCmd::Create { name } => {
             let v = send(c, Method::POST, "/v1/tokens", &json!({"name": name}), None).await?;
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => {
-                    let Some(t) = v["token"].as_str() else {
-                        bail!("the server did not return a token");
-                    };
-                    eprintln!(
-                        "token {} ({}) created; it is shown only now:",
-                        s(&v["id"]),
-                        s(&v["name"])
-                    );
-                    println!("{t}");
-                    Ok(())
-                }
-            }
+            show(out, &v, |_| {
+                let Some(t) = v["token"].as_str() else {
+                    bail!("the server did not return a token");
+                };
+                eprintln!(
+                    "token {} ({}) created; it is shown only now:",
+                    s(&v["id"]),
+                    s(&v["name"])
+                );
+                println!("{t}");
+                Ok(())
+            })
         }
         TokenCmd::List => {
-            let items = list_all(c, "/v1/tokens").await?;
-            match out {
-                Output::Json => print_json(&Value::Array(items)),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = items
-                        .iter()
-                        .map(|t| vec![s(&t["id"]), s(&t["name"]), s(&t["created_ms"])])
-                        .collect();
-                    table::print(&["ID", "NAME", "CREATED (ms)"], &rows);
-                    Ok(())
-                }
-            }
+            let all = Value::Array(list_all(c, "/v1/tokens").await?);
+            show(out, &all, |_| {
+                print!("{}", tokens_table(items(&all), clock::now_ms()));
+                Ok(())
+            })
         }
         TokenCmd::Revoke { id } => {
             delete(c, &format!("/v1/tokens/{}", seg(&id))).await?;
             done(out, &json!({"revoked": id}), &format!("token {id} revoked"))
         }
     }
+}
+
+fn tokens_table(items: &[Value], now_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|t| {
+            let created = t["created_ms"].as_u64().unwrap_or(0);
+            vec![
+                s(&t["id"]),
+                s(&t["name"]),
+                clock::local(created),
+                clock::age(now_ms, created),
+            ]
+        })
+        .collect();
+    table::render(&["ID", "NAME", "CREATED", "AGE"], &rows)
 }
 
 pub async fn revoke(c: &Client, serials: &[String], out: Output) -> anyhow::Result<()> {
@@ -697,8 +771,10 @@ pub async fn revoke(c: &Client, serials: &[String], out: Output) -> anyhow::Resu
 /// Filters of `ztpctl audit`.
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
+    /// Only connections of this client identity.
     #[arg(long)]
     pub identity: Option<String>,
+    /// Only connections to this service.
     #[arg(long)]
     pub service: Option<String>,
     /// allow or deny.
@@ -707,6 +783,7 @@ pub struct AuditArgs {
     /// Only the last DURATION (e.g. 15m, 1h).
     #[arg(long, value_parser = ztp_proto::parse_duration)]
     pub since: Option<std::time::Duration>,
+    /// Records shown at most.
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
     /// Admin changes (who, what, version) instead of connections.
@@ -717,30 +794,11 @@ pub struct AuditArgs {
 pub async fn audit(c: &Client, a: AuditArgs, out: Output) -> anyhow::Result<()> {
     if a.admin {
         let (v, _) = get(c, &format!("/v1/audit/admin?limit={}", a.limit)).await?;
-        let items = v["items"].as_array().cloned().unwrap_or_default();
-        return match out {
-            Output::Json => print_json(&Value::Array(items)),
-            Output::Table => {
-                let rows: Vec<Vec<String>> = items
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            s(&r["seq"]),
-                            s(&r["time_ms"]),
-                            s(&r["actor"]["token_name"]),
-                            s(&r["action"]),
-                            s(&r["target"]),
-                            s(&r["version"]),
-                        ]
-                    })
-                    .collect();
-                table::print(
-                    &["SEQ", "TIME (ms)", "WHO", "ACTION", "TARGET", "VERSION"],
-                    &rows,
-                );
-                Ok(())
-            }
-        };
+        let all = Value::Array(v["items"].as_array().cloned().unwrap_or_default());
+        return show(out, &all, |_| {
+            print!("{}", admin_audit_table(items(&all)));
+            Ok(())
+        });
     }
     let mut q = vec![format!("limit={}", a.limit)];
     for (k, v) in [
@@ -752,52 +810,78 @@ pub async fn audit(c: &Client, a: AuditArgs, out: Output) -> anyhow::Result<()> 
             q.push(format!("{k}={}", seg(v)));
         }
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = clock::now_ms();
     if let Some(d) = a.since {
-        q.push(format!(
-            "since={}",
-            now_ms.saturating_sub(d.as_millis() as u64)
-        ));
+        let d = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        q.push(format!("since={}", now_ms.saturating_sub(d)));
     }
     let (v, _) = get(c, &format!("/v1/audit?{}", q.join("&"))).await?;
-    let items = v["items"].as_array().cloned().unwrap_or_default();
-    match out {
-        Output::Json => print_json(&Value::Array(items)),
-        Output::Table => {
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .map(|r| {
-                    let ago = now_ms.saturating_sub(r["time_ms"].as_u64().unwrap_or(0)) / 1000;
-                    vec![
-                        format!("{ago}s ago"),
-                        s(&r["node"]),
-                        s(&r["peer"]),
-                        s(&r["identity"]),
-                        s(&r["service"]),
-                        s(&r["decision"]),
-                        s(&r["reason"]),
-                        format!("{}/{}", s(&r["bytes_up"]), s(&r["bytes_down"])),
-                        format!("{}ms", s(&r["duration_ms"])),
-                    ]
-                })
-                .collect();
-            table::print(
-                &[
-                    "WHEN",
-                    "NODE",
-                    "PEER",
-                    "IDENTITY",
-                    "SERVICE",
-                    "DECISION",
-                    "REASON",
-                    "BYTES UP/DOWN",
-                    "DURATION",
-                ],
-                &rows,
-            );
-            Ok(())
-        }
-    }
+    let all = Value::Array(v["items"].as_array().cloned().unwrap_or_default());
+    show(out, &all, |wide| {
+        print!("{}", audit_table(items(&all), now_ms, wide));
+        Ok(())
+    })
 }
+
+fn admin_audit_table(items: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            vec![
+                s(&r["seq"]),
+                clock::local(r["time_ms"].as_u64().unwrap_or(0)),
+                s(&r["actor"]["token_name"]),
+                s(&r["action"]),
+                s(&r["target"]),
+                s(&r["version"]),
+            ]
+        })
+        .collect();
+    table::render(
+        &["SEQ", "TIME", "WHO", "ACTION", "TARGET", "VERSION"],
+        &rows,
+    )
+}
+
+fn audit_table(items: &[Value], now_ms: u64, wide: bool) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let at = r["time_ms"].as_u64().unwrap_or(0);
+            let mut row = vec![clock::age(now_ms, at)];
+            if wide {
+                row.push(clock::local(at));
+            }
+            row.extend([s(&r["node"]), s(&r["peer"]), s(&r["identity"])]);
+            if wide {
+                row.extend([s(&r["user"]), s(&r["sni"])]);
+            }
+            row.extend([s(&r["service"]), s(&r["decision"]), s(&r["reason"])]);
+            if wide {
+                row.push(s(&r["code"]));
+            }
+            row.extend([
+                format!("{}/{}", s(&r["bytes_up"]), s(&r["bytes_down"])),
+                format!("{}ms", s(&r["duration_ms"])),
+            ]);
+            row
+        })
+        .collect();
+    let mut header = vec!["WHEN"];
+    if wide {
+        header.push("TIME");
+    }
+    header.extend(["NODE", "PEER", "IDENTITY"]);
+    if wide {
+        header.extend(["USER", "SNI"]);
+    }
+    header.extend(["SERVICE", "DECISION", "REASON"]);
+    if wide {
+        header.push("CODE");
+    }
+    header.extend(["BYTES UP/DOWN", "DURATION"]);
+    table::render(&header, &rows)
+}
+
+#[cfg(test)]
+mod tests;

@@ -86,13 +86,13 @@ impl Client {
                 )
             })
         };
-        let cert = need(args.cert.clone().or(s.cert.clone()), "--cert", "ZTP_CERT")?;
-        let key = need(args.key.clone().or(s.key.clone()), "--key", "ZTP_KEY")?;
-        let ca = need(args.ca.clone().or(s.ca.clone()), "--ca", "ZTP_CA")?;
-        let via = args
+        // `s` holds the flags, then the environment, then the config file.
+        let cert = need(s.cert.clone(), "--cert", "ZTP_CERT")?;
+        let key = need(s.key.clone(), "--key", "ZTP_KEY")?;
+        let ca = need(s.ca.clone(), "--ca", "ZTP_CA")?;
+        let via = s
             .via
             .clone()
-            .or(s.via.clone())
             .context("--via HOST:PORT is required (or ZTP_VIA, or `via` in the config file)")?;
         let roots = ztp_infra::tls::read_roots(&ca)?;
         let provider = ztp_infra::tls::provider();

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod admin;
 mod client;
+mod clock;
 mod connect;
 mod pki;
 mod settings;
@@ -20,62 +21,138 @@ mod up;
 #[command(name = "ztpctl", version, about, max_term_width = 100)]
 struct Cli {
     #[command(flatten)]
-    global: Global,
+    top: TopApi,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Where the control plane is; flags beat ZTP_SERVER/ZTP_TOKEN/ZTP_API_CA, which beat
-/// ~/.config/ztp/config.toml.
-#[derive(Debug, Args)]
-struct Global {
-    /// Control plane API, e.g. http://127.0.0.1:9780.
-    #[arg(long, global = true, value_name = "URL")]
+/// The control plane's flags before the command (`ztpctl -o json group list`); they
+/// apply to the admin commands only, as [`Api`] does after it.
+#[derive(Debug, Default, Args)]
+struct TopApi {
+    /// Control plane API, e.g. http://127.0.0.1:9780 (env ZTP_SERVER).
+    #[arg(long, value_name = "URL")]
     server: Option<String>,
-    /// Admin token.
-    #[arg(long, global = true, value_name = "TOKEN", hide_env_values = true)]
+    /// Admin token (env ZTP_TOKEN).
+    #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
-    /// CA (PEM) of an https:// server.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// CA (PEM) of an https:// server (env ZTP_API_CA).
+    #[arg(long, value_name = "FILE")]
     api_ca: Option<PathBuf>,
-    /// Output: tables for people, json for scripts.
-    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    /// Output: table, wide (more columns), json or yaml [default: table].
+    #[arg(short, long, value_enum)]
+    output: Option<Output>,
 }
 
+impl TopApi {
+    fn is_empty(&self) -> bool {
+        self.server.is_none()
+            && self.token.is_none()
+            && self.api_ca.is_none()
+            && self.output.is_none()
+    }
+}
+
+/// Where the control plane is, and how to print its answers: on the commands that talk
+/// to it. Flags beat ZTP_SERVER/ZTP_TOKEN/ZTP_API_CA, which beat
+/// ~/.config/ztp/config.toml.
+#[derive(Debug, Default, Args)]
+pub struct Api {
+    /// Control plane API, e.g. http://127.0.0.1:9780 (env ZTP_SERVER).
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// Admin token (env ZTP_TOKEN).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// CA (PEM) of an https:// server (env ZTP_API_CA).
+    #[arg(long, global = true, value_name = "FILE")]
+    api_ca: Option<PathBuf>,
+    /// Output: table, wide (more columns), json or yaml [default: table].
+    #[arg(short, long, global = true, value_enum)]
+    output: Option<Output>,
+}
+
+impl Api {
+    /// These flags, filled in from the ones given before the command.
+    fn or(self, top: TopApi) -> Api {
+        Api {
+            server: self.server.or(top.server),
+            token: self.token.or(top.token),
+            api_ca: self.api_ca.or(top.api_ca),
+            output: self.output.or(top.output),
+        }
+    }
+}
+
+/// How answers are printed: tables for people, json or yaml for scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
+    // More columns.
+    Wide,
+    // The API's values, as it sends them.
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Services: what clients reach, by SNI name.
-    #[command(subcommand)]
-    Service(admin::ServiceCmd),
+    Service {
+        #[command(flatten)]
+        api: Api,
+        #[command(subcommand)]
+        cmd: admin::ServiceCmd,
+    },
     /// Users: who clients are, by certificate identity.
-    #[command(subcommand)]
-    User(admin::UserCmd),
+    User {
+        #[command(flatten)]
+        api: Api,
+        #[command(subcommand)]
+        cmd: admin::UserCmd,
+    },
     /// Groups of users that services admit.
-    #[command(subcommand)]
-    Group(admin::GroupCmd),
+    Group {
+        #[command(flatten)]
+        api: Api,
+        #[command(subcommand)]
+        cmd: admin::GroupCmd,
+    },
     /// Data-plane replicas.
-    #[command(subcommand)]
-    Node(admin::NodeCmd),
+    Node {
+        #[command(flatten)]
+        api: Api,
+        #[command(subcommand)]
+        cmd: admin::NodeCmd,
+    },
     /// The whole configuration.
-    #[command(subcommand)]
-    Snapshot(admin::SnapshotCmd),
+    Snapshot {
+        #[command(flatten)]
+        api: Api,
+        #[command(subcommand)]
+        cmd: admin::SnapshotCmd,
+    },
     /// Replace the whole configuration with a snapshot file (YAML or JSON).
     Import {
         /// The file; `-` reads standard input.
         file: PathBuf,
+        #[command(flatten)]
+        api: Api,
     },
     /// Admin tokens.
-    #[command(subcommand)]
-    Token(admin::TokenCmd),
+    Token {
+        #[command(flatten)]
+        api: Api,
+        #[command(subcommand)]
+        cmd: admin::TokenCmd,
+    },
     /// Connection records from every data plane, newest first.
-    Audit(admin::AuditArgs),
+    Audit {
+        #[command(flatten)]
+        args: admin::AuditArgs,
+        #[command(flatten)]
+        api: Api,
+    },
     /// Reach a service through the gateway: stdin/stdout, a local TCP or UDP port.
     Connect(connect::ConnectArgs),
     /// Start a whole gateway on this machine: control plane, data plane, PKI, demo.
@@ -83,9 +160,36 @@ enum Command {
     /// Certificates: a CA, the server's, users', nodes'.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
+    /// Print a shell completion script: `source <(ztpctl completion bash)`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Command {
+    /// The control plane's flags, for the commands that talk to it.
+    fn api(&mut self) -> Option<&mut Api> {
+        match self {
+            Command::Service { api, .. }
+            | Command::User { api, .. }
+            | Command::Group { api, .. }
+            | Command::Node { api, .. }
+            | Command::Snapshot { api, .. }
+            | Command::Import { api, .. }
+            | Command::Token { api, .. }
+            | Command::Audit { api, .. }
+            | Command::Pki(pki::PkiCmd::Revoke { api, .. }) => Some(api),
+            Command::Connect(_) | Command::Up(_) | Command::Pki(_) | Command::Completion { .. } => {
+                None
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    // While this is the only thread.
+    clock::init_local_offset();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -98,6 +202,19 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let mut cli = cli;
+    let top = std::mem::take(&mut cli.top);
+    match cli.command.api() {
+        Some(api) => *api = std::mem::take(api).or(top),
+        None if !top.is_empty() => {
+            eprintln!(
+                "ztpctl: --server, --token, --api-ca and -o are for the commands that talk to \
+                 the control plane, not this one"
+            );
+            return ExitCode::from(64);
+        }
+        None => {}
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,34 +243,66 @@ fn init_tracing() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cli = match cli.command {
-        Command::Pki(pki::PkiCmd::Revoke { .. }) => cli,
-        Command::Pki(c) => return pki::run(c),
-        _ => cli,
-    };
-    if let Command::Up(args) = cli.command {
-        init_tracing();
-        return up::run(args).await;
-    }
-    let settings = settings::resolve(cli.global.server, cli.global.token, cli.global.api_ca)?;
-    if let Command::Connect(args) = cli.command {
-        return connect::run(args, &settings).await;
-    }
-    let client = client::Client::new(&settings.server, settings.token, settings.api_ca.as_deref())?;
-    let out = cli.global.output;
-    match cli.command {
-        Command::Service(c) => admin::service(&client, c, out).await,
-        Command::User(c) => admin::user(&client, c, out).await,
-        Command::Group(c) => admin::group(&client, c, out).await,
-        Command::Node(c) => admin::node(&client, c, out).await,
-        Command::Snapshot(c) => admin::snapshot(&client, c, out).await,
-        Command::Import { file } => admin::import(&client, &file, out).await,
-        Command::Token(c) => admin::token(&client, c, out).await,
-        Command::Audit(a) => admin::audit(&client, a, out).await,
-        Command::Pki(pki::PkiCmd::Revoke { targets, crl }) => {
+    let (api, command) = match cli.command {
+        Command::Pki(pki::PkiCmd::Revoke { targets, crl, api }) => {
             let serials = pki::revocation_serials(&targets, crl.as_deref())?;
-            admin::revoke(&client, &serials, out).await
+            (api, Admin::Revoke(serials))
         }
-        Command::Pki(_) | Command::Connect(_) | Command::Up(_) => unreachable!("handled above"),
+        Command::Pki(c) => return pki::run(c),
+        Command::Up(args) => {
+            init_tracing();
+            return up::run(args).await;
+        }
+        Command::Completion { shell } => {
+            completion(shell);
+            return Ok(());
+        }
+        Command::Connect(args) => {
+            let settings = settings::resolve_connect(&args)?;
+            return connect::run(args, &settings).await;
+        }
+        Command::Service { api, cmd } => (api, Admin::Service(cmd)),
+        Command::User { api, cmd } => (api, Admin::User(cmd)),
+        Command::Group { api, cmd } => (api, Admin::Group(cmd)),
+        Command::Node { api, cmd } => (api, Admin::Node(cmd)),
+        Command::Snapshot { api, cmd } => (api, Admin::Snapshot(cmd)),
+        Command::Import { file, api } => (api, Admin::Import(file)),
+        Command::Token { api, cmd } => (api, Admin::Token(cmd)),
+        Command::Audit { args, api } => (api, Admin::Audit(args)),
+    };
+    let settings = settings::resolve_api(api.server, api.token, api.api_ca)?;
+    let client = client::Client::new(&settings.server, settings.token, settings.api_ca.as_deref())?;
+    let out = api.output.unwrap_or(Output::Table);
+    match command {
+        Admin::Service(c) => admin::service(&client, c, out).await,
+        Admin::User(c) => admin::user(&client, c, out).await,
+        Admin::Group(c) => admin::group(&client, c, out).await,
+        Admin::Node(c) => admin::node(&client, c, out).await,
+        Admin::Snapshot(c) => admin::snapshot(&client, c, out).await,
+        Admin::Import(file) => admin::import(&client, &file, out).await,
+        Admin::Token(c) => admin::token(&client, c, out).await,
+        Admin::Audit(a) => admin::audit(&client, a, out).await,
+        Admin::Revoke(serials) => admin::revoke(&client, &serials, out).await,
     }
 }
+
+/// The commands that talk to the control plane, their flags taken out.
+enum Admin {
+    Service(admin::ServiceCmd),
+    User(admin::UserCmd),
+    Group(admin::GroupCmd),
+    Node(admin::NodeCmd),
+    Snapshot(admin::SnapshotCmd),
+    Import(PathBuf),
+    Token(admin::TokenCmd),
+    Audit(admin::AuditArgs),
+    Revoke(Vec<String>),
+}
+
+fn completion(shell: clap_complete::Shell) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "ztpctl", &mut std::io::stdout());
+}
+
+#[cfg(test)]
+mod tests;

@@ -23,6 +23,7 @@ use ztp_proto::parse_duration;
 pub enum PkiCmd {
     /// Create a CA and the data plane's server certificate in DIR.
     Init {
+        /// The folder to write to (made if missing).
         dir: PathBuf,
         /// An RSA CA (4096 bits) and server key (2048) instead of ECDSA P-256.
         #[arg(long)]
@@ -36,8 +37,9 @@ pub enum PkiCmd {
     },
     /// Issue a client certificate for an identity: an email, a URI or a plain name (CN).
     Issue {
+        /// An email (SAN email), a URI (SAN URI) or a plain name (CN).
         identity: String,
-        /// Lifetime: 30m, 4h, 7d is not a unit: use 168h.
+        /// Lifetime, e.g. 30m, 4h, 7d.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         ttl: Duration,
         /// File name (NAME.pem, NAME.key); default: the email's local part, the URI's last
@@ -47,19 +49,24 @@ pub enum PkiCmd {
         /// The PKI folder (holding ca.pem and ca.key); files are written there.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
     /// Sign a certificate signing request (PEM): the user keeps their key.
     Sign {
+        /// The request (PEM), e.g. from `openssl req -new`.
         csr: PathBuf,
+        /// Lifetime, e.g. 30m, 4h, 7d.
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         ttl: Duration,
+        /// The PKI folder (holding ca.pem and ca.key).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
         /// Where to write the certificate (default: DIR/NAME.pem).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Overwrite an existing certificate.
         #[arg(long)]
         force: bool,
     },
@@ -72,16 +79,23 @@ pub enum PkiCmd {
         /// A CRL (PEM or DER) whose serials to revoke.
         #[arg(long, value_name = "FILE")]
         crl: Option<PathBuf>,
+        #[command(flatten)]
+        api: crate::Api,
     },
     /// Issue a data-plane node certificate (URI spiffe://DOMAIN/node/ID).
     Node {
+        /// The node's id (letters, digits, `-`, `_`, `.`).
         id: String,
-        #[arg(long, default_value = "720h", value_parser = parse_duration)]
+        /// Lifetime, e.g. 30d, 720h.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
         ttl: Duration,
+        /// The PKI folder (holding ca.pem and ca.key); files are written there.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// The trust domain of the node's URI, spiffe://DOMAIN/node/ID.
         #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
@@ -148,7 +162,9 @@ pub fn run(cmd: PkiCmd) -> anyhow::Result<()> {
 
 fn human(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 3600 == 0 {
+    if s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
+    } else if s % 3600 == 0 {
         format!("{}h", s / 3600)
     } else if s % 60 == 0 {
         format!("{}m", s / 60)
@@ -541,6 +557,14 @@ pub fn revocation_serials(targets: &[String], crl: Option<&Path>) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_in_words() {
+        assert_eq!(human(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(human(Duration::from_secs(36 * 3600)), "36h");
+        assert_eq!(human(Duration::from_secs(90)), "90s");
+        assert_eq!(human(Duration::from_secs(300)), "5m");
+    }
 
     #[test]
     fn default_names() {

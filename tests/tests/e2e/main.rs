@@ -10,6 +10,7 @@ mod admin;
 mod audit;
 mod authz;
 mod auto_protocol;
+mod cli;
 mod common;
 mod control_plane;
 mod dgram;

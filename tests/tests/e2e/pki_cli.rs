@@ -241,6 +241,7 @@ async fn assert_echo(dp: &Dataplane, ca_pem: &str, cert: &TestCert, what: &str) 
 ///   email, CN `alice`, clientAuth, valid for 4 h (not 3.5 h less, not 4.5 h more); a URI
 ///   gets its last segment as the name and CN, a plain name is the CN with no SAN;
 ///   `--name` picks the file name; an existing file is not overwritten without `--force`;
+///   `--ttl 7d` is a week;
 /// - `pki node n1` writes `node-n1.pem` with the URI SAN `spiffe://ztp.internal/node/n1`;
 /// - `pki sign` turns an openssl CSR into a certificate for its email with the CSR's key
 ///   (and writes no key); a CSR asking for a node URI is refused;
@@ -357,6 +358,29 @@ async fn pki_certificates_verify_with_openssl_and_work_with_a_data_plane() {
         mode(&pki.join("alice.key")),
         0o600,
         "alice.key after --force"
+    );
+    // Days: `--ttl 7d` is a week.
+    let said = ztpctl_ok(
+        cwd,
+        &[
+            "pki",
+            "issue",
+            "erin@example.com",
+            "--ttl",
+            "7d",
+            "--dir",
+            "pki",
+        ],
+    )
+    .await;
+    assert!(said.contains("valid 7d"), "issue --ttl 7d said {said:?}");
+    assert!(
+        openssl.valid_in("pki/erin.pem", 6 * 86_400 + 43_200).await,
+        "--ttl 7d: not valid in 6.5 days"
+    );
+    assert!(
+        !openssl.valid_in("pki/erin.pem", 7 * 86_400 + 43_200).await,
+        "--ttl 7d: still valid in 7.5 days"
     );
     ztpctl_ok(
         cwd,
@@ -582,8 +606,9 @@ async fn pki_certificates_verify_with_openssl_and_work_with_a_data_plane() {
 /// - `issue` before `init` points at `pki init`;
 /// - a node identity (`spiffe://ztp.internal/node/x`) is refused by `issue`, with or
 ///   without `--name`;
-/// - `--ttl 0s`, `0ms`, `1000000h` and `876001h` (over 100 years) on `issue` and `node`;
-/// - a ttl that is no duration (`99999999999999999999h`, `4 hours`, `1d`): a usage error
+/// - `--ttl 0s`, `0ms`, `1000000h`, `876001h` and `36501d` (over 100 years) on `issue` and
+///   `node`;
+/// - a ttl that is no duration (`99999999999999999999h`, `4 hours`, `1w`): a usage error
 ///   (exit 64) naming `--ttl`;
 /// - a node id with a slash, a CSR file that is not a CSR.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,7 +655,7 @@ async fn pki_refusals_are_one_clear_line() {
         let out = ztpctl(cwd, &args).await;
         assert_one_line_error(&out, &format!("{args:?}"), &["node"]);
     }
-    for ttl in ["0s", "0ms", "1000000h", "876001h"] {
+    for ttl in ["0s", "0ms", "1000000h", "876001h", "36501d"] {
         let out = ztpctl(
             cwd,
             &[
@@ -649,7 +674,7 @@ async fn pki_refusals_are_one_clear_line() {
         let out = ztpctl(cwd, &["pki", "node", "n9", "--ttl", ttl, "--dir", "pki"]).await;
         assert_one_line_error(&out, &format!("node --ttl {ttl}"), &["--ttl"]);
     }
-    for ttl in ["99999999999999999999h", "4 hours", "1d"] {
+    for ttl in ["99999999999999999999h", "4 hours", "1w"] {
         let out = ztpctl(
             cwd,
             &[
