@@ -1,13 +1,18 @@
 //! `ztpctl up` tried as a new user would (README "The two commands"): a fresh state
-//! folder, every port chosen by the test on 127.0.0.1; the `ztpctl connect` commands it
-//! prints are run verbatim through `sh -c`; Ctrl-C (SIGINT) stops it cleanly; a second
-//! run on the same state reuses the PKI and the store.
+//! folder, every port chosen by the test on 127.0.0.1 (but for one test, which leaves the
+//! gateway's default 127.0.0.1:9743 to `up` and holds that port itself); the `ztpctl
+//! connect` commands it prints are run verbatim through `sh -c`; Ctrl-C (SIGINT) stops it
+//! cleanly, saying once that it drains; a second run on the same state reuses the PKI
+//! and the store, and points the demo services it owns at the backends it started.
+//! Taken ports: a default is swapped for a free one, a named one fails naming its flag.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztp_tests::backend::{BannerBackend, EchoBackend};
 use ztp_tests::process::{
     describe_output, free_tcp_addr, free_udp_port, run_bounded, Process, Stream,
 };
@@ -36,30 +41,51 @@ const ZTPCTL_ENV: [&str; 7] = [
     "RUST_LOG",
 ];
 
-/// Every address `ztpctl up` listens on.
+/// Every address `ztpctl up` listens on, as flags.
 struct Ports {
-    flags: Vec<String>,
+    flags: Vec<(&'static str, String)>,
     api: SocketAddr,
 }
 
 impl Ports {
+    /// A free port on 127.0.0.1 for every flag (none of `up`'s defaults).
     fn pick() -> Ports {
         let api = free_tcp_addr();
         let flags = vec![
-            "--listen".into(),
-            free_tcp_addr().to_string(),
-            "--api-listen".into(),
-            api.to_string(),
-            "--grpc-listen".into(),
-            free_tcp_addr().to_string(),
-            "--admin-listen".into(),
-            free_tcp_addr().to_string(),
-            "--echo-backend".into(),
-            free_tcp_addr().to_string(),
-            "--udp-echo-backend".into(),
-            format!("127.0.0.1:{}", free_udp_port()),
+            ("--listen", free_tcp_addr().to_string()),
+            ("--api-listen", api.to_string()),
+            ("--grpc-listen", free_tcp_addr().to_string()),
+            ("--admin-listen", free_tcp_addr().to_string()),
+            ("--echo-backend", free_tcp_addr().to_string()),
+            (
+                "--udp-echo-backend",
+                format!("127.0.0.1:{}", free_udp_port()),
+            ),
         ];
         Ports { flags, api }
+    }
+
+    /// Gives `flag` the address `addr`.
+    fn set(&mut self, flag: &str, addr: SocketAddr) {
+        let slot = self
+            .flags
+            .iter_mut()
+            .find(|(f, _)| *f == flag)
+            .unwrap_or_else(|| panic!("no flag {flag}"));
+        slot.1 = addr.to_string();
+    }
+
+    /// Leaves `flag` out: `up` uses its default.
+    fn without(mut self, flag: &str) -> Ports {
+        self.flags.retain(|(f, _)| *f != flag);
+        self
+    }
+
+    fn args(&self) -> Vec<String> {
+        self.flags
+            .iter()
+            .flat_map(|(f, a)| [f.to_string(), a.clone()])
+            .collect()
     }
 }
 
@@ -73,13 +99,18 @@ fn isolate(cmd: &mut Command, home: &Path) {
         .env("XDG_STATE_HOME", home.join(".local/state"));
 }
 
+/// `ztpctl up --state STATE` with `ports`, as the new user.
+fn up_command(state: &Path, home: &Path, ports: &Ports) -> Command {
+    let mut cmd = Command::new(Bin::Ztpctl.path());
+    cmd.arg("up").arg("--state").arg(state).args(ports.args());
+    isolate(&mut cmd, home);
+    cmd
+}
+
 /// Starts `ztpctl up --state STATE` with `ports`, and waits for the whole welcome (from
 /// `ZTP is up` to the `Ctrl-C stops it` line); returns it with the process.
 async fn up(state: &Path, home: &Path, ports: &Ports) -> (Process, Vec<String>) {
-    let mut cmd = Command::new(Bin::Ztpctl.path());
-    cmd.arg("up").arg("--state").arg(state).args(&ports.flags);
-    isolate(&mut cmd, home);
-    let mut p = Process::spawn("ztpctl up", cmd);
+    let mut p = Process::spawn("ztpctl up", up_command(state, home, ports));
     p.wait_for_line(Stream::Stdout, |l| l.starts_with("ZTP is up"), UP_BOUND)
         .await;
     p.wait_for_line(Stream::Stdout, |l| l.starts_with("Ctrl-C stops it"), STEP)
@@ -247,8 +278,9 @@ async fn run_printed(p: &Printed, home: &Path) {
 
 /// The printed udp-echo command, running (`exec` before it, so that the process the
 /// test kills is ztpctl itself), carries a datagram to the demo UDP echo and back. Its
-/// local port is printed as a fixed 127.0.0.1:9753 whatever flags `up` got; if that port
-/// is taken on this machine, this part is skipped with a note.
+/// local port is 127.0.0.1:9753 unless that was taken when `up` started (then a free
+/// one); if it is taken by the time the test runs the command, this part is skipped
+/// with a note.
 async fn udp_echo(line: &str, home: &Path) {
     let (_, local) = line
         .rsplit_once("--udp-listen ")
@@ -376,4 +408,266 @@ async fn ztpctl_up_works_as_printed_stops_on_ctrl_c_and_reuses_its_state() {
     assert_eq!(printed_again.alice_echo, printed.alice_echo);
     run_printed(&printed_again, &home).await;
     interrupt(&mut second).await;
+}
+
+/// `ztpctl up` run to its end (it is expected to fail), bounded by [`COMMAND_BOUND`].
+async fn up_failing(state: &Path, home: &Path, ports: &Ports) -> std::process::Output {
+    let cmd = tokio::process::Command::from(up_command(state, home, ports));
+    run_bounded(cmd, None, COMMAND_BOUND).await
+}
+
+/// Runs the printed `echo hello | … connect echo.svc.internal …` line: `hello` comes
+/// back.
+async fn echo_hello(line: &str, home: &Path) {
+    let out = sh(line, home).await;
+    assert!(
+        out.status.success() && out.stdout == b"hello\n",
+        "`{line}`: expected `hello`: {}",
+        describe_output(&out)
+    );
+}
+
+/// `echo.svc.internal` as the admin API holds it.
+async fn echo_service(api: SocketAddr, token: &str) -> serde_json::Value {
+    let auth = format!("Bearer {token}");
+    let r = http::request(
+        api,
+        "GET",
+        "/v1/services/echo.svc.internal",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .expect("GET /v1/services/echo.svc.internal");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn new_user(what: &str) -> (TempDir, PathBuf, PathBuf) {
+    let root = TempDir::new(what);
+    let home = root.join("home");
+    std::fs::create_dir_all(&home).expect("create home");
+    let state = root.join("state");
+    (root, home, state)
+}
+
+/// A default port that is taken (here the gateway's 127.0.0.1:9743, held by the test;
+/// every other address is named) is swapped for a free one on 127.0.0.1, `up` says which,
+/// and the printed `connect` commands use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_up_swaps_a_taken_default_port_for_a_free_one_and_prints_it() {
+    let (_root, home, state) = new_user("up-default-taken");
+    // Held for the whole test; if another program has it already, it is taken all the
+    // same.
+    let _held = std::net::TcpListener::bind("127.0.0.1:9743")
+        .map_err(|e| eprintln!("note: 127.0.0.1:9743 is taken already ({e})"));
+    let ports = Ports::pick().without("--listen");
+
+    let (mut p, welcome) = up(&state, &home, &ports).await;
+    let said = p
+        .wait_for_line(
+            Stream::Stderr,
+            |l| l.starts_with("ztpctl: 127.0.0.1:9743 is in use"),
+            STEP,
+        )
+        .await;
+    assert!(said.contains("--listen"), "names the flag: {said}");
+    let chosen: SocketAddr = said
+        .split_once(" is on ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no `is on ADDR` in {said:?}"));
+    assert_eq!(chosen.ip().to_string(), "127.0.0.1", "{said}");
+    assert_ne!(chosen.port(), 9743, "{said}");
+    assert!(
+        welcome
+            .iter()
+            .any(|l| l.starts_with("  gateway") && l.ends_with(&chosen.to_string())),
+        "the welcome names the gateway on {chosen}:\n{}",
+        welcome.join("\n")
+    );
+
+    let pki = state.canonicalize().expect("state").join("pki");
+    let printed = commands(&welcome, &pki);
+    for line in [&printed.alice_echo, &printed.bob_echo, &printed.whoami] {
+        assert!(
+            line.contains(&format!(" --via {chosen} ")),
+            "not via {chosen}: {line}"
+        );
+    }
+    echo_hello(&printed.alice_echo, &home).await;
+    interrupt(&mut p).await;
+}
+
+/// Named ports that are taken stop `up` before it writes anything: one line each,
+/// naming the flag that changes it, all in one run, and a non-zero exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_up_refuses_taken_named_ports_in_one_line_each_naming_the_flag() {
+    let (_root, home, state) = new_user("up-named-taken");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let mut ports = Ports::pick();
+    let grpc = tcp.local_addr().expect("tcp addr");
+    let udp_echo = udp.local_addr().expect("udp addr");
+    ports.set("--grpc-listen", grpc);
+    ports.set("--udp-echo-backend", udp_echo);
+
+    let out = up_failing(&state, &home, &ports).await;
+    assert!(!out.status.success(), "{}", describe_output(&out));
+    assert!(out.stdout.is_empty(), "{}", describe_output(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line per port: {}",
+        describe_output(&out)
+    );
+    for (flag, addr) in [("--grpc-listen", grpc), ("--udp-echo-backend", udp_echo)] {
+        let prefix = format!("ztpctl: {flag} {addr} is in use");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&prefix)),
+            "no line `{prefix}…`: {}",
+            describe_output(&out)
+        );
+    }
+    assert!(
+        !state.exists(),
+        "the state folder was made before the ports were checked"
+    );
+}
+
+/// A first run on a taken `--echo-backend` fails; a retry on another port points
+/// `echo.svc.internal` at the backend `up` started, not at the program on the first
+/// port; moving `--echo-backend` later moves the service too; an address an admin set
+/// is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_up_points_the_echo_service_at_the_backend_it_started() {
+    let (_root, home, state) = new_user("up-echo-backend");
+    let stranger = BannerBackend::start(b"not the demo backend\n").await;
+    let mut ports = Ports::pick();
+    ports.set("--echo-backend", stranger.addr());
+
+    let out = up_failing(&state, &home, &ports).await;
+    assert!(
+        !out.status.success(),
+        "up ran on a taken --echo-backend: {}",
+        describe_output(&out)
+    );
+
+    // The retry, on a free port.
+    ports.set("--echo-backend", free_tcp_addr());
+    let (mut p, welcome) = up(&state, &home, &ports).await;
+    let state = state.canonicalize().expect("state");
+    let printed = commands(&welcome, &state.join("pki"));
+    echo_hello(&printed.alice_echo, &home).await;
+    assert_eq!(
+        stranger.connections(),
+        0,
+        "echo.svc.internal reached the stranger"
+    );
+    interrupt(&mut p).await;
+    drop(p);
+
+    // Another --echo-backend on the same state: the service follows it.
+    let moved = free_tcp_addr();
+    ports.set("--echo-backend", moved);
+    let (mut p, welcome) = up(&state, &home, &ports).await;
+    echo_hello(&commands(&welcome, &state.join("pki")).alice_echo, &home).await;
+    let token = String::from_utf8_lossy(&read(state.join("control").join("admin-token")))
+        .trim()
+        .to_string();
+    let mut svc = echo_service(ports.api, &token).await;
+    assert_eq!(svc["address"], moved.to_string(), "{svc}");
+
+    // An admin points it at their own backend: no longer `up`'s to move.
+    let theirs = EchoBackend::start().await;
+    svc["address"] = theirs.addr().to_string().into();
+    let auth = format!("Bearer {token}");
+    let body = serde_json::to_vec(&svc).expect("json");
+    let r = http::request(
+        ports.api,
+        "PUT",
+        "/v1/services/echo.svc.internal",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some(&body),
+    )
+    .await
+    .expect("PUT /v1/services/echo.svc.internal");
+    assert_eq!(r.status, 200, "{}", r.text());
+    interrupt(&mut p).await;
+    drop(p);
+
+    ports.set("--echo-backend", free_tcp_addr());
+    let (mut p, welcome) = up(&state, &home, &ports).await;
+    p.wait_for_line(
+        Stream::Stderr,
+        |l| l.starts_with("ztpctl: echo.svc.internal forwards to"),
+        STEP,
+    )
+    .await;
+    let svc = echo_service(ports.api, &token).await;
+    assert_eq!(svc["address"], theirs.addr().to_string(), "{svc}");
+    echo_hello(&commands(&welcome, &state.join("pki")).alice_echo, &home).await;
+    assert_eq!(theirs.connections(), 1);
+    interrupt(&mut p).await;
+}
+
+/// Ctrl-C with a connection open: one line says that it drains and for how long, no
+/// warnings follow, and `up` exits once the data plane has ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_up_says_once_that_it_drains_on_ctrl_c() {
+    let (_root, home, state) = new_user("up-drain");
+    let ports = Ports::pick();
+    let (mut p, welcome) = up(&state, &home, &ports).await;
+    let pki = state.canonicalize().expect("state").join("pki");
+    let line = commands(&welcome, &pki).alice_echo;
+    let rest = line.strip_prefix("echo hello | ").expect("echo hello | …");
+
+    // A connection that stays open: the printed command, its stdin held by the test.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("exec {rest}"));
+    isolate(&mut cmd, &home);
+    let mut client = tokio::process::Command::from(cmd)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ztpctl connect");
+    let mut stdin = client.stdin.take().expect("stdin");
+    let mut stdout = client.stdout.take().expect("stdout");
+    stdin.write_all(b"hello\n").await.expect("write");
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(STEP, stdout.read_exact(&mut buf))
+        .await
+        .expect("no echo in time")
+        .expect("read the echo");
+    assert_eq!(&buf, b"hello\n");
+
+    let before = p.lines(Stream::Stderr).len();
+    interrupt(&mut p).await;
+    let after = p.lines(Stream::Stderr).split_off(before);
+    let said: Vec<&String> = after.iter().filter(|l| l.contains("up to 5s")).collect();
+    assert!(
+        said.len() == 1 && said[0].contains("draining 1 open connection"),
+        "expected one line saying it drains 1 connection for up to 5s: {after:#?}"
+    );
+    assert_eq!(
+        after.len(),
+        2,
+        "only that line and the last one: {after:#?}"
+    );
+    assert!(after[1].starts_with("ztpctl: stopped;"), "{after:#?}");
+
+    // The data plane ended the connection before exiting.
+    let status = tokio::time::timeout(STEP, client.wait())
+        .await
+        .expect("the client still runs after up stopped")
+        .expect("wait for the client");
+    eprintln!("the client exited {status}");
+    drop(stdin);
 }
