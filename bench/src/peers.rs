@@ -15,7 +15,9 @@
 //! `latency` (64-byte ping-pong on one connection, added to the direct-to-backend round
 //! trip), `idle` (proxy memory per idle established connection). ZTP only: `flat`
 //! (conn/s and latency with 100,000 services and users), `stall` (latency while a snapshot
-//! of 100,000 users is applied every second), `threads` (conn/s with `--threads 2`).
+//! of 100,000 users is applied every second), `threads` (conn/s with `--threads 2`),
+//! `banner` (handshake to a server-speaks-first backend's first byte, `tcp` against
+//! `auto`).
 //!
 //! `--proxies relay` adds the floor: a plaintext TCP relay (no TLS) in this program, for
 //! `up` and `down` only; it is not a peer and is never the "best peer".
@@ -37,11 +39,13 @@ use tokio_rustls::rustls;
 
 mod common;
 use common::{
-    bin, client_config, dataplane_args, echo, free_port, raise_nofile, rss_kib, serve_loopback,
-    Proc,
+    bin, client_config, dataplane_args, echo, free_port, percentile, raise_nofile, rss_kib,
+    serve_loopback, Proc,
 };
 
 const SNI: &str = "bench.svc.internal";
+/// The same backend as a `protocol: auto` service (the field left out).
+const AUTO_SNI: &str = "auto.svc.internal";
 const PEERS: [&str; 4] = ["haproxy", "nginx", "hitch", "stunnel"];
 const CHUNK: usize = 64 * 1024;
 
@@ -218,6 +222,7 @@ fn main() {
             "flat" => flat(&rt, &dir, &env, &o, &mut extra),
             "stall" => stall(&rt, &dir, &env, &o, &mut extra),
             "threads" => threads(&rt, &dir, &env, &o, &mut extra),
+            "banner" => banner(&rt, &dir, &env, &o, &mut extra),
             _ => {}
         }
     }
@@ -286,7 +291,7 @@ fn ztp_snapshot(
     identities: &str,
 ) -> String {
     let mut y = format!(
-        "version: 1\nservices:\n  - name: {SNI}\n    protocol: tcp\n    address: \"127.0.0.1:{backend}\"\n    groups: [bench]\n"
+        "version: 1\nservices:\n  - name: {SNI}\n    protocol: tcp\n    address: \"127.0.0.1:{backend}\"\n    groups: [bench]\n  - name: {AUTO_SNI}\n    address: \"127.0.0.1:{backend}\"\n    groups: [bench]\n"
     );
     for i in 0..extra_services {
         y.push_str(&format!(
@@ -570,9 +575,13 @@ struct Env {
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 async fn connect(env: &Env, port: u16) -> std::io::Result<Tls> {
+    connect_sni(env, port, SNI).await
+}
+
+async fn connect_sni(env: &Env, port: u16, sni: &'static str) -> std::io::Result<Tls> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     tcp.set_nodelay(true)?;
-    let name = rustls_pki_types::ServerName::try_from(SNI).unwrap();
+    let name = rustls_pki_types::ServerName::try_from(sni).unwrap();
     let i = env.next.fetch_add(1, Ordering::Relaxed) as usize % env.tls.len();
     tokio_rustls::TlsConnector::from(env.tls[i].clone())
         .connect(name, tcp)
@@ -916,6 +925,61 @@ fn stall(
             extra.entry(format!("stall-{label}")).or_default().push(s);
         }
     }
+}
+
+/// `banner` (ZTP only): a server-speaks-first backend (it writes a banner on accept, as
+/// SSH, SMTP or MySQL do) behind a `protocol: tcp` and a `protocol: auto` service. Time
+/// from the client's handshake to the banner's first byte, `--pings / 10` connections
+/// per service and round, alternating: `auto` must add nothing to `tcp`.
+fn banner(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    env: &Env,
+    o: &Opts,
+    extra: &mut BTreeMap<String, Vec<Sample>>,
+) {
+    let port = free_port();
+    std::thread::spawn(move || {
+        serve_loopback(port, "banner backend", |mut s| async move {
+            let _ = s.write_all(b"220 bench ready\r\n").await;
+            let mut buf = [0u8; 256];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+    });
+    let p = start_proxy("ztp", dir, port, 0, "0", 1).expect("ztp");
+    let n = (o.pings / 10).max(10);
+    for round in 1..=o.rounds {
+        let (tcp, auto) = rt.block_on(async {
+            let mut tcp = Vec::with_capacity(n);
+            let mut auto = Vec::with_capacity(n);
+            for _ in 0..n {
+                for (sni, out) in [(SNI, &mut tcp), (AUTO_SNI, &mut auto)] {
+                    let mut s = connect_sni(env, p.port, sni).await.expect("handshake");
+                    let t = Instant::now();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await.expect("the banner");
+                    out.push(t.elapsed());
+                }
+            }
+            (tcp, auto)
+        });
+        for (label, mut v) in [("tcp", tcp), ("auto", auto)] {
+            v.sort_unstable();
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            let s = Sample {
+                p50: us(percentile(&v, 0.5)),
+                p99: us(percentile(&v, 0.99)),
+                max: us(*v.last().unwrap()),
+                ..Sample::default()
+            };
+            eprintln!(
+                "round {round} banner {label:4} handshake to first banner byte p50 {:.0} µs p99 {:.0} µs max {:.0} µs",
+                s.p50, s.p99, s.max
+            );
+            extra.entry(format!("banner-{label}")).or_default().push(s);
+        }
+    }
+    p.stop();
 }
 
 fn threads(

@@ -8,6 +8,21 @@
 //!
 //! A refusal from the gateway (a TLS alert, or a `ZTP-ERROR` line) becomes one clear
 //! message and a non-zero exit (stdio mode) or a logged line (listening modes).
+//!
+//! What the client can and cannot know about why a session ended (DESIGN.md, Refusals):
+//! - a certificate refused at the handshake (revoked, expired, unknown CA…): the gateway's
+//!   TLS alert, named;
+//! - a session refused before anything was forwarded (no user, user disabled, not in the
+//!   groups; also a revocation or group change that lands before the first byte): the
+//!   `ZTP-ERROR` line;
+//! - a connection the gateway closes before the handshake (shedding load, or refusing new
+//!   connections while its snapshot is too old under `--max-snapshot-age`): said so;
+//! - a live session that the gateway ends after data was forwarded gets close_notify,
+//!   exactly as a normal end of the service's stream: a revocation or group change then
+//!   cannot be told apart from the service closing, and the session ends with exit 0.
+//!   The one such cause the client can see on its own is the expiry of its own
+//!   certificate, which the gateway enforces on live sessions: when a session ends (in any
+//!   way) after the certificate's notAfter, that is the message, with a non-zero exit.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,12 +79,23 @@ pub enum Refused {
     Line(String),
     #[error("the gateway refused the handshake: {0}")]
     Alert(String),
+    /// The TCP connection ended (or was reset) before the gateway answered the ClientHello.
+    #[error(
+        "the gateway closed the connection before the TLS handshake (it may be shedding load \
+         or refusing new connections)"
+    )]
+    ClosedBeforeHandshake,
+    /// The session ended after the client's own certificate expired.
+    #[error("your certificate expired at {0} (the gateway ends sessions when it does); renew it")]
+    CertificateExpired(String),
 }
 
 struct Client {
     tls: TlsConnector,
     via: String,
     server_name: ServerName<'static>,
+    /// The client certificate's notAfter (Unix seconds) and its text, if it parses.
+    not_after: Option<(i64, String)>,
 }
 
 impl Client {
@@ -97,6 +123,7 @@ impl Client {
         let roots = ztp_infra::tls::read_roots(&ca)?;
         let provider = ztp_infra::tls::provider();
         let certified = ztp_infra::tls::certified_key(&cert, &key, &provider)?;
+        let not_after = certified.cert.first().and_then(|der| not_after(der));
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
@@ -110,6 +137,7 @@ impl Client {
             tls: TlsConnector::from(Arc::new(config)),
             via,
             server_name,
+            not_after,
         })
     }
 
@@ -122,9 +150,64 @@ impl Client {
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| {
+                if closed_early(&e) {
+                    return Refused::ClosedBeforeHandshake.into();
+                }
                 explain(&e).unwrap_or_else(|| anyhow::anyhow!("TLS with the gateway failed: {e}"))
             })
     }
+
+    /// The message for a session that ended (`result`) after this client's certificate
+    /// expired, if it has; `result` otherwise. The gateway ends a live session at expiry
+    /// with close_notify (after data) or the 403 line (before), so neither names the
+    /// cause: the client's clock and its own certificate do.
+    fn ended(&self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        // An alert from the gateway already names the cause (`certificate expired` too).
+        let alert = matches!(
+            result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<Refused>()),
+            Some(Refused::Alert(_))
+        );
+        match &self.not_after {
+            Some((t, text)) if now > *t && !alert => {
+                let expired = anyhow::Error::from(Refused::CertificateExpired(text.clone()));
+                Err(match result {
+                    Ok(()) => expired.context("the session ended"),
+                    Err(e) => expired.context(format!("{e:#}")),
+                })
+            }
+            _ => result,
+        }
+    }
+}
+
+/// A certificate's notAfter: Unix seconds and RFC 3339 text.
+fn not_after(der: &[u8]) -> Option<(i64, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let t = cert.validity().not_after;
+    let text = t
+        .to_datetime()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string());
+    Some((t.timestamp(), text))
+}
+
+/// Whether a handshake error is the TCP connection ending (EOF or reset) before the
+/// gateway sent anything: rustls reports an alert or a protocol error once it has.
+fn closed_early(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    ) && e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .is_none()
 }
 
 /// A TLS alert from the gateway, in words.
@@ -193,7 +276,16 @@ async fn carry<L: AsyncRead + AsyncWrite + Unpin>(
     client: &Client,
     local: &mut L,
 ) -> anyhow::Result<()> {
-    let mut tls = client.connect().await?;
+    // A refusal at the handshake names its cause; the session's end may not.
+    let tls = client.connect().await?;
+    let result = carry_session(tls, local).await;
+    client.ended(result)
+}
+
+async fn carry_session<L: AsyncRead + AsyncWrite + Unpin>(
+    mut tls: TlsStream<TcpStream>,
+    local: &mut L,
+) -> anyhow::Result<()> {
     let (mut lr, mut lw) = tokio::io::split(local);
     let (mut tr, mut tw) = tokio::io::split(&mut tls);
     let up = async {
@@ -218,12 +310,17 @@ async fn carry<L: AsyncRead + AsyncWrite + Unpin>(
     tokio::select! {
         r = &mut down => r,
         r = &mut up => {
-            if let Err(e) = r {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    return Err(e.into());
-                }
+            let Err(e) = r else { return down.await };
+            // Writing failed: the gateway has likely refused or closed. Its refusal (an
+            // alert or the `ZTP-ERROR` line, read by `down`) says why; the write error
+            // only says that it failed.
+            match tokio::time::timeout(Duration::from_secs(2), &mut down).await {
+                Ok(Err(refusal)) => Err(refusal),
+                Ok(Ok(())) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                _ => Err(explain(&e).unwrap_or_else(|| {
+                    anyhow::Error::from(e).context("sending to the gateway failed")
+                })),
             }
-            down.await
         }
     }
 }
@@ -357,4 +454,118 @@ async fn udp_session(
     }
     let _ = tls.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(via: String, not_after: Option<(i64, String)>) -> Client {
+        let config = rustls::ClientConfig::builder_with_provider(ztp_infra::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Client {
+            tls: TlsConnector::from(Arc::new(config)),
+            via,
+            server_name: ServerName::try_from("echo.svc.internal").expect("a name"),
+            not_after,
+        }
+    }
+
+    /// A gateway shedding load (or stale under `--max-snapshot-age`) closes the TCP
+    /// connection before the handshake: said so, not `tls handshake eof`.
+    #[tokio::test]
+    async fn a_close_before_the_handshake_is_named() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let via = listener.local_addr().expect("address").to_string();
+        let shed = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                drop(tcp);
+            }
+        });
+        let c = client(via, None);
+        for _ in 0..2 {
+            let e = c.connect().await.expect_err("closed before the handshake");
+            assert!(
+                matches!(
+                    e.downcast_ref::<Refused>(),
+                    Some(Refused::ClosedBeforeHandshake)
+                ),
+                "{e:#}"
+            );
+            assert!(
+                format!("{e:#}").contains("closed the connection before the TLS handshake"),
+                "{e:#}"
+            );
+        }
+        shed.await.expect("the shedding listener");
+    }
+
+    /// A session ending after the client's certificate expired says so, whether it ended
+    /// cleanly or with a refusal; before expiry the end is left as it was.
+    #[test]
+    fn a_session_ending_after_expiry_names_it() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs() as i64;
+        let expired = client(
+            "127.0.0.1:1".into(),
+            Some((now - 5, "2026-01-01T00:00:00Z".into())),
+        );
+        let e = expired.ended(Ok(())).expect_err("expired");
+        assert_eq!(
+            format!("{e:#}"),
+            "the session ended: your certificate expired at 2026-01-01T00:00:00Z (the gateway \
+             ends sessions when it does); renew it"
+        );
+        let e = expired
+            .ended(Err(Refused::Line("403 forbidden".into()).into()))
+            .expect_err("expired");
+        let text = format!("{e:#}");
+        assert!(
+            text.starts_with(
+                "the gateway refused the connection: 403 forbidden: your certificate expired"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1);
+
+        // The gateway's alert already names the cause.
+        let e = expired
+            .ended(Err(Refused::Alert("certificate expired".into()).into()))
+            .expect_err("the alert");
+        assert_eq!(
+            format!("{e:#}"),
+            "the gateway refused the handshake: certificate expired"
+        );
+
+        let valid = client("127.0.0.1:1".into(), Some((now + 3600, "later".into())));
+        valid.ended(Ok(())).expect("a normal end");
+        let e = valid
+            .ended(Err(Refused::Line("403 forbidden".into()).into()))
+            .expect_err("the refusal");
+        assert_eq!(
+            format!("{e:#}"),
+            "the gateway refused the connection: 403 forbidden"
+        );
+        client("127.0.0.1:1".into(), None)
+            .ended(Ok(()))
+            .expect("no date known: a normal end");
+    }
+
+    #[test]
+    fn not_after_reads_the_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.example".into()]).expect("params");
+        params.not_after = rcgen::date_time_ymd(2031, 2, 3);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let (t, text) = not_after(cert.der()).expect("parses");
+        assert_eq!(text, "2031-02-03T00:00:00Z");
+        assert_eq!(t, 1_927_843_200);
+        assert!(not_after(b"not a certificate").is_none());
+    }
 }

@@ -21,8 +21,8 @@
 //!   gRPC stream with the test PKI, admin token, SIGKILL and restart on the same store and
 //!   ports), a REST helper and the `ztpctl` runner.
 //! - [`http`]: a minimal HTTP/1.1 client for the admin APIs.
-//! - [`process`]: outside programs (found on `PATH` or in sbin; skipped, or failed under
-//!   `ZTP_REQUIRE_TOOLS=1`, when missing), free loopback ports, a guard around a
+//! - [`process`]: outside programs (found on `PATH` or in sbin; skipped with a visible
+//!   `SKIPPED` line, or failed under `ZTP_REQUIRE_TOOLS=1`, when missing), free loopback ports, a guard around a
 //!   long-running process with its output lines, and bounded one-shot runs.
 //! - [`bins`]: locating the three binaries, building them once per test process.
 //! - [`tempdir`]: a self-removing temporary directory.

@@ -4,8 +4,17 @@
 //! one-shot runs of a client (`ssh`, `dig`, `redis-cli`, `sh -c`).
 //!
 //! `ZTP_REQUIRE_TOOLS=1` (set by `.ci/run`, which installs the tools) turns a missing tool
-//! into a failure; without it a test that needs a missing tool is skipped with a note on
-//! stderr.
+//! into a failure; without it a test that needs a missing tool is skipped, and says so
+//! where `cargo test` shows it (see [`skip`]).
+//!
+//! libtest has no runtime skip: a test that returns early is reported `ok`. It captures
+//! what a passing test prints with `print!`/`eprint!` and drops it, so a note printed that
+//! way is never seen. The capture works by swapping the target of those macros only;
+//! bytes written to the process's standard error through [`std::io::stderr`]'s `Write`
+//! reach the terminal (or CI log) as they are, between libtest's `test … ok` lines. So a
+//! skip writes one `SKIPPED` line that way, naming the test, the missing tool and the
+//! package to install. (Under cargo-nextest, which captures per process, the line shows
+//! with `--no-capture` or `--success-output immediate`.)
 
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -42,8 +51,35 @@ pub fn tools_required() -> bool {
     std::env::var_os(REQUIRE_TOOLS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The paths of `names`, in order; `None` (after a note on stderr) if one is missing,
-/// so the caller skips.
+/// The Debian package that provides `tool` (what `.ci/run` installs), if known.
+pub fn package_of(tool: &str) -> Option<&'static str> {
+    Some(match tool {
+        "openssl" => "openssl",
+        "ssh" | "ssh-keygen" => "openssh-client",
+        "sshd" => "openssh-server",
+        "dig" => "dnsutils",
+        "dnsmasq" => "dnsmasq",
+        "redis-server" => "redis-server",
+        "redis-cli" => "redis-tools",
+        _ => return None,
+    })
+}
+
+/// Reports that `test` did not run, for `reason`, where `cargo test` shows it: one line
+/// `SKIPPED test: reason` written straight to the process's standard error (past
+/// libtest's capture, see the module docs), also kept with the captured output for a
+/// runner that shows it. The caller then returns: libtest will still say `ok`.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {test}: {reason}\n");
+    // `eprint!` is captured (shown only if the test fails); the `Write` handle is not.
+    eprint!("{line}");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// The paths of `names`, in order; `None` if one is missing, after a visible `SKIPPED`
+/// line (see [`skip`]) naming the missing tools and how to install them, so the caller
+/// returns.
 ///
 /// # Panics
 /// If one is missing and [`REQUIRE_TOOLS_ENV`] is set.
@@ -58,16 +94,35 @@ pub fn require_tools(test: &str, names: &[&str]) -> Option<Vec<PathBuf>> {
     if missing.is_empty() {
         return Some(found.into_iter().flatten().collect());
     }
+    let mut packages: Vec<&str> = missing.iter().filter_map(|t| package_of(t)).collect();
+    packages.dedup();
+    let install = if packages.is_empty() {
+        "install them".to_owned()
+    } else {
+        format!("install with `apt-get install {}`", packages.join(" "))
+    };
     assert!(
         !tools_required(),
         "{test}: missing {missing:?} (not on PATH nor in sbin), and {REQUIRE_TOOLS_ENV} is \
-         set; `.ci/run` installs them"
+         set; {install}, or run `.ci/run`, which installs them"
     );
-    eprintln!(
-        "note: skipping {test}: missing {missing:?}; `.ci/run` installs them \
-         (set {REQUIRE_TOOLS_ENV}=1 to fail instead)"
+    skip(
+        test,
+        &format!(
+            "missing {} (not on PATH nor in sbin); {install} (`.ci/run` does), or set \
+             {REQUIRE_TOOLS_ENV}=1 to fail instead",
+            missing.join(", ")
+        ),
     );
     None
+}
+
+/// The path of `name` (see [`require_tools`]).
+///
+/// # Panics
+/// If it is missing and [`REQUIRE_TOOLS_ENV`] is set.
+pub fn require_tool(test: &str, name: &str) -> Option<PathBuf> {
+    require_tools(test, &[name]).and_then(|mut v| v.pop())
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then dropped).
@@ -331,4 +386,41 @@ pub fn describe_output(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A missing tool fails the test under `ZTP_REQUIRE_TOOLS`, and is a skip (`None`)
+    /// otherwise; every tool `.ci/run` installs has its package named.
+    #[test]
+    fn a_missing_tool_is_a_skip_or_a_failure() {
+        let r = std::panic::catch_unwind(|| {
+            require_tools(
+                "the self-test of the skip line (expected)",
+                &["sh", "ztp-no-such-tool-anywhere"],
+            )
+        });
+        match r {
+            Ok(found) => {
+                assert!(!tools_required());
+                assert!(found.is_none());
+            }
+            Err(_) => assert!(tools_required()),
+        }
+        assert!(require_tool("selftest", "sh").is_some_and(|p| p.is_absolute()));
+        for tool in [
+            "openssl",
+            "ssh",
+            "ssh-keygen",
+            "sshd",
+            "dig",
+            "dnsmasq",
+            "redis-server",
+            "redis-cli",
+        ] {
+            assert!(package_of(tool).is_some(), "{tool}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! dual-stack) and step 1: IPv4-mapped IPv6 peers are canonicalized before any address
 //! rule, and logs show `127.0.0.1:PORT`, never `[::ffff:127.0.0.1]:PORT`.
 //!
-//! Tests that need `::1` skip, with a note, where it cannot be bound.
+//! Tests that need `::1` skip, with a visible `SKIPPED` line, where it cannot be bound.
 
 use std::net::SocketAddr;
 
@@ -12,11 +12,13 @@ use ztp_tests::TestPki;
 
 use crate::common::{assert_denied, echo_roundtrip, Extra, Fixture, STEP};
 
-fn ipv6_loopback_available() -> bool {
+/// Whether `::1` can be bound; if not, `test` is reported skipped (visibly; not a failure
+/// under `ZTP_REQUIRE_TOOLS`: a host without IPv6 is not a missing tool).
+fn ipv6_loopback_available(test: &str) -> bool {
     match std::net::TcpListener::bind("[::1]:0") {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED: cannot bind [::1]:0 ({e})");
+            ztp_tests::process::skip(test, &format!("cannot bind [::1]:0 ({e})"));
             false
         }
     }
@@ -58,7 +60,7 @@ async fn logged_client_addr(fx: &Fixture, local: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_clients_on_an_ipv6_loopback_listener() {
-    if !ipv6_loopback_available() {
+    if !ipv6_loopback_available("serves_clients_on_an_ipv6_loopback_listener") {
         return;
     }
     let fx = Fixture::start_with(

@@ -6,7 +6,8 @@
 //!
 //! Every server runs on 127.0.0.1 with a configuration the test writes into a temporary
 //! directory; every process is the test's own child and is killed by its guard. A test
-//! whose tools are missing is skipped with a note, or fails under `ZTP_REQUIRE_TOOLS=1`
+//! whose tools are missing is skipped with a visible `SKIPPED` line naming them and their
+//! package, or fails under `ZTP_REQUIRE_TOOLS=1`
 //! (`.ci/run` installs openssh-client, openssh-server, dnsutils, dnsmasq, redis-server and
 //! redis-tools, and sets it).
 

@@ -11,9 +11,10 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use ztp_tests::client::read_to_end_or_alert_within;
-use ztp_tests::{connect_with, Dataplane, TempDir, TestCert};
+use ztp_tests::process::{describe_output, run_bounded};
+use ztp_tests::{connect_with, Bin, Dataplane, TempDir, TestCert, TestPki};
 
-use crate::common::{assert_cert_refused, echo_step, STEP};
+use crate::common::{assert_cert_refused, echo_step, Extra, Fixture, STEP};
 use crate::plane::{assert_one_line_error, send_and_drain, wait_items, Plane, ECHO};
 
 /// A live session must end within this of `ztpctl pki revoke` returning.
@@ -372,4 +373,158 @@ async fn revoking_through_the_control_plane_reaches_every_replica() {
             "B's last echo"
         );
     }
+}
+
+/// `ztpctl connect SERVICE` (standard input and output, as ssh's ProxyCommand runs it)
+/// refused by the gateway ends with a non-zero exit, one line on stderr naming the cause
+/// and nothing on stdout:
+///
+/// - a revoked certificate: the `certificate_revoked` alert at the handshake;
+/// - a disabled user (dave): the `ZTP-ERROR 403 forbidden` line, nothing forwarded;
+/// - an expired certificate: the `certificate_expired` alert at the handshake.
+///
+/// Alice, neither revoked nor disabled, gets the echo of her input and exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_connect_refused_exits_non_zero_with_one_line() {
+    let pki = TestPki::new();
+    let revoked = pki.client_email("bob@example.com");
+    let serials = [revoked.serial.clone()];
+    let fx = Fixture::start_with(
+        pki,
+        Extra {
+            revoked: &serials,
+            ..Extra::default()
+        },
+    )
+    .await;
+    let files = TempDir::new("connect-refused");
+    std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+    std::fs::create_dir_all(files.join("xdg")).expect("create the config home");
+    revoked.write(files.path(), "revoked").expect("write");
+    fx.pki
+        .client_email("dave@example.com")
+        .write(files.path(), "dave")
+        .expect("write");
+    fx.pki
+        .builder()
+        .email("alice@example.com")
+        .expired()
+        .issue()
+        .write(files.path(), "expired")
+        .expect("write");
+    fx.pki
+        .client_email("alice@example.com")
+        .write(files.path(), "alice")
+        .expect("write");
+
+    let connect = |who: &str, input: &str| {
+        let p = |name: String| files.join(name);
+        let mut cmd = tokio::process::Command::new(Bin::Ztpctl.path());
+        cmd.args(["connect", "echo.svc.internal", "--via"])
+            .arg(fx.dp.addr().to_string())
+            .arg("--cert")
+            .arg(p(format!("{who}.pem")))
+            .arg("--key")
+            .arg(p(format!("{who}.key")))
+            .arg("--ca")
+            .arg(p("ca.pem".into()));
+        for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
+            cmd.env_remove(k);
+        }
+        cmd.env("XDG_CONFIG_HOME", files.join("xdg"));
+        let input = input.as_bytes().to_vec();
+        async move { run_bounded(cmd, Some(&input), STEP).await }
+    };
+
+    for (who, input, needles) in [
+        ("revoked", "", &["certificate revoked"][..]),
+        ("revoked", "some input", &["certificate revoked"][..]),
+        ("dave", "", &["403 forbidden"][..]),
+        ("dave", "some input", &["403 forbidden"][..]),
+        ("expired", "", &["certificate expired"][..]),
+    ] {
+        let what = format!("ztpctl connect as {who}, input {input:?}");
+        let out = connect(who, input).await;
+        eprintln!("{what}: {}", describe_output(&out));
+        assert_one_line_error(&out, &what, needles);
+        assert!(out.stdout.is_empty(), "{what}: {}", describe_output(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("ztpctl: "),
+            "{what}: {}",
+            describe_output(&out)
+        );
+    }
+    let out = connect("alice", "hello").await;
+    assert!(out.status.success(), "alice: {}", describe_output(&out));
+    assert_eq!(
+        out.stdout,
+        b"hello",
+        "alice's echo: {}",
+        describe_output(&out)
+    );
+}
+
+/// A live `ztpctl connect` session (data forwarded both ways) whose client certificate
+/// expires: the gateway ends it with close_notify, which alone reads as a normal end;
+/// ztpctl checks its own certificate when the session ends and exits non-zero with one
+/// line saying it expired. (A revocation or group change after data cannot be told apart
+/// from the service closing: the client sees the same close_notify.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_connect_session_ended_by_expiry_says_so() {
+    use tokio::io::AsyncWriteExt;
+
+    let fx = Fixture::start_with(TestPki::new(), Extra::default()).await;
+    let files = TempDir::new("connect-expiry");
+    std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+    std::fs::create_dir_all(files.join("xdg")).expect("create the config home");
+    let now = time::OffsetDateTime::now_utc();
+    fx.pki
+        .builder()
+        .email("alice@example.com")
+        .validity(
+            now - time::Duration::days(1),
+            now + time::Duration::seconds(3),
+        )
+        .issue()
+        .write(files.path(), "short")
+        .expect("write");
+
+    let mut cmd = tokio::process::Command::new(Bin::Ztpctl.path());
+    cmd.args(["connect", "echo.svc.internal", "--via"])
+        .arg(fx.dp.addr().to_string())
+        .arg("--cert")
+        .arg(files.join("short.pem"))
+        .arg("--key")
+        .arg(files.join("short.key"))
+        .arg("--ca")
+        .arg(files.join("ca.pem"));
+    for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
+        cmd.env_remove(k);
+    }
+    cmd.env("XDG_CONFIG_HOME", files.join("xdg"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("start ztpctl connect");
+    // Standard input stays open: only the gateway can end the session.
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"hello").await.expect("write to ztpctl");
+    stdin.flush().await.expect("flush");
+    let out = tokio::time::timeout(STEP, child.wait_with_output())
+        .await
+        .expect("the session ends within the bound (the certificate expires in 3 s)")
+        .expect("ztpctl's output");
+    drop(stdin);
+    eprintln!("{}", describe_output(&out));
+    assert_eq!(out.stdout, b"hello", "{}", describe_output(&out));
+    assert_one_line_error(
+        &out,
+        "a session ended by the certificate's expiry",
+        &[
+            "ztpctl: ",
+            "the session ended",
+            "your certificate expired at",
+        ],
+    );
 }
