@@ -16,7 +16,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
-use ztp_proto::names::{is_node_uri, uri_scheme};
+use ztp_proto::names::{is_connector_uri, is_node_uri, uri_scheme};
 use ztp_proto::parse_duration;
 
 #[derive(Debug, Subcommand)]
@@ -353,6 +353,9 @@ fn identity_params(identity: &str) -> anyhow::Result<CertificateParams> {
     if is_node_uri(identity) {
         bail!("{identity:?} is a node identity; use `ztpctl pki node ID`");
     }
+    if is_connector_uri(identity) {
+        bail!("{identity:?} is a connector identity, never a user's");
+    }
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     if uri_scheme(identity).is_some() {
@@ -445,6 +448,12 @@ pub fn sign(
             if is_node_uri(u.as_str()) {
                 bail!(
                     "the request asks for a node identity ({}); use `ztpctl pki node`",
+                    u.as_str()
+                );
+            }
+            if is_connector_uri(u.as_str()) {
+                bail!(
+                    "the request asks for a connector identity ({}), never a user's",
                     u.as_str()
                 );
             }

@@ -62,7 +62,7 @@ pub struct Args {
     #[arg(long, hide = true, default_value_t = ztp_proto::wire::SCHEMA)]
     pub snapshot_schema: u32,
 
-    /// Address of /healthz and /readyz.
+    /// Address of /healthz, /readyz and /metrics (no token: keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:9790", value_name = "ADDR")]
     pub admin_listen: SocketAddr,
 

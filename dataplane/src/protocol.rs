@@ -1,10 +1,9 @@
 //! Protocol choice: how an authorized connection is carried.
 //!
-//! A declared protocol (`tcp`, `udp`, `quic`) is used as is, never detected. For `auto`
-//! the data plane peeks at the client's first bytes (with a deadline: a client of a
-//! server-speaks-first protocol sends nothing) and chooses. Every stream protocol
-//! recognized today (TLS, SSH, HTTP/1) and everything unrecognized goes to tcp
-//! forwarding; the detected kind is logged.
+//! A declared protocol (`tcp`, `udp`, `quic`) is used as is, never detected. `auto` is
+//! forwarded as tcp at once (every stream protocol goes to tcp forwarding, and waiting
+//! for a server-speaks-first client's bytes would only add latency); the client's first
+//! bytes, as the session saw them, name the detected kind in the connection's record.
 
 use ztp_proto::Protocol;
 

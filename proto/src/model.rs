@@ -60,7 +60,7 @@ pub enum Protocol {
     Tcp,
     Udp,
     Quic,
-    /// Chosen per connection by peeking at the client's first bytes.
+    /// Forwarded as tcp; the client's first bytes name the detected kind in the record.
     #[default]
     Auto,
 }

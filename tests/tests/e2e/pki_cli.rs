@@ -655,6 +655,16 @@ async fn pki_refusals_are_one_clear_line() {
         let out = ztpctl(cwd, &args).await;
         assert_one_line_error(&out, &format!("{args:?}"), &["node"]);
     }
+    // A connector's identity is never a user's either.
+    let args = [
+        "pki",
+        "issue",
+        "spiffe://ztp.internal/connector/c1",
+        "--dir",
+        "pki",
+    ];
+    let out = ztpctl(cwd, &args).await;
+    assert_one_line_error(&out, &format!("{args:?}"), &["connector"]);
     for ttl in ["0s", "0ms", "1000000h", "876001h", "36501d"] {
         let out = ztpctl(
             cwd,
