@@ -160,6 +160,12 @@ pub enum NodeCmd {
     /// List data-plane replicas: applied version, lag, last nack.
     #[command(visible_alias = "ls")]
     List,
+    /// Forget a node that is gone for good (refused while it is connected).
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// The node's id (see `node list`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +180,11 @@ pub enum TokenCmd {
     Create {
         /// What the token is for, e.g. ci or an operator's name.
         name: String,
+        /// What it may do: viewer (reads, audit, metrics), operator (configuration, no
+        /// tokens) or admin (everything). Admin by default, as every token was before
+        /// roles existed, so that existing scripts keep working.
+        #[arg(long, default_value = "admin", value_parser = ["viewer", "operator", "admin"])]
+        role: String,
     },
     /// List tokens (never their secrets).
     #[command(visible_alias = "ls")]
@@ -596,6 +607,10 @@ pub async fn node(c: &Client, cmd: NodeCmd, out: Output) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        NodeCmd::Rm { id } => {
+            delete(c, &format!("/v1/nodes/{}", seg(&id))).await?;
+            done(out, &json!({"removed": id}), &format!("node {id} removed"))
+        }
     }
 }
 
@@ -608,19 +623,20 @@ fn nodes_table(items: &[Value], now_ms: u64, wide: bool) -> String {
                 Value::Null => "-".to_owned(),
                 v => format!("v{}: {}", s(&v["version"]), s(&v["reason"])),
             };
+            let up = n["connected"].as_bool() == Some(true);
             let mut row = vec![
                 s(&n["id"]),
                 s(&n["listen"]),
                 s(&n["peer"]),
                 s(&n["applied"]),
                 s(&n["lag"]),
-                if n["connected"].as_bool() == Some(true) {
-                    "up"
+                if up { "up" } else { "down" }.into(),
+                // A node whose subscription is open is seen now, however idle it is.
+                if up {
+                    "now".into()
                 } else {
-                    "down"
-                }
-                .into(),
-                clock::age(now_ms, seen),
+                    clock::age(now_ms, seen)
+                },
             ];
             if wide {
                 row.extend([clock::local(seen), s(&n["schema"])]);
@@ -703,16 +719,24 @@ pub async fn import(c: &Client, file: &Path, out: Output) -> anyhow::Result<()> 
 
 pub async fn token(c: &Client, cmd: TokenCmd, out: Output) -> anyhow::Result<()> {
     match cmd {
-        TokenCmd::Create { name } => {
-            let v = send(c, Method::POST, "/v1/tokens", &json!({"name": name}), None).await?;
+        TokenCmd::Create { name, role } => {
+            let v = send(
+                c,
+                Method::POST,
+                "/v1/tokens",
+                &json!({"name": name, "role": role}),
+                None,
+            )
+            .await?;
             show(out, &v, |_| {
                 let Some(t) = v["token"].as_str() else {
                     bail!("the server did not return a token");
                 };
                 eprintln!(
-                    "token {} ({}) created; it is shown only now:",
+                    "token {} ({}, {}) created; it is shown only now:",
                     s(&v["id"]),
-                    s(&v["name"])
+                    s(&v["name"]),
+                    s(&v["role"])
                 );
                 println!("{t}");
                 Ok(())
@@ -740,12 +764,14 @@ fn tokens_table(items: &[Value], now_ms: u64) -> String {
             vec![
                 s(&t["id"]),
                 s(&t["name"]),
+                // A server from before roles lists none: its tokens are all admin.
+                t["role"].as_str().unwrap_or("admin").to_owned(),
                 clock::local(created),
                 clock::age(now_ms, created),
             ]
         })
         .collect();
-    table::render(&["ID", "NAME", "CREATED", "AGE"], &rows)
+    table::render(&["ID", "NAME", "ROLE", "CREATED", "AGE"], &rows)
 }
 
 pub async fn revoke(c: &Client, serials: &[String], out: Output) -> anyhow::Result<()> {
@@ -831,6 +857,7 @@ fn admin_audit_table(items: &[Value]) -> String {
                 s(&r["seq"]),
                 clock::local(r["time_ms"].as_u64().unwrap_or(0)),
                 s(&r["actor"]["token_name"]),
+                r["actor"]["role"].as_str().unwrap_or("admin").to_owned(),
                 s(&r["action"]),
                 s(&r["target"]),
                 s(&r["version"]),
@@ -838,7 +865,7 @@ fn admin_audit_table(items: &[Value]) -> String {
         })
         .collect();
     table::render(
-        &["SEQ", "TIME", "WHO", "ACTION", "TARGET", "VERSION"],
+        &["SEQ", "TIME", "WHO", "ROLE", "ACTION", "TARGET", "VERSION"],
         &rows,
     )
 }

@@ -1,8 +1,16 @@
 //! A small HTTP client for the admin API: one HTTP/1.1 request per connection (the CLI
 //! makes a handful), over TCP or, for `https://` servers, TLS 1.3 with the CA given.
+//!
+//! The failures people meet first get one line that says what to do: no token and a
+//! refused token are told apart, and a scheme that does not match what the port speaks
+//! (`http://` to the HTTPS API, `https://` to a plain one) is named as such rather than
+//! as a TLS or HTTP parse error.
 
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{bail, Context};
 use http_body_util::{BodyExt, Full};
@@ -10,7 +18,15 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+/// What `ztpctl` says when the server wants a token and none was given.
+pub const NO_TOKEN: &str = "no token: set --token, ZTP_TOKEN or token in ~/.config/ztp/config.toml";
+
+/// What `ztpctl` says when the server refuses the token given.
+pub const REFUSED_TOKEN: &str =
+    "the server refused the token (401): it is wrong, revoked, or another control plane's";
 
 /// Where the control plane is and how to authenticate.
 pub struct Client {
@@ -106,18 +122,109 @@ impl Client {
         let req = req
             .header(hyper::header::CONTENT_TYPE, ct)
             .body(Full::new(Bytes::from(bytes)))?;
+        let at = format!("{}:{}", self.host, self.port);
         let resp = if self.scheme_https {
             let tls = self.tls.clone().context("no TLS config")?;
             let name = ServerName::try_from(self.host.clone())?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
+            let stream = match tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
-                .context("TLS to the control plane failed")?;
+            {
+                Ok(s) => s,
+                Err(e) if answered_in_plaintext(&e) => {
+                    bail!("the control plane at {at} speaks plain HTTP, not HTTPS: use http://{at}")
+                }
+                Err(e) => return Err(e).context("TLS to the control plane failed"),
+            };
             send(hyper_util::rt::TokioIo::new(stream), req).await?
         } else {
-            send(hyper_util::rt::TokioIo::new(tcp), req).await?
+            let first = Arc::new(AtomicU16::new(NOTHING_READ));
+            let sniffed = FirstByte {
+                inner: tcp,
+                first: first.clone(),
+            };
+            match send(hyper_util::rt::TokioIo::new(sniffed), req).await {
+                Ok(r) => r,
+                // A TLS record (alert or handshake) where an HTTP response should be.
+                Err(_) if matches!(first.load(Ordering::Relaxed), 0x14..=0x17) => bail!(
+                    "the control plane at {at} speaks HTTPS, not plain HTTP: use https://{at} \
+                     (with --api-ca)"
+                ),
+                Err(e) => return Err(e),
+            }
         };
+        if resp.status == StatusCode::UNAUTHORIZED {
+            bail!(if self.token.is_none() {
+                NO_TOKEN
+            } else {
+                REFUSED_TOKEN
+            });
+        }
         Ok(resp)
+    }
+}
+
+/// Whether a TLS handshake failed because the server answered with something that is no
+/// TLS record (an HTTP response, say).
+fn answered_in_plaintext(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+            )
+        })
+}
+
+/// No byte read yet (outside the `u8` range).
+const NOTHING_READ: u16 = 0x100;
+
+/// A stream that remembers the first byte the server sent, to tell a TLS server from a
+/// broken HTTP one when the response does not parse.
+struct FirstByte {
+    inner: TcpStream,
+    first: Arc<AtomicU16>,
+}
+
+impl AsyncRead for FirstByte {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(&b) = buf.filled().get(before) {
+            let _ = self.first.compare_exchange(
+                NOTHING_READ,
+                u16::from(b),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for FirstByte {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -175,4 +282,60 @@ pub fn check(reply: Reply) -> anyhow::Result<Reply> {
         })
         .unwrap_or_else(|| String::from_utf8_lossy(&reply.body).trim().to_owned());
     bail!("{status}: {detail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server that answers one connection with `answer`, whatever it is sent.
+    async fn answering(answer: &'static [u8]) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(answer).await;
+            let _ = s.shutdown().await;
+        });
+        format!("http://{addr}")
+    }
+
+    const REFUSED: &[u8] =
+        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+    async fn error_of(server: &str, token: Option<&str>) -> String {
+        let c = Client::new(server, token.map(str::to_owned), None).unwrap();
+        let e = c
+            .request(Method::GET, "/v1/services", None, None)
+            .await
+            .err()
+            .expect("an error");
+        format!("{e:#}")
+    }
+
+    #[tokio::test]
+    async fn no_token_and_a_refused_token_are_told_apart() {
+        let none = error_of(&answering(REFUSED).await, None).await;
+        assert_eq!(none, NO_TOKEN);
+        let wrong = error_of(&answering(REFUSED).await, Some("ztp_wrong")).await;
+        assert_eq!(wrong, REFUSED_TOKEN);
+        assert!(!wrong.contains("ztp_wrong"));
+    }
+
+    #[tokio::test]
+    async fn plain_http_to_a_tls_port_says_so() {
+        // What a TLS server answers to plaintext: a fatal alert record.
+        let server = answering(b"\x15\x03\x03\x00\x02\x02\x32").await;
+        let e = error_of(&server, Some("t")).await;
+        assert!(e.contains("speaks HTTPS") && e.contains("https://"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        // A broken HTTP server is not mistaken for one.
+        let e = error_of(&answering(b"garbage\r\n\r\n").await, Some("t")).await;
+        assert!(!e.contains("speaks HTTPS"), "{e}");
+    }
 }

@@ -1,5 +1,11 @@
 //! The node registry: what each data-plane replica last said. Kept in memory: nodes are
 //! stateless and re-announce themselves on every (re)connect.
+//!
+//! A connected node is seen now: its subscription is open, and the gRPC server's HTTP/2
+//! keepalive (a ping every 20 s, 10 s to answer) ends a stream whose node has gone, so
+//! "connected" is never more than about 30 s stale. An idle healthy node sends nothing
+//! for hours; its last message is not when it was last seen. A node that is gone keeps
+//! the time its subscription ended, until an operator removes it.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -22,7 +28,8 @@ pub struct NodeInfo {
     pub schema: u32,
     /// The last version the node refused, and why.
     pub last_nack: Option<Nack>,
-    /// Milliseconds since the Unix epoch of the last message from the node.
+    /// Milliseconds since the Unix epoch the node was last known alive: now while its
+    /// subscription is open, else when it ended.
     pub last_seen_ms: u64,
     pub connected: bool,
 }
@@ -100,11 +107,77 @@ impl Nodes {
         self.with(|m| {
             if let Some(n) = m.get_mut(id) {
                 n.connected = false;
+                n.last_seen_ms = now_ms();
             }
         })
     }
 
+    /// Every node; a connected one is seen now.
     pub fn list(&self) -> Vec<NodeInfo> {
-        self.with(|m| m.values().cloned().collect())
+        let now = now_ms();
+        self.with(|m| {
+            m.values()
+                .map(|n| NodeInfo {
+                    last_seen_ms: if n.connected { now } else { n.last_seen_ms },
+                    ..n.clone()
+                })
+                .collect()
+        })
+    }
+
+    /// Forgets a node that is gone for good. A connected node is not removed: it would
+    /// only come back, and its removal would hide a live replica.
+    pub fn remove(&self, id: &str) -> Result<(), RemoveError> {
+        self.with(|m| match m.get(id) {
+            None => Err(RemoveError::NotFound),
+            Some(n) if n.connected => Err(RemoveError::Connected),
+            Some(_) => {
+                m.remove(id);
+                Ok(())
+            }
+        })
+    }
+}
+
+/// Why a node was not removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RemoveError {
+    #[error("no such node")]
+    NotFound,
+    #[error("the node is connected")]
+    Connected,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connected_nodes_are_seen_now_and_gone_ones_when_they_left() {
+        let nodes = Nodes::default();
+        nodes.connected("n1", "127.0.0.1:1".into(), "[::]:9743".into(), 3, 3);
+        // Long idle: the last message was an hour ago, but the stream is open.
+        nodes.with(|m| m.get_mut("n1").unwrap().last_seen_ms = now_ms() - 3_600_000);
+        let before = now_ms();
+        let n = &nodes.list()[0];
+        assert!(n.connected && n.last_seen_ms >= before, "{n:?}");
+
+        nodes.disconnected("n1");
+        let left = nodes.list()[0].last_seen_ms;
+        assert!(left >= before, "seen until the stream ended");
+        nodes.with(|m| m.get_mut("n1").unwrap().last_seen_ms -= 60_000);
+        assert_eq!(nodes.list()[0].last_seen_ms, left - 60_000, "gone: ages");
+    }
+
+    #[test]
+    fn only_nodes_that_are_gone_are_removed() {
+        let nodes = Nodes::default();
+        nodes.connected("n1", "127.0.0.1:1".into(), "[::]:9743".into(), 0, 3);
+        assert_eq!(nodes.remove("n1"), Err(RemoveError::Connected));
+        assert_eq!(nodes.remove("n2"), Err(RemoveError::NotFound));
+        nodes.disconnected("n1");
+        assert_eq!(nodes.remove("n1"), Ok(()));
+        assert!(nodes.list().is_empty());
+        assert_eq!(nodes.remove("n1"), Err(RemoveError::NotFound));
     }
 }

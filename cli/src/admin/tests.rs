@@ -25,7 +25,7 @@ fn first_row(table: &str) -> &str {
 fn node_list_shows_ages() {
     let nodes = [json!({
         "id": "n1", "listen": "[::]:9743", "peer": "10.0.0.1:5000", "applied": 7,
-        "schema": 1, "last_nack": null, "connected": true,
+        "schema": 1, "last_nack": null, "connected": false,
         "last_seen_ms": NOW - 3 * 60_000 - 4_000,
     })];
     let t = nodes_table(&nodes, NOW, false);
@@ -91,4 +91,35 @@ fn json_and_yaml_parse_back_to_the_api_values() {
     assert_eq!(serde_yaml_ng::from_str::<Value>(&y).unwrap(), v, "{y}");
     assert!(for_scripts(Output::Table, &v).unwrap().is_none());
     assert!(for_scripts(Output::Wide, &v).unwrap().is_none());
+}
+
+#[test]
+fn tokens_and_admin_audit_show_roles() {
+    let tokens = [
+        json!({"id": "ab12", "name": "ci", "created_ms": NOW, "role": "viewer"}),
+        // A server from before roles lists none: admin.
+        json!({"id": "cd34", "name": "old", "created_ms": NOW}),
+    ];
+    let t = tokens_table(&tokens, NOW);
+    assert!(t.lines().next().unwrap().contains("ROLE"), "{t}");
+    assert!(t.lines().nth(1).unwrap().contains("viewer"), "{t}");
+    assert!(t.lines().nth(2).unwrap().contains("admin"), "{t}");
+    let admin = [json!({
+        "seq": 3, "time_ms": NOW, "actor": {"token_name": "robot", "role": "operator"},
+        "action": "service.create", "target": "a", "version": 4,
+    })];
+    let t = admin_audit_table(&admin);
+    assert!(first_row(&t).contains("operator"), "{t}");
+}
+
+#[test]
+fn a_connected_node_is_seen_now() {
+    let nodes = [json!({
+        "id": "n1", "listen": "[::]:9743", "peer": "10.0.0.1:5000", "applied": 7,
+        "schema": 1, "last_nack": null, "connected": true,
+        "last_seen_ms": NOW - 3 * 60_000,
+    })];
+    let t = nodes_table(&nodes, NOW, false);
+    let row = first_row(&t);
+    assert!(row.contains(" now") && !row.contains("ago"), "{t}");
 }

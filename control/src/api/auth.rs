@@ -4,6 +4,10 @@
 //! further failure waits longer before its 401 (up to 5 s), and every failure is logged
 //! (without the token). A brute force of the 256-bit secrets is hopeless anyway; the
 //! delay keeps it from costing the server much.
+//!
+//! A valid token may still be refused: its [`Role`] decides which requests it may make
+//! (DESIGN.md "REST conventions"), checked here for every route in one table
+//! ([`permits`]), and a request beyond it gets 403.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,11 +16,30 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::store::Role;
+
+/// Whether a token with `role` may make a request: `viewer` reads (but not tokens),
+/// `operator` reads and writes the configuration (but neither tokens nor the node
+/// registry), `admin` everything.
+pub fn permits(role: Role, method: &Method, path: &str) -> bool {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    let tokens = under("/v1/tokens");
+    let read = method == Method::GET || method == Method::HEAD;
+    match role {
+        Role::Admin => true,
+        Role::Operator => !tokens && (read || !under("/v1/nodes")),
+        Role::Viewer => !tokens && read,
+    }
+}
 
 /// Failures allowed per source in a window before responses slow down.
 const FREE_FAILURES: u32 = 3;
@@ -73,8 +96,27 @@ pub async fn require_token(
             scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
         .map(str::trim);
-    if let Some(actor) = presented.and_then(|t| state.store.verify_token(t)) {
+    if let Some((actor, role)) = presented.and_then(|t| state.store.authenticate(t)) {
+        if !permits(role, req.method(), req.uri().path()) {
+            tracing::warn!(
+                actor = %actor.token_name,
+                role = %role,
+                http.method = %req.method(),
+                path = req.uri().path(),
+                "admin request refused: beyond the token's role"
+            );
+            let detail = format!(
+                "token {:?} has role {role}, which may not {} {}",
+                actor.token_name,
+                req.method(),
+                req.uri().path()
+            );
+            let mut resp = ApiError::Forbidden(detail).into_response();
+            resp.extensions_mut().insert(actor);
+            return resp;
+        }
         req.extensions_mut().insert(actor);
+        req.extensions_mut().insert(role);
         return next.run(req).await;
     }
     let peer = req
@@ -98,6 +140,35 @@ pub async fn require_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_permit_table() {
+        use Role::*;
+        let (get, post, put, delete) = (Method::GET, Method::POST, Method::PUT, Method::DELETE);
+        let cases: &[(&Method, &str, [bool; 3])] = &[
+            // method, path, [viewer, operator, admin]
+            (&get, "/v1/services", [true, true, true]),
+            (&get, "/v1/audit/admin", [true, true, true]),
+            (&get, "/metrics", [true, true, true]),
+            (&get, "/v1/nodes", [true, true, true]),
+            (&post, "/v1/services", [false, true, true]),
+            (&put, "/v1/users/alice", [false, true, true]),
+            (&delete, "/v1/groups/ops", [false, true, true]),
+            (&post, "/v1/revoked", [false, true, true]),
+            (&post, "/v1/import", [false, true, true]),
+            (&delete, "/v1/nodes/n1", [false, false, true]),
+            (&get, "/v1/tokens", [false, false, true]),
+            (&post, "/v1/tokens", [false, false, true]),
+            (&delete, "/v1/tokens/abc", [false, false, true]),
+            // A prefix is a path segment, not a string prefix.
+            (&get, "/v1/tokensx", [true, true, true]),
+        ];
+        for (method, path, want) in cases {
+            for (role, want) in [Viewer, Operator, Admin].into_iter().zip(want) {
+                assert_eq!(permits(role, method, path), *want, "{role} {method} {path}");
+            }
+        }
+    }
 
     #[test]
     fn failures_slow_down_per_source() {

@@ -2,7 +2,8 @@
 //!
 //! JSON with the snapshot's field names; errors are problem documents naming the field;
 //! `ETag` is the config version in quotes and `If-Match` makes writes conditional. Every
-//! route but `/healthz` and `/readyz` needs an admin token. Bodies are limited: 1 MiB for
+//! route but `/healthz` and `/readyz` needs an admin token, and the token's role must
+//! allow the request (`auth::permits`). Bodies are limited: 1 MiB for
 //! a record, 64 MiB for `/v1/import`. The OpenAPI document at `/v1/openapi.json` is
 //! generated from the handlers' annotations.
 
@@ -69,7 +70,7 @@ impl AppState {
         resources::replace_group, resources::delete_group,
         config::snapshot, config::import,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
-        nodes::list_nodes,
+        nodes::list_nodes, nodes::remove_node,
         revoked::list_revoked, revoked::revoke, revoked::unrevoke,
         metrics::metrics,
         audit::audit, audit::admin_audit,
@@ -100,6 +101,15 @@ impl Modify for BearerAuth {
                     .build(),
             )
             .build();
+        let forbidden = ResponseBuilder::new()
+            .description("The token's role does not allow this request")
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build();
         for (path, item) in openapi.paths.paths.iter_mut() {
             if path == "/healthz" || path == "/readyz" {
                 continue;
@@ -118,6 +128,10 @@ impl Modify for BearerAuth {
                     .responses
                     .entry("401".into())
                     .or_insert_with(|| unauthorized.clone().into());
+                op.responses
+                    .responses
+                    .entry("403".into())
+                    .or_insert_with(|| forbidden.clone().into());
             }
         }
     }
@@ -221,6 +235,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(tokens::revoke_token),
         )
         .route("/v1/nodes", get(nodes::list_nodes))
+        .route("/v1/nodes/{id}", axum::routing::delete(nodes::remove_node))
         .route(
             "/v1/revoked",
             get(revoked::list_revoked).post(revoked::revoke),

@@ -1,14 +1,18 @@
 //! `/v1/nodes`: each data-plane replica's id, address, applied version, last nack, last
-//! seen, and lag (config versions behind).
+//! seen, and lag (config versions behind). `DELETE /v1/nodes/{id}` forgets a node that
+//! is gone for good (409 while it is connected).
 
-use axum::extract::State;
-use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Serialize;
 
 use super::error::ApiError;
 use super::resources::List;
 use super::AppState;
-use crate::nodes::NodeInfo;
+use crate::nodes::{NodeInfo, RemoveError};
+use crate::store::Actor;
 
 /// A node with its lag.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -34,4 +38,34 @@ pub async fn list_nodes(State(s): State<AppState>) -> Result<Json<List<NodeView>
         })
         .collect();
     Ok(Json(List { items, next: None }))
+}
+
+/// Remove a data-plane node that is gone for good (not while it is connected).
+#[utoipa::path(delete, path = "/v1/nodes/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 204), (status = 404, body = super::error::Problem),
+        (status = 409, body = super::error::Problem)),
+    security(("token" = [])))]
+pub async fn remove_node(
+    State(s): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.nodes.remove(&id) {
+        Ok(()) => {}
+        Err(RemoveError::NotFound) => {
+            return Err(ApiError::NotFound(format!("node {id:?} not found")))
+        }
+        Err(RemoveError::Connected) => {
+            return Err(ApiError::Conflict {
+                detail: format!(
+                    "node {id:?} is connected: stop it first (a connected node is not gone, \
+                     and would register again)"
+                ),
+                errors: vec![],
+            })
+        }
+    }
+    s.store.record(&actor, "node.remove", &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

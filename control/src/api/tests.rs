@@ -360,6 +360,7 @@ const BAD_REQUEST: StatusCode = StatusCode::BAD_REQUEST;
 const UNAUTHORIZED: StatusCode = StatusCode::UNAUTHORIZED;
 const NOT_FOUND: StatusCode = StatusCode::NOT_FOUND;
 const CONFLICT: StatusCode = StatusCode::CONFLICT;
+const FORBIDDEN: StatusCode = StatusCode::FORBIDDEN;
 const PRECONDITION_FAILED: StatusCode = StatusCode::PRECONDITION_FAILED;
 const TOO_LARGE: StatusCode = StatusCode::PAYLOAD_TOO_LARGE;
 
@@ -1697,7 +1698,8 @@ async fn tokens_are_created_listed_and_revoked() {
     assert_eq!(listed, expected);
     for t in items {
         let keys: Vec<&String> = t.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 3, "only id, name, created_ms: {t}");
+        assert_eq!(keys.len(), 4, "only id, name, created_ms, role: {t}");
+        assert_eq!(t["role"], "admin", "created without a role: admin");
         assert!(t.get("token").is_none() && t.get("hash").is_none(), "{t}");
     }
     let secret = &ci[ci.rfind('_').unwrap() + 1..];
@@ -1854,4 +1856,206 @@ async fn every_write_is_audited_with_its_token_and_version() {
     assert_eq!(audit[6].actor, Actor::system());
     assert_eq!(audit[0].target, "ssh.svc.internal");
     assert_eq!(audit[1].target, "alice");
+}
+
+// ---------------------------------------------------------------------------------------
+// Roles
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn each_role_may_do_what_its_role_allows_and_gets_403_beyond() {
+    let api = Api::new().await;
+    api.seed(base_config()).await;
+    let mut secrets = vec![];
+    for role in ["viewer", "operator", "admin"] {
+        let created = api
+            .post("/v1/tokens", &json!({"name": role, "role": role}))
+            .await
+            .ok(CREATED);
+        assert_eq!(created["role"], role);
+        secrets.push(created["token"].as_str().unwrap().to_owned());
+    }
+    let roles: Vec<Value> = api
+        .listing("tokens")
+        .await
+        .into_iter()
+        .map(|t| json!([t["name"], t["role"]]))
+        .collect();
+    for role in ["viewer", "operator", "admin"] {
+        assert!(roles.contains(&json!([role, role])), "{roles:?}");
+    }
+    // (method, path, body, [viewer, operator, admin] allowed)
+    let cases: Vec<(&str, String, Option<Value>, [bool; 3])> = vec![
+        ("GET", "/v1/services".into(), None, [true, true, true]),
+        ("GET", "/v1/audit/admin".into(), None, [true, true, true]),
+        ("GET", "/metrics".into(), None, [true, true, true]),
+        ("GET", "/v1/snapshot".into(), None, [true, true, true]),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(service("{}", &[])),
+            [false, true, true],
+        ),
+        (
+            "POST",
+            "/v1/groups".into(),
+            Some(group("{}")),
+            [false, true, true],
+        ),
+        (
+            "POST",
+            "/v1/revoked".into(),
+            Some(json!({"serials": []})),
+            [false, true, true],
+        ),
+        ("GET", "/v1/tokens".into(), None, [false, false, true]),
+        (
+            "POST",
+            "/v1/tokens".into(),
+            Some(json!({"name": "{}"})),
+            [false, false, true],
+        ),
+    ];
+    let version = api.version();
+    for (i, (method, path, body, allowed)) in cases.iter().enumerate() {
+        for (r, (role, secret)) in ["viewer", "operator", "admin"]
+            .iter()
+            .zip(&secrets)
+            .enumerate()
+        {
+            // A fresh name per call, so that allowed creates do not collide.
+            let body = body.as_ref().map(|b| {
+                serde_json::from_str::<Value>(&b.to_string().replace("{}", &format!("r{i}-{role}")))
+                    .unwrap()
+            });
+            let body = body.map(|b| match b.get("serials") {
+                Some(_) => json!({"serials": [format!("{:02x}{:02x}", i, r + 1)]}),
+                None => b,
+            });
+            let mut c = call(method, path).bearer(secret);
+            if let Some(b) = &body {
+                c = c.json(b);
+            }
+            let reply = api.send(c).await;
+            if allowed[r] {
+                assert!(
+                    reply.status.is_success(),
+                    "{role} {method} {path}: {} {}",
+                    reply.status,
+                    reply.text()
+                );
+            } else {
+                let p = reply.problem(FORBIDDEN);
+                let detail = p["detail"].as_str().unwrap();
+                assert!(detail.contains(role), "{role} {method} {path}: {detail}");
+                assert!(!detail.contains(secret.as_str()), "no secret in {detail}");
+            }
+        }
+    }
+    // The viewer's refused writes stored nothing: only the operator's and admin's
+    // three config writes each moved the version.
+    assert_eq!(api.version(), version + 6);
+    // A token may not revoke others beyond its role either.
+    let r = api
+        .send(call("DELETE", &format!("/v1/tokens/{}", api.token_id)).bearer(&secrets[1]))
+        .await;
+    r.problem(FORBIDDEN);
+
+    // The admin audit trail names each writer's role.
+    let audit = api.get("/v1/audit/admin?limit=100").await.ok(OK);
+    let items = audit["items"].as_array().unwrap();
+    let by = |name: &str| -> Vec<&Value> {
+        items
+            .iter()
+            .filter(|r| r["actor"]["token_name"] == name)
+            .collect()
+    };
+    let operator = by("operator");
+    assert_eq!(operator.len(), 3, "{audit}");
+    assert!(
+        operator.iter().all(|r| r["actor"]["role"] == "operator"),
+        "{audit}"
+    );
+    assert!(by("viewer").is_empty(), "a viewer changed nothing: {audit}");
+    assert!(
+        by("admin").iter().all(|r| r["actor"]["role"] == "admin"),
+        "{audit}"
+    );
+    assert!(
+        by("t").iter().all(|r| r["actor"]["role"] == "admin"),
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_role_is_400() {
+    let api = Api::new().await;
+    let r = api
+        .post("/v1/tokens", &json!({"name": "x", "role": "root"}))
+        .await;
+    r.problem(BAD_REQUEST);
+    assert_eq!(api.listing("tokens").await.len(), 1, "nothing stored");
+}
+
+// ---------------------------------------------------------------------------------------
+// Nodes: last seen, removal
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_connected_node_is_seen_now_and_cannot_be_removed() {
+    let api = Api::new().await;
+    let nodes = api.state.nodes.clone();
+    nodes.connected("n1", "127.0.0.1:5000".into(), "[::]:9743".into(), 0, 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let listed = api.get("/v1/nodes").await.ok(OK);
+    let seen = listed["items"][0]["last_seen_ms"].as_u64().unwrap();
+    assert!(
+        seen >= before,
+        "an idle connected node is seen now: {listed}"
+    );
+    let metrics = api.get("/metrics").await;
+    metrics.expect(OK);
+    assert!(
+        metrics
+            .text()
+            .contains("ztp_node_last_seen_seconds{node=\"n1\"} 0\n"),
+        "{}",
+        metrics.text()
+    );
+
+    let p = api.delete("/v1/nodes/n1").await.problem(CONFLICT);
+    assert!(p["detail"].as_str().unwrap().contains("connected"), "{p}");
+    assert_eq!(
+        api.get("/v1/nodes").await.ok(OK)["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    api.delete("/v1/nodes/nope").await.problem(NOT_FOUND);
+
+    nodes.disconnected("n1");
+    // An operator may not; an admin may, and it is audited.
+    let operator = api
+        .post("/v1/tokens", &json!({"name": "op", "role": "operator"}))
+        .await
+        .ok(CREATED);
+    api.send(call("DELETE", "/v1/nodes/n1").bearer(operator["token"].as_str().unwrap()))
+        .await
+        .problem(FORBIDDEN);
+    let version = api.version();
+    api.delete("/v1/nodes/n1").await.expect(NO_CONTENT);
+    assert_eq!(
+        api.get("/v1/nodes").await.ok(OK),
+        json!({"items": [], "next": null})
+    );
+    assert_eq!(api.version(), version, "the registry is not configuration");
+    api.delete("/v1/nodes/n1").await.problem(NOT_FOUND);
+    let audit = api.get("/v1/audit/admin?limit=1").await.ok(OK);
+    assert_eq!(audit["items"][0]["action"], "node.remove", "{audit}");
+    assert_eq!(audit["items"][0]["target"], "n1", "{audit}");
 }

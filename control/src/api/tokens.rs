@@ -1,5 +1,7 @@
 //! `/v1/tokens`: admin tokens are created (the secret is shown once), listed (without
-//! secrets) and revoked.
+//! secrets) and revoked. Each has a role (`viewer`, `operator`, `admin`); one created
+//! without a role is `admin`, as every token was before roles existed (scripts that
+//! create a token and then write with it keep working).
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -12,13 +14,16 @@ use super::body::JsonBody;
 use super::error::ApiError;
 use super::resources::{list_params, List, ListParams};
 use super::AppState;
-use crate::store::{Actor, TokenInfo};
+use crate::store::{Actor, Role, TokenInfo};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What the token is for, e.g. `ci` or an operator's name.
     pub name: String,
+    /// What it may do; `admin` when left out.
+    #[serde(default)]
+    pub role: Role,
 }
 
 /// A token as listed.
@@ -27,6 +32,7 @@ pub struct TokenView {
     pub id: String,
     pub name: String,
     pub created_ms: u64,
+    pub role: Role,
 }
 
 impl From<TokenInfo> for TokenView {
@@ -35,6 +41,7 @@ impl From<TokenInfo> for TokenView {
             id: t.id,
             name: t.name,
             created_ms: t.created_ms,
+            role: t.role,
         }
     }
 }
@@ -45,6 +52,7 @@ pub struct CreatedToken {
     pub id: String,
     pub name: String,
     pub created_ms: u64,
+    pub role: Role,
     pub token: String,
 }
 
@@ -73,13 +81,17 @@ pub async fn create_token(
     Extension(actor): Extension<Actor>,
     JsonBody(req): JsonBody<CreateToken>,
 ) -> Result<Response, ApiError> {
-    let t = s.store.create_token(&req.name, &actor).await?;
+    let t = s
+        .store
+        .create_token_with_role(&req.name, req.role, &actor)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
             id: t.info.id,
             name: t.info.name,
             created_ms: t.info.created_ms,
+            role: t.info.role,
             token: t.token,
         }),
     )

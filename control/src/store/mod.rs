@@ -29,7 +29,7 @@ mod conn_audit;
 mod tokens;
 
 pub use conn_audit::{AuditQuery, ConnectionRecord};
-pub use tokens::{NewToken, TokenInfo};
+pub use tokens::{NewToken, Role, TokenInfo};
 
 /// Who made a change (an admin token), for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -48,13 +48,38 @@ impl Actor {
     }
 }
 
+/// The actor of an audit record: the token and its role when it made the change.
+/// Records from before roles carry none: admin, as every token was then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditActor {
+    #[serde(flatten)]
+    pub actor: Actor,
+    #[serde(default)]
+    pub role: Role,
+}
+
+impl std::ops::Deref for AuditActor {
+    type Target = Actor;
+    fn deref(&self) -> &Actor {
+        &self.actor
+    }
+}
+
+/// Who it was, whatever their role.
+impl PartialEq<Actor> for AuditActor {
+    fn eq(&self, other: &Actor) -> bool {
+        self.actor == *other
+    }
+}
+
 /// One admin change, as kept in the audit tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    pub actor: Actor,
+    /// Who, with the role their token had: `{"token_id", "token_name", "role"}`.
+    pub actor: AuditActor,
     /// e.g. `service.create`.
     pub action: String,
     pub target: String,
@@ -455,6 +480,7 @@ impl Store {
         target: &str,
     ) -> Result<u64, StoreError> {
         let time_ms = now_ms();
+        let role = self.actor_role(actor);
         let result = self.trees.as_slice().transaction(|tx| {
             let meta = &tx[T::Meta as usize];
             let read = |k: &[u8]| -> Result<u64, ConflictableTransactionError<u64>> {
@@ -482,7 +508,10 @@ impl Store {
             let record = AuditRecord {
                 seq,
                 time_ms,
-                actor: actor.clone(),
+                actor: AuditActor {
+                    actor: actor.clone(),
+                    role,
+                },
                 action: action.to_owned(),
                 target: target.to_owned(),
                 version,
@@ -1199,6 +1228,20 @@ impl Store {
         }
         let ops: Vec<Op> = vec![(T::Revoked, s.clone().into_bytes(), None)];
         self.commit(ops, true, expect, actor, "unrevoke", &s).await
+    }
+
+    /// Audits an admin action that changes nothing in the store (the node registry is
+    /// kept in memory): no version bump.
+    pub async fn record(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+    ) -> Result<(), StoreError> {
+        let _w = self.write.lock().await;
+        self.commit(vec![], false, None, actor, action, target)
+            .await?;
+        Ok(())
     }
 
     /// The newest admin audit records, newest first.

@@ -619,3 +619,42 @@ async fn a_write_dropped_while_flushing_is_still_announced() {
     }
     assert_eq!(announced, 20, "every committed version is announced");
 }
+
+#[tokio::test]
+async fn a_token_stored_before_roles_is_admin() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let id = "0123456789abcdef";
+    let secret = "ab".repeat(32);
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // The record exactly as stores written before roles existed hold it.
+    let old =
+        format!(r#"{{"id":"{id}","name":"legacy","created_ms":1763798400000,"hash":"{hash}"}}"#);
+    store.tree(T::Tokens).insert(id, old.as_bytes()).unwrap();
+    let (actor, role) = store.authenticate(&format!("ztp_{id}_{secret}")).unwrap();
+    assert_eq!(actor.token_name, "legacy");
+    assert_eq!(role, Role::Admin);
+    let listed = store.list_tokens(None, 10).unwrap();
+    assert_eq!(listed.items[0].role, Role::Admin);
+    // Its changes are audited as an admin's; a viewer token is listed as one.
+    let v = store
+        .create_token_with_role("watcher", Role::Viewer, &actor)
+        .await
+        .unwrap();
+    assert_eq!(v.info.role, Role::Viewer);
+    assert_eq!(store.authenticate(&v.token).unwrap().1, Role::Viewer);
+    let audit = store.audit(10).unwrap();
+    assert_eq!(audit[0].action, "token.create");
+    assert_eq!(audit[0].actor, actor);
+    assert_eq!(audit[0].actor.role, Role::Admin);
+    // An audit record written before roles decodes as an admin's too.
+    let old: AuditRecord = serde_json::from_str(
+        r#"{"seq":1,"time_ms":1,"actor":{"token_id":"-","token_name":"ztp-control"},"action":"import","target":"","version":7}"#,
+    )
+    .unwrap();
+    assert_eq!(old.actor.role, Role::Admin);
+}

@@ -1,11 +1,70 @@
 //! Admin tokens. A token is `ztp_<id>_<secret>`; the store keeps the id, a name and the
 //! SHA-256 of the secret, never the secret. Verification looks the id up and compares
 //! hashes in constant time.
+//!
+//! Each token has a [`Role`]. Records stored before roles existed carry none and decode
+//! as `admin`: every token was one then.
 
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
 use super::{json, now_ms, Actor, Op, Page, Store, StoreError, T};
+
+/// What a token may do (DESIGN.md "REST conventions"). Ordered: each role may do what
+/// the ones before it may.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads, audit, metrics.
+    Viewer,
+    /// Reads and writes of the configuration (services, users, groups, revoked,
+    /// connectors, import); no tokens.
+    Operator,
+    /// Everything. The default: tokens made before roles existed were all admin.
+    #[default]
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("{other:?} is not viewer, operator or admin")),
+        }
+    }
+}
 
 /// A token as listed: everything but the secret, which is not kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +73,9 @@ pub struct TokenInfo {
     pub name: String,
     /// Milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// Absent in records made before roles existed: those are admin.
+    #[serde(default)]
+    pub role: Role,
     /// Hex SHA-256 of the secret.
     #[serde(skip_serializing_if = "String::is_empty", default)]
     hash: String,
@@ -68,9 +130,21 @@ fn parse(token: &str) -> Option<(&str, &str)> {
 }
 
 impl Store {
-    /// Creates a token named `name`.
+    /// Creates an admin token named `name`.
     pub async fn create_token(&self, name: &str, actor: &Actor) -> Result<NewToken, StoreError> {
-        let (new, info) = Self::mint_token(name)?;
+        self.create_token_with_role(name, Role::Admin, actor).await
+    }
+
+    /// Creates a token named `name` with `role`.
+    pub async fn create_token_with_role(
+        &self,
+        name: &str,
+        role: Role,
+        actor: &Actor,
+    ) -> Result<NewToken, StoreError> {
+        let (mut new, mut info) = Self::mint_token(name)?;
+        info.role = role;
+        new.info.role = role;
         self.save_token(info, actor).await?;
         Ok(new)
     }
@@ -90,6 +164,7 @@ impl Store {
             id: id.clone(),
             name: name.to_owned(),
             created_ms: now_ms(),
+            role: Role::Admin,
             hash: hash_secret(&secret),
         };
         Ok((
@@ -150,13 +225,31 @@ impl Store {
 
     /// The actor a presented token belongs to, if it is valid.
     pub fn verify_token(&self, presented: &str) -> Option<Actor> {
+        self.authenticate(presented).map(|(actor, _)| actor)
+    }
+
+    /// The actor a presented token belongs to and its role, if it is valid.
+    pub fn authenticate(&self, presented: &str) -> Option<(Actor, Role)> {
         let (id, secret) = parse(presented)?;
         let info: TokenInfo = self.get(T::Tokens, id).ok()??;
         let presented = hash_secret(secret);
-        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then_some(Actor {
-            token_id: info.id,
-            token_name: info.name,
-        })
+        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then_some((
+            Actor {
+                token_id: info.id,
+                token_name: info.name,
+            },
+            info.role,
+        ))
+    }
+
+    /// The role of the token an actor is, for the audit trail. The process itself (and
+    /// anything that writes to the store directly) is admin; so is a token revoked
+    /// meanwhile, as the request was allowed.
+    pub(super) fn actor_role(&self, actor: &Actor) -> Role {
+        self.get::<TokenInfo>(T::Tokens, &actor.token_id)
+            .ok()
+            .flatten()
+            .map_or(Role::Admin, |t| t.role)
     }
 }
 
@@ -172,5 +265,25 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn records_without_a_role_are_admin() {
+        // The shape stored before roles existed.
+        let old =
+            br#"{"id":"0123456789abcdef","name":"admin","created_ms":1763798400000,"hash":"00"}"#;
+        let t: TokenInfo = serde_json::from_slice(old).unwrap();
+        assert_eq!(t.role, Role::Admin);
+        let new: TokenInfo = serde_json::from_str(
+            r#"{"id":"0123456789abcdef","name":"v","created_ms":1,"role":"viewer","hash":"00"}"#,
+        )
+        .unwrap();
+        assert_eq!(new.role, Role::Viewer);
+        assert!(serde_json::from_str::<TokenInfo>(
+            r#"{"id":"x","name":"v","created_ms":1,"role":"root"}"#
+        )
+        .is_err());
+        assert_eq!("operator".parse::<Role>(), Ok(Role::Operator));
+        assert!("root".parse::<Role>().is_err());
     }
 }

@@ -798,3 +798,111 @@ async fn api_over_https_serves_ztpctl_and_nothing_in_plaintext() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--api-ca"), "{err}");
 }
+
+/// A healthy idle node is seen now (DESIGN.md: nodes subscribe; their stream is their
+/// liveness): `ztpctl node list` says `now` and `ztp_node_last_seen_seconds` stays 0 while
+/// it sends nothing. A connected node cannot be removed (409, one line); once it is gone,
+/// `ztpctl node rm` forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_nodes_are_seen_now_and_gone_ones_can_be_removed() {
+    use crate::plane::{assert_one_line_error, Plane};
+
+    let mut p = Plane::start(&["idle-a"], &[]).await;
+    p.wait_current().await;
+    // Idle: no config change, no connection; the node sends nothing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let list = p.control.ztpctl_ok(["node", "list"]).await;
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("idle-a"))
+        .unwrap_or_else(|| panic!("no idle-a in:\n{list}"));
+    assert!(row.contains(" up ") && row.contains(" now"), "{list}");
+    let metrics = p.control.api("GET", "/metrics", None).await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        text.contains("ztp_node_last_seen_seconds{node=\"idle-a\"} 0\n"),
+        "{text}"
+    );
+
+    let out = p.control.ztpctl(["node", "rm", "idle-a"]).await;
+    assert_one_line_error(&out, "removing a connected node", &["409", "connected"]);
+    let out = p.control.ztpctl(["node", "rm", "nope"]).await;
+    assert_one_line_error(&out, "removing an unknown node", &["404", "nope"]);
+
+    // Gone for good: down, aging, and removable.
+    drop(p.replicas.pop());
+    let deadline = tokio::time::Instant::now() + STEP;
+    while p.control.nodes().await[0]["connected"] != false {
+        assert!(tokio::time::Instant::now() < deadline, "still connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = p.control.ztpctl_ok(["node", "rm", "idle-a"]).await;
+    assert!(out.contains("idle-a"), "{out}");
+    assert!(p.control.nodes().await.is_empty());
+    let list = p.control.ztpctl_ok(["node", "list"]).await;
+    assert!(!list.contains("idle-a"), "{list}");
+}
+
+/// A missing and a wrong token get different lines from `ztpctl`, neither echoing a
+/// token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_tells_a_missing_token_from_a_wrong_one() {
+    let pki = TestPki::new();
+    let control = Control::start_api_only(&pki).await;
+    let out = control
+        .ztpctl_env(["service", "list"], &[("ZTP_TOKEN", "")])
+        .await;
+    crate::plane::assert_one_line_error(&out, "no token", &["no token", "ZTP_TOKEN", "--token"]);
+    let out = control
+        .ztpctl_env(["service", "list"], &[("ZTP_TOKEN", "ztp_wrong")])
+        .await;
+    crate::plane::assert_one_line_error(&out, "wrong token", &["refused the token (401)"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("ztp_wrong"));
+}
+
+/// `http://` to the HTTPS API port and `https://` to a plain one are each named in one
+/// line, not as a TLS or HTTP parse error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_names_a_scheme_that_does_not_match_the_port() {
+    let pki = TestPki::new();
+    let dir = TempDir::new("scheme-mismatch");
+    pki.server.write(dir.path(), "api").unwrap();
+    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+    let (cert, key, ca) = (
+        dir.join("api.pem").display().to_string(),
+        dir.join("api.key").display().to_string(),
+        dir.join("ca.pem").display().to_string(),
+    );
+    let https = Control::start_with(
+        &pki,
+        ControlOptions {
+            no_grpc: true,
+            args: &["--api-cert", &cert, "--api-key", &key],
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = format!("http://localhost:{}", https.api_addr().port());
+    let out = https
+        .ztpctl_env(["service", "list"], &[("ZTP_SERVER", url.as_str())])
+        .await;
+    crate::plane::assert_one_line_error(&out, "http:// to HTTPS", &["speaks HTTPS", "https://"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("invalid HTTP version"), "{err}");
+
+    let plain = Control::start_api_only(&pki).await;
+    let url = format!("https://localhost:{}", plain.api_addr().port());
+    let out = plain
+        .ztpctl_env(
+            ["service", "list"],
+            &[("ZTP_SERVER", url.as_str()), ("ZTP_API_CA", ca.as_str())],
+        )
+        .await;
+    crate::plane::assert_one_line_error(
+        &out,
+        "https:// to HTTP",
+        &["speaks plain HTTP", "http://"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("InvalidContentType"), "{err}");
+}

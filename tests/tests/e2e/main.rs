@@ -35,6 +35,7 @@ mod reload;
 mod replicas;
 mod resumption;
 mod revocation;
+mod roles;
 mod snapshot_check;
 mod tls_gate;
 mod udp_spec;
