@@ -879,7 +879,13 @@ fn audit_table(items: &[Value], now_ms: u64, wide: bool) -> String {
             if wide {
                 row.push(clock::local(at));
             }
-            row.extend([s(&r["node"]), s(&r["peer"]), s(&r["identity"])]);
+            // A refused certificate's claim is marked: it was not proven.
+            let identity = if r["identity_unverified"] == true {
+                format!("{} (unverified)", s(&r["identity"]))
+            } else {
+                s(&r["identity"])
+            };
+            row.extend([s(&r["node"]), s(&r["peer"]), identity]);
             if wide {
                 row.extend([s(&r["user"]), s(&r["sni"])]);
             }

@@ -478,6 +478,21 @@ impl ConfigServer {
 /// out of the retention.
 const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
 
+/// Longest text field kept from a node's record: the trail's size is bounded per record
+/// whatever a node sends.
+const MAX_RECORD_FIELD: usize = 1024;
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_RECORD_FIELD {
+        let mut end = MAX_RECORD_FIELD;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
 /// A node's connection record as the audit trail keeps it.
 fn connection_record(
     node: &str,
@@ -487,14 +502,14 @@ fn connection_record(
     crate::store::ConnectionRecord {
         time_ms: r.time_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS)),
         node: node.to_owned(),
-        peer: r.peer,
-        sni: r.sni,
-        identity: r.identity,
+        peer: clip(r.peer),
+        sni: clip(r.sni),
+        identity: clip(r.identity),
         identity_unverified: r.identity_unverified,
-        user: r.user,
-        service: r.service,
-        decision: r.decision,
-        reason: r.reason,
+        user: clip(r.user),
+        service: clip(r.service),
+        decision: clip(r.decision),
+        reason: clip(r.reason),
         code: r.code,
         bytes_up: r.bytes_up,
         bytes_down: r.bytes_down,
@@ -598,6 +613,24 @@ mod tests {
             now + MAX_CLOCK_AHEAD_MS
         );
         assert_eq!(connection_record("n1", r(0), now).node, "n1");
+    }
+
+    #[test]
+    fn a_record_s_text_fields_are_bounded() {
+        let long = "é".repeat(3000);
+        let r = pb::ConnectionRecord {
+            identity: long.clone(),
+            sni: long.clone(),
+            reason: long.clone(),
+            identity_unverified: true,
+            ..Default::default()
+        };
+        let kept = connection_record("n1", r, 0);
+        for f in [&kept.identity, &kept.sni, &kept.reason] {
+            assert!(f.len() <= MAX_RECORD_FIELD && f.len() >= MAX_RECORD_FIELD - 1);
+            assert!(long.starts_with(f.as_str()));
+        }
+        assert!(kept.identity_unverified);
     }
 
     #[tokio::test]

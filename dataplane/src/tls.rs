@@ -252,6 +252,31 @@ impl fmt::Display for SerialTooLong {
 impl std::error::Error for SerialTooLong {}
 
 impl ClientVerifier {
+    /// Whether a chain refused with `e` was nonetheless issued by the client CA set.
+    fn issued_by_us(
+        &self,
+        e: &rustls::Error,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> bool {
+        match e {
+            rustls::Error::InvalidCertificate(CertificateError::Revoked) => true,
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => {
+                // Valid at the last second of its validity: only the date was wrong.
+                let Ok(v) = Vetted::read(end_entity, intermediates) else {
+                    return false;
+                };
+                let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(v.not_after));
+                self.webpki
+                    .verify_client_cert(end_entity, intermediates, at)
+                    .is_ok()
+            }
+            _ => false,
+        }
+    }
+
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -286,9 +311,30 @@ thread_local! {
     static REFUSED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Longest claimed identity kept for the record: a claim is not proven, and the audit
+/// trail must not be a place to park large or misleading strings.
+const MAX_CLAIM: usize = 256;
+
 fn note_refused(end_entity: &CertificateDer<'_>) {
-    let claimed = crate::identity::extract(end_entity).ok().map(|i| i.id);
+    let claimed = crate::identity::extract(end_entity)
+        .ok()
+        .map(|i| i.id)
+        .filter(|id| plain_claim(id));
     REFUSED.with(|r| *r.borrow_mut() = claimed);
+}
+
+/// A claim fit for the record: short, and free of characters that reorder or hide text
+/// (bidirectional controls, zero-width characters) as well as control characters.
+fn plain_claim(id: &str) -> bool {
+    id.len() <= MAX_CLAIM
+        && !id.chars().any(|c| {
+            c.is_control()
+                || matches!(c,
+                    '\u{200B}'..='\u{200F}'
+                    | '\u{202A}'..='\u{202E}'
+                    | '\u{2060}'..='\u{2069}'
+                    | '\u{FEFF}')
+        })
 }
 
 /// What the last certificate refused on this thread claimed to be, taken. A caller
@@ -318,8 +364,13 @@ impl ClientCertVerifier for ClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verdict = self.verify(end_entity, intermediates, now);
-        if verdict.is_err() {
-            note_refused(end_entity);
+        if let Err(e) = &verdict {
+            // Only a certificate our CA set issued names anyone worth recording: one
+            // refused for its revocation (its chain verified first) or only for its
+            // dates. A self-signed or foreign one could claim any name.
+            if self.issued_by_us(e, end_entity, intermediates) {
+                note_refused(end_entity);
+            }
         }
         verdict
     }
@@ -485,9 +536,8 @@ pub fn recheck_chain(
     let (leaf, rest) = chain
         .split_first()
         .ok_or(rustls::Error::NoCertificatesPresented)?;
-    verifier
-        .verify_client_cert(leaf, rest, UnixTime::now())
-        .map(|_| ())
+    // The inherent check: a re-check notes no claim (the client proved its key).
+    verifier.verify(leaf, rest, UnixTime::now()).map(|_| ())
 }
 
 #[cfg(test)]

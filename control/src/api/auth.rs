@@ -24,6 +24,16 @@ use super::error::ApiError;
 use super::AppState;
 use crate::store::Role;
 
+/// Where an operator may write: the configuration, and nothing else. An allowlist, so a
+/// route added later is admin-only for writes until it is named here.
+const OPERATOR_WRITES: &[&str] = &[
+    "/v1/services",
+    "/v1/users",
+    "/v1/groups",
+    "/v1/revoked",
+    "/v1/import",
+];
+
 /// Whether a token with `role` may make a request: `viewer` reads (but not tokens),
 /// `operator` reads and writes the configuration (but neither tokens nor the node
 /// registry), `admin` everything.
@@ -36,7 +46,7 @@ pub fn permits(role: Role, method: &Method, path: &str) -> bool {
     let read = method == Method::GET || method == Method::HEAD;
     match role {
         Role::Admin => true,
-        Role::Operator => !tokens && (read || !under("/v1/nodes")),
+        Role::Operator => !tokens && (read || OPERATOR_WRITES.iter().any(|p| under(p))),
         Role::Viewer => !tokens && read,
     }
 }
@@ -189,5 +199,42 @@ mod tests {
             g.failed(a);
         }
         assert_eq!(g.failed(a).1, MAX_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod permits_tests {
+    use super::*;
+
+    /// Operator writes are an allowlist: a route not named is admin-only for writes.
+    #[test]
+    fn an_operator_writes_only_the_configuration() {
+        let post = Method::POST;
+        for path in [
+            "/v1/services",
+            "/v1/users/alice",
+            "/v1/groups/g",
+            "/v1/revoked/0a",
+            "/v1/import",
+        ] {
+            assert!(permits(Role::Operator, &post, path), "{path}");
+            assert!(!permits(Role::Viewer, &post, path), "{path}");
+        }
+        for path in [
+            "/v1/tokens",
+            "/v1/nodes/n1",
+            "/v1/snapshot",
+            "/v1/some-future-route",
+            "/v1/servicesX",
+        ] {
+            assert!(!permits(Role::Operator, &post, path), "{path}");
+            assert!(permits(Role::Admin, &post, path), "{path}");
+        }
+        assert!(permits(
+            Role::Operator,
+            &Method::GET,
+            "/v1/some-future-route"
+        ));
+        assert!(!permits(Role::Viewer, &Method::GET, "/v1/tokens"));
     }
 }

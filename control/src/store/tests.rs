@@ -658,3 +658,38 @@ async fn a_token_stored_before_roles_is_admin() {
     .unwrap();
     assert_eq!(old.actor.role, Role::Admin);
 }
+
+/// The last admin token cannot be revoked even while operator or viewer tokens remain:
+/// they cannot make tokens, so nobody could ever manage tokens again.
+#[tokio::test]
+async fn the_last_admin_token_stays_whatever_other_tokens_remain() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let admin = store
+        .create_token_with_role("admin", Role::Admin, &a)
+        .await
+        .unwrap();
+    let viewer = store
+        .create_token_with_role("viewer", Role::Viewer, &a)
+        .await
+        .unwrap();
+    let operator = store
+        .create_token_with_role("operator", Role::Operator, &a)
+        .await
+        .unwrap();
+    let e = store.revoke_token(&admin.info.id, &a).await.unwrap_err();
+    assert!(
+        matches!(e, StoreError::Conflict { .. }),
+        "the only admin token was revoked: {e:?}"
+    );
+    // Other roles go freely; a second admin lets the first go.
+    store.revoke_token(&viewer.info.id, &a).await.unwrap();
+    let admin2 = store
+        .create_token_with_role("admin2", Role::Admin, &a)
+        .await
+        .unwrap();
+    store.revoke_token(&admin.info.id, &a).await.unwrap();
+    assert!(store.revoke_token(&admin2.info.id, &a).await.is_err());
+    store.revoke_token(&operator.info.id, &a).await.unwrap();
+}

@@ -211,7 +211,18 @@ impl Store {
                 name: id.into(),
             });
         }
-        if self.token_count() <= 1 {
+        // The last admin token cannot go: without one, no token could ever be made or
+        // revoked again (operators and viewers cannot manage tokens).
+        let target: Option<TokenInfo> = self.get(T::Tokens, id)?;
+        let admins = self
+            .tree(T::Tokens)
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .filter_map(|v| serde_json::from_slice::<TokenInfo>(&v).ok())
+            .filter(|t| t.role == Role::Admin)
+            .count();
+        if target.is_some_and(|t| t.role == Role::Admin) && admins <= 1 {
             return Err(StoreError::Conflict {
                 detail: "the last admin token cannot be revoked; create another first".into(),
                 errors: vec![],

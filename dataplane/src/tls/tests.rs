@@ -680,3 +680,54 @@ fn the_server_key_can_be_any_signer() {
     );
     assert!(server.peer_certificates().is_some_and(|c| c.len() == 1));
 }
+
+/// A refused certificate's claim is kept for the record only when our CA set issued it
+/// (revoked, or only out of its dates), and only when it is plain and short: a
+/// self-signed certificate cannot put a name in the audit trail.
+#[test]
+fn only_a_claim_from_our_ca_is_kept_for_the_record() {
+    let ca = Ca::new();
+    let m = ca.material();
+    let v = verifier(&m, &["44", "45"]);
+    let refused_claim = |leaf: &CertificateDer<'_>| {
+        let _ = take_refused_identity();
+        assert!(v.verify_client_cert(leaf, &[], at(0)).is_err());
+        take_refused_identity()
+    };
+    // Revoked, from our CA: the claim is kept.
+    let revoked = ca.client("alice@example.com", 0x44, 7);
+    assert_eq!(
+        refused_claim(&revoked).as_deref(),
+        Some("alice@example.com")
+    );
+    // Expired, from our CA: kept.
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::Rfc822Name("bob@example.com".try_into().unwrap())];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::days(3);
+    p.not_after = now - Duration::days(1);
+    let expired = p
+        .signed_by(&KeyPair::generate().unwrap(), &ca.issuer)
+        .unwrap()
+        .der()
+        .clone();
+    assert_eq!(refused_claim(&expired).as_deref(), Some("bob@example.com"));
+    // Self-signed (or another CA's): anyone could claim alice; nothing is kept.
+    let rogue = Ca::new().client("alice@example.com", 0x46, 7);
+    assert_eq!(refused_claim(&rogue), None);
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::Rfc822Name("alice@example.com".try_into().unwrap())];
+    let self_signed = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    assert_eq!(refused_claim(self_signed.der()), None);
+    // From our CA but long or with bidirectional controls: not kept.
+    let long = format!("{}@example.com", "a".repeat(300));
+    assert_eq!(refused_claim(&ca.client(&long, 0x45, 7)), None);
+    // An accepted certificate leaves nothing behind.
+    let _ = take_refused_identity();
+    let fine = ca.client("carol@example.com", 0x47, 7);
+    assert!(v.verify_client_cert(&fine, &[], at(0)).is_ok());
+    assert_eq!(take_refused_identity(), None);
+    assert!(!plain_claim("alice\u{202E}moc.elpmaxe@"));
+    assert!(plain_claim("spiffe://example.org/ns/web"));
+}
