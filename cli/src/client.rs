@@ -50,6 +50,14 @@ impl Reply {
     }
 }
 
+/// A host that names this machine: `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 impl Client {
     pub fn new(server: &str, token: Option<String>, ca: Option<&Path>) -> anyhow::Result<Self> {
         let (https, rest) = if let Some(r) = server.strip_prefix("https://") {
@@ -72,6 +80,14 @@ impl Client {
             }
             _ => (authority.to_owned(), if https { 443 } else { 80 }),
         };
+        if !https && !is_loopback(&host) {
+            // The bearer token would cross the network in clear text: the API is plain
+            // HTTP only on loopback, HTTPS when exposed (`--api-cert`).
+            bail!(
+                "refusing to send the token in clear text to {authority}: plain http:// is for \
+                 loopback only; use https://{authority} with --api-ca"
+            );
+        }
         let tls = if https {
             let ca = ca.context("an https:// server needs --api-ca FILE (or ZTP_API_CA)")?;
             let roots = ztp_infra::tls::read_roots(ca)?;
@@ -290,6 +306,36 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// The token never goes in clear text over a network: plain http:// is for loopback.
+    #[test]
+    fn plain_http_is_for_loopback_only() {
+        for ok in [
+            "http://127.0.0.1:9780",
+            "http://127.1.2.3:9780",
+            "http://[::1]:9780",
+            "http://localhost:9780",
+            "http://LOCALHOST",
+            "http://[::ffff:127.0.0.1]:9780",
+        ] {
+            assert!(
+                Client::new(ok, Some("t".into()), None).is_ok(),
+                "{ok} is refused"
+            );
+        }
+        for refused in [
+            "http://10.0.0.5:9780",
+            "http://[2001:db8::1]:9780",
+            "http://gw.example.com:9780",
+            "http://0.0.0.0:9780",
+        ] {
+            let e = Client::new(refused, Some("t".into()), None)
+                .err()
+                .unwrap_or_else(|| panic!("{refused} is accepted"))
+                .to_string();
+            assert!(e.contains("clear text") && e.contains("https://"), "{e}");
+        }
+    }
 
     /// A server that answers one connection with `answer`, whatever it is sent.
     async fn answering(answer: &'static [u8]) -> String {
