@@ -362,6 +362,7 @@ fn up_actor() -> Actor {
     Actor {
         token_id: "-".into(),
         token_name: "ztpctl up".into(),
+        role: ztp_control::store::Role::Admin,
     }
 }
 

@@ -96,23 +96,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(name: &str) -> Dir {
-            let p =
-                std::env::temp_dir().join(format!("ztp-infra-fs-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::Dir;
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -124,7 +108,7 @@ mod tests {
 
     #[test]
     fn a_private_file_is_0600_even_over_a_readable_one() {
-        let dir = Dir::new("private");
+        let dir = Dir::new("fs-private");
         let p = dir.0.join("secret");
         std::fs::write(&p, "old").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -136,7 +120,7 @@ mod tests {
 
     #[test]
     fn a_symlink_is_replaced_not_followed() {
-        let dir = Dir::new("symlink");
+        let dir = Dir::new("fs-symlink");
         let elsewhere = dir.0.join("elsewhere");
         std::fs::write(&elsewhere, "keep").unwrap();
         let p = dir.0.join("key");
@@ -156,7 +140,7 @@ mod tests {
 
     #[test]
     fn refuse_leaves_an_existing_file_and_creates_a_new_one() {
-        let dir = Dir::new("refuse");
+        let dir = Dir::new("fs-refuse");
         let p = dir.0.join("cert.pem");
         write_atomic(&p, b"one", 0o644, Existing::Refuse).unwrap();
         assert_eq!(mode(&p) & 0o600, 0o600);

@@ -25,3 +25,6 @@ pub mod signal;
 pub mod source;
 pub mod tls;
 pub mod trace;
+
+#[cfg(test)]
+mod test_dir;

@@ -129,29 +129,7 @@ mod tests {
     use super::*;
     use rcgen::{CertificateParams, KeyPair};
 
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(name: &str) -> Dir {
-            let p =
-                std::env::temp_dir().join(format!("ztp-infra-tls-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-
-        fn file(&self, name: &str, text: &str) -> PathBuf {
-            let p = self.0.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::Dir;
 
     fn self_signed() -> (String, KeyPair) {
         let key = KeyPair::generate().unwrap();
@@ -164,7 +142,7 @@ mod tests {
 
     #[test]
     fn loads_a_certified_key_and_a_ca_set() {
-        let dir = Dir::new("ok");
+        let dir = Dir::new("tls-ok");
         let (cert_pem, key) = self_signed();
         let cert = dir.file("c.pem", &cert_pem);
         let key = dir.file("c.key", &key.serialize_pem());
@@ -175,7 +153,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_file_and_never_the_key() {
-        let dir = Dir::new("err");
+        let dir = Dir::new("tls-err");
         let (cert_pem, key) = self_signed();
         let (_, other) = self_signed();
         let cert = dir.file("c.pem", &cert_pem);

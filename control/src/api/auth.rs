@@ -106,7 +106,8 @@ pub async fn require_token(
             scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
         .map(str::trim);
-    if let Some((actor, role)) = presented.and_then(|t| state.store.authenticate(t)) {
+    if let Some(actor) = presented.and_then(|t| state.store.verify_token(t)) {
+        let role = actor.role;
         if !permits(role, req.method(), req.uri().path()) {
             tracing::warn!(
                 actor = %actor.token_name,

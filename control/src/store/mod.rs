@@ -31,11 +31,14 @@ mod tokens;
 pub use conn_audit::{AuditQuery, ConnectionRecord};
 pub use tokens::{NewToken, Role, TokenInfo};
 
-/// Who made a change (an admin token), for the audit trail.
+/// Who made a change (a token, with the role it had), for the audit trail. Records
+/// from before roles carry none: admin, as every token was then.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Actor {
     pub token_id: String,
     pub token_name: String,
+    #[serde(default)]
+    pub role: Role,
 }
 
 impl Actor {
@@ -44,31 +47,8 @@ impl Actor {
         Actor {
             token_id: "-".into(),
             token_name: "ztp-control".into(),
+            role: Role::Admin,
         }
-    }
-}
-
-/// The actor of an audit record: the token and its role when it made the change.
-/// Records from before roles carry none: admin, as every token was then.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AuditActor {
-    #[serde(flatten)]
-    pub actor: Actor,
-    #[serde(default)]
-    pub role: Role,
-}
-
-impl std::ops::Deref for AuditActor {
-    type Target = Actor;
-    fn deref(&self) -> &Actor {
-        &self.actor
-    }
-}
-
-/// Who it was, whatever their role.
-impl PartialEq<Actor> for AuditActor {
-    fn eq(&self, other: &Actor) -> bool {
-        self.actor == *other
     }
 }
 
@@ -79,7 +59,7 @@ pub struct AuditRecord {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
     /// Who, with the role their token had: `{"token_id", "token_name", "role"}`.
-    pub actor: AuditActor,
+    pub actor: Actor,
     /// e.g. `service.create`.
     pub action: String,
     pub target: String,
@@ -480,7 +460,6 @@ impl Store {
         target: &str,
     ) -> Result<u64, StoreError> {
         let time_ms = now_ms();
-        let role = self.actor_role(actor);
         let result = self.trees.as_slice().transaction(|tx| {
             let meta = &tx[T::Meta as usize];
             let read = |k: &[u8]| -> Result<u64, ConflictableTransactionError<u64>> {
@@ -508,10 +487,7 @@ impl Store {
             let record = AuditRecord {
                 seq,
                 time_ms,
-                actor: AuditActor {
-                    actor: actor.clone(),
-                    role,
-                },
+                actor: actor.clone(),
                 action: action.to_owned(),
                 target: target.to_owned(),
                 version,

@@ -635,9 +635,9 @@ async fn a_token_stored_before_roles_is_admin() {
     let old =
         format!(r#"{{"id":"{id}","name":"legacy","created_ms":1763798400000,"hash":"{hash}"}}"#);
     store.tree(T::Tokens).insert(id, old.as_bytes()).unwrap();
-    let (actor, role) = store.authenticate(&format!("ztp_{id}_{secret}")).unwrap();
+    let actor = store.verify_token(&format!("ztp_{id}_{secret}")).unwrap();
     assert_eq!(actor.token_name, "legacy");
-    assert_eq!(role, Role::Admin);
+    assert_eq!(actor.role, Role::Admin);
     let listed = store.list_tokens(None, 10).unwrap();
     assert_eq!(listed.items[0].role, Role::Admin);
     // Its changes are audited as an admin's; a viewer token is listed as one.
@@ -646,7 +646,7 @@ async fn a_token_stored_before_roles_is_admin() {
         .await
         .unwrap();
     assert_eq!(v.info.role, Role::Viewer);
-    assert_eq!(store.authenticate(&v.token).unwrap().1, Role::Viewer);
+    assert_eq!(store.verify_token(&v.token).unwrap().role, Role::Viewer);
     let audit = store.audit(10).unwrap();
     assert_eq!(audit[0].action, "token.create");
     assert_eq!(audit[0].actor, actor);

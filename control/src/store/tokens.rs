@@ -234,33 +234,16 @@ impl Store {
         Ok(())
     }
 
-    /// The actor a presented token belongs to, if it is valid.
+    /// The actor (with its role) a presented token belongs to, if it is valid.
     pub fn verify_token(&self, presented: &str) -> Option<Actor> {
-        self.authenticate(presented).map(|(actor, _)| actor)
-    }
-
-    /// The actor a presented token belongs to and its role, if it is valid.
-    pub fn authenticate(&self, presented: &str) -> Option<(Actor, Role)> {
         let (id, secret) = parse(presented)?;
         let info: TokenInfo = self.get(T::Tokens, id).ok()??;
         let presented = hash_secret(secret);
-        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then_some((
-            Actor {
-                token_id: info.id,
-                token_name: info.name,
-            },
-            info.role,
-        ))
-    }
-
-    /// The role of the token an actor is, for the audit trail. The process itself (and
-    /// anything that writes to the store directly) is admin; so is a token revoked
-    /// meanwhile, as the request was allowed.
-    pub(super) fn actor_role(&self, actor: &Actor) -> Role {
-        self.get::<TokenInfo>(T::Tokens, &actor.token_id)
-            .ok()
-            .flatten()
-            .map_or(Role::Admin, |t| t.role)
+        constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then_some(Actor {
+            token_id: info.id,
+            token_name: info.name,
+            role: info.role,
+        })
     }
 }
 

@@ -103,6 +103,28 @@ impl Handler for RudeHandler {
     }
 }
 
+/// Alice on `a.svc`, with long timeouts: only the pipeline ends these sessions.
+fn setup<'a>(framed: bool, id: &'a ClientIdentity, groups: &'a [String]) -> Box<Setup<'a>> {
+    Box::new(Setup {
+        framed,
+        target: Target {
+            service: "a.svc",
+            backend: None,
+            protocol: Protocol::Tcp,
+        },
+        caller: Caller {
+            identity: id,
+            user: "alice",
+            groups,
+        },
+        limits: HandlerLimits {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3600),
+            udp_timeout: Duration::from_secs(1),
+        },
+    })
+}
+
 fn identity() -> ClientIdentity {
     ClientIdentity {
         id: "alice@x".into(),
@@ -142,24 +164,7 @@ async fn rude_shut(
     let id = identity();
     let groups = vec!["g".to_string()];
     let mut client = Metered::new(server);
-    let setup = Box::new(Setup {
-        framed,
-        target: Target {
-            service: "a.svc",
-            backend: None,
-            protocol: Protocol::Tcp,
-        },
-        caller: Caller {
-            identity: &id,
-            user: "alice",
-            groups: &groups,
-        },
-        limits: HandlerLimits {
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(3600),
-            udp_timeout: Duration::from_secs(1),
-        },
-    });
+    let setup = setup(framed, &id, &groups);
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
@@ -294,24 +299,7 @@ async fn a_revocation_after_the_client_was_closed_writes_no_line() {
         dropped,
     };
     let id = identity();
-    let setup = Box::new(Setup {
-        framed: false,
-        target: Target {
-            service: "a.svc",
-            backend: None,
-            protocol: Protocol::Tcp,
-        },
-        caller: Caller {
-            identity: &id,
-            user: "alice",
-            groups: &[],
-        },
-        limits: HandlerLimits {
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(3600),
-            udp_timeout: Duration::from_secs(1),
-        },
-    });
+    let setup = setup(false, &id, &[]);
     let ended = run(
         &mut client,
         &handler,
