@@ -887,7 +887,8 @@ fn audit_table(items: &[Value], now_ms: u64, wide: bool) -> String {
             };
             row.extend([s(&r["node"]), s(&r["peer"]), identity]);
             if wide {
-                row.extend([s(&r["user"]), s(&r["sni"])]);
+                let transport = r["transport"].as_str().unwrap_or("tcp").to_owned();
+                row.extend([s(&r["user"]), s(&r["sni"]), transport]);
             }
             row.extend([s(&r["service"]), s(&r["decision"]), s(&r["reason"])]);
             if wide {
@@ -906,7 +907,7 @@ fn audit_table(items: &[Value], now_ms: u64, wide: bool) -> String {
     }
     header.extend(["NODE", "PEER", "IDENTITY"]);
     if wide {
-        header.extend(["USER", "SNI"]);
+        header.extend(["USER", "SNI", "TRANSPORT"]);
     }
     header.extend(["SERVICE", "DECISION", "REASON"]);
     if wide {

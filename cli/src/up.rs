@@ -697,8 +697,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut control =
         tokio::spawn(async move { ztp_control::server::serve(store, &opts, control_stop).await });
 
+    // QUIC on the gateway's port, over UDP, when that is free too.
+    let quic = match std::net::UdpSocket::bind(listen) {
+        Ok(probe) => {
+            drop(probe);
+            Some(ztp_dataplane::quic::QuicSettings {
+                listen,
+                max_streams: 256,
+                udp_idle: Duration::from_secs(60),
+                max_connections_per_identity: 64,
+                retry_above: 64,
+            })
+        }
+        Err(e) => {
+            eprintln!("ztpctl: udp {listen} is not free ({e}); the gateway serves TCP only");
+            None
+        }
+    };
     let config = Config {
         listen,
+        quic,
         tls: TlsFiles {
             cert: pki_dir.join("server.pem"),
             key: pki_dir.join("server.key"),

@@ -514,6 +514,12 @@ fn connection_record(
         bytes_up: r.bytes_up,
         bytes_down: r.bytes_down,
         duration_ms: r.duration_ms,
+        transport: match r.transport.as_str() {
+            "" | "tcp" => "tcp".into(),
+            "quic" => "quic".into(),
+            // A node's free text must not grow the record: anything else is named so.
+            _ => "other".into(),
+        },
     }
 }
 
@@ -631,6 +637,14 @@ mod tests {
             assert!(long.starts_with(f.as_str()));
         }
         assert!(kept.identity_unverified);
+        assert_eq!(kept.transport, "tcp", "a node that names no transport");
+        for (sent, kept) in [("quic", "quic"), ("tcp", "tcp"), ("pigeon", "other")] {
+            let r = pb::ConnectionRecord {
+                transport: sent.into(),
+                ..Default::default()
+            };
+            assert_eq!(connection_record("n1", r, 0).transport, kept);
+        }
     }
 
     #[tokio::test]

@@ -22,6 +22,30 @@ pub struct Args {
     #[arg(long, default_value = "[::]:9743", value_name = "ADDR")]
     pub listen: SocketAddr,
 
+    /// Address of the QUIC listener (UDP): by default --listen's address and port; `off`
+    /// serves TCP only.
+    #[arg(long, value_name = "ADDR|off")]
+    pub quic_listen: Option<String>,
+
+    /// Concurrent streams a QUIC connection may open (one backend connection each).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000), value_name = "N")]
+    pub quic_max_streams: u32,
+
+    /// Live QUIC connections per client identity (each carries many streams); more are
+    /// closed with `ZTP-ERROR 429 too many connections`. 0: no limit.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub quic_max_connections_per_identity: u32,
+
+    /// Handshakes in flight above which a QUIC client must validate its address (a
+    /// Retry) before any crypto; 0: always.
+    #[arg(long, hide = true, default_value_t = 64, value_name = "N")]
+    pub quic_retry_above: usize,
+
+    /// A QUIC datagram flow (udp and quic services) with nothing moving for this long
+    /// ends, with its backend socket.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub udp_idle: Duration,
+
     /// The server certificate chain (PEM, leaf first).
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
@@ -136,6 +160,8 @@ pub enum Source {
 #[derive(Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The QUIC listener, unless `--quic-listen off`.
+    pub quic: Option<crate::quic::QuicSettings>,
     pub tls: crate::tls::TlsFiles,
     pub source: Source,
     pub admin_listen: SocketAddr,
@@ -184,6 +210,7 @@ impl Args {
             ("--idle-timeout", self.idle_timeout),
             ("--connect-timeout", self.connect_timeout),
             ("--udp-timeout", self.udp_timeout),
+            ("--udp-idle", self.udp_idle),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be greater than zero"));
@@ -193,8 +220,23 @@ impl Args {
             Some(n) => n as usize,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let quic_listen = match self.quic_listen.as_deref() {
+            None => Some(self.listen),
+            Some("off") => None,
+            Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
+                format!("--quic-listen: {addr:?} is not an address (HOST:PORT) or `off`")
+            })?),
+        };
+        let quic = quic_listen.map(|listen| crate::quic::QuicSettings {
+            listen,
+            max_streams: self.quic_max_streams,
+            udp_idle: self.udp_idle,
+            max_connections_per_identity: self.quic_max_connections_per_identity,
+            retry_above: self.quic_retry_above,
+        });
         Ok(Config {
             listen: self.listen,
+            quic,
             tls: crate::tls::TlsFiles {
                 cert,
                 key,

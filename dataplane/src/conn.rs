@@ -119,22 +119,29 @@ pub fn serve(
             rec.code = ended.refusal.map(Refusal::code);
             rec.allow(ended.end);
         }
-        rec.emit();
-        if let Some(audit) = &ctx.audit {
-            if audit.try_send(rec.to_wire()).is_err() {
-                ctx.metrics.audit_dropped();
-            }
-        }
-        ctx.metrics.connection_closed(
-            rec.service.as_deref(),
-            rec.allowed,
-            rec.reason,
-            !rec.handshake_done,
-            rec.bytes_up,
-            rec.bytes_down,
-        );
+        close_record(&ctx, &rec);
     }
     .instrument(span)
+}
+
+/// A connection's (or a QUIC stream's) end: its log event, its audit record and its
+/// metrics, in one place for every transport.
+pub(crate) fn close_record(ctx: &ConnContext, rec: &Record) {
+    rec.emit();
+    if let Some(audit) = &ctx.audit {
+        if audit.try_send(rec.to_wire()).is_err() {
+            ctx.metrics.audit_dropped();
+        }
+    }
+    ctx.metrics.connection_closed(
+        rec.service.as_deref(),
+        rec.transport,
+        rec.allowed,
+        rec.reason,
+        !rec.handshake_done,
+        rec.bytes_up,
+        rec.bytes_down,
+    );
 }
 
 /// An admitted connection, ready for its handler.
@@ -256,7 +263,7 @@ async fn admit_with(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Opti
 }
 
 /// What the client's first bytes look like (`silent` if it sent none).
-fn detected(first: &[u8]) -> Detected {
+pub(crate) fn detected(first: &[u8]) -> Detected {
     if first.is_empty() {
         return Detected::Silent;
     }
@@ -345,7 +352,7 @@ async fn gate(
 
 /// Records the caller's identity and service in the connection's span, in one call (each
 /// call grows the span's formatted fields, kept for the connection's life).
-fn record_in_span(identity: &str, service: &str) {
+pub(crate) fn record_in_span(identity: &str, service: &str) {
     let span = tracing::Span::current();
     let Some(meta) = span.metadata() else {
         return;
@@ -375,33 +382,41 @@ async fn refused<T>(
 }
 
 /// The connection's record, logged once at its end.
-#[derive(Debug)]
-struct Record {
-    started: Instant,
-    peer: SocketAddr,
-    sni: Option<String>,
-    identity: Option<String>,
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) started: Instant,
+    /// `tcp` or `quic`.
+    pub(crate) transport: &'static str,
+    pub(crate) peer: SocketAddr,
+    pub(crate) sni: Option<String>,
+    pub(crate) identity: Option<String>,
     /// `identity` is what a certificate refused in the handshake claims.
-    identity_unverified: bool,
-    user: Option<String>,
-    service: Option<String>,
-    protocol: Option<&'static str>,
-    detected: Option<&'static str>,
-    backend: Option<SocketAddr>,
-    allowed: bool,
-    reason: &'static str,
-    code: Option<u16>,
-    tls_error: Option<String>,
+    pub(crate) identity_unverified: bool,
+    pub(crate) user: Option<String>,
+    pub(crate) service: Option<String>,
+    pub(crate) protocol: Option<&'static str>,
+    pub(crate) detected: Option<&'static str>,
+    pub(crate) backend: Option<SocketAddr>,
+    pub(crate) allowed: bool,
+    pub(crate) reason: &'static str,
+    pub(crate) code: Option<u16>,
+    pub(crate) tls_error: Option<String>,
     /// The TLS handshake completed (refusals before it are handshake failures).
-    handshake_done: bool,
-    bytes_up: u64,
-    bytes_down: u64,
+    pub(crate) handshake_done: bool,
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
 }
 
 impl Record {
-    fn new(peer: SocketAddr) -> Self {
+    pub(crate) fn new(peer: SocketAddr) -> Self {
+        Record::on(peer, "tcp")
+    }
+
+    /// A record of a connection over `transport`.
+    pub(crate) fn on(peer: SocketAddr, transport: &'static str) -> Self {
         Record {
             started: Instant::now(),
+            transport,
             peer,
             sni: None,
             identity: None,
@@ -421,12 +436,12 @@ impl Record {
         }
     }
 
-    fn allow(&mut self, reason: &'static str) {
+    pub(crate) fn allow(&mut self, reason: &'static str) {
         self.allowed = true;
         self.reason = reason;
     }
 
-    fn deny(&mut self, reason: &'static str) {
+    pub(crate) fn deny(&mut self, reason: &'static str) {
         self.allowed = false;
         self.reason = reason;
     }
@@ -449,6 +464,7 @@ impl Record {
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             duration_ms: self.started.elapsed().as_millis() as u64,
+            transport: self.transport.into(),
         }
     }
 
@@ -462,6 +478,7 @@ impl Record {
         }
         let duration_ms = self.started.elapsed().as_millis() as u64;
         tracing::info!(
+            transport = self.transport,
             client.addr = %self.peer,
             tls.sni = self.sni.as_deref(),
             client.id = self.identity.as_deref(),

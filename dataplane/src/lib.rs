@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod node;
 pub mod preauth;
 pub mod protocol;
+pub mod quic;
 pub mod reauth;
 pub mod refusal;
 pub mod routing;

@@ -13,10 +13,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Most distinct label sets kept per counter; beyond it, counts go to `other`.
 const MAX_SERIES: usize = 10_000;
 
+/// A connection series' labels: service, decision, reason, transport.
+type ConnKey = (String, &'static str, &'static str, &'static str);
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// (service, decision, reason) → connections.
-    connections: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
+    /// (service, decision, reason, transport) → connections.
+    connections: Mutex<BTreeMap<ConnKey, u64>>,
     /// reason → handshake failures.
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     bytes_up: AtomicU64,
@@ -47,10 +50,19 @@ impl Metrics {
         self.active.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a finished connection.
+    /// A QUIC connection was admitted: from here its streams and flows count as
+    /// connections, each opened and closed on its own.
+    pub fn connection_handed_on(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records a finished connection (or QUIC stream or flow); `transport` is `tcp` or
+    /// `quic`.
+    #[allow(clippy::too_many_arguments)]
     pub fn connection_closed(
         &self,
         service: Option<&str>,
+        transport: &'static str,
         allowed: bool,
         reason: &'static str,
         handshake_failed: bool,
@@ -63,7 +75,12 @@ impl Metrics {
         let decision = if allowed { "allow" } else { "deny" };
         {
             let mut m = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-            let mut key = (service.unwrap_or("").to_owned(), decision, reason);
+            let mut key = (
+                service.unwrap_or("").to_owned(),
+                decision,
+                reason,
+                transport,
+            );
             if m.len() >= MAX_SERIES && !m.contains_key(&key) {
                 key.0 = "other".into();
             }
@@ -115,9 +132,9 @@ impl Metrics {
     /// applied (Unix seconds; 0 when none is held).
     pub fn render(&self, snapshot: (u64, u64)) -> String {
         let mut out = String::new();
-        out.push_str("# HELP ztp_connections_total Connections by service, decision and reason.\n");
+        out.push_str("# HELP ztp_connections_total Connections (a QUIC stream or datagram flow is one) by service, decision, reason and transport.\n");
         out.push_str("# TYPE ztp_connections_total counter\n");
-        for ((svc, decision, reason), n) in self
+        for ((svc, decision, reason, transport), n) in self
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -125,7 +142,7 @@ impl Metrics {
         {
             let _ = writeln!(
                 out,
-                "ztp_connections_total{{service=\"{}\",decision=\"{decision}\",reason=\"{}\"}} {n}",
+                "ztp_connections_total{{service=\"{}\",decision=\"{decision}\",reason=\"{}\",transport=\"{transport}\"}} {n}",
                 label(svc),
                 label(reason)
             );
@@ -206,12 +223,12 @@ mod tests {
         let m = Metrics::default();
         m.connection_opened();
         m.connection_opened();
-        m.connection_closed(Some("a.svc"), true, "closed", false, 10, 20);
-        m.connection_closed(None, false, "unknown sni", true, 0, 0);
+        m.connection_closed(Some("a.svc"), "tcp", true, "closed", false, 10, 20);
+        m.connection_closed(None, "quic", false, "unknown sni", true, 0, 0);
         let text = m.render((7, now_secs()));
         assert!(
             text.contains(
-                "ztp_connections_total{service=\"a.svc\",decision=\"allow\",reason=\"closed\"} 1"
+                "ztp_connections_total{service=\"a.svc\",decision=\"allow\",reason=\"closed\",transport=\"tcp\"} 1"
             ),
             "{text}"
         );

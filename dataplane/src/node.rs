@@ -75,7 +75,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         metrics: ctx.metrics.clone(),
         state: ctx.state.clone(),
     };
-    let admin_task = tokio::spawn(admin::serve(admin, admin_state, stopped.wait()));
+    let admin_task = tokio::spawn(admin::serve(admin, admin_state, stopped.clone().wait()));
 
     let cap = Gate::new(Limits {
         max_connections: config.max_connections as usize,
@@ -84,6 +84,40 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         allow: config.allow.clone(),
         deny: config.deny.clone(),
     });
+    // The QUIC listener shares the gate: caps and rates count a source's connections
+    // over both transports.
+    let quic = match &config.quic {
+        Some(settings) => {
+            // By default QUIC shares the TCP listener's port, also when that was chosen
+            // by the system (port 0): clients reach both at one address.
+            let mut settings = settings.clone();
+            if settings.listen == config.listen && settings.listen.port() == 0 {
+                if let Ok(tcp) = listener.local_addr() {
+                    settings.listen.set_port(tcp.port());
+                }
+            }
+            let settings = &settings;
+            let (endpoint, shared) = crate::quic::bind(settings, ctx.clone(), cap.clone())
+                .map_err(|e| StartError {
+                    code: 1,
+                    lines: vec![format!(
+                        "cannot listen for QUIC clients on {} (udp): {e} (--quic-listen off \
+                         serves TCP only)",
+                        settings.listen
+                    )],
+                })?;
+            if let Ok(addr) = endpoint.local_addr() {
+                tracing::info!(%addr, "listening (quic)");
+            }
+            tokio::spawn(crate::quic::run(
+                endpoint.clone(),
+                shared,
+                stopped.clone().wait(),
+            ));
+            Some(endpoint)
+        }
+        None => None,
+    };
     let signal = async {
         stop.await;
         tracing::info!("stopping: no new connections");
@@ -100,6 +134,10 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         end_sessions,
     )
     .await;
+    if let Some(endpoint) = quic {
+        // The connections' CONNECTION_CLOSE frames go out before the process ends.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
     if left > 0 {
         tracing::warn!(
             connections = left,

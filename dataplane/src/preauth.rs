@@ -111,6 +111,13 @@ impl Gate {
         }
     }
 
+    /// Whether `ip` (canonical) is within the listener's ranges (`--allow`, `--deny`):
+    /// the check a QUIC connection that moved to a new address must pass again.
+    pub fn in_range(&self, ip: IpAddr) -> bool {
+        let l = &self.inner.limits;
+        ztp_proto::names::source_admitted(&l.allow, &l.deny, ip)
+    }
+
     /// Admits a connection from `ip` (canonical), or says why not.
     pub fn admit(&self, ip: IpAddr) -> Result<Permit, Shed> {
         let l = &self.inner.limits;

@@ -24,8 +24,8 @@ use tokio_rustls::server::TlsStream;
 
 use crate::handler::framed::FramedChannel;
 use crate::handler::{
-    BoxIo, BoxOutcome, Caller, Client, ClientIo, Close, Handler, HandlerLimits, Outcome, Report,
-    Session, Target,
+    BoxIo, BoxOutcome, Caller, Client, ClientIo, Close, DatagramChannel, Handler, HandlerLimits,
+    Outcome, Report, Session, Target,
 };
 use crate::protocol::PEEK_MAX;
 use crate::refusal::{self, Refusal};
@@ -136,6 +136,26 @@ pub async fn run<S: ClientIo>(
     // and must not size the session's state for its whole life.
     ended.refusal = Box::pin(finish(client, close)).await;
     ended
+}
+
+/// Serves a datagram session whose transport carries whole datagrams itself (a QUIC
+/// connection's flow): the handler races `stop` as in [`run`]. There is nothing to close
+/// per session (a refusal or drain closes the whole connection, the transport's part),
+/// so the pipeline only records the end. The byte counts are the channel's.
+pub async fn run_datagrams(
+    channel: &mut dyn DatagramChannel,
+    handler: &dyn Handler,
+    setup: Box<Setup<'_>>,
+    mut stop: Pin<Box<dyn Future<Output = Stop> + Send + '_>>,
+) -> (&'static str, Option<SocketAddr>) {
+    let mut report = Report::default();
+    let serve = start(handler, Client::Datagrams(channel), setup, &mut report);
+    let end = match race!(serve, stop) {
+        Ok(Outcome { end, .. }) => end,
+        Err(Stop::Revoked(reason)) => reason,
+        Err(Stop::Drain) => "drained",
+    };
+    (end, report.backend_addr)
 }
 
 /// Closes the client as `close` says; returns the refusal line it got, if any.

@@ -177,6 +177,10 @@ pub struct TlsConfigs {
     pub dgram: Arc<ServerConfig>,
     /// The same verifier the configs use, to re-check a resumed session's chain.
     pub verifier: Arc<ClientVerifier>,
+    /// The server's certificate and signer, and the provider: the QUIC listener builds
+    /// its configs from them (see `quic::config`).
+    pub certified: Arc<CertifiedKey>,
+    pub provider: Arc<CryptoProvider>,
 }
 
 /// Session resumption for all configs, so that it survives snapshot swaps (each resumed
@@ -203,7 +207,7 @@ impl TlsConfigs {
             revoked,
             chains: material.chains.clone(),
         });
-        let mut stream = ServerConfig::builder_with_provider(provider)
+        let mut stream = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier.clone())
@@ -216,6 +220,8 @@ impl TlsConfigs {
             stream: Arc::new(stream),
             dgram: Arc::new(dgram),
             verifier,
+            certified: material.certified.clone(),
+            provider,
         })
     }
 }
@@ -277,7 +283,7 @@ impl ClientVerifier {
         }
     }
 
-    fn verify(
+    pub(crate) fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -433,6 +439,7 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "certificate expired",
     "unknown ca",
     "no client certificate",
+    "no application protocol",
     "protocol version",
     "no shared cipher suite",
     "no shared group",
@@ -445,13 +452,15 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
 /// Names the cause of a handshake the server's rustls ended. Incompatibilities are told
 /// apart: a client that offers only TLS 1.2 is not one whose TLS 1.3 offer shares no
 /// cipher suite, key-exchange group or signature scheme with the gate.
-fn tls_reason(e: &rustls::Error) -> &'static str {
+pub fn tls_reason(e: &rustls::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E, PeerIncompatible as P};
     match e {
         E::InvalidCertificate(C::Revoked) => "certificate revoked",
         E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "certificate expired",
         E::InvalidCertificate(C::UnknownIssuer) => "unknown ca",
         E::NoCertificatesPresented => "no client certificate",
+        // QUIC requires ALPN `ztp/1`.
+        E::NoApplicationProtocol => "no application protocol",
         E::PeerIncompatible(p) => match p {
             // No TLS 1.3 offered (with or without a supported_versions extension).
             P::Tls12NotOffered
@@ -537,6 +546,19 @@ pub fn recheck_chain(
         .split_first()
         .ok_or(rustls::Error::NoCertificatesPresented)?;
     // The inherent check: a re-check notes no claim (the client proved its key).
+    verifier.verify(leaf, rest, UnixTime::now()).map(|_| ())
+}
+
+/// Verifies a client chain (leaf first) again against the current CA set, clock and
+/// revoked serials, for a transport that does not resume sessions (QUIC) when the state
+/// changed since its handshake.
+pub fn recheck(
+    chain: &[CertificateDer<'_>],
+    verifier: &ClientVerifier,
+) -> Result<(), rustls::Error> {
+    let (leaf, rest) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
     verifier.verify(leaf, rest, UnixTime::now()).map(|_| ())
 }
 

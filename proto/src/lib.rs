@@ -15,6 +15,7 @@ mod duration;
 pub mod framing;
 mod model;
 pub mod names;
+pub mod quic;
 mod validate;
 pub mod wire;
 

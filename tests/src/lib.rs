@@ -24,6 +24,8 @@
 //! - [`process`]: outside programs (found on `PATH` or in sbin; skipped with a visible
 //!   `SKIPPED` line, or failed under `ZTP_REQUIRE_TOOLS=1`, when missing), free loopback ports, a guard around a
 //!   long-running process with its output lines, and bounded one-shot runs.
+//! - [`quic`]: a quinn client for the QUIC transport, waiting for the server's
+//!   confirmation of the handshake, and the datagram flows' varint framing.
 //! - [`bins`]: locating the three binaries, building them once per test process.
 //! - [`tempdir`]: a self-removing temporary directory.
 //!
@@ -41,6 +43,7 @@ pub mod dataplane;
 pub mod http;
 pub mod pki;
 pub mod process;
+pub mod quic;
 pub mod tempdir;
 
 #[cfg(test)]

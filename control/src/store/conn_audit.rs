@@ -41,6 +41,13 @@ pub struct ConnectionRecord {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    /// `tcp` or `quic` (records from before the QUIC transport: `tcp`).
+    #[serde(default = "tcp")]
+    pub transport: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
 }
 
 /// Filters of a query; empty means any.
@@ -171,6 +178,7 @@ mod tests {
             reason: "closed".into(),
             code: 0,
             bytes_up: 1,
+            transport: "tcp".into(),
             bytes_down: 2,
             duration_ms: 3,
         }

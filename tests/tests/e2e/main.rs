@@ -30,6 +30,7 @@ mod openssl;
 mod pki_cli;
 mod plane;
 mod preauth;
+mod quic;
 mod real_clients;
 mod reload;
 mod replicas;

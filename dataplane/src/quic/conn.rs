@@ -1,0 +1,520 @@
+//! One QUIC connection's path: handshake (the gate decided its ClientHello and chain,
+//! see `config`), then the same admission as TCP ([`admission::decide`]), then its
+//! sessions: one per bidirectional stream (tcp services) or per datagram flow (udp and
+//! quic services), each served by the pipeline's session stage and recorded as one
+//! connection.
+//!
+//! The connection is one identity and one service: it is decided again on every snapshot
+//! ([`reauth::watch`], once for all its sessions). A refusal closes the whole connection
+//! with the refusal's code as the application error code and its line as the reason; its
+//! streams, flows and their backend connections end with it. A client that moves to an
+//! address the listener's or the service's ranges refuse is closed the same way.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::HandshakeData;
+use quinn::{Connecting, Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::field::Empty;
+use tracing::Instrument;
+use ztp_proto::quic::CLOSE_DONE;
+use ztp_proto::Protocol;
+
+use super::config::SharedNotes;
+use super::datagram::{Dispatched, Flows, QuicFlow, QuicFlowStart};
+use super::stream::QuicStream;
+use super::Quic;
+use crate::admission::{self, Admission, Choice, PeerFacts};
+use crate::conn::{close_record, detected, record_in_span, Record};
+use crate::handler::{Caller, Handler, HandlerLimits, Target};
+use crate::preauth::{self, Permit};
+use crate::reauth;
+use crate::refusal::{self, Refusal};
+use crate::session::{self, Metered, Setup, Stop};
+use crate::snapshot::Active;
+use crate::tls;
+
+/// How often a connection's address is looked at (quinn has no migration event).
+const MIGRATION_POLL: Duration = Duration::from_millis(250);
+/// How long a closing connection's sessions get to write their records.
+const SESSIONS_GRACE: Duration = Duration::from_secs(3);
+
+/// Closes `conn` with a refusal: its code as the application error code, its line
+/// (without the newline) as the reason.
+pub fn close_refused(conn: &Connection, r: Refusal) {
+    conn.close(
+        VarInt::from_u32(u32::from(r.code())),
+        r.line().trim_end().as_bytes(),
+    );
+}
+
+/// Counts a handshake in flight while it lives (the listener's Retry threshold).
+struct Handshaking(Arc<Quic>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.handshaking.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one accepted connection to its end. `hello_state` is the state its TLS config
+/// was built from; `permit` is its place in the preauth gate.
+pub async fn serve(
+    q: Arc<Quic>,
+    connecting: Connecting,
+    peer: SocketAddr,
+    notes: SharedNotes,
+    hello_state: Arc<Active>,
+    permit: Permit,
+) {
+    let span = tracing::info_span!(
+        "conn",
+        transport = "quic",
+        client.addr = %peer,
+        tls.sni = Empty,
+        client.id = Empty,
+        service.name = Empty,
+        backend.addr = Empty,
+        refusal.code = Empty,
+    );
+    async move {
+        q.handshaking.fetch_add(1, Ordering::Relaxed);
+        let handshaking = Handshaking(q.clone());
+        let ctx = &q.ctx;
+        ctx.metrics.connection_opened();
+        let mut rec = Record::on(peer, "quic");
+        let handshake = tokio::time::timeout(ctx.handshake_timeout, connecting).await;
+        drop(handshaking);
+        let taken = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
+        rec.sni = taken.sni;
+        rec.service = taken.service;
+        if let Some(sni) = &rec.sni {
+            tracing::Span::current().record("tls.sni", sni.as_str());
+        }
+        let conn = match handshake {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "quic handshake failed");
+                if let Some(id) = taken.claimed {
+                    rec.identity = Some(id);
+                    rec.identity_unverified = true;
+                }
+                rec.tls_error = Some(e.to_string());
+                rec.deny(taken.refused.unwrap_or_else(|| handshake_reason(&e)));
+                close_record(ctx, &rec);
+                return;
+            }
+            Err(_) => {
+                // Dropping the handshake closes the connection.
+                rec.deny("handshake timeout");
+                close_record(ctx, &rec);
+                return;
+            }
+        };
+        rec.handshake_done = true;
+        let Some(admitted) = admit(&q, &conn, &hello_state, &mut rec) else {
+            close_record(ctx, &rec);
+            return;
+        };
+        // Admitted: from here on each stream or flow is a connection of its own, counted
+        // and recorded as it ends.
+        ctx.metrics.connection_handed_on();
+        let end = run(&q, conn, admitted, peer).await;
+        tracing::info!(end, "quic connection closed");
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Records a connection whose first flight the gate refused (quinn ends it in
+/// `accept`, before there is a connection to serve).
+pub fn refused_at_hello(q: &Quic, peer: SocketAddr, notes: &SharedNotes, e: &ConnectionError) {
+    let span = tracing::info_span!("conn", transport = "quic", client.addr = %peer);
+    let _enter = span.enter();
+    let ctx = &q.ctx;
+    ctx.metrics.connection_opened();
+    let taken = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut rec = Record::on(peer, "quic");
+    rec.sni = taken.sni;
+    rec.service = taken.service;
+    rec.tls_error = Some(e.to_string());
+    rec.deny(taken.refused.unwrap_or_else(|| handshake_reason(e)));
+    close_record(ctx, &rec);
+}
+
+/// What every session of an admitted connection shares.
+struct Served {
+    q: Arc<Quic>,
+    admission: Arc<Admission>,
+    handler: Arc<dyn Handler>,
+    protocol: Protocol,
+    /// `auto`: name the detected protocol in each stream's record.
+    detect: bool,
+    sni: String,
+    /// Fires when the pipeline ends the connection (a later decision, drain).
+    stop: watch::Receiver<Option<Stop>>,
+}
+
+impl Served {
+    /// A session's record, before it starts.
+    fn record(&self, peer: SocketAddr) -> Record {
+        let mut rec = Record::on(peer, "quic");
+        rec.handshake_done = true;
+        rec.sni = Some(self.sni.clone());
+        rec.identity = Some(self.admission.identity.id.clone());
+        rec.user = Some(self.admission.permit.user.name.clone());
+        rec.service = Some(self.admission.permit.route.name.clone());
+        rec.protocol = Some(self.protocol.as_str());
+        rec
+    }
+
+    fn stop(&self) -> Pin<Box<dyn Future<Output = Stop> + Send>> {
+        let mut rx = self.stop.clone();
+        Box::pin(async move {
+            loop {
+                if let Some(s) = *rx.borrow_and_update() {
+                    return s;
+                }
+                if rx.changed().await.is_err() {
+                    // The connection is gone: its streams end by themselves.
+                    return std::future::pending().await;
+                }
+            }
+        })
+    }
+
+    fn setup(&self, limits: HandlerLimits) -> Box<Setup<'_>> {
+        let route = &self.admission.permit.route;
+        Box::new(Setup {
+            framed: false,
+            target: Target {
+                service: &route.name,
+                backend: route.backend.as_ref(),
+                protocol: self.protocol,
+            },
+            caller: Caller {
+                identity: &self.admission.identity,
+                user: &self.admission.permit.user.name,
+                groups: &self.admission.permit.user.groups,
+            },
+            limits,
+        })
+    }
+}
+
+/// An admitted connection's decision.
+struct Admitted {
+    /// Counts the connection against its identity's cap while it lives.
+    _place: super::IdentityPlace,
+    admission: Admission,
+    handler: Arc<dyn Handler>,
+    protocol: Protocol,
+    detect: bool,
+    sni: String,
+}
+
+/// Identity, service, authorization and protocol, as for TCP. `None` when refused (the
+/// connection closed with the refusal, and `rec` says why).
+fn admit(
+    q: &Quic,
+    conn: &Connection,
+    hello_state: &Arc<Active>,
+    rec: &mut Record,
+) -> Option<Admitted> {
+    let ctx = &q.ctx;
+    let (sni, alpn) = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .map(|d| (d.server_name.unwrap_or_default(), d.protocol))
+        .unwrap_or_default();
+    if alpn.as_deref() != Some(ztp_proto::quic::ALPN) {
+        // rustls refuses this in the handshake; never serve without it.
+        rec.deny("no application protocol");
+        close_refused(conn, Refusal::Forbidden);
+        return None;
+    }
+    let chain: Vec<CertificateDer<'static>> = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|c| *c)
+        .unwrap_or_default();
+    let active = ctx.state.borrow().clone();
+    if !Arc::ptr_eq(&active, hello_state) {
+        // The state moved during the handshake: the chain is judged on the newest.
+        if let Err(e) = tls::recheck(&chain, &active.tls.verifier) {
+            tracing::debug!(error = %e, "certificate refused on re-check");
+            return refuse(
+                conn,
+                rec,
+                Refusal::Forbidden,
+                "certificate refused on re-check",
+            );
+        }
+    }
+    let decision = admission::decide(
+        &active.policy,
+        &PeerFacts {
+            leaf: chain.first().map(|c| c.as_ref()),
+            sni: &sni,
+            source: rec.peer.ip(),
+            // `ztp-dgram` is a TLS-over-TCP extension: QUIC has datagrams of its own.
+            alpn: None,
+        },
+    );
+    drop(active);
+    let admission = match decision {
+        Ok(a) => a,
+        Err(denied) => {
+            if let Some(id) = &denied.identity {
+                record_in_span(id, denied.service.as_deref().unwrap_or_default());
+            }
+            rec.identity = denied.identity;
+            rec.service = denied.service;
+            rec.user = denied.user;
+            let cause = denied.cause;
+            return refuse(conn, rec, cause.refusal(), cause.reason());
+        }
+    };
+    record_in_span(&admission.identity.id, &admission.permit.route.name);
+    rec.identity = Some(admission.identity.id.clone());
+    rec.user = Some(admission.permit.user.name.clone());
+    rec.service = Some(admission.permit.route.name.clone());
+    let (protocol, detect) = match admission.choice {
+        Choice::Declared(p) => (p, false),
+        Choice::Detect => (Protocol::Tcp, true),
+    };
+    rec.protocol = Some(protocol.as_str());
+    let route = &admission.permit.route;
+    let handler = match &route.handler {
+        Some(h) => h.clone(),
+        None => ctx.registry.forwarder(protocol).clone(),
+    };
+    if !handler.supports(protocol) {
+        tracing::warn!(
+            service.name = %route.name,
+            handler = handler.name(),
+            protocol = protocol.as_str(),
+            "handler does not support the service's protocol"
+        );
+        rec.allow("protocol not supported by handler");
+        rec.code = Some(Refusal::NotImplemented.code());
+        close_refused(conn, Refusal::NotImplemented);
+        return None;
+    }
+    let place = match q.identities.admit(&admission.identity.id) {
+        Ok(place) => place,
+        Err(limit) => {
+            tracing::info!(limit, "too many QUIC connections for this identity");
+            rec.deny("identity connection cap");
+            rec.code = Some(super::TOO_MANY_CODE);
+            conn.close(
+                VarInt::from_u32(u32::from(super::TOO_MANY_CODE)),
+                super::TOO_MANY_LINE.as_bytes(),
+            );
+            return None;
+        }
+    };
+    Some(Admitted {
+        _place: place,
+        admission,
+        handler,
+        protocol,
+        detect,
+        sni,
+    })
+}
+
+fn refuse<T>(conn: &Connection, rec: &mut Record, r: Refusal, reason: &'static str) -> Option<T> {
+    rec.code = Some(r.code());
+    rec.deny(reason);
+    close_refused(conn, r);
+    None
+}
+
+/// Why a handshake failed, when the gate did not note it: one of
+/// [`tls::HANDSHAKE_REASONS`].
+fn handshake_reason(e: &ConnectionError) -> &'static str {
+    match e {
+        ConnectionError::TimedOut => "handshake timeout",
+        ConnectionError::TransportError(t) => {
+            // A TLS alert the server sent: 0x100 + its code (RFC 9001 §4.8).
+            match u64::from(t.code) {
+                0x178 => "no application protocol",
+                0x174 => "no client certificate",
+                0x146 => "protocol version",
+                0x10a | 0x132 | 0x16d => "protocol violation",
+                _ => "handshake failed",
+            }
+        }
+        _ => "handshake failed",
+    }
+}
+
+/// How a connection the client or the network ended, for the log.
+fn closed(e: &ConnectionError) -> &'static str {
+    match e {
+        ConnectionError::ApplicationClosed(_) | ConnectionError::ConnectionClosed(_) => "closed",
+        ConnectionError::LocallyClosed => "closed here",
+        ConnectionError::TimedOut => "idle timeout",
+        ConnectionError::Reset => "reset",
+        _ => "connection error",
+    }
+}
+
+/// Serves an admitted connection's streams or flows until it ends; returns how.
+async fn run(
+    q: &Arc<Quic>,
+    conn: Connection,
+    admitted: Admitted,
+    peer: SocketAddr,
+) -> &'static str {
+    let Admitted {
+        _place,
+        admission,
+        handler,
+        protocol,
+        detect,
+        sni,
+    } = admitted;
+    let admission = Arc::new(admission);
+    let mut stop = reauth::watch(
+        q.ctx.state.clone(),
+        sni.clone(),
+        peer.ip(),
+        admission.clone(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let served = Arc::new(Served {
+        q: q.clone(),
+        admission,
+        handler,
+        protocol,
+        detect,
+        sni,
+        stop: stop_rx,
+    });
+    let datagrams = matches!(protocol, Protocol::Udp | Protocol::Quic);
+    let mut flows = Flows::default();
+    let mut sessions = JoinSet::new();
+    let mut addr = peer;
+    let mut poll = tokio::time::interval(MIGRATION_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let end = loop {
+        tokio::select! {
+            s = &mut stop => {
+                let _ = stop_tx.send(Some(s));
+                match s {
+                    Stop::Revoked(reason) => {
+                        close_refused(&conn, Refusal::Forbidden);
+                        break reason;
+                    }
+                    Stop::Drain => {
+                        conn.close(VarInt::from_u32(CLOSE_DONE), b"drained");
+                        break "drained";
+                    }
+                }
+            }
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    let s = served.clone();
+                    sessions.spawn(stream_session(s, addr, send, recv).in_current_span());
+                }
+                Err(e) => break closed(&e),
+            },
+            d = conn.read_datagram(), if datagrams => match d {
+                Ok(frame) => match flows.dispatch(frame) {
+                    Dispatched::New(start) => {
+                        let s = served.clone();
+                        let c = conn.clone();
+                        sessions.spawn(flow_session(s, addr, c, start).in_current_span());
+                    }
+                    Dispatched::Dropped(why) => tracing::debug!(why, "datagram dropped"),
+                    Dispatched::Queued => {}
+                },
+                Err(e) => break closed(&e),
+            },
+            _ = poll.tick() => {
+                let now = preauth::canonical(conn.remote_address());
+                if now != addr {
+                    let route = &served.admission.permit.route;
+                    if !q.gate.in_range(now.ip()) || !route.admits_source(now.ip()) {
+                        tracing::info!(from = %addr, to = %now, "client moved to a refused address");
+                        let _ = stop_tx.send(Some(Stop::Revoked("source not allowed")));
+                        close_refused(&conn, Refusal::Forbidden);
+                        break "source not allowed";
+                    }
+                    tracing::info!(from = %addr, to = %now, "client migrated");
+                    addr = now;
+                }
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    };
+    // The sessions see the connection's end (their stop, or their stream's error) and
+    // write their records.
+    let _ = tokio::time::timeout(SESSIONS_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    sessions.abort_all();
+    end
+}
+
+/// One bidirectional stream: one session of a tcp service, and one record.
+async fn stream_session(s: Arc<Served>, peer: SocketAddr, send: SendStream, recv: RecvStream) {
+    let ctx = &s.q.ctx;
+    ctx.metrics.connection_opened();
+    let mut rec = s.record(peer);
+    let mut client = Metered::new(QuicStream::new(send, recv));
+    if matches!(s.protocol, Protocol::Udp | Protocol::Quic) {
+        // Datagram services take DATAGRAM frames, not streams.
+        refusal::deliver(&mut client, Refusal::NotImplemented).await;
+        rec.code = Some(Refusal::NotImplemented.code());
+        rec.deny("stream to a datagram service");
+        close_record(ctx, &rec);
+        return;
+    }
+    let ended = session::run(
+        &mut client,
+        s.handler.as_ref(),
+        s.setup(ctx.handler),
+        s.stop(),
+    )
+    .await;
+    if s.detect {
+        rec.detected = Some(detected(client.first_bytes()).as_str());
+    }
+    rec.bytes_up = ended.bytes_up;
+    rec.bytes_down = ended.bytes_down;
+    rec.backend = ended.backend_addr;
+    rec.code = ended.refusal.map(Refusal::code);
+    rec.allow(ended.end);
+    close_record(ctx, &rec);
+}
+
+/// One datagram flow: one backend socket, one session, one record.
+async fn flow_session(s: Arc<Served>, peer: SocketAddr, conn: Connection, start: QuicFlowStart) {
+    let ctx = &s.q.ctx;
+    ctx.metrics.connection_opened();
+    let mut rec = s.record(peer);
+    let mut flow = QuicFlow::new(conn, start);
+    let limits = HandlerLimits {
+        idle_timeout: s.q.udp_idle,
+        ..ctx.handler
+    };
+    let (end, backend) =
+        session::run_datagrams(&mut flow, s.handler.as_ref(), s.setup(limits), s.stop()).await;
+    rec.bytes_up = flow.bytes_up;
+    rec.bytes_down = flow.bytes_down;
+    rec.backend = backend;
+    rec.allow(end);
+    close_record(ctx, &rec);
+}

@@ -1,0 +1,557 @@
+//! The QUIC transport from clients (DESIGN.md, "QUIC transport"), from a quinn client on
+//! loopback against the real data plane: the same gate as TCP, streams for tcp services,
+//! datagram flows for udp services, live decisions, drain, migration and the limits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint};
+use serde_json::Value;
+use ztp_tests::backend::{pseudo_random_bytes, sha256};
+use ztp_tests::client::ClientOptions;
+use ztp_tests::quic::{alert, connect, endpoint_for, flow_datagram, split_flow, with_alpn, Closed};
+use ztp_tests::{closed_port, TestCert, TestPki, UdpBackend};
+
+use crate::common::{proto_service_yaml, standard_snapshot, Extra, Fixture, STEP};
+
+/// How soon a live decision must have closed a connection.
+const LIVE_BOUND: Duration = Duration::from_secs(5);
+
+impl Fixture {
+    /// QUIC options (ALPN `ztp/1`) for `sni` with `cert`.
+    fn quic_opts(&self, sni: &str, cert: &TestCert) -> ClientOptions {
+        with_alpn(self.opts(sni, cert))
+    }
+
+    async fn quic(&self, ep: &Endpoint, sni: &str, cert: &TestCert) -> Result<Connection, Closed> {
+        connect(ep, self.dp.addr(), &self.quic_opts(sni, cert)).await
+    }
+}
+
+/// Writes `payload` on a new stream, finishes it, and reads the answer to its end.
+async fn exchange(conn: &Connection, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let write = async {
+        send.write_all(payload).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())
+    };
+    let read = async { recv.read_to_end(64 << 20).await.map_err(|e| e.to_string()) };
+    let (w, r) = tokio::time::timeout(STEP, async { tokio::join!(write, read) })
+        .await
+        .map_err(|_| "stream exchange timed out".to_string())?;
+    w?;
+    r
+}
+
+/// The data plane's `connection` events over QUIC.
+fn quic_events(fx: &Fixture) -> Vec<Value> {
+    fx.dp
+        .logs()
+        .into_iter()
+        .filter(|v| v["message"] == "connection" && v["transport"] == "quic")
+        .collect()
+}
+
+async fn wait_quic_events(fx: &Fixture, n: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let events = quic_events(fx);
+        if events.len() >= n || tokio::time::Instant::now() >= deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every refusal of the TCP gate, over QUIC: in the handshake with the TLS alert (an
+/// unknown or missing SNI before the server signs anything), after it with the refusal's
+/// code as the application error code and its line as the reason. Each is recorded with
+/// `transport: quic` and its reason; no backend is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_refuses_over_quic_as_over_tcp() {
+    let pki = TestPki::new();
+    let revoked = pki.client_email("alice@example.com");
+    let extra = Extra {
+        revoked: std::slice::from_ref(&revoked.serial),
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(pki, extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let bob = fx.pki.client_email("bob@example.com");
+    let dave = fx.pki.client_email("dave@example.com");
+    let expired = fx
+        .pki
+        .builder()
+        .email("alice@example.com")
+        .expired()
+        .issue();
+    let rogue = fx.pki.rogue("alice@example.com");
+    let ca = fx.pki.ca_pem.clone();
+    let echo = "echo.svc.internal";
+    let cases: Vec<(&str, ClientOptions, Closed, &str)> = vec![
+        (
+            "unknown sni",
+            fx.quic_opts("nothing.example.org", &alice),
+            Closed::Alert(alert::ACCESS_DENIED),
+            "unknown sni",
+        ),
+        (
+            "no sni",
+            with_alpn(ClientOptions::new(&ca).cert(&alice)),
+            Closed::Alert(alert::ACCESS_DENIED),
+            "no sni",
+        ),
+        (
+            "no alpn",
+            fx.opts(echo, &alice),
+            Closed::Alert(alert::NO_APPLICATION_PROTOCOL),
+            "no application protocol",
+        ),
+        (
+            "other alpn",
+            fx.opts(echo, &alice).alpn(&[b"h3"]),
+            Closed::Alert(alert::NO_APPLICATION_PROTOCOL),
+            "no application protocol",
+        ),
+        (
+            "no certificate",
+            with_alpn(ClientOptions::new(&ca).sni(echo)),
+            Closed::Alert(alert::CERTIFICATE_REQUIRED),
+            "no client certificate",
+        ),
+        (
+            "untrusted ca",
+            fx.quic_opts(echo, &rogue),
+            Closed::Alert(alert::UNKNOWN_CA),
+            "unknown ca",
+        ),
+        (
+            "expired",
+            fx.quic_opts(echo, &expired),
+            Closed::Alert(alert::CERTIFICATE_EXPIRED),
+            "certificate expired",
+        ),
+        (
+            "revoked",
+            fx.quic_opts(echo, &revoked),
+            Closed::Alert(alert::CERTIFICATE_REVOKED),
+            "certificate revoked",
+        ),
+        (
+            "not in group",
+            fx.quic_opts("admins.svc.internal", &bob),
+            Closed::App(403, "ZTP-ERROR 403 forbidden".into()),
+            "not in group",
+        ),
+        (
+            "disabled",
+            fx.quic_opts(echo, &dave),
+            Closed::App(403, "ZTP-ERROR 403 forbidden".into()),
+            "user disabled",
+        ),
+    ];
+    let ep = endpoint_for(fx.dp.addr());
+    for (what, opts, want, _) in &cases {
+        let got = connect(&ep, fx.dp.addr(), opts).await.err();
+        assert_eq!(got.as_ref(), Some(want), "{what}");
+        if matches!(*what, "unknown sni" | "no sni") {
+            assert!(!opts.server_cert_seen(), "{what}: the server signed");
+        }
+    }
+    let events = wait_quic_events(&fx, cases.len()).await;
+    let reasons: BTreeMap<&str, usize> = events.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(e["reason"].as_str().unwrap_or("?")).or_default() += 1;
+        m
+    });
+    for (what, _, _, reason) in &cases {
+        assert!(
+            reasons.contains_key(reason),
+            "{what}: {reason:?} not in {reasons:?}"
+        );
+    }
+    assert_eq!(events.len(), cases.len(), "one record each: {events:#?}");
+    // A refused certificate of our CA names who it claims to be, marked unverified.
+    let claim = events
+        .iter()
+        .find(|e| e["reason"] == "certificate revoked")
+        .expect("the revoked record");
+    assert_eq!(claim["client.id"], "alice@example.com");
+    assert_eq!(claim["client.id_unverified"], true);
+    let refused_403 = events
+        .iter()
+        .find(|e| e["reason"] == "not in group")
+        .expect("the 403 record");
+    assert_eq!(refused_403["refusal.code"], 403);
+    assert_eq!(refused_403["service.name"], "admins.svc.internal");
+    assert_eq!(fx.backend_connections(), 0, "no backend reached");
+
+    // The same client with everything right is served.
+    let conn = fx.quic(&ep, echo, &alice).await.expect("alice over QUIC");
+    assert_eq!(exchange(&conn, b"ping").await.unwrap(), b"ping");
+}
+
+/// A tcp service over QUIC: each stream is one backend connection, many at once on one
+/// connection, byte-exact, with the half-close passed on; a backend failure is the 502
+/// line on that stream only; a named handler answers on a stream; each stream is one
+/// record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_carry_tcp_sessions() {
+    let dead = proto_service_yaml(
+        "dead.svc.internal",
+        Some("tcp"),
+        &format!("127.0.0.1:{}", closed_port()),
+    );
+    let extra = Extra {
+        services: &dead,
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+
+    const STREAMS: usize = 24;
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = pseudo_random_bytes(32 * 1024 + i * 997, i as u64);
+            let back = exchange(&conn, &payload).await.expect("a stream");
+            assert_eq!(sha256(&back), sha256(&payload), "stream {i} byte-exact");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("stream task");
+    }
+    assert_eq!(
+        fx.echo.connections(),
+        STREAMS,
+        "one backend connection per stream"
+    );
+    // The half-close went through: the backend saw the end and closed its side, which is
+    // how each exchange above read to its end.
+
+    // The identity-echo handler over a stream of its own connection.
+    let who = fx
+        .quic(&ep, "whoami.svc.internal", &alice)
+        .await
+        .expect("whoami over QUIC");
+    let text = String::from_utf8(exchange(&who, b"").await.unwrap()).unwrap();
+    assert!(text.contains("identity: alice@example.com"), "{text}");
+
+    // A dead backend: the 502 line on that stream; the connection goes on.
+    let dead_conn = fx
+        .quic(&ep, "dead.svc.internal", &alice)
+        .await
+        .expect("the dead service's connection");
+    let line = exchange(&dead_conn, b"x").await.expect("the stream ends");
+    assert_eq!(line, b"ZTP-ERROR 502 bad gateway\n");
+    let line = exchange(&dead_conn, b"y").await.expect("a second stream");
+    assert_eq!(line, b"ZTP-ERROR 502 bad gateway\n");
+    assert!(
+        dead_conn.close_reason().is_none(),
+        "the connection stays up"
+    );
+
+    let events = wait_quic_events(&fx, STREAMS + 3).await;
+    let echo_events: Vec<_> = events
+        .iter()
+        .filter(|e| e["service.name"] == "echo.svc.internal")
+        .collect();
+    assert_eq!(echo_events.len(), STREAMS, "a record per stream");
+    let up: u64 = echo_events
+        .iter()
+        .map(|e| e["bytes.up"].as_u64().unwrap_or(0))
+        .sum();
+    let want: u64 = (0..STREAMS).map(|i| (32 * 1024 + i * 997) as u64).sum();
+    assert_eq!(up, want, "bytes up recorded per stream");
+    assert!(echo_events
+        .iter()
+        .all(|e| e["decision"] == "allow" && e["client.id"] == "alice@example.com"));
+    let bad: Vec<_> = events
+        .iter()
+        .filter(|e| e["service.name"] == "dead.svc.internal")
+        .collect();
+    assert_eq!(bad.len(), 2);
+    assert!(bad.iter().all(|e| e["refusal.code"] == 502), "{bad:#?}");
+}
+
+/// A udp service over QUIC: DATAGRAM frames, each a varint flow id and one datagram; a
+/// flow is one backend socket; answers carry their flow id. A stream to it gets the 501
+/// line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagram_flows_carry_udp_sessions() {
+    let udp = UdpBackend::echo().await;
+    let svc = proto_service_yaml("dns.svc.internal", Some("udp"), &udp.addr().to_string());
+    let extra = Extra {
+        services: &svc,
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "dns.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+    assert!(
+        conn.max_datagram_size().unwrap_or(0) >= 1200,
+        "datagrams on"
+    );
+
+    let flows: [(u64, &[u8]); 3] = [(0, b"zero"), (7, b"seven"), (300, b"three hundred")];
+    let mut got = BTreeMap::new();
+    for _round in 0..3 {
+        for (flow, payload) in flows {
+            conn.send_datagram(flow_datagram(flow, payload).into())
+                .expect("send a datagram");
+        }
+        // Datagrams may be lost; a few rounds are enough on loopback.
+        while got.len() < flows.len() {
+            match tokio::time::timeout(Duration::from_secs(1), conn.read_datagram()).await {
+                Ok(Ok(d)) => {
+                    let (flow, payload) = split_flow(&d).expect("a flow id");
+                    got.insert(flow, payload.to_vec());
+                }
+                Ok(Err(e)) => panic!("connection ended: {e}"),
+                Err(_) => break,
+            }
+        }
+        if got.len() == flows.len() {
+            break;
+        }
+    }
+    for (flow, payload) in flows {
+        assert_eq!(
+            got.get(&flow).map(Vec::as_slice),
+            Some(payload),
+            "flow {flow}"
+        );
+    }
+    let sources: BTreeSet<SocketAddr> = udp.sources().into_iter().collect();
+    assert_eq!(sources.len(), flows.len(), "one backend socket per flow");
+
+    let line = exchange(&conn, b"not a datagram")
+        .await
+        .expect("the stream ends");
+    assert_eq!(line, b"ZTP-ERROR 501 not implemented\n");
+}
+
+/// A live connection refused by a later decision (its certificate revoked after data
+/// moved) is closed with 403 and the line, within the TCP bound; its streams end with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_the_connection_and_its_streams() {
+    let fx = Fixture::start().await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+    // Two live streams that have moved data.
+    let mut live = Vec::new();
+    for i in 0..2u8 {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open a stream");
+        send.write_all(&[i; 5]).await.expect("write");
+        let mut buf = [0u8; 5];
+        recv.read_exact(&mut buf).await.expect("echoed");
+        assert_eq!(buf, [i; 5]);
+        live.push((send, recv));
+    }
+    let yaml = standard_snapshot(
+        2,
+        fx.echo.addr(),
+        fx.wild.addr(),
+        fx.admins.addr(),
+        &Extra {
+            revoked: std::slice::from_ref(&alice.serial),
+            ..Extra::default()
+        },
+    );
+    fx.dp.reload_snapshot(&yaml);
+    let closed = tokio::time::timeout(LIVE_BOUND, conn.closed())
+        .await
+        .expect("closed within the bound");
+    assert_eq!(
+        Closed::of(&closed),
+        Closed::App(403, "ZTP-ERROR 403 forbidden".into())
+    );
+    for (mut send, mut recv) in live {
+        assert!(send.write_all(b"more").await.is_err(), "the stream ended");
+        assert!(recv.read_to_end(1024).await.is_err(), "the stream ended");
+    }
+    let events = wait_quic_events(&fx, 2).await;
+    let ended: Vec<_> = events
+        .iter()
+        .filter(|e| e["reason"] == "certificate revoked")
+        .collect();
+    assert_eq!(ended.len(), 2, "each stream's record says why: {events:#?}");
+    // And a new connection is refused in the handshake.
+    let again = fx.quic(&ep, "echo.svc.internal", &alice).await.err();
+    assert_eq!(again, Some(Closed::Alert(alert::CERTIFICATE_REVOKED)));
+}
+
+/// A client that changes its address in the middle of a transfer keeps its connection
+/// and its stream: the transfer completes byte-exact. One that moves to an address the
+/// listener's ranges refuse is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrating_client_keeps_its_streams() {
+    let extra = Extra {
+        args: &["--allow", "127.0.0.1/32", "--allow", "127.0.0.2/32"],
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+    let payload = pseudo_random_bytes(8 << 20, 42);
+    let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+    let moved = async {
+        // Half-way, the client moves to another loopback address.
+        send.write_all(&payload[..4 << 20])
+            .await
+            .expect("first half");
+        let socket = std::net::UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+        ep.rebind(socket).expect("rebind");
+        send.write_all(&payload[4 << 20..])
+            .await
+            .expect("second half");
+        send.finish().expect("finish");
+    };
+    let read = async { recv.read_to_end(16 << 20).await.expect("the echo") };
+    let ((), back) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(moved, read) })
+            .await
+            .expect("the transfer is bounded");
+    assert_eq!(back.len(), payload.len());
+    assert_eq!(
+        sha256(&back),
+        sha256(&payload),
+        "byte-exact across the move"
+    );
+    assert!(
+        fx.dp
+            .wait_for_log(|v| v["message"] == "client migrated", STEP)
+            .await
+            .is_some(),
+        "the data plane saw the move"
+    );
+
+    // Moving to an address outside the ranges closes the connection.
+    let socket = std::net::UdpSocket::bind("127.0.0.3:0").expect("bind 127.0.0.3");
+    ep.rebind(socket).expect("rebind");
+    // The server learns the new address from the next packet.
+    let probe = conn.clone();
+    let _keep = tokio::spawn(async move {
+        for _ in 0..50 {
+            if probe.open_bi().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let closed = tokio::time::timeout(LIVE_BOUND, conn.closed())
+        .await
+        .expect("closed after moving out of range");
+    assert_eq!(
+        Closed::of(&closed),
+        Closed::App(403, "ZTP-ERROR 403 forbidden".into())
+    );
+}
+
+/// On SIGTERM the node stops accepting, live QUIC connections go on until the drain
+/// deadline, then close cleanly (application code 0); the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_quic_connections_cleanly() {
+    let extra = Extra {
+        args: &["--drain-timeout", "1s"],
+        ..Extra::default()
+    };
+    let mut fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+    let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+    send.write_all(b"hi").await.expect("write");
+    let mut buf = [0u8; 2];
+    recv.read_exact(&mut buf).await.expect("echo");
+    fx.dp.terminate();
+    // Still served during the drain.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send.write_all(b"yo").await.expect("write during the drain");
+    recv.read_exact(&mut buf)
+        .await
+        .expect("echo during the drain");
+    assert_eq!(&buf, b"yo");
+    let closed = tokio::time::timeout(STEP, conn.closed())
+        .await
+        .expect("closed at the deadline");
+    assert_eq!(Closed::of(&closed), Closed::App(0, "drained".into()));
+    let status = fx.dp.wait_exit(STEP).await.expect("the node exits");
+    assert!(status.success(), "{status:?}");
+}
+
+/// Limits: a Retry before crypto when asked (the handshake still completes), and a cap
+/// on live connections per identity, given back when one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_and_per_identity_cap() {
+    let extra = Extra {
+        args: &[
+            "--quic-retry-above",
+            "0",
+            "--quic-max-connections-per-identity",
+            "1",
+        ],
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let bob = fx.pki.client_email("bob@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let first = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice, after a Retry");
+    assert_eq!(exchange(&first, b"a").await.unwrap(), b"a");
+    let second = fx.quic(&ep, "echo.svc.internal", &alice).await.err();
+    assert_eq!(
+        second,
+        Some(Closed::App(
+            429,
+            "ZTP-ERROR 429 too many connections".into()
+        ))
+    );
+    let other = fx
+        .quic(&ep, "echo.svc.internal", &bob)
+        .await
+        .expect("another identity has its own cap");
+    drop(other);
+    first.close(0u32.into(), b"bye");
+    // The place is given back once the data plane has seen the close.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match fx.quic(&ep, "echo.svc.internal", &alice).await {
+            Ok(c) => {
+                assert_eq!(exchange(&c, b"b").await.unwrap(), b"b");
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still capped: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
