@@ -410,17 +410,18 @@ async fn run(
     let end = loop {
         tokio::select! {
             s = &mut stop => {
-                let _ = stop_tx.send(Some(s));
+                // The connection closes first, so that no stream sends a clean FIN (which
+                // would read as the service's end) before the close; then its sessions
+                // record why they ended.
                 match s {
-                    Stop::Revoked(reason) => {
-                        close_refused(&conn, Refusal::Forbidden);
-                        break reason;
-                    }
-                    Stop::Drain => {
-                        conn.close(VarInt::from_u32(CLOSE_DONE), b"drained");
-                        break "drained";
-                    }
+                    Stop::Revoked(_) => close_refused(&conn, Refusal::Forbidden),
+                    Stop::Drain => conn.close(VarInt::from_u32(CLOSE_DONE), b"drained"),
                 }
+                let _ = stop_tx.send(Some(s));
+                break match s {
+                    Stop::Revoked(reason) => reason,
+                    Stop::Drain => "drained",
+                };
             }
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => {
@@ -447,8 +448,8 @@ async fn run(
                     let route = &served.admission.permit.route;
                     if !q.gate.in_range(now.ip()) || !route.admits_source(now.ip()) {
                         tracing::info!(from = %addr, to = %now, "client moved to a refused address");
-                        let _ = stop_tx.send(Some(Stop::Revoked("source not allowed")));
                         close_refused(&conn, Refusal::Forbidden);
+                        let _ = stop_tx.send(Some(Stop::Revoked("source not allowed")));
                         break "source not allowed";
                     }
                     tracing::info!(from = %addr, to = %now, "client migrated");

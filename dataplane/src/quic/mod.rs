@@ -123,7 +123,10 @@ pub async fn run(endpoint: Endpoint, q: Arc<Quic>, shutdown: impl Future<Output 
                 None => break,
             },
         };
-        accept(&q, incoming);
+        // Accepting processes the client's first flight, the server's signature
+        // included: each in its own task, so that handshakes use every worker.
+        let q = q.clone();
+        tokio::spawn(async move { accept(&q, incoming) });
     }
     endpoint.set_server_config(None);
 }

@@ -290,15 +290,17 @@ const ACTIVE: &str = "ztp_active_connections";
 const UP: [(&str, &str); 1] = [("direction", "up")];
 const DOWN: [(&str, &str); 1] = [("direction", "down")];
 
+/// A TCP connection's series.
 fn conn_labels<'a>(
     service: &'a str,
     decision: &'a str,
     reason: &'a str,
-) -> [(&'a str, &'a str); 3] {
+) -> [(&'a str, &'a str); 4] {
     [
         ("service", service),
         ("decision", decision),
         ("reason", reason),
+        ("transport", "tcp"),
     ]
 }
 

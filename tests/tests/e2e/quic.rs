@@ -278,6 +278,20 @@ async fn streams_carry_tcp_sessions() {
         .collect();
     assert_eq!(bad.len(), 2);
     assert!(bad.iter().all(|e| e["refusal.code"] == 502), "{bad:#?}");
+
+    // The metrics count each stream, under transport="quic".
+    let metrics = ztp_tests::http::request(fx.dp.admin_addr(), "GET", "/metrics", &[], None)
+        .await
+        .expect("GET /metrics")
+        .text();
+    let series = format!(
+        "ztp_connections_total{{service=\"echo.svc.internal\",decision=\"allow\",\
+         reason=\"closed\",transport=\"quic\"}} {STREAMS}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == series),
+        "{series} in:\n{metrics}"
+    );
 }
 
 /// A udp service over QUIC: DATAGRAM frames, each a varint flow id and one datagram; a
