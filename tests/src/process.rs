@@ -125,6 +125,39 @@ pub fn require_tool(test: &str, name: &str) -> Option<PathBuf> {
     require_tools(test, &[name]).and_then(|mut v| v.pop())
 }
 
+/// A `python3` that can import `module` (installed from PyPI as `package`); `None`
+/// after a visible `SKIPPED` line when there is none.
+///
+/// # Panics
+/// If it is missing and [`REQUIRE_TOOLS_ENV`] is set.
+pub fn require_python_module(test: &str, module: &str, package: &str) -> Option<PathBuf> {
+    let python = find_tool("python3");
+    let importable = python.as_ref().is_some_and(|p| {
+        std::process::Command::new(p)
+            .args(["-c", &format!("import {module}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if importable {
+        return python;
+    }
+    assert!(
+        !tools_required(),
+        "{test}: python3 cannot import {module}, and {REQUIRE_TOOLS_ENV} is set; install \
+         it with `pip install {package}`, or run `.ci/run`, which does"
+    );
+    skip(
+        test,
+        &format!(
+            "python3 cannot import {module}; `pip install {package}` (`.ci/run` does), or \
+             set {REQUIRE_TOOLS_ENV}=1 to fail instead"
+        ),
+    );
+    None
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then dropped).
 pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

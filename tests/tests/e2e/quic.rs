@@ -569,3 +569,88 @@ async fn retry_and_per_identity_cap() {
         }
     }
 }
+
+/// An independent QUIC stack (aioquic, from PyPI) speaks the contract from DESIGN.md
+/// alone: a stream to a tcp service, a datagram flow to a udp service, and the gate's
+/// refusals (an unknown service in the handshake, 403 after it) as the codes it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_quic_stack_is_served() {
+    let test = "quic::an_independent_quic_stack_is_served";
+    let Some(python) = ztp_tests::process::require_python_module(test, "aioquic", "aioquic") else {
+        return;
+    };
+    let udp = UdpBackend::echo().await;
+    let svc = proto_service_yaml("dns.svc.internal", Some("udp"), &udp.addr().to_string());
+    let extra = Extra {
+        services: &svc,
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(TestPki::new(), extra).await;
+    let dir = fx.dp.dir().to_path_buf();
+    fx.pki
+        .client_email("alice@example.com")
+        .write(&dir, "alice")
+        .expect("write alice's files");
+    fx.pki
+        .client_email("bob@example.com")
+        .write(&dir, "bob")
+        .expect("write bob's files");
+    let script = ztp_tests::bins::workspace_root().join("tests/tools/ztp_quic_peer.py");
+    let peer = |who: &str, sni: &str, args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(&python);
+        cmd.arg(&script)
+            .arg("--connect")
+            .arg(fx.dp.addr().to_string())
+            .arg("--sni")
+            .arg(sni)
+            .arg("--cert")
+            .arg(dir.join(format!("{who}.pem")))
+            .arg("--key")
+            .arg(dir.join(format!("{who}.key")))
+            .arg("--ca")
+            .arg(dir.join("ca.pem"))
+            .args(args)
+            .kill_on_drop(true);
+        async move {
+            let out = tokio::time::timeout(STEP, cmd.output())
+                .await
+                .expect("the aioquic peer is bounded")
+                .expect("run the aioquic peer");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text.lines().last().unwrap_or_default().to_owned();
+            serde_json::from_str::<Value>(&line).unwrap_or_else(|_| {
+                panic!(
+                    "aioquic peer printed {text:?}; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        }
+    };
+    let echoed = peer(
+        "alice",
+        "echo.svc.internal",
+        &["stream", "--data", "from aioquic"],
+    )
+    .await;
+    assert_eq!(echoed["data"], "from aioquic", "{echoed}");
+    let flow = peer(
+        "alice",
+        "dns.svc.internal",
+        &["datagram", "--flow", "300", "--data", "a datagram"],
+    )
+    .await;
+    assert_eq!(flow["flow"], 300, "{flow}");
+    assert_eq!(flow["data"], "a datagram", "{flow}");
+    let forbidden = peer("bob", "admins.svc.internal", &["stream", "--data", "x"]).await;
+    assert_eq!(forbidden["error_code"], 403, "{forbidden}");
+    assert_eq!(
+        forbidden["reason"], "ZTP-ERROR 403 forbidden",
+        "{forbidden}"
+    );
+    let unknown = peer("alice", "nothing.example.org", &["stream", "--data", "x"]).await;
+    assert_eq!(
+        unknown["error_code"],
+        0x100 + u64::from(alert::ACCESS_DENIED),
+        "{unknown}"
+    );
+}
