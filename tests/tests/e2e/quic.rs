@@ -654,3 +654,78 @@ async fn an_independent_quic_stack_is_served() {
         "{unknown}"
     );
 }
+
+/// Revocation through the control plane closes a live QUIC connection, and every stream
+/// on it, on every replica (with 403 and the line), within the bound of a TCP session;
+/// the audit trail records the streams with `transport: quic`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_quic_connections_on_every_replica() {
+    let p = crate::plane::Plane::start(&["quic-a", "quic-b"], &[]).await;
+    let alice = p.alice.clone();
+    let mut live = Vec::new();
+    for dp in &p.replicas {
+        let ep = endpoint_for(dp.addr());
+        let conn = connect(
+            &ep,
+            dp.addr(),
+            &with_alpn(p.opts(crate::plane::ECHO, &alice)),
+        )
+        .await
+        .expect("alice over QUIC");
+        let mut streams = Vec::new();
+        for i in 0..3u8 {
+            let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+            send.write_all(&[i; 3]).await.expect("write");
+            let mut buf = [0u8; 3];
+            recv.read_exact(&mut buf).await.expect("echoed");
+            streams.push((send, recv));
+        }
+        live.push((ep, conn, streams));
+    }
+    let files = ztp_tests::tempdir::TempDir::new("quic-revoke");
+    std::fs::write(files.join("alice.pem"), &alice.cert_pem).expect("write alice.pem");
+    p.control
+        .ztpctl_ok([
+            std::ffi::OsStr::new("pki"),
+            std::ffi::OsStr::new("revoke"),
+            files.join("alice.pem").as_os_str(),
+        ])
+        .await;
+    for (i, (_ep, conn, streams)) in live.into_iter().enumerate() {
+        let closed = tokio::time::timeout(LIVE_BOUND, conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("replica {i}: still open {LIVE_BOUND:?} after revoke"));
+        assert_eq!(
+            Closed::of(&closed),
+            Closed::App(403, "ZTP-ERROR 403 forbidden".into()),
+            "replica {i}"
+        );
+        for (mut send, mut recv) in streams {
+            assert!(
+                send.write_all(b"more").await.is_err(),
+                "replica {i}: a stream lives"
+            );
+            assert!(
+                recv.read_to_end(64).await.is_err(),
+                "replica {i}: a stream lives"
+            );
+        }
+    }
+    let records = crate::plane::wait_items(
+        &p.control,
+        "/v1/audit?identity=alice@example.com&limit=100",
+        "the streams' records",
+        |items| {
+            items
+                .iter()
+                .filter(|r| r["transport"] == "quic" && r["reason"] == "certificate revoked")
+                .count()
+                >= 6
+        },
+    )
+    .await;
+    assert!(
+        records.iter().all(|r| r["transport"] == "quic"),
+        "{records:#?}"
+    );
+}
