@@ -51,11 +51,13 @@
 //!   live sessions: when a session ends (in any way) after the certificate's notAfter, that
 //!   is the message, with a non-zero exit.
 //!
-//! A known limit of QUIC: a stream the client opens is invisible to the gateway until the
+//! A limit of QUIC: a stream the client opens is invisible to the gateway until the
 //! client sends its first byte (quinn sends nothing for an opened stream before that), so
-//! a service that speaks first and whose clients wait for it (SMTP, POP3, MySQL) hangs over
-//! QUIC: its greeting cannot come before the client's first byte. Use `--transport tcp`
-//! for such a service. (SSH is not one: both sides send their banner at once.)
+//! a service that speaks first and whose clients wait for it (SMTP, POP3, MySQL) cannot
+//! greet over a QUIC stream. Under `auto`, a session whose program has sent nothing
+//! within 250 ms is therefore carried over TCP instead (nothing was sent, so the service
+//! cannot tell); with `--transport quic` it waits for the program's first byte. (SSH is
+//! not such a service: both sides send their banner at once.)
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -86,6 +88,10 @@ const MAX_UDP_SESSIONS: usize = 1024;
 const TCP_DELAY: Duration = Duration::from_millis(250);
 /// How long `auto` still waits for QUIC once TCP has failed without a refusal.
 const QUIC_GRACE_AFTER_TCP: Duration = Duration::from_secs(3);
+/// Under `auto`, how long a session over QUIC waits for the program's first byte before
+/// it is carried over TCP instead: QUIC opens a stream with its first byte, so a program
+/// that waits for the service to speak first (SMTP, MySQL) would otherwise wait forever.
+const SILENT_FALLBACK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
@@ -188,6 +194,8 @@ struct Client {
     /// The client certificate's notAfter (Unix seconds) and its text, if it parses.
     not_after: Option<(i64, String)>,
     shared: tokio::sync::Mutex<Shared>,
+    /// `--transport auto`: a session may still go over TCP (see [`SILENT_FALLBACK`]).
+    auto: bool,
 }
 
 impl Client {
@@ -251,6 +259,7 @@ impl Client {
             server_name,
             not_after,
             shared: tokio::sync::Mutex::new(Shared { kind, conn: None }),
+            auto: transport == Transport::Auto,
         })
     }
 
@@ -523,27 +532,54 @@ async fn first_bytes<R: AsyncRead + Unpin>(tls: &mut R) -> anyhow::Result<Vec<u8
 }
 
 pub async fn run(args: ConnectArgs, settings: &crate::settings::Settings) -> anyhow::Result<()> {
-    if let Some(addr) = args.udp_listen {
-        let client = Arc::new(Client::new(&args, settings, Some(DGRAM_ALPN))?);
-        let sock = UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on udp {addr}"))?;
-        return udp(client, sock, args.udp_idle, args.transport).await;
-    }
-    let client = Arc::new(Client::new(&args, settings, None)?);
-    match args.listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
+    // A stop by signal (ssh sends its ProxyCommand SIGHUP when it is done; Ctrl-C; a
+    // service manager's SIGTERM) closes the QUIC connection cleanly first: unlike a TCP
+    // socket, a QUIC connection is not closed by the kernel when the process dies, and
+    // the gateway would hold its sessions and their backend connections until idle.
+    let stopped = stop_signal()?;
+    let client = Arc::new(Client::new(
+        &args,
+        settings,
+        args.udp_listen.map(|_| DGRAM_ALPN),
+    )?);
+    let serve = async {
+        if let Some(addr) = args.udp_listen {
+            let sock = UdpSocket::bind(addr)
                 .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            tcp(client, listener, args.transport).await
+                .with_context(|| format!("cannot listen on udp {addr}"))?;
+            return udp(client.clone(), sock, args.udp_idle, args.transport).await;
         }
-        None => {
-            let result = stdio(&client).await;
-            client.close().await;
-            result
+        match args.listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                tcp(client.clone(), listener, args.transport).await
+            }
+            None => stdio(&client).await,
         }
-    }
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        () = stopped => Ok(()),
+    };
+    client.close().await;
+    result
+}
+
+/// Completes on SIGHUP, SIGINT or SIGTERM (registered at once, so none is missed).
+fn stop_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// Copies `local` and the gateway both ways, over a new TCP connection or a new stream of
@@ -562,9 +598,84 @@ async fn carry<L: AsyncRead + AsyncWrite + Unpin>(
     };
     let result = match link {
         Link::Tcp(tls) => carry_session(*tls, local).await,
+        Link::Quic(conn) if client.auto => {
+            // The gateway sees a QUIC stream only once its first byte is sent: wait a
+            // moment for the program to speak, and carry a program that waits for the
+            // service to speak first over TCP instead (nothing was sent yet, so the
+            // service cannot tell).
+            let mut first = vec![0u8; 16 * 1024];
+            match tokio::time::timeout(SILENT_FALLBACK, local.read(&mut first)).await {
+                Ok(Ok(n)) => {
+                    first.truncate(n);
+                    let mut local = Prefixed {
+                        prefix: first,
+                        at: 0,
+                        inner: local,
+                    };
+                    quic::carry_stream(&conn, &mut local).await
+                }
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("reading the program's input")),
+                Err(_) => match client.connect_tcp().await {
+                    Ok(tls) => carry_session(tls, local).await,
+                    Err(e) => Err(e),
+                },
+            }
+        }
         Link::Quic(conn) => quic::carry_stream(&conn, local).await,
     };
     client.ended(result)
+}
+
+/// A local stream whose first bytes were already read: they are read again first.
+struct Prefixed<'a, L> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: &'a mut L,
+}
+
+impl<L: AsyncRead + Unpin> AsyncRead for Prefixed<'_, L> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.at);
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<L: AsyncWrite + Unpin> AsyncWrite for Prefixed<'_, L> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn carry_session<G, L>(mut gateway: G, local: &mut L) -> anyhow::Result<()>

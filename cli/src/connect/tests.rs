@@ -1059,3 +1059,69 @@ fn transport_is_a_flag_with_auto_by_default() {
     assert_eq!(parse(&["--transport", "tcp"]).expect("tcp"), Transport::Tcp);
     assert!(parse(&["--transport", "udp"]).is_err());
 }
+
+/// Under `auto`, with QUIC the winner, a program that waits for the service to speak
+/// first (it sends nothing within 250 ms) is carried over TCP: a QUIC stream would stay
+/// invisible to the gateway until its first byte. A program that speaks at once stays on
+/// QUIC. With `--transport quic` nothing falls back.
+#[tokio::test]
+async fn a_silent_program_is_carried_over_tcp_under_auto() {
+    bounded(async {
+        let pki = TestPki::new();
+        let server = QuicServer::start(&pki, Serve::Echo);
+        let listener = TcpListener::bind(server.addr)
+            .await
+            .expect("the same port over TCP");
+        let accepted = tcp_server(&pki, listener);
+        let auto = pki.client(server.addr, Transport::Auto, None);
+        assert!(matches!(auto.link().await.expect("auto"), Link::Quic(_)));
+
+        // Speaks at once: a QUIC stream (the QUIC test gateway answers "got …").
+        let (r, out) = session(&auto, b"hi", true).await;
+        r.expect("a clean end");
+        assert_eq!(out, b"got hi");
+        assert_eq!(accepted.load(SeqCst), 0);
+
+        // Silent past the fallback, then speaks: carried over TCP (which echoes as is).
+        let (mut program, mut local) = tokio::io::duplex(64 * 1024);
+        let carrying = async {
+            let r = carry(&auto, &mut local).await;
+            drop(local);
+            r
+        };
+        let talking = async {
+            tokio::time::sleep(SILENT_FALLBACK + Duration::from_millis(150)).await;
+            program.write_all(b"late").await.expect("write");
+            program.shutdown().await.expect("EOF");
+            let mut out = Vec::new();
+            let _ = program.read_to_end(&mut out).await;
+            out
+        };
+        let (r, out) = tokio::join!(carrying, talking);
+        r.expect("a clean end");
+        assert_eq!(out, b"late", "carried over TCP");
+        assert_eq!(accepted.load(SeqCst), 1);
+
+        // Forced QUIC waits for the program instead.
+        let quic = pki.client(server.addr, Transport::Quic, None);
+        let (mut program, mut local) = tokio::io::duplex(64 * 1024);
+        let carrying = async {
+            let r = carry(&quic, &mut local).await;
+            drop(local);
+            r
+        };
+        let talking = async {
+            tokio::time::sleep(SILENT_FALLBACK + Duration::from_millis(150)).await;
+            program.write_all(b"late").await.expect("write");
+            program.shutdown().await.expect("EOF");
+            let mut out = Vec::new();
+            let _ = program.read_to_end(&mut out).await;
+            out
+        };
+        let (r, out) = tokio::join!(carrying, talking);
+        r.expect("a clean end");
+        assert_eq!(out, b"got late", "stayed on QUIC");
+        assert_eq!(accepted.load(SeqCst), 1);
+    })
+    .await;
+}

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,6 +161,8 @@ struct Served {
     sni: String,
     /// Fires when the pipeline ends the connection (a later decision, drain).
     stop: watch::Receiver<Option<Stop>>,
+    /// Set just before: the streams send no FIN any more (see `QuicStream`).
+    ending: Arc<AtomicBool>,
 }
 
 impl Served {
@@ -400,6 +402,7 @@ async fn run(
         detect,
         sni,
         stop: stop_rx,
+        ending: Arc::default(),
     });
     let datagrams = matches!(protocol, Protocol::Udp | Protocol::Quic);
     let mut flows = Flows::default();
@@ -410,14 +413,14 @@ async fn run(
     let end = loop {
         tokio::select! {
             s = &mut stop => {
-                // The connection closes first, so that no stream sends a clean FIN (which
-                // would read as the service's end) before the close; then its sessions
-                // record why they ended.
+                // The sessions learn why first (their records say it), but send no clean
+                // FIN (it would read as the service's end); then the close ends them.
+                served.ending.store(true, Ordering::Release);
+                let _ = stop_tx.send(Some(s));
                 match s {
                     Stop::Revoked(_) => close_refused(&conn, Refusal::Forbidden),
                     Stop::Drain => conn.close(VarInt::from_u32(CLOSE_DONE), b"drained"),
                 }
-                let _ = stop_tx.send(Some(s));
                 break match s {
                     Stop::Revoked(reason) => reason,
                     Stop::Drain => "drained",
@@ -448,8 +451,9 @@ async fn run(
                     let route = &served.admission.permit.route;
                     if !q.gate.in_range(now.ip()) || !route.admits_source(now.ip()) {
                         tracing::info!(from = %addr, to = %now, "client moved to a refused address");
-                        close_refused(&conn, Refusal::Forbidden);
+                        served.ending.store(true, Ordering::Release);
                         let _ = stop_tx.send(Some(Stop::Revoked("source not allowed")));
+                        close_refused(&conn, Refusal::Forbidden);
                         break "source not allowed";
                     }
                     tracing::info!(from = %addr, to = %now, "client migrated");
@@ -474,7 +478,7 @@ async fn stream_session(s: Arc<Served>, peer: SocketAddr, send: SendStream, recv
     let ctx = &s.q.ctx;
     ctx.metrics.connection_opened();
     let mut rec = s.record(peer);
-    let mut client = Metered::new(QuicStream::new(send, recv));
+    let mut client = Metered::new(QuicStream::new(send, recv, s.ending.clone()));
     if matches!(s.protocol, Protocol::Udp | Protocol::Quic) {
         // Datagram services take DATAGRAM frames, not streams.
         refusal::deliver(&mut client, Refusal::NotImplemented).await;

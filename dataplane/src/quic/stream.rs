@@ -8,6 +8,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use quinn::{RecvStream, SendStream, VarInt};
@@ -21,14 +23,18 @@ pub struct QuicStream {
     send: SendStream,
     recv: RecvStream,
     finished: bool,
+    /// The connection is being closed by the pipeline (a later decision, drain): no FIN
+    /// may go out, which would read as the service's clean end before the close.
+    ending: Arc<AtomicBool>,
 }
 
 impl QuicStream {
-    pub fn new(send: SendStream, recv: RecvStream) -> Self {
+    pub fn new(send: SendStream, recv: RecvStream, ending: Arc<AtomicBool>) -> Self {
         QuicStream {
             send,
             recv,
             finished: false,
+            ending,
         }
     }
 
@@ -40,7 +46,7 @@ impl QuicStream {
 
 impl Drop for QuicStream {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished && !self.ending.load(Ordering::Acquire) {
             let _ = self.send.reset(VarInt::from_u32(STREAM_ABORTED));
         }
     }
@@ -70,6 +76,10 @@ impl AsyncWrite for QuicStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ending.load(Ordering::Acquire) {
+            // The connection's close ends the stream.
+            return Poll::Ready(Ok(()));
+        }
         let r = AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx);
         if matches!(r, Poll::Ready(Ok(()))) {
             self.finished = true;

@@ -20,7 +20,7 @@ use crate::plane::{
 };
 
 /// The fields of a connection record, exactly.
-const RECORD_FIELDS: [&str; 13] = [
+const RECORD_FIELDS: [&str; 14] = [
     "time_ms",
     "node",
     "peer",
@@ -34,6 +34,7 @@ const RECORD_FIELDS: [&str; 13] = [
     "bytes_up",
     "bytes_down",
     "duration_ms",
+    "transport",
 ];
 
 /// Polls `/v1/audit` (bounded) until the record of the client at `peer` is there.

@@ -29,6 +29,19 @@ impl Fixture {
     }
 }
 
+/// How a connection attempt was refused: in the handshake (the error `connect` returns),
+/// or after it, when the server closes the connection it confirmed (HANDSHAKE_DONE comes
+/// with the handshake, before admission decides). `None`: still open after a while.
+async fn refusal_of(attempt: Result<Connection, Closed>) -> Option<Closed> {
+    match attempt {
+        Err(e) => Some(e),
+        Ok(conn) => tokio::time::timeout(STEP, conn.closed())
+            .await
+            .ok()
+            .map(|e| Closed::of(&e)),
+    }
+}
+
 /// Writes `payload` on a new stream, finishes it, and reads the answer to its end.
 async fn exchange(conn: &Connection, payload: &[u8]) -> Result<Vec<u8>, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -153,7 +166,7 @@ async fn the_gate_refuses_over_quic_as_over_tcp() {
     ];
     let ep = endpoint_for(fx.dp.addr());
     for (what, opts, want, _) in &cases {
-        let got = connect(&ep, fx.dp.addr(), opts).await.err();
+        let got = refusal_of(connect(&ep, fx.dp.addr(), opts).await).await;
         assert_eq!(got.as_ref(), Some(want), "{what}");
         if matches!(*what, "unknown sni" | "no sni") {
             assert!(!opts.server_cert_seen(), "{what}: the server signed");
@@ -405,7 +418,7 @@ async fn revocation_closes_the_connection_and_its_streams() {
         .collect();
     assert_eq!(ended.len(), 2, "each stream's record says why: {events:#?}");
     // And a new connection is refused in the handshake.
-    let again = fx.quic(&ep, "echo.svc.internal", &alice).await.err();
+    let again = refusal_of(fx.quic(&ep, "echo.svc.internal", &alice).await).await;
     assert_eq!(again, Some(Closed::Alert(alert::CERTIFICATE_REVOKED)));
 }
 
@@ -537,7 +550,7 @@ async fn retry_and_per_identity_cap() {
         .await
         .expect("alice, after a Retry");
     assert_eq!(exchange(&first, b"a").await.unwrap(), b"a");
-    let second = fx.quic(&ep, "echo.svc.internal", &alice).await.err();
+    let second = refusal_of(fx.quic(&ep, "echo.svc.internal", &alice).await).await;
     assert_eq!(
         second,
         Some(Closed::App(

@@ -70,12 +70,18 @@ revoked: []
 struct Gateway {
     dp: Dataplane,
     files: TempDir,
+    /// `ztpctl connect --transport`.
+    transport: &'static str,
 }
 
 impl Gateway {
-    async fn start(services: &str) -> Gateway {
+    async fn start(services: &str, transport: &'static str) -> Gateway {
+        Gateway::start_with(services, transport, &[]).await
+    }
+
+    async fn start_with(services: &str, transport: &'static str, args: &[&str]) -> Gateway {
         let pki = TestPki::new();
-        let dp = Dataplane::start(&pki, &snapshot(services), &[]).await;
+        let dp = Dataplane::start(&pki, &snapshot(services), args).await;
         let files = TempDir::new("ztpctl-user");
         std::fs::write(files.join("ca.pem"), &pki.ca_pem).expect("write ca.pem");
         for who in ["alice", "bob"] {
@@ -84,7 +90,11 @@ impl Gateway {
                 .expect("write the user's certificate");
         }
         std::fs::create_dir_all(files.join("xdg")).expect("create the config home");
-        Gateway { dp, files }
+        Gateway {
+            dp,
+            files,
+            transport,
+        }
     }
 
     /// `--via … --cert … --key … --ca …` for `who`.
@@ -99,6 +109,8 @@ impl Gateway {
             p(format!("{who}.key")),
             "--ca".into(),
             p("ca.pem".into()),
+            "--transport".into(),
+            self.transport.into(),
         ]
     }
 
@@ -314,15 +326,22 @@ async fn ssh(
 /// ssh whose stderr carries ztpctl's one `403 forbidden` line, and sshd is never reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_through_ztpctl_connect_as_proxycommand() {
-    let Some(tools) = require_tools(
-        "ssh_through_ztpctl_connect_as_proxycommand",
-        &["ssh", "ssh-keygen", "sshd"],
-    ) else {
+    ssh_through("ssh_through_ztpctl_connect_as_proxycommand", "tcp").await;
+}
+
+/// The same with `--transport quic`: the session is one QUIC stream, recorded as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_through_ztpctl_connect_over_quic() {
+    ssh_through("ssh_through_ztpctl_connect_over_quic", "quic").await;
+}
+
+async fn ssh_through(test: &str, transport: &'static str) {
+    let Some(tools) = require_tools(test, &["ssh", "ssh-keygen", "sshd"]) else {
         return;
     };
     let (ssh_bin, keygen_bin, sshd_bin) = (&tools[0], &tools[1], &tools[2]);
     let mut sshd = Sshd::start(sshd_bin, keygen_bin).await;
-    let gw = Gateway::start(&service("ssh.svc.internal", "tcp", sshd.addr)).await;
+    let gw = Gateway::start(&service("ssh.svc.internal", "tcp", sshd.addr), transport).await;
 
     let out = ssh(ssh_bin, &gw, "alice", &sshd, "echo hello-over-ztp").await;
     assert!(
@@ -346,6 +365,7 @@ async fn ssh_through_ztpctl_connect_as_proxycommand() {
         .await;
     assert_eq!(ev["decision"], "allow", "{ev}");
     assert_eq!(ev["backend.addr"], sshd.addr.to_string(), "{ev}");
+    assert_eq!(ev["transport"], transport, "{ev}");
 
     let accepted_before = sshd
         .proc
@@ -464,14 +484,29 @@ async fn dig(dig_bin: &Path, port: u16, source: Option<u16>) -> std::process::Ou
 /// from another port gets its own session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_through_ztpctl_connect_udp_listen() {
-    let Some(tools) = require_tools("dig_through_ztpctl_connect_udp_listen", &["dig", "dnsmasq"])
-    else {
+    dig_through("dig_through_ztpctl_connect_udp_listen", "tcp").await;
+}
+
+/// The same with `--transport quic`: each local peer is one datagram flow of one QUIC
+/// connection; a flow's record comes when it idles out (`--udp-idle`, 3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_through_ztpctl_connect_udp_listen_over_quic() {
+    dig_through("dig_through_ztpctl_connect_udp_listen_over_quic", "quic").await;
+}
+
+async fn dig_through(test: &str, transport: &'static str) {
+    let Some(tools) = require_tools(test, &["dig", "dnsmasq"]) else {
         return;
     };
     let (dig_bin, dnsmasq_bin) = (&tools[0], &tools[1]);
     let mut dns = Dnsmasq::start(dnsmasq_bin, dig_bin).await;
     let backend = SocketAddr::from(([127, 0, 0, 1], dns.port));
-    let gw = Gateway::start(&service("dns.svc.internal", "udp", backend)).await;
+    let gw = Gateway::start_with(
+        &service("dns.svc.internal", "udp", backend),
+        transport,
+        &["--udp-idle", "3s"],
+    )
+    .await;
 
     let local = free_udp_port();
     let listen = format!("127.0.0.1:{local}");
@@ -541,6 +576,7 @@ async fn dig_through_ztpctl_connect_udp_listen() {
     for ev in &events {
         assert_eq!(ev["decision"], "allow", "{ev}");
         assert_eq!(ev["user.name"], "alice", "{ev}");
+        assert_eq!(ev["transport"], transport, "{ev}");
     }
     let mut ups: Vec<u64> = events
         .iter()
@@ -561,10 +597,18 @@ async fn dig_through_ztpctl_connect_udp_listen() {
 /// `get k` answers v, and the value is in the real redis-server (read directly).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_through_ztpctl_connect_listen() {
-    let Some(tools) = require_tools(
-        "redis_cli_through_ztpctl_connect_listen",
-        &["redis-server", "redis-cli"],
-    ) else {
+    redis_through("redis_cli_through_ztpctl_connect_listen", "tcp").await;
+}
+
+/// The same with `--transport quic`, and many redis-cli at once: every local connection
+/// is a stream of ONE QUIC connection (all their records come from one client address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_through_ztpctl_connect_listen_over_quic() {
+    redis_through("redis_cli_through_ztpctl_connect_listen_over_quic", "quic").await;
+}
+
+async fn redis_through(test: &str, transport: &'static str) {
+    let Some(tools) = require_tools(test, &["redis-server", "redis-cli"]) else {
         return;
     };
     let (server_bin, cli_bin) = (&tools[0], &tools[1]);
@@ -595,11 +639,14 @@ async fn redis_cli_through_ztpctl_connect_listen() {
             STEP,
         )
         .await;
-    let gw = Gateway::start(&service(
-        "redis.svc.internal",
-        "tcp",
-        SocketAddr::from(([127, 0, 0, 1], port)),
-    ))
+    let gw = Gateway::start(
+        &service(
+            "redis.svc.internal",
+            "tcp",
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ),
+        transport,
+    )
     .await;
     let local = free_tcp_port();
     let listen = format!("127.0.0.1:{local}");
@@ -639,11 +686,57 @@ async fn redis_cli_through_ztpctl_connect_listen() {
         "the value is not in redis-server itself: {}",
         describe_output(&out)
     );
+    // Many local connections at once.
+    const MANY: usize = 16;
+    let runs: Vec<_> = (0..MANY)
+        .map(|i| {
+            let mut cmd = Command::new(cli_bin);
+            cmd.args(["-h", "127.0.0.1", "-p"])
+                .arg(local.to_string())
+                .args(["set", &format!("k{i}"), &format!("v{i}")]);
+            tokio::spawn(run(cmd))
+        })
+        .collect();
+    for (i, r) in runs.into_iter().enumerate() {
+        let out = r.await.expect("a redis-cli run");
+        assert_eq!(
+            text(&out.stdout),
+            "OK\n",
+            "set k{i}: {}",
+            describe_output(&out)
+        );
+    }
+    let out = cli(port, &["mget", "k0", &format!("k{}", MANY - 1)]).await;
+    assert_eq!(
+        text(&out.stdout),
+        format!("v0\nv{}\n", MANY - 1),
+        "{}",
+        describe_output(&out)
+    );
+    let deadline = tokio::time::Instant::now() + STEP;
+    while gw.events("redis.svc.internal").len() < MANY + 2 && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let events = gw.events("redis.svc.internal");
+    assert_eq!(
+        events.len(),
+        MANY + 2,
+        "a record per local connection: {events:?}"
+    );
     assert!(
-        events.iter().all(|ev| ev["decision"] == "allow"),
+        events
+            .iter()
+            .all(|ev| ev["decision"] == "allow" && ev["transport"] == transport),
         "{events:?}"
     );
+    if transport == "quic" {
+        let peers: std::collections::BTreeSet<&str> = events
+            .iter()
+            .filter_map(|ev| ev["client.addr"].as_str())
+            .collect();
+        assert_eq!(peers.len(), 1, "one QUIC connection for all: {peers:?}");
+    }
     assert!(conn.try_wait().is_none(), "ztpctl connect --listen exited");
     assert!(redis.try_wait().is_none(), "redis-server exited");
 }

@@ -464,13 +464,37 @@ async fn ztpctl_connect_refused_exits_non_zero_with_one_line() {
     );
 }
 
-/// A live `ztpctl connect` session (data forwarded both ways) whose client certificate
-/// expires: the gateway ends it with close_notify, which alone reads as a normal end;
-/// ztpctl checks its own certificate when the session ends and exits non-zero with one
-/// line saying it expired. (A revocation or group change after data cannot be told apart
-/// from the service closing: the client sees the same close_notify.)
+/// A live `ztpctl connect --transport tcp` session (data forwarded both ways) whose
+/// client certificate expires: the gateway ends it with close_notify, which alone reads
+/// as a normal end; ztpctl checks its own certificate when the session ends and exits
+/// non-zero with one line saying it expired. (Over TCP a revocation or group change after
+/// data cannot be told apart from the service closing: the client sees the same
+/// close_notify.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztpctl_connect_session_ended_by_expiry_says_so() {
+    session_ended_by_expiry(
+        "tcp",
+        &[
+            "ztpctl: ",
+            "the session ended",
+            "your certificate expired at",
+        ],
+    )
+    .await;
+}
+
+/// The same over QUIC: the gateway closes the connection with the 403 line even after
+/// data moved, and ztpctl names the expiry beside it, in one line, non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_connect_session_ended_by_expiry_says_so_over_quic() {
+    session_ended_by_expiry(
+        "quic",
+        &["ztpctl: ", "403 forbidden", "your certificate expired at"],
+    )
+    .await;
+}
+
+async fn session_ended_by_expiry(transport: &str, needles: &[&str]) {
     use tokio::io::AsyncWriteExt;
 
     let fx = Fixture::start_with(TestPki::new(), Extra::default()).await;
@@ -490,14 +514,20 @@ async fn ztpctl_connect_session_ended_by_expiry_says_so() {
         .expect("write");
 
     let mut cmd = tokio::process::Command::new(Bin::Ztpctl.path());
-    cmd.args(["connect", "echo.svc.internal", "--via"])
-        .arg(fx.dp.addr().to_string())
-        .arg("--cert")
-        .arg(files.join("short.pem"))
-        .arg("--key")
-        .arg(files.join("short.key"))
-        .arg("--ca")
-        .arg(files.join("ca.pem"));
+    cmd.args([
+        "connect",
+        "echo.svc.internal",
+        "--transport",
+        transport,
+        "--via",
+    ])
+    .arg(fx.dp.addr().to_string())
+    .arg("--cert")
+    .arg(files.join("short.pem"))
+    .arg("--key")
+    .arg(files.join("short.key"))
+    .arg("--ca")
+    .arg(files.join("ca.pem"));
     for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
         cmd.env_remove(k);
     }
@@ -520,11 +550,7 @@ async fn ztpctl_connect_session_ended_by_expiry_says_so() {
     assert_eq!(out.stdout, b"hello", "{}", describe_output(&out));
     assert_one_line_error(
         &out,
-        "a session ended by the certificate's expiry",
-        &[
-            "ztpctl: ",
-            "the session ended",
-            "your certificate expired at",
-        ],
+        &format!("a session ({transport}) ended by the certificate's expiry"),
+        needles,
     );
 }
