@@ -742,3 +742,66 @@ async fn revocation_closes_quic_connections_on_every_replica() {
         "{records:#?}"
     );
 }
+
+/// `ztpctl connect` (`--transport auto`, the default) to a data plane that serves no
+/// QUIC (`--quic-listen off`) falls back to TCP and carries the session; with a QUIC
+/// listener it takes QUIC. The data plane's records say which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_takes_quic_or_falls_back_to_tcp() {
+    for (args, want) in [(&["--quic-listen", "off"][..], "tcp"), (&[][..], "quic")] {
+        let extra = Extra {
+            args,
+            ..Extra::default()
+        };
+        let fx = Fixture::start_with(TestPki::new(), extra).await;
+        let files = ztp_tests::tempdir::TempDir::new("auto");
+        std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+        std::fs::create_dir_all(files.join("xdg")).expect("a config home");
+        fx.pki
+            .client_email("alice@example.com")
+            .write(files.path(), "alice")
+            .expect("write alice's files");
+        let mut cmd = tokio::process::Command::new(ztp_tests::Bin::Ztpctl.path());
+        cmd.args(["connect", "echo.svc.internal", "--via"])
+            .arg(fx.dp.addr().to_string())
+            .arg("--cert")
+            .arg(files.join("alice.pem"))
+            .arg("--key")
+            .arg(files.join("alice.key"))
+            .arg("--ca")
+            .arg(files.join("ca.pem"));
+        for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
+            cmd.env_remove(k);
+        }
+        cmd.env("XDG_CONFIG_HOME", files.join("xdg"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("start ztpctl connect");
+        let mut stdin = child.stdin.take().expect("stdin");
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, b"which way")
+            .await
+            .expect("write");
+        drop(stdin);
+        let out = tokio::time::timeout(STEP, child.wait_with_output())
+            .await
+            .expect("bounded")
+            .expect("ztpctl's output");
+        assert!(
+            out.status.success(),
+            "{want}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"which way", "{want}");
+        let event = fx
+            .dp
+            .wait_for_log(
+                |v| v["message"] == "connection" && v["service.name"] == "echo.svc.internal",
+                STEP,
+            )
+            .await
+            .expect("the session's record");
+        assert_eq!(event["transport"], want, "{event}");
+    }
+}

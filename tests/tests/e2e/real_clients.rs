@@ -740,3 +740,92 @@ async fn redis_through(test: &str, transport: &'static str) {
     assert!(conn.try_wait().is_none(), "ztpctl connect --listen exited");
     assert!(redis.try_wait().is_none(), "redis-server exited");
 }
+
+// ---- HTTP/3 (aioquic) ----------------------------------------------------------------------
+
+/// A real QUIC/HTTP3 exchange through `ztpctl connect --udp-listen`: an aioquic HTTP/3
+/// server behind a `quic` service, an aioquic HTTP/3 client on the local port. The inner
+/// QUIC connection's packets (its 1,200-byte Initials included) travel as datagram flows
+/// (QUIC transport) or framed datagrams (TCP), byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_through_ztpctl_connect_udp_listen_over_quic() {
+    http3_through("http3_through_ztpctl_connect_udp_listen_over_quic", "quic").await;
+}
+
+/// The same over TLS-over-TCP framed datagrams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_through_ztpctl_connect_udp_listen_over_tcp() {
+    http3_through("http3_through_ztpctl_connect_udp_listen_over_tcp", "tcp").await;
+}
+
+async fn http3_through(test: &str, transport: &'static str) {
+    let Some(python) = ztp_tests::process::require_python_module(test, "aioquic", "aioquic") else {
+        return;
+    };
+    let script = ztp_tests::bins::workspace_root().join("tests/tools/h3_peer.py");
+    // The HTTP/3 server's own certificate, from its own CA.
+    let h3_pki = TestPki::new();
+    let h3_dir = TempDir::new("h3");
+    let server_cert = h3_pki.builder().dns("h3.example").server_auth().issue();
+    server_cert
+        .write(h3_dir.path(), "h3")
+        .expect("write the h3 server's files");
+    std::fs::write(h3_dir.join("ca.pem"), &h3_pki.ca_pem).expect("write its CA");
+    let h3_port = free_udp_port();
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
+        .args(["server", "--listen"])
+        .arg(format!("127.0.0.1:{h3_port}"))
+        .arg("--cert")
+        .arg(h3_dir.join("h3.pem"))
+        .arg("--key")
+        .arg(h3_dir.join("h3.key"));
+    let mut server = Process::spawn("h3 server", cmd);
+    server
+        .wait_for_line(Stream::Stdout, |l| l == "listening", STEP)
+        .await;
+
+    let gw = Gateway::start(
+        &service(
+            "h3.svc.internal",
+            "quic",
+            SocketAddr::from(([127, 0, 0, 1], h3_port)),
+        ),
+        transport,
+    )
+    .await;
+    let local = free_udp_port();
+    let listen = format!("127.0.0.1:{local}");
+    let mut conn = gw.spawn_connect("alice", "h3.svc.internal", &["--udp-listen", &listen]);
+    conn.wait_for_line(
+        Stream::Stderr,
+        |l| l.starts_with(&format!("ztpctl: udp {listen} -> h3.svc.internal via")),
+        STEP,
+    )
+    .await;
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
+        .args([
+            "client",
+            "--connect",
+            &listen,
+            "--sni",
+            "h3.example",
+            "--ca",
+        ])
+        .arg(h3_dir.join("ca.pem"))
+        .args(["--path", "/through-ztp"]);
+    let out = run(cmd).await;
+    let line = text(&out.stdout);
+    let answer: Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| {
+        panic!(
+            "the h3 client printed {line:?}: {}; {}",
+            describe_output(&out),
+            conn.output_text()
+        )
+    });
+    assert_eq!(answer["status"], 200, "{answer}; {}", conn.output_text());
+    assert_eq!(answer["body"], "hello over h3: /through-ztp", "{answer}");
+    assert!(server.try_wait().is_none(), "the h3 server exited");
+    assert!(conn.try_wait().is_none(), "ztpctl connect exited");
+}
