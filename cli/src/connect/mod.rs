@@ -695,6 +695,7 @@ where
         // program: a refusal must not look like data.
         let first = first_bytes(&mut tr).await?;
         lw.write_all(&first).await?;
+        lw.flush().await?;
         if !first.is_empty() {
             copy_down(&mut tr, &mut lw).await?;
         }

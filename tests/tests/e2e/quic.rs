@@ -805,3 +805,91 @@ async fn auto_takes_quic_or_falls_back_to_tcp() {
         assert_eq!(event["transport"], want, "{event}");
     }
 }
+
+/// A live `ztpctl connect` session (the default transport: QUIC here) whose certificate
+/// is revoked after data moved both ways: it ends within the bound with one line naming
+/// the refusal, and a non-zero exit (over TCP the same end is a clean close; see
+/// README).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztpctl_connect_ended_by_revocation_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let fx = Fixture::start().await;
+    let files = ztp_tests::tempdir::TempDir::new("connect-revoked");
+    std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+    std::fs::create_dir_all(files.join("xdg")).expect("a config home");
+    let alice = fx.pki.client_email("alice@example.com");
+    alice
+        .write(files.path(), "alice")
+        .expect("write alice's files");
+    let mut cmd = tokio::process::Command::new(ztp_tests::Bin::Ztpctl.path());
+    cmd.args(["connect", "echo.svc.internal", "--via"])
+        .arg(fx.dp.addr().to_string())
+        .arg("--cert")
+        .arg(files.join("alice.pem"))
+        .arg("--key")
+        .arg(files.join("alice.key"))
+        .arg("--ca")
+        .arg(files.join("ca.pem"));
+    for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
+        cmd.env_remove(k);
+    }
+    cmd.env("XDG_CONFIG_HOME", files.join("xdg"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("start ztpctl connect");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    stdin.write_all(b"before").await.expect("write");
+    stdin.flush().await.expect("flush");
+    let mut got = [0u8; 6];
+    tokio::time::timeout(STEP, stdout.read_exact(&mut got))
+        .await
+        .expect("the echo, bounded")
+        .expect("the echo");
+    assert_eq!(&got, b"before");
+
+    let yaml = standard_snapshot(
+        2,
+        fx.echo.addr(),
+        fx.wild.addr(),
+        fx.admins.addr(),
+        &Extra {
+            revoked: std::slice::from_ref(&alice.serial),
+            ..Extra::default()
+        },
+    );
+    fx.dp.reload_snapshot(&yaml);
+    // Standard input stays open: only the gateway ends the session.
+    let status = tokio::time::timeout(LIVE_BOUND, child.wait())
+        .await
+        .expect("ended within the bound")
+        .expect("ztpctl's status");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .await
+        .expect("stderr");
+    drop(stdin);
+    assert!(!status.success(), "exit 0 after a revocation: {stderr:?}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr:?}");
+    assert!(
+        lines[0].starts_with("ztpctl: ") && lines[0].contains("403 forbidden"),
+        "{stderr:?}"
+    );
+    let event = fx
+        .dp
+        .wait_for_log(
+            |v| v["message"] == "connection" && v["reason"] == "certificate revoked",
+            STEP,
+        )
+        .await
+        .expect("the session's record");
+    assert_eq!(event["transport"], "quic", "{event}");
+}
