@@ -35,6 +35,15 @@ use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, EndpointConfig, TransportConfig, VarInt};
+
+/// The data plane's setting (`ztp_proto::quic::MAX_UDP_PAYLOAD`), as a client of it would
+/// set it; `ZTP_BENCH_MAX_UDP_PAYLOAD` overrides it (1452: quinn's default packets).
+static MAX_UDP_PAYLOAD: std::sync::LazyLock<u16> = std::sync::LazyLock::new(|| {
+    std::env::var("ZTP_BENCH_MAX_UDP_PAYLOAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000)
+});
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -234,7 +243,12 @@ fn quic_config(ca_pem: &str, cert: &TestCert) -> quinn::ClientConfig {
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .max_idle_timeout(Some(VarInt::from_u32(30_000).into()))
-        .initial_mtu(1452);
+        .initial_mtu(1452)
+        .mtu_discovery_config(Some({
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(*MAX_UDP_PAYLOAD);
+            m
+        }));
     config.transport_config(Arc::new(t));
     config
 }
@@ -248,8 +262,12 @@ fn client_endpoint() -> Endpoint {
     s.set_nonblocking(true).unwrap();
     s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
+    let mut endpoint_config = EndpointConfig::default();
+    endpoint_config
+        .max_udp_payload_size(*MAX_UDP_PAYLOAD)
+        .expect("a valid payload size");
     Endpoint::new(
-        EndpointConfig::default(),
+        endpoint_config,
         None,
         s.into(),
         Arc::new(quinn::TokioRuntime),

@@ -81,7 +81,15 @@ impl Dialer {
         if let Some(e) = slot.as_ref() {
             return Ok(e.clone());
         }
-        let e = Endpoint::client(bind)
+        // Larger packets where the path carries them (see `MAX_UDP_PAYLOAD`).
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
+            .map_err(|e| anyhow!("{e}"))?;
+        let socket = std::net::UdpSocket::bind(bind)
+            .with_context(|| format!("cannot open a UDP socket on {bind} for QUIC"))?;
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let e = Endpoint::new(config, None, socket, runtime)
             .with_context(|| format!("cannot open a UDP socket on {bind} for QUIC"))?;
         *slot = Some(e.clone());
         Ok(e)
@@ -135,6 +143,11 @@ fn transport() -> anyhow::Result<quinn::TransportConfig> {
         // Initial fits one DATAGRAM frame with its flow id; a path that cannot carry it
         // is found by quinn's black-hole detection (back to 1,200).
         .initial_mtu(1452)
+        .mtu_discovery_config(Some({
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(ztp_proto::quic::MAX_UDP_PAYLOAD);
+            m
+        }))
         // The gateway opens no streams.
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_concurrent_bidi_streams(VarInt::from_u32(0));

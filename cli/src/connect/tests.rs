@@ -767,6 +767,20 @@ async fn listen_shares_one_connection_and_reconnects() {
     .await;
 }
 
+/// A QUIC echo gateway and a TCP listener on the same port number (a port the system
+/// gave for UDP may be taken for TCP by a test running beside: another is tried).
+async fn quic_and_tcp(pki: &TestPki) -> (QuicServer, TcpListener) {
+    for _ in 0..50 {
+        let server = QuicServer::start(pki, Serve::Echo);
+        match TcpListener::bind(server.addr).await {
+            Ok(listener) => return (server, listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("the same port over TCP: {e}"),
+        }
+    }
+    panic!("no port free for both UDP and TCP");
+}
+
 /// A TLS-over-TCP gateway in the test (client certificates required) that echoes; the
 /// number of TCP connections it accepted.
 fn tcp_server(pki: &TestPki, listener: TcpListener) -> Arc<AtomicUsize> {
@@ -856,10 +870,7 @@ async fn auto_takes_tcp_when_nothing_answers_on_udp() {
 async fn auto_takes_quic_when_it_answers() {
     bounded(async {
         let pki = TestPki::new();
-        let server = QuicServer::start(&pki, Serve::Echo);
-        let listener = TcpListener::bind(server.addr)
-            .await
-            .expect("the same port over TCP");
+        let (server, listener) = quic_and_tcp(&pki).await;
         let accepted = tcp_server(&pki, listener);
         let auto = pki.client(server.addr, Transport::Auto, None);
         let t0 = Instant::now();
@@ -1068,10 +1079,7 @@ fn transport_is_a_flag_with_auto_by_default() {
 async fn a_silent_program_is_carried_over_tcp_under_auto() {
     bounded(async {
         let pki = TestPki::new();
-        let server = QuicServer::start(&pki, Serve::Echo);
-        let listener = TcpListener::bind(server.addr)
-            .await
-            .expect("the same port over TCP");
+        let (server, listener) = quic_and_tcp(&pki).await;
         let accepted = tcp_server(&pki, listener);
         let auto = pki.client(server.addr, Transport::Auto, None);
         assert!(matches!(auto.link().await.expect("auto"), Link::Quic(_)));

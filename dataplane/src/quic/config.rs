@@ -107,6 +107,11 @@ pub fn transport(idle_timeout: Duration, max_streams: u32) -> TransportConfig {
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_BUFFER)
         .initial_mtu(INITIAL_MTU)
+        .mtu_discovery_config(Some({
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(ztp_proto::quic::MAX_UDP_PAYLOAD);
+            m
+        }))
         // Keepalives are the client's; an idle connection ends at --idle-timeout.
         .keep_alive_interval(None)
         .max_idle_timeout(Some(

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,8 +161,7 @@ struct Served {
     sni: String,
     /// Fires when the pipeline ends the connection (a later decision, drain).
     stop: watch::Receiver<Option<Stop>>,
-    /// Set just before: the streams send no FIN any more (see `QuicStream`).
-    ending: Arc<AtomicBool>,
+    conn: Connection,
 }
 
 impl Served {
@@ -178,11 +177,17 @@ impl Served {
         rec
     }
 
+    /// A session's stop: the pipeline's decision, complete once the connection is closed
+    /// (so that nothing a session does on its way out, a FIN above all, reaches the
+    /// client before the close: quinn finishes a dropped stream of an open connection).
     fn stop(&self) -> Pin<Box<dyn Future<Output = Stop> + Send>> {
         let mut rx = self.stop.clone();
+        let conn = self.conn.clone();
         Box::pin(async move {
             loop {
-                if let Some(s) = *rx.borrow_and_update() {
+                let decided = *rx.borrow_and_update();
+                if let Some(s) = decided {
+                    conn.closed().await;
                     return s;
                 }
                 if rx.changed().await.is_err() {
@@ -402,7 +407,7 @@ async fn run(
         detect,
         sni,
         stop: stop_rx,
-        ending: Arc::default(),
+        conn: conn.clone(),
     });
     let datagrams = matches!(protocol, Protocol::Udp | Protocol::Quic);
     let mut flows = Flows::default();
@@ -413,9 +418,8 @@ async fn run(
     let end = loop {
         tokio::select! {
             s = &mut stop => {
-                // The sessions learn why first (their records say it), but send no clean
-                // FIN (it would read as the service's end); then the close ends them.
-                served.ending.store(true, Ordering::Release);
+                // The sessions learn why, and end once the close is made (see
+                // `Served::stop`).
                 let _ = stop_tx.send(Some(s));
                 match s {
                     Stop::Revoked(_) => close_refused(&conn, Refusal::Forbidden),
@@ -451,7 +455,6 @@ async fn run(
                     let route = &served.admission.permit.route;
                     if !q.gate.in_range(now.ip()) || !route.admits_source(now.ip()) {
                         tracing::info!(from = %addr, to = %now, "client moved to a refused address");
-                        served.ending.store(true, Ordering::Release);
                         let _ = stop_tx.send(Some(Stop::Revoked("source not allowed")));
                         close_refused(&conn, Refusal::Forbidden);
                         break "source not allowed";
@@ -478,7 +481,7 @@ async fn stream_session(s: Arc<Served>, peer: SocketAddr, send: SendStream, recv
     let ctx = &s.q.ctx;
     ctx.metrics.connection_opened();
     let mut rec = s.record(peer);
-    let mut client = Metered::new(QuicStream::new(send, recv, s.ending.clone()));
+    let mut client = Metered::new(QuicStream::new(send, recv));
     if matches!(s.protocol, Protocol::Udp | Protocol::Quic) {
         // Datagram services take DATAGRAM frames, not streams.
         refusal::deliver(&mut client, Refusal::NotImplemented).await;

@@ -79,8 +79,12 @@ pub fn bind(
     .max_incoming(4096)
     .incoming_buffer_size(64 * 1024)
     .incoming_buffer_size_total(32 << 20);
+    let mut endpoint_config = EndpointConfig::default();
+    endpoint_config
+        .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
+        .map_err(|e| io::Error::other(e.to_string()))?;
     let endpoint = Endpoint::new(
-        EndpointConfig::default(),
+        endpoint_config,
         Some(base.clone()),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -8,8 +8,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use quinn::{RecvStream, SendStream, VarInt};
@@ -23,18 +21,14 @@ pub struct QuicStream {
     send: SendStream,
     recv: RecvStream,
     finished: bool,
-    /// The connection is being closed by the pipeline (a later decision, drain): no FIN
-    /// may go out, which would read as the service's clean end before the close.
-    ending: Arc<AtomicBool>,
 }
 
 impl QuicStream {
-    pub fn new(send: SendStream, recv: RecvStream, ending: Arc<AtomicBool>) -> Self {
+    pub fn new(send: SendStream, recv: RecvStream) -> Self {
         QuicStream {
             send,
             recv,
             finished: false,
-            ending,
         }
     }
 
@@ -46,7 +40,7 @@ impl QuicStream {
 
 impl Drop for QuicStream {
     fn drop(&mut self) {
-        if !self.finished && !self.ending.load(Ordering::Acquire) {
+        if !self.finished {
             let _ = self.send.reset(VarInt::from_u32(STREAM_ABORTED));
         }
     }
@@ -76,10 +70,6 @@ impl AsyncWrite for QuicStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.ending.load(Ordering::Acquire) {
-            // The connection's close ends the stream.
-            return Poll::Ready(Ok(()));
-        }
         let r = AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx);
         if matches!(r, Poll::Ready(Ok(()))) {
             self.finished = true;
