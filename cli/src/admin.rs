@@ -402,6 +402,7 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
                 allow,
                 deny,
                 handler,
+                connector: None,
             };
             let v = send(
                 c,

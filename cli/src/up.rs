@@ -396,6 +396,7 @@ impl Demo {
             allow: vec![],
             deny: vec![],
             handler: None,
+            connector: None,
         }
     }
 
@@ -467,6 +468,7 @@ async fn seed(store: &Store, record: &Path, backends: &[(Demo, SocketAddr)]) -> 
         allow: vec![],
         deny: vec![],
         handler: Some("identity-echo".into()),
+        connector: None,
     });
     let snap = Snapshot {
         version: 1,
@@ -476,6 +478,7 @@ async fn seed(store: &Store, record: &Path, backends: &[(Demo, SocketAddr)]) -> 
             name: "demo".into(),
         }],
         revoked: vec![],
+        connectors: vec![],
     };
     store.import(snap, Some(0), &Actor::system()).await?;
     let given = backends

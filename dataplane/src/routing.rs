@@ -133,6 +133,7 @@ mod tests {
                 allow: vec![],
                 deny: vec![],
                 handler: None,
+                connector: None,
             })
             .collect();
         Routes::compile(&services, &Registry::builtin()).unwrap()
@@ -181,6 +182,7 @@ mod tests {
             allow: vec![],
             deny: vec![],
             handler: None,
+            connector: None,
         };
         let any = Route::compile(&s, &Registry::builtin()).unwrap();
         assert!(any.admits_source("192.0.2.1".parse().unwrap()));

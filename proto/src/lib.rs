@@ -20,7 +20,7 @@ mod validate;
 pub mod wire;
 
 pub use duration::parse_duration;
-pub use model::{Group, Protocol, Service, Snapshot, User};
+pub use model::{Connector, Group, Protocol, Service, Snapshot, User};
 pub use validate::{check_identity, FieldError, Invalid, KNOWN_HANDLERS};
 
 /// Why a snapshot document could not be used.

@@ -23,6 +23,20 @@ pub struct Snapshot {
     /// Revoked certificate serials, hex; compared as integers.
     #[serde(default)]
     pub revoked: Vec<String>,
+    /// Connectors: agents next to backends no data plane can dial, which hold tunnels to
+    /// the data planes (certificate URI `spiffe://DOMAIN/connector/NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connectors: Vec<Connector>,
+}
+
+/// A connector, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Connector {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
 }
 
 /// A backend reachable through the proxy, named by TLS SNI.
@@ -50,6 +64,10 @@ pub struct Service {
     /// A custom handler; absent means the forwarder for the protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,
+    /// Served only through this connector's tunnels: the connector dials `address`, never
+    /// a data plane (snapshot schema 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
 }
 
 /// How a service's traffic is carried to its backend.

@@ -227,3 +227,72 @@ fn all_errors_reported() {
         ]
     );
 }
+
+/// Connectors (schema 3): a service served by one names it, has an address (which the
+/// connector dials) and no handler; the connector must be in the snapshot; names are
+/// plain and unique. The wire carries them, and such a snapshot is schema 3.
+#[test]
+fn connectors_and_the_services_they_serve() {
+    let base = "version: 1\nconnectors:\n  - {name: lab, description: the lab}\nservices:\n  - {name: db.svc, protocol: tcp, address: '10.9.0.5:5432', connector: lab}\n";
+    let snap = Snapshot::from_yaml(base).expect("valid");
+    assert_eq!(snap.services[0].connector.as_deref(), Some("lab"));
+    assert_eq!(snap.connectors[0].description, "the lab");
+    let wire = crate::wire::pb::Snapshot::from(&snap);
+    assert_eq!(
+        wire.schema, 3,
+        "older nodes must refuse it, not dial the address"
+    );
+    let back = Snapshot::try_from(wire).expect("round trip");
+    assert_eq!(back, snap);
+
+    for (what, yaml, field) in [
+        (
+            "unknown connector",
+            base.replace("connector: lab", "connector: elsewhere"),
+            "services[0].connector",
+        ),
+        (
+            "no address",
+            base.replace("address: '10.9.0.5:5432', ", ""),
+            "services[0].address",
+        ),
+        (
+            "a handler",
+            base.replace("connector: lab", "connector: lab, handler: identity-echo"),
+            "services[0].handler",
+        ),
+        (
+            "a bad connector name",
+            base.replace("{name: lab,", "{name: 'l ab',"),
+            "connectors[0].name",
+        ),
+        (
+            "a duplicate",
+            base.replace(
+                "  - {name: lab, description: the lab}\n",
+                "  - {name: lab}\n  - {name: lab}\n",
+            ),
+            "connectors[1].name",
+        ),
+        (
+            "a control character",
+            base.replace("description: the lab", "description: \"a\\u0007b\""),
+            "connectors[0].description",
+        ),
+        (
+            "an unknown field",
+            base.replace("description: the lab", "descr: the lab"),
+            "connectors[0]",
+        ),
+    ] {
+        let e = Snapshot::from_yaml(&yaml).expect_err(what);
+        let fields: Vec<String> = e.field_errors().into_iter().map(|f| f.field).collect();
+        assert!(
+            fields.iter().any(|f| f.starts_with(field)),
+            "{what}: {fields:?}"
+        );
+    }
+    // No connector named: the lowest schema still.
+    let plain = Snapshot::from_yaml("version: 1\nconnectors: [{name: lab}]\n").unwrap();
+    assert_eq!(crate::wire::pb::Snapshot::from(&plain).schema, 1);
+}

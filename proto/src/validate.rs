@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::model::{Group, Service, Snapshot, User};
+use crate::model::{Connector, Group, Service, Snapshot, User};
 use crate::names::{
     identity_key, is_connector_uri, is_node_uri, parse_source_range, BackendAddr, Serial,
     ServiceName,
@@ -236,6 +236,21 @@ impl Snapshot {
             }
         };
 
+        let mut connectors: HashMap<&str, usize> = HashMap::with_capacity(self.connectors.len());
+        for (i, c) in self.connectors.iter().enumerate() {
+            let prefix = Prefix::at("connectors", i);
+            let before = errs.0.len();
+            check_connector(&mut errs, &prefix, c);
+            if errs.0.len() == before {
+                if let Some(j) = connectors.insert(&c.name, i) {
+                    errs.push(
+                        path(&prefix, "name"),
+                        format!("duplicate of connectors[{j}]"),
+                    );
+                }
+            }
+        }
+
         let mut names: HashMap<String, usize> = HashMap::with_capacity(self.services.len());
         for (i, s) in self.services.iter().enumerate() {
             let prefix = Prefix::at("services", i);
@@ -246,6 +261,14 @@ impl Snapshot {
             }
             check_service(&mut errs, &prefix, s);
             check_group_refs(&mut errs, &prefix, &s.groups);
+            if let Some(c) = &s.connector {
+                if check_plain_name(c).is_ok() && !connectors.contains_key(c.as_str()) {
+                    errs.push(
+                        path(&prefix, "connector"),
+                        format!("unknown connector {c:?}"),
+                    );
+                }
+            }
         }
 
         let mut users: HashMap<&str, usize> = HashMap::with_capacity(self.users.len());
@@ -283,7 +306,56 @@ impl Snapshot {
     }
 }
 
+/// The rules of one connector alone.
+fn check_connector(errs: &mut Errors, prefix: &Prefix, c: &Connector) {
+    if let Err(e) = check_plain_name(&c.name) {
+        errs.push(path(prefix, "name"), e);
+    }
+    if c.description.len() > MAX_DESCRIPTION_LEN {
+        errs.push(
+            path(prefix, "description"),
+            format!("longer than {MAX_DESCRIPTION_LEN} bytes"),
+        );
+    } else if c.description.chars().any(char::is_control) {
+        errs.push(
+            path(prefix, "description"),
+            "must not hold control characters",
+        );
+    }
+}
+
+/// Longest connector description.
+const MAX_DESCRIPTION_LEN: usize = 1024;
+
+impl Connector {
+    /// The rules of one connector alone (whether services name it is checked where they
+    /// are known).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut errs = Errors::default();
+        check_connector(&mut errs, &Prefix::NONE, self);
+        finish(errs)
+    }
+}
+
 fn check_service_target(errs: &mut Errors, prefix: &Prefix, s: &Service) {
+    if let Some(c) = &s.connector {
+        if let Err(e) = check_plain_name(c) {
+            errs.push(path(prefix, "connector"), e);
+        }
+        // The connector dials the address: nothing else may serve the session.
+        if s.handler.is_some() {
+            errs.push(
+                path(prefix, "handler"),
+                "a service served by a connector forwards to its address; it names no handler",
+            );
+        }
+        if s.address.is_none() {
+            errs.push(
+                path(prefix, "address"),
+                "required: the backend host:port the connector dials",
+            );
+        }
+    }
     if let Some(h) = &s.handler {
         if !KNOWN_HANDLERS.contains(&h.as_str()) {
             errs.push(

@@ -2,7 +2,7 @@
 //! the domain model. A snapshot received from the wire is converted, then validated like
 //! any other: the wire is never trusted more than a file.
 
-use crate::model::{Group, Protocol, Service, Snapshot, User};
+use crate::model::{Connector, Group, Protocol, Service, Snapshot, User};
 use crate::validate::{FieldError, Invalid};
 
 /// The generated messages, client and server.
@@ -14,9 +14,21 @@ pub mod pb {
 /// The highest snapshot schema this build understands. A node refuses (nacks) a snapshot
 /// of a higher schema and keeps serving its last good one, so a rolling upgrade updates
 /// data planes first. A snapshot is written with the lowest schema that carries it: 1,
-/// or 2 when a service has `deny` ranges (an older node would ignore them and admit the
-/// sources they refuse, so it must refuse the snapshot instead).
-pub const SCHEMA: u32 = 2;
+/// 2 when a service has `deny` ranges (an older node would ignore them and admit the
+/// sources they refuse, so it must refuse the snapshot instead), 3 when a service names a
+/// connector (an older node would dial its address itself).
+pub const SCHEMA: u32 = 3;
+
+/// The lowest schema that carries `s`.
+pub fn schema_of(s: &Snapshot) -> u32 {
+    if s.services.iter().any(|s| s.connector.is_some()) {
+        3
+    } else if s.services.iter().any(|s| !s.deny.is_empty()) {
+        2
+    } else {
+        1
+    }
+}
 
 /// Largest gRPC message either side accepts: a 100,000-user snapshot is ~10 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -24,11 +36,7 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 impl From<&Snapshot> for pb::Snapshot {
     fn from(s: &Snapshot) -> Self {
         pb::Snapshot {
-            schema: if s.services.iter().any(|s| !s.deny.is_empty()) {
-                2
-            } else {
-                1
-            },
+            schema: schema_of(s),
             version: s.version,
             services: s
                 .services
@@ -41,6 +49,7 @@ impl From<&Snapshot> for pb::Snapshot {
                     allow: s.allow.clone(),
                     handler: s.handler.clone(),
                     deny: s.deny.clone(),
+                    connector: s.connector.clone(),
                 })
                 .collect(),
             users: s
@@ -61,6 +70,14 @@ impl From<&Snapshot> for pb::Snapshot {
                 })
                 .collect(),
             revoked: s.revoked.clone(),
+            connectors: s
+                .connectors
+                .iter()
+                .map(|c| pb::Connector {
+                    name: c.name.clone(),
+                    description: c.description.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -191,6 +208,7 @@ impl TryFrom<pb::Snapshot> for Snapshot {
                     allow: s.allow,
                     deny: s.deny,
                     handler: s.handler,
+                    connector: s.connector,
                 }
             })
             .collect();
@@ -216,6 +234,14 @@ impl TryFrom<pb::Snapshot> for Snapshot {
                 .map(|g| Group { name: g.name })
                 .collect(),
             revoked: p.revoked,
+            connectors: p
+                .connectors
+                .into_iter()
+                .map(|c| Connector {
+                    name: c.name,
+                    description: c.description,
+                })
+                .collect(),
         };
         snap.validate()?;
         Ok(snap)

@@ -965,6 +965,7 @@ impl Store {
                 users: vec![],
                 groups: vec![],
                 revoked: self.revoked_unlocked()?,
+                connectors: vec![],
             };
             return Ok((snap, generation, false));
         }
@@ -989,6 +990,8 @@ impl Store {
             users: c.users.values().cloned().collect(),
             groups: c.groups.values().cloned().collect(),
             revoked: c.revoked.iter().cloned().collect(),
+            // The connector registry is not in the store yet: no service may name one.
+            connectors: vec![],
         })
     }
 

@@ -35,6 +35,7 @@ fn svc(name: &str, groups: &[&str]) -> Service {
         allow: vec![],
         deny: vec![],
         handler: None,
+        connector: None,
     }
 }
 
@@ -283,6 +284,7 @@ async fn import_replaces_everything_as_one_version() {
         users: vec![],
         groups: vec![],
         revoked: vec![],
+        connectors: vec![],
     };
     let e = store.import(bad, None, &a).await.unwrap_err();
     assert_eq!(fields(&e), ["services[0].groups[0]"]);
@@ -503,6 +505,7 @@ async fn the_configuration_in_memory_follows_every_write() {
         users: vec![user("carol", &["carol@x"], &["g"])],
         groups: vec![group("g")],
         revoked: vec![],
+        connectors: vec![],
     };
     store.import(imported, None, &a).await.unwrap();
     check(&store, "an import");

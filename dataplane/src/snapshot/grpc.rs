@@ -440,6 +440,7 @@ mod tests {
                 .collect(),
             groups: vec![pb::Group { name: "g".into() }],
             revoked: revoked.iter().map(|r| (*r).into()).collect(),
+            connectors: vec![],
         }
         .encode_to_vec()
         .into()
