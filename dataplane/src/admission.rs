@@ -223,7 +223,8 @@ pub fn still_admitted(
     if !Arc::ptr_eq(was, now)
         && (now.backend != was.backend
             || now.protocol != was.protocol
-            || now.handler.as_ref().map(|h| h.name()) != was.handler.as_ref().map(|h| h.name()))
+            || now.handler.as_ref().map(|h| h.name()) != was.handler.as_ref().map(|h| h.name())
+            || now.connector != was.connector)
     {
         return Err("service retargeted");
     }

@@ -94,6 +94,7 @@ pub fn serve(
                     service: &route.name,
                     backend: route.backend.as_ref(),
                     protocol,
+                    connector: route.connector.as_deref(),
                 },
                 caller: Caller {
                     identity: &admission.identity,

@@ -84,6 +84,13 @@ struct Inner {
     rates: Mutex<HashMap<Source, Bucket>>,
 }
 
+/// Held for a session's life: a QUIC stream or datagram flow, which counts against
+/// `--max-connections` like a connection (one QUIC connection can hold hundreds).
+#[derive(Debug)]
+pub struct SessionPermit {
+    _total: OwnedSemaphorePermit,
+}
+
 /// Held for a connection's life.
 #[derive(Debug)]
 pub struct Permit {
@@ -116,6 +123,17 @@ impl Gate {
     pub fn in_range(&self, ip: IpAddr) -> bool {
         let l = &self.inner.limits;
         ztp_proto::names::source_admitted(&l.allow, &l.deny, ip)
+    }
+
+    /// A place for one more session of an admitted connection under the total cap;
+    /// `None` when the node is full.
+    pub fn session(&self) -> Option<SessionPermit> {
+        self.inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| SessionPermit { _total: p })
     }
 
     /// Admits a connection from `ip` (canonical), or says why not.

@@ -35,9 +35,22 @@ pub fn recheck(
 /// Watches the published state (new snapshots, and the drain deadline) and the
 /// certificate's expiry for one session.
 pub fn watch(
-    mut state: watch::Receiver<Arc<Active>>,
+    state: watch::Receiver<Arc<Active>>,
     sni: String,
     source: IpAddr,
+    admitted: Arc<Admission>,
+) -> Stops {
+    // A sender kept by no one: the source never moves.
+    let (_, fixed) = watch::channel(source);
+    watch_moving(state, sni, fixed, admitted)
+}
+
+/// [`watch`] for a session whose source address may move (a migrating QUIC connection):
+/// it is decided again, on the newest state, when either the state or the address moves.
+pub fn watch_moving(
+    mut state: watch::Receiver<Arc<Active>>,
+    sni: String,
+    mut source: watch::Receiver<IpAddr>,
     admitted: Arc<Admission>,
 ) -> Stops {
     Box::pin(async move {
@@ -52,6 +65,7 @@ pub fn watch(
         tokio::pin!(expiry);
         // The state may have moved between the decision and now.
         state.mark_changed();
+        let mut moves = true;
         loop {
             tokio::select! {
                 _ = &mut expiry => return Stop::Revoked("certificate expired"),
@@ -61,14 +75,22 @@ pub fn watch(
                         (&mut expiry).await;
                         return Stop::Revoked("certificate expired");
                     }
-                    let active = state.borrow_and_update().clone();
-                    if let Some(reason) = recheck(&active, &admitted, &sni, source) {
-                        return Stop::Revoked(reason);
-                    }
-                    if active.draining {
-                        return Stop::Drain;
+                }
+                moved = source.changed(), if moves => {
+                    if moved.is_err() {
+                        // No one moves it any more.
+                        moves = false;
+                        continue;
                     }
                 }
+            }
+            let active = state.borrow_and_update().clone();
+            let at = *source.borrow_and_update();
+            if let Some(reason) = recheck(&active, &admitted, &sni, at) {
+                return Stop::Revoked(reason);
+            }
+            if active.draining {
+                return Stop::Drain;
             }
         }
     })

@@ -23,6 +23,8 @@ pub enum Refusal {
     BadGateway,
     /// The backend connect timed out.
     GatewayTimeout,
+    /// The service's connector has no live tunnel to any replica.
+    Unavailable,
 }
 
 impl Refusal {
@@ -33,6 +35,7 @@ impl Refusal {
             Refusal::NotImplemented => 501,
             Refusal::BadGateway => 502,
             Refusal::GatewayTimeout => 504,
+            Refusal::Unavailable => 503,
         }
     }
 
@@ -44,6 +47,7 @@ impl Refusal {
             Refusal::NotImplemented => "ZTP-ERROR 501 not implemented\n",
             Refusal::BadGateway => "ZTP-ERROR 502 bad gateway\n",
             Refusal::GatewayTimeout => "ZTP-ERROR 504 gateway timeout\n",
+            Refusal::Unavailable => "ZTP-ERROR 503 unavailable\n",
         }
     }
 }

@@ -26,8 +26,11 @@ pub struct Route {
     pub allow: Vec<IpNet>,
     /// Source ranges refused, whatever `allow` says.
     pub deny: Vec<IpNet>,
-    /// The handler the service names; `None` means the forwarder for the protocol.
+    /// The handler the service names (or the tunnel forwarder, for a service served by
+    /// a connector); `None` means the forwarder for the protocol.
     pub handler: Option<Arc<dyn Handler>>,
+    /// The connector whose tunnels alone reach the backend.
+    pub connector: Option<String>,
 }
 
 impl Route {
@@ -47,7 +50,9 @@ impl Route {
                 .iter()
                 .map(|r| parse_source_range(r))
                 .collect::<Result<_, _>>()?,
+            connector: s.connector.clone(),
             handler: match s.handler.as_deref() {
+                None if s.connector.is_some() => Some(registry.tunnel().clone()),
                 None => None,
                 Some(name) => Some(
                     registry

@@ -16,6 +16,7 @@ pub mod framing;
 mod model;
 pub mod names;
 pub mod quic;
+pub mod tunnel;
 mod validate;
 pub mod wire;
 

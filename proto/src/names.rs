@@ -222,9 +222,26 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "ztp.internal";
 /// The node ID of a node URI `spiffe://TRUST_DOMAIN/node/ID` in `trust_domain`: IDs are
 /// short names of letters, digits, `-`, `_` and `.`.
 pub fn node_id<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
+    machine_id(uri, trust_domain, "node/")
+}
+
+/// The connector name of a connector URI `spiffe://TRUST_DOMAIN/connector/NAME` in
+/// `trust_domain` (names as node IDs).
+pub fn connector_name<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
+    machine_id(uri, trust_domain, "connector/")
+}
+
+/// The connector name a certificate carries: exactly one URI SAN, a connector's, and no
+/// email (so that no certificate is both a connector and a user).
+pub fn connector_name_of_cert(der: &[u8], trust_domain: &str) -> Option<String> {
+    let uri = sole_uri(der)?;
+    connector_name(&uri, trust_domain).map(str::to_owned)
+}
+
+fn machine_id<'a>(uri: &'a str, trust_domain: &str, kind: &str) -> Option<&'a str> {
     let rest = uri.strip_prefix("spiffe://")?;
     let (domain, path) = rest.split_once('/')?;
-    let id = path.strip_prefix("node/")?;
+    let id = path.strip_prefix(kind)?;
     let ok = domain.eq_ignore_ascii_case(trust_domain)
         && !id.is_empty()
         && id.len() <= 128
@@ -238,6 +255,12 @@ pub fn node_id<'a>(uri: &'a str, trust_domain: &str) -> Option<&'a str> {
 /// node's certificate names nothing else a user's could: it must carry exactly one URI
 /// and no email, so that no certificate is both a node and a user.
 pub fn node_id_of_cert(der: &[u8], trust_domain: &str) -> Option<String> {
+    let uri = sole_uri(der)?;
+    node_id(&uri, trust_domain).map(str::to_owned)
+}
+
+/// A certificate's one URI SAN, when it carries exactly one and no email.
+fn sole_uri(der: &[u8]) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
@@ -256,7 +279,7 @@ pub fn node_id_of_cert(der: &[u8], trust_domain: &str) -> Option<String> {
     let (Some(uri), None) = (uris.next(), uris.next()) else {
         return None;
     };
-    node_id(uri, trust_domain).map(str::to_owned)
+    Some(uri.to_owned())
 }
 
 /// A certificate serial number, normalized so that equal integers compare equal: big

@@ -27,6 +27,10 @@ pub const STREAM_ABORTED: u32 = 1;
 /// must fit one 64 KiB UDP datagram, or the whole batch is lost.
 pub const MAX_UDP_PAYLOAD: u16 = 6000;
 
+/// Live datagram flows the data plane serves per connection; datagrams that would open
+/// more are dropped (a client keeps to it).
+pub const MAX_FLOWS: usize = 64;
+
 /// The largest value a QUIC variable-length integer holds (RFC 9000 §16).
 pub const VARINT_MAX: u64 = (1 << 62) - 1;
 

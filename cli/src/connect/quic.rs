@@ -424,8 +424,8 @@ impl Flows {
         match self.by_peer.get_mut(&peer) {
             Some(f) => f.last = now,
             None => {
-                if self.by_peer.len() >= super::MAX_UDP_SESSIONS {
-                    anyhow::bail!("too many UDP flows; datagram dropped");
+                if self.by_peer.len() >= ztp_proto::quic::MAX_FLOWS {
+                    anyhow::bail!("too many UDP flows (the gateway serves {} per connection); datagram dropped", ztp_proto::quic::MAX_FLOWS);
                 }
                 self.by_peer.insert(peer, Flow { id, last: now });
                 self.by_id.insert(id, peer);

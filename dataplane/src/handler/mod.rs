@@ -33,6 +33,7 @@ pub mod identity_echo;
 pub mod quic;
 pub mod splice;
 pub mod tcp;
+pub mod tunnel;
 pub mod udp;
 
 /// The ALPN protocol of the framed-datagram extension.
@@ -79,6 +80,8 @@ pub struct Target<'a> {
     pub backend: Option<&'a BackendAddr>,
     /// The protocol chosen for the session (declared, or detected for `auto`).
     pub protocol: Protocol,
+    /// The connector whose tunnels reach the backend, if the service has one.
+    pub connector: Option<&'a str>,
 }
 
 /// Who is calling: the certificate's identity and the directory user it maps to.
@@ -192,6 +195,9 @@ pub struct Registry {
     tcp: Arc<dyn Handler>,
     udp: Arc<dyn Handler>,
     quic: Arc<dyn Handler>,
+    /// Serves services behind a connector, through its tunnels.
+    tunnel: Arc<dyn Handler>,
+    tunnels: Arc<tunnel::Tunnels>,
 }
 
 impl Registry {
@@ -200,12 +206,25 @@ impl Registry {
         let mut named: HashMap<&'static str, Arc<dyn Handler>> = HashMap::new();
         let echo: Arc<dyn Handler> = Arc::new(identity_echo::IdentityEcho);
         named.insert(echo.name(), echo);
+        let tunnels = Arc::new(tunnel::Tunnels::default());
         Registry {
             named,
             tcp: Arc::new(tcp::TcpForwarder),
             udp: Arc::new(udp::UdpForwarder),
             quic: Arc::new(quic::QuicForwarder),
+            tunnel: Arc::new(tunnel::TunnelForwarder::new(tunnels.clone())),
+            tunnels,
         }
+    }
+
+    /// The handler of services behind a connector.
+    pub fn tunnel(&self) -> &Arc<dyn Handler> {
+        &self.tunnel
+    }
+
+    /// The live tunnels of this node's connectors.
+    pub fn tunnels(&self) -> &Arc<tunnel::Tunnels> {
+        &self.tunnels
     }
 
     /// A handler by the name a service gives.

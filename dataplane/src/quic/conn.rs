@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::field::Empty;
 use tracing::Instrument;
-use ztp_proto::quic::CLOSE_DONE;
+use ztp_proto::quic::{CLOSE_DONE, STREAM_ABORTED};
 use ztp_proto::Protocol;
 
 use super::config::SharedNotes;
@@ -32,7 +32,7 @@ use super::datagram::{Dispatched, Flows, QuicFlow, QuicFlowStart};
 use super::stream::QuicStream;
 use super::Quic;
 use crate::admission::{self, Admission, Choice, PeerFacts};
-use crate::conn::{close_record, detected, record_in_span, Record};
+use crate::conn::{close_record, detected, record_in_span, ConnContext, Record};
 use crate::handler::{Caller, Handler, HandlerLimits, Target};
 use crate::preauth::{self, Permit};
 use crate::reauth;
@@ -55,8 +55,16 @@ pub fn close_refused(conn: &Connection, r: Refusal) {
     );
 }
 
-/// Counts a handshake in flight while it lives (the listener's Retry threshold).
-struct Handshaking(Arc<Quic>);
+/// Counts a handshake in flight while it lives (the listener's Retry threshold): made
+/// before quinn processes the first flight, dropped when the handshake is over.
+pub struct Handshaking(Arc<Quic>);
+
+impl Handshaking {
+    pub fn start(q: &Arc<Quic>) -> Self {
+        q.handshaking.fetch_add(1, Ordering::Relaxed);
+        Handshaking(q.clone())
+    }
+}
 
 impl Drop for Handshaking {
     fn drop(&mut self) {
@@ -73,6 +81,7 @@ pub async fn serve(
     notes: SharedNotes,
     hello_state: Arc<Active>,
     permit: Permit,
+    handshaking: Handshaking,
 ) {
     let span = tracing::info_span!(
         "conn",
@@ -85,8 +94,6 @@ pub async fn serve(
         refusal.code = Empty,
     );
     async move {
-        q.handshaking.fetch_add(1, Ordering::Relaxed);
-        let handshaking = Handshaking(q.clone());
         let ctx = &q.ctx;
         ctx.metrics.connection_opened();
         let mut rec = Record::on(peer, "quic");
@@ -180,6 +187,8 @@ impl Served {
     /// A session's stop: the pipeline's decision, complete once the connection is closed
     /// (so that nothing a session does on its way out, a FIN above all, reaches the
     /// client before the close: quinn finishes a dropped stream of an open connection).
+    /// A connection that ends otherwise (the client's close, idle, an error) stops its
+    /// sessions too, which then record it.
     fn stop(&self) -> Pin<Box<dyn Future<Output = Stop> + Send>> {
         let mut rx = self.stop.clone();
         let conn = self.conn.clone();
@@ -190,9 +199,19 @@ impl Served {
                     conn.closed().await;
                     return s;
                 }
-                if rx.changed().await.is_err() {
-                    // The connection is gone: its streams end by themselves.
-                    return std::future::pending().await;
+                tokio::select! {
+                    biased;
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            conn.closed().await;
+                            return Stop::Revoked("connection closed");
+                        }
+                    }
+                    _ = conn.closed() => {
+                        // A decision made with the close names its cause.
+                        let decided = *rx.borrow();
+                        return decided.unwrap_or(Stop::Revoked("connection closed"));
+                    }
                 }
             }
         })
@@ -206,6 +225,7 @@ impl Served {
                 service: &route.name,
                 backend: route.backend.as_ref(),
                 protocol: self.protocol,
+                connector: route.connector.as_deref(),
             },
             caller: Caller {
                 identity: &self.admission.identity,
@@ -244,9 +264,7 @@ fn admit(
         .unwrap_or_default();
     if alpn.as_deref() != Some(ztp_proto::quic::ALPN) {
         // rustls refuses this in the handshake; never serve without it.
-        rec.deny("no application protocol");
-        close_refused(conn, Refusal::Forbidden);
-        return None;
+        return refuse(conn, rec, Refusal::Forbidden, "no application protocol");
     }
     let chain: Vec<CertificateDer<'static>> = conn
         .peer_identity()
@@ -392,10 +410,13 @@ async fn run(
         sni,
     } = admitted;
     let admission = Arc::new(admission);
-    let mut stop = reauth::watch(
+    // The connection is decided again on every snapshot and on every move of its address
+    // (the service's ranges judge the address it has now).
+    let (source_tx, source_rx) = watch::channel(peer.ip());
+    let mut stop = reauth::watch_moving(
         q.ctx.state.clone(),
         sni.clone(),
-        peer.ip(),
+        source_rx,
         admission.clone(),
     );
     let (stop_tx, stop_rx) = watch::channel(None);
@@ -415,7 +436,14 @@ async fn run(
     let mut addr = peer;
     let mut poll = tokio::time::interval(MIGRATION_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stopping = q.stopping.clone();
     let end = loop {
+        // On shutdown a connection with no live session closes at once (it would only
+        // hold the drain up); one with sessions goes on until they end or the deadline.
+        if *stopping.borrow() && sessions.is_empty() {
+            conn.close(VarInt::from_u32(CLOSE_DONE), b"drained");
+            break "drained";
+        }
         tokio::select! {
             s = &mut stop => {
                 // The sessions learn why, and end once the close is made (see
@@ -431,19 +459,27 @@ async fn run(
                 };
             }
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => {
-                    let s = served.clone();
-                    sessions.spawn(stream_session(s, addr, send, recv).in_current_span());
-                }
+                Ok((mut send, recv)) => match session_permit(q) {
+                    Some(permit) => {
+                        let s = served.clone();
+                        sessions.spawn(stream_session(s, addr, send, recv, permit).in_current_span());
+                    }
+                    None => {
+                        let _ = send.reset(VarInt::from_u32(STREAM_ABORTED));
+                    }
+                },
                 Err(e) => break closed(&e),
             },
             d = conn.read_datagram(), if datagrams => match d {
                 Ok(frame) => match flows.dispatch(frame) {
-                    Dispatched::New(start) => {
-                        let s = served.clone();
-                        let c = conn.clone();
-                        sessions.spawn(flow_session(s, addr, c, start).in_current_span());
-                    }
+                    Dispatched::New(start) => match session_permit(q) {
+                        Some(permit) => {
+                            let s = served.clone();
+                            let c = conn.clone();
+                            sessions.spawn(flow_session(s, addr, c, start, permit).in_current_span());
+                        }
+                        None => flows.forget(start.flow),
+                    },
                     Dispatched::Dropped(why) => tracing::debug!(why, "datagram dropped"),
                     Dispatched::Queued => {}
                 },
@@ -452,8 +488,7 @@ async fn run(
             _ = poll.tick() => {
                 let now = preauth::canonical(conn.remote_address());
                 if now != addr {
-                    let route = &served.admission.permit.route;
-                    if !q.gate.in_range(now.ip()) || !route.admits_source(now.ip()) {
+                    if !q.gate.in_range(now.ip()) {
                         tracing::info!(from = %addr, to = %now, "client moved to a refused address");
                         let _ = stop_tx.send(Some(Stop::Revoked("source not allowed")));
                         close_refused(&conn, Refusal::Forbidden);
@@ -461,13 +496,18 @@ async fn run(
                     }
                     tracing::info!(from = %addr, to = %now, "client migrated");
                     addr = now;
+                    // The service's ranges judge the new address (the watch above).
+                    let _ = source_tx.send(now.ip());
                 }
             }
+            _ = stopping.changed(), if !*stopping.borrow() => {}
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     };
-    // The sessions see the connection's end (their stop, or their stream's error) and
-    // write their records.
+    // The sessions see the end (their stop completes once the connection is closed:
+    // `Served::stop`), and the flows' queues close; each writes its record.
+    drop(flows);
+    drop(stop_tx);
     let _ = tokio::time::timeout(SESSIONS_GRACE, async {
         while sessions.join_next().await.is_some() {}
     })
@@ -476,18 +516,77 @@ async fn run(
     end
 }
 
+/// A session's place under `--max-connections` (streams and flows count like
+/// connections); `None` when the node is full, or when it must refuse new sessions
+/// (a stale snapshot under `--max-snapshot-age`: fail closed, as for new connections).
+fn session_permit(q: &Quic) -> Option<preauth::SessionPermit> {
+    if q.ctx.ready.stale() {
+        tracing::debug!("new session refused: snapshot stale");
+        return None;
+    }
+    let permit = q.gate.session();
+    if permit.is_none() {
+        tracing::debug!("new session refused: connection cap");
+    }
+    permit
+}
+
+/// A session's record, written when the session ends, or with reason `aborted` if its
+/// task is dropped first (the connection's grace ran out): every counted session is
+/// recorded and uncounted once.
+struct Recorded {
+    ctx: Arc<ConnContext>,
+    rec: Option<Record>,
+}
+
+impl Recorded {
+    fn open(ctx: &Arc<ConnContext>, rec: Record) -> Self {
+        ctx.metrics.connection_opened();
+        Recorded {
+            ctx: ctx.clone(),
+            rec: Some(rec),
+        }
+    }
+
+    fn rec(&mut self) -> &mut Record {
+        self.rec
+            .get_or_insert_with(|| Record::on(([0, 0, 0, 0], 0).into(), "quic"))
+    }
+
+    fn close(mut self) {
+        if let Some(rec) = self.rec.take() {
+            close_record(&self.ctx, &rec);
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.allow("aborted");
+            close_record(&self.ctx, &rec);
+        }
+    }
+}
+
 /// One bidirectional stream: one session of a tcp service, and one record.
-async fn stream_session(s: Arc<Served>, peer: SocketAddr, send: SendStream, recv: RecvStream) {
+async fn stream_session(
+    s: Arc<Served>,
+    peer: SocketAddr,
+    send: SendStream,
+    recv: RecvStream,
+    _permit: preauth::SessionPermit,
+) {
     let ctx = &s.q.ctx;
-    ctx.metrics.connection_opened();
-    let mut rec = s.record(peer);
+    let mut recorded = Recorded::open(ctx, s.record(peer));
     let mut client = Metered::new(QuicStream::new(send, recv));
     if matches!(s.protocol, Protocol::Udp | Protocol::Quic) {
         // Datagram services take DATAGRAM frames, not streams.
         refusal::deliver(&mut client, Refusal::NotImplemented).await;
+        let rec = recorded.rec();
         rec.code = Some(Refusal::NotImplemented.code());
         rec.deny("stream to a datagram service");
-        close_record(ctx, &rec);
+        recorded.close();
         return;
     }
     let ended = session::run(
@@ -497,6 +596,7 @@ async fn stream_session(s: Arc<Served>, peer: SocketAddr, send: SendStream, recv
         s.stop(),
     )
     .await;
+    let rec = recorded.rec();
     if s.detect {
         rec.detected = Some(detected(client.first_bytes()).as_str());
     }
@@ -505,14 +605,19 @@ async fn stream_session(s: Arc<Served>, peer: SocketAddr, send: SendStream, recv
     rec.backend = ended.backend_addr;
     rec.code = ended.refusal.map(Refusal::code);
     rec.allow(ended.end);
-    close_record(ctx, &rec);
+    recorded.close();
 }
 
 /// One datagram flow: one backend socket, one session, one record.
-async fn flow_session(s: Arc<Served>, peer: SocketAddr, conn: Connection, start: QuicFlowStart) {
+async fn flow_session(
+    s: Arc<Served>,
+    peer: SocketAddr,
+    conn: Connection,
+    start: QuicFlowStart,
+    _permit: preauth::SessionPermit,
+) {
     let ctx = &s.q.ctx;
-    ctx.metrics.connection_opened();
-    let mut rec = s.record(peer);
+    let mut recorded = Recorded::open(ctx, s.record(peer));
     let mut flow = QuicFlow::new(conn, start);
     let limits = HandlerLimits {
         idle_timeout: s.q.udp_idle,
@@ -520,9 +625,10 @@ async fn flow_session(s: Arc<Served>, peer: SocketAddr, conn: Connection, start:
     };
     let (end, backend) =
         session::run_datagrams(&mut flow, s.handler.as_ref(), s.setup(limits), s.stop()).await;
+    let rec = recorded.rec();
     rec.bytes_up = flow.bytes_up;
     rec.bytes_down = flow.bytes_down;
     rec.backend = backend;
     rec.allow(end);
-    close_record(ctx, &rec);
+    recorded.close();
 }

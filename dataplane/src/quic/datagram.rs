@@ -20,7 +20,7 @@ use ztp_proto::quic::{decode_datagram, put_varint};
 use crate::handler::{BoxIo, DatagramChannel};
 
 /// Live flows per connection; datagrams that would open more are dropped.
-pub const MAX_FLOWS: usize = 64;
+pub const MAX_FLOWS: usize = ztp_proto::quic::MAX_FLOWS;
 /// Datagrams queued towards one flow's backend socket.
 pub const FLOW_QUEUE: usize = 64;
 
@@ -75,6 +75,11 @@ impl Flows {
         let _ = tx.try_send(payload);
         self.live.insert(flow, tx);
         Dispatched::New(QuicFlowStart { flow, queue })
+    }
+
+    /// Forgets a flow that was not started (its first datagram is dropped).
+    pub fn forget(&mut self, flow: u64) {
+        self.live.remove(&flow);
     }
 
     /// Live flows.

@@ -59,6 +59,9 @@ pub struct Quic {
     pub(crate) handshaking: AtomicUsize,
     retry_above: usize,
     pub(crate) identities: IdentityCaps,
+    /// True once the node stops accepting: connections with no session close.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    stop_accepting: tokio::sync::watch::Sender<bool>,
 }
 
 /// Binds the UDP socket and makes the endpoint. Call inside the runtime.
@@ -89,7 +92,10 @@ pub fn bind(
         socket,
         Arc::new(quinn::TokioRuntime),
     )?;
+    let (stop_accepting, stopping) = tokio::sync::watch::channel(false);
     let quic = Arc::new(Quic {
+        stopping,
+        stop_accepting,
         ctx,
         gate,
         udp_idle: settings.udp_idle,
@@ -133,6 +139,7 @@ pub async fn run(endpoint: Endpoint, q: Arc<Quic>, shutdown: impl Future<Output 
         tokio::spawn(async move { accept(&q, incoming) });
     }
     endpoint.set_server_config(None);
+    q.stop_accepting.send_replace(true);
 }
 
 /// Decides one incoming connection before any crypto, and starts its handshake.
@@ -183,6 +190,8 @@ fn accept(q: &Arc<Quic>, incoming: quinn::Incoming) {
     };
     let mut server = q.base.clone();
     server.crypto = crypto;
+    // Counted from before quinn processes the first flight (the server signs in it).
+    let handshaking = conn::Handshaking::start(q);
     match incoming.accept_with(Arc::new(server)) {
         Ok(connecting) => {
             tokio::spawn(conn::serve(
@@ -192,6 +201,7 @@ fn accept(q: &Arc<Quic>, incoming: quinn::Incoming) {
                 notes,
                 active,
                 permit,
+                handshaking,
             ));
         }
         // quinn processes the first flight at once: a ClientHello the gate refuses (no

@@ -111,6 +111,7 @@ fn setup<'a>(framed: bool, id: &'a ClientIdentity, groups: &'a [String]) -> Box<
             service: "a.svc",
             backend: None,
             protocol: Protocol::Tcp,
+            connector: None,
         },
         caller: Caller {
             identity: id,

@@ -893,3 +893,200 @@ async fn ztpctl_connect_ended_by_revocation_says_so() {
         .expect("the session's record");
     assert_eq!(event["transport"], "quic", "{event}");
 }
+
+/// A datagram flow whose client closes its connection is recorded at once (not after
+/// `--udp-idle`), and the node's gauge of open sessions comes back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_records_its_flows_at_once() {
+    let udp = UdpBackend::echo().await;
+    let svc = proto_service_yaml("dns.svc.internal", Some("udp"), &udp.addr().to_string());
+    let extra = Extra {
+        services: &svc,
+        ..Extra::default()
+    };
+    let fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "dns.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+    let mut answered = false;
+    for _ in 0..5 {
+        conn.send_datagram(flow_datagram(3, b"q").into())
+            .expect("send");
+        if let Ok(Ok(d)) =
+            tokio::time::timeout(Duration::from_millis(500), conn.read_datagram()).await
+        {
+            assert_eq!(split_flow(&d), Some((3, &b"q"[..])));
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "the flow was answered");
+    conn.close(0u32.into(), b"done");
+    let event = fx
+        .dp
+        .wait_for_log(
+            |v| v["message"] == "connection" && v["service.name"] == "dns.svc.internal",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the flow's record, well before --udp-idle (60 s)");
+    assert_eq!(event["transport"], "quic", "{event}");
+    assert_eq!(event["decision"], "allow", "{event}");
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let metrics = ztp_tests::http::request(fx.dp.admin_addr(), "GET", "/metrics", &[], None)
+            .await
+            .expect("GET /metrics")
+            .text();
+        if metrics.lines().any(|l| l == "ztp_active_connections 0") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions still counted: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client that moves into a range the service refuses is closed (403), as is one whose
+/// new address a later snapshot refuses: the service's ranges judge the address the
+/// connection has now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_into_a_refused_range_of_the_service_closes() {
+    let svc = "  - name: only-one.svc.internal\n    protocol: tcp\n    address: \"ECHO\"\n    allow: [\"127.0.0.1/32\"]\n";
+    let fx = Fixture::start().await;
+    let services = svc.replace("ECHO", &fx.echo.addr().to_string());
+    let snapshot = |version, services: &str| {
+        standard_snapshot(
+            version,
+            fx.echo.addr(),
+            fx.wild.addr(),
+            fx.admins.addr(),
+            &Extra {
+                services,
+                ..Extra::default()
+            },
+        )
+    };
+    fx.dp.reload_snapshot(&snapshot(2, &services));
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    // The reload applies soon: retry the admission briefly.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let conn = loop {
+        match fx.quic(&ep, "only-one.svc.internal", &alice).await {
+            Ok(c) if exchange(&c, b"in").await.as_deref() == Ok(b"in") => break c,
+            _ => {
+                assert!(tokio::time::Instant::now() < deadline, "never admitted");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ep.rebind(std::net::UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2"))
+        .expect("rebind");
+    let probe = conn.clone();
+    let _keep = tokio::spawn(async move {
+        for _ in 0..100 {
+            let _ = probe.open_bi().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let closed = tokio::time::timeout(LIVE_BOUND, conn.closed())
+        .await
+        .expect("closed after moving out of the service's range");
+    assert_eq!(
+        Closed::of(&closed),
+        Closed::App(403, "ZTP-ERROR 403 forbidden".into())
+    );
+
+    // Moved first (allowed then), refused by the next snapshot.
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice to echo");
+    ep.rebind(std::net::UdpSocket::bind("127.0.0.3:0").expect("bind 127.0.0.3"))
+        .expect("rebind");
+    assert_eq!(exchange(&conn, b"moved").await.unwrap(), b"moved");
+    assert!(
+        fx.dp
+            .wait_for_log(|v| v["message"] == "client migrated", STEP)
+            .await
+            .is_some(),
+        "the data plane saw the move"
+    );
+    let echo_only_from_1 = snapshot(3, &services).replace(
+        "  - name: echo.svc.internal\n    protocol: tcp\n",
+        "  - name: echo.svc.internal\n    protocol: tcp\n    allow: [\"127.0.0.1/32\"]\n",
+    );
+    assert!(echo_only_from_1.contains("allow: [\"127.0.0.1/32\"]\n    address"));
+    fx.dp.reload_snapshot(&echo_only_from_1);
+    let closed = tokio::time::timeout(LIVE_BOUND, conn.closed())
+        .await
+        .expect("closed once a snapshot refuses the new address");
+    assert_eq!(
+        Closed::of(&closed),
+        Closed::App(403, "ZTP-ERROR 403 forbidden".into())
+    );
+}
+
+/// Streams count against `--max-connections` like connections: with room for the
+/// connection and two sessions, a third stream is reset and the connection goes on. On
+/// SIGTERM a connection with no live session closes at once (code 0), so it does not hold
+/// the drain up to `--drain-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_count_against_the_cap_and_idle_connections_do_not_hold_the_drain() {
+    let extra = Extra {
+        args: &["--max-connections", "3", "--drain-timeout", "60s"],
+        ..Extra::default()
+    };
+    let mut fx = Fixture::start_with(TestPki::new(), extra).await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = fx
+        .quic(&ep, "echo.svc.internal", &alice)
+        .await
+        .expect("alice over QUIC");
+    let mut held = Vec::new();
+    for i in 0..2u8 {
+        let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+        send.write_all(&[i]).await.expect("write");
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.expect("echoed");
+        held.push((send, recv));
+    }
+    let (mut send, mut recv) = conn.open_bi().await.expect("a third stream");
+    send.write_all(b"x").await.expect("write");
+    let third = tokio::time::timeout(STEP, recv.read_to_end(64))
+        .await
+        .expect("bounded");
+    assert!(third.is_err(), "the third stream was served: {third:?}");
+    drop(held);
+    // Places come back as sessions end.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if exchange(&conn, b"again").await.as_deref() == Ok(b"again") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no place came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let started = tokio::time::Instant::now();
+    fx.dp.terminate();
+    let closed = tokio::time::timeout(STEP, conn.closed())
+        .await
+        .expect("closed at once: no live session");
+    assert_eq!(Closed::of(&closed), Closed::App(0, "drained".into()));
+    let status = fx.dp.wait_exit(STEP).await.expect("the node exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the idle connection held the drain: {:?}",
+        started.elapsed()
+    );
+}

@@ -1,0 +1,152 @@
+//! The tunnel protocol between a connector and the data planes (DESIGN.md, "Connectors"):
+//! QUIC with ALPN `ztp-tunnel/1` on the replicas' client port, mutual TLS with the
+//! connector's certificate (`spiffe://DOMAIN/connector/NAME`).
+//!
+//! - The connector opens one bidirectional stream first, the **control stream**: the data
+//!   plane writes [`Assignments`] on it (a 4-byte big-endian length, then JSON) at once
+//!   and again whenever the connector's services change. The connector dials nothing but
+//!   these addresses.
+//! - For each client session the data plane opens a bidirectional stream and writes a
+//!   [`SessionHeader`] (a 2-byte big-endian length, then JSON, at most
+//!   [`MAX_HEADER`] bytes). The connector answers one [`Status`] byte, then the stream
+//!   carries the session's bytes both ways (FIN is the half-close).
+
+use serde::{Deserialize, Serialize};
+
+use crate::Protocol;
+
+/// The ALPN protocol of a tunnel.
+pub const ALPN: &[u8] = b"ztp-tunnel/1";
+/// Largest session header.
+pub const MAX_HEADER: usize = 4096;
+/// Largest assignments message (about 20,000 services).
+pub const MAX_ASSIGNMENTS: usize = 4 << 20;
+
+/// What the connector needs for one session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionHeader {
+    /// The service (its name as configured).
+    pub service: String,
+    /// The client's identity, for the connector's logs.
+    pub identity: String,
+}
+
+/// The services a connector serves: the only addresses it dials.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignments {
+    /// The config version they come from.
+    pub version: u64,
+    pub services: Vec<Assignment>,
+}
+
+/// One service a connector serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub name: String,
+    pub protocol: Protocol,
+    /// The backend `host:port` the connector dials.
+    pub address: String,
+}
+
+/// The connector's answer to a session header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Connected to the backend: the session's bytes follow.
+    Connected = 0,
+    /// The service is not assigned to this connector: refused (and logged).
+    NotAssigned = 1,
+    /// The backend refused or is unreachable (the client gets 502).
+    Unreachable = 2,
+    /// The backend connect timed out (504).
+    Timeout = 3,
+}
+
+impl Status {
+    pub fn from_byte(b: u8) -> Option<Status> {
+        Some(match b {
+            0 => Status::Connected,
+            1 => Status::NotAssigned,
+            2 => Status::Unreachable,
+            3 => Status::Timeout,
+            _ => return None,
+        })
+    }
+}
+
+/// A session header as it goes on the wire.
+pub fn encode_header(h: &SessionHeader) -> Result<Vec<u8>, String> {
+    let json = serde_json_bytes(h)?;
+    if json.len() > MAX_HEADER {
+        return Err(format!("session header of {} bytes", json.len()));
+    }
+    let mut out = Vec::with_capacity(2 + json.len());
+    out.extend_from_slice(&(json.len() as u16).to_be_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// An assignments message as it goes on the wire.
+pub fn encode_assignments(a: &Assignments) -> Result<Vec<u8>, String> {
+    let json = serde_json_bytes(a)?;
+    if json.len() > MAX_ASSIGNMENTS {
+        return Err(format!("assignments of {} bytes", json.len()));
+    }
+    let mut out = Vec::with_capacity(4 + json.len());
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+fn serde_json_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(v).map_err(|e| e.to_string())
+}
+
+/// Decodes a header body (after its length).
+pub fn decode_header(body: &[u8]) -> Result<SessionHeader, String> {
+    serde_json::from_slice(body).map_err(|e| format!("bad session header: {e}"))
+}
+
+/// Decodes an assignments body (after its length).
+pub fn decode_assignments(body: &[u8]) -> Result<Assignments, String> {
+    serde_json::from_slice(body).map_err(|e| format!("bad assignments: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_and_assignments_round_trip_and_are_bounded() {
+        let h = SessionHeader {
+            service: "db.svc.internal".into(),
+            identity: "alice@example.com".into(),
+        };
+        let wire = encode_header(&h).unwrap();
+        let len = u16::from_be_bytes([wire[0], wire[1]]) as usize;
+        assert_eq!(len, wire.len() - 2);
+        assert_eq!(decode_header(&wire[2..]).unwrap(), h);
+        let huge = SessionHeader {
+            service: "x".repeat(MAX_HEADER),
+            identity: String::new(),
+        };
+        assert!(encode_header(&huge).is_err());
+        assert!(decode_header(b"{\"service\":1}").is_err());
+
+        let a = Assignments {
+            version: 7,
+            services: vec![Assignment {
+                name: "db.svc.internal".into(),
+                protocol: Protocol::Tcp,
+                address: "10.0.0.5:5432".into(),
+            }],
+        };
+        let wire = encode_assignments(&a).unwrap();
+        let len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;
+        assert_eq!(decode_assignments(&wire[4..4 + len]).unwrap(), a);
+        for b in 0..=3u8 {
+            assert_eq!(Status::from_byte(b).unwrap() as u8, b);
+        }
+        assert_eq!(Status::from_byte(9), None);
+    }
+}
