@@ -14,6 +14,8 @@ use ztp_proto::{Group, Protocol, Service, User};
 use crate::client::{check, Client};
 use crate::{clock, table, Output};
 
+pub mod connector;
+
 #[derive(Debug, Subcommand)]
 pub enum ServiceCmd {
     /// Add a service: `ztpctl service add quic.svc.internal --proto quic --addr :4433`.
@@ -38,6 +40,10 @@ pub enum ServiceCmd {
         /// Source ranges refused (repeat), whatever --allow says.
         #[arg(long = "deny")]
         deny: Vec<String>,
+        /// Serve it only through this connector's tunnels (`ztpctl connector add`): the
+        /// connector dials --addr, never a data plane.
+        #[arg(long, value_name = "NAME")]
+        connector: Option<String>,
     },
     /// List services.
     #[command(visible_alias = "ls")]
@@ -72,6 +78,13 @@ pub enum ServiceCmd {
         /// Source ranges refused (repeat); replaces the old ones.
         #[arg(long = "deny")]
         deny: Vec<String>,
+        /// Serve it only through this connector's tunnels: the connector dials the
+        /// address, never a data plane.
+        #[arg(long, value_name = "NAME", conflicts_with = "clear_connector")]
+        connector: Option<String>,
+        /// Serve it without a connector: the data planes dial its address themselves.
+        #[arg(long)]
+        clear_connector: bool,
     },
     /// Remove a service.
     #[command(alias = "remove", alias = "delete")]
@@ -333,6 +346,7 @@ fn services_table_text(items: &[Value], wide: bool) -> String {
                 s(&v["address"]),
                 join(&v["groups"]),
                 s(&v["handler"]),
+                s(&v["connector"]),
             ];
             if wide {
                 row.extend([or_dash(join(&v["allow"])), or_dash(join(&v["deny"]))]);
@@ -340,7 +354,7 @@ fn services_table_text(items: &[Value], wide: bool) -> String {
             row
         })
         .collect();
-    let mut header = vec!["NAME", "PROTO", "ADDRESS", "GROUPS", "HANDLER"];
+    let mut header = vec!["NAME", "PROTO", "ADDRESS", "GROUPS", "HANDLER", "CONNECTOR"];
     if wide {
         header.extend(["ALLOW", "DENY"]);
     }
@@ -393,6 +407,7 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             handler,
             allow,
             deny,
+            connector,
         } => {
             let svc = Service {
                 name: name.clone(),
@@ -402,7 +417,7 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
                 allow,
                 deny,
                 handler,
-                connector: None,
+                connector,
             };
             let v = send(
                 c,
@@ -433,6 +448,8 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             handler,
             allow,
             deny,
+            connector,
+            clear_connector,
         } => {
             let path = format!("/v1/services/{}", seg(&name));
             let (v, etag) = get(c, &path).await?;
@@ -457,6 +474,11 @@ pub async fn service(c: &Client, cmd: ServiceCmd, out: Output) -> anyhow::Result
             }
             if !deny.is_empty() {
                 svc.deny = deny;
+            }
+            if clear_connector {
+                svc.connector = None;
+            } else if connector.is_some() {
+                svc.connector = connector;
             }
             let v = send(
                 c,
@@ -705,11 +727,16 @@ pub async fn import(c: &Client, file: &Path, out: Output) -> anyhow::Result<()> 
             .await?,
     )?;
     let v = r.json()?;
+    // A control plane from before connectors sends no count of them.
+    let connectors = match v["connectors"].as_u64() {
+        Some(n) if n > 0 => format!(", {n} connectors"),
+        _ => String::new(),
+    };
     done(
         out,
         &v,
         &format!(
-            "imported as version {}: {} services, {} users, {} groups",
+            "imported as version {}: {} services, {} users, {} groups{connectors}",
             s(&v["version"]),
             s(&v["services"]),
             s(&v["users"]),

@@ -11,6 +11,7 @@ mod admin;
 mod client;
 mod clock;
 mod connect;
+mod connector;
 mod pki;
 mod settings;
 mod table;
@@ -146,6 +147,10 @@ enum Command {
         #[command(subcommand)]
         cmd: admin::TokenCmd,
     },
+    /// Connectors: agents next to backends no data plane can reach, which serve them
+    /// through tunnels to the data planes.
+    #[command(subcommand)]
+    Connector(ConnectorCmd),
     /// Connection records from every data plane, newest first.
     Audit {
         #[command(flatten)]
@@ -167,10 +172,54 @@ enum Command {
     },
 }
 
+/// `ztpctl connector`: the registry (add, list, rm: `admin::connector`), and the
+/// connector process itself.
+#[derive(Debug, Subcommand)]
+enum ConnectorCmd {
+    /// Register a connector: `ztpctl connector add lab --description "the lab's rack"`.
+    Add {
+        #[command(flatten)]
+        args: admin::connector::AddArgs,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// List connectors and their live tunnels (replica, transport, since).
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Remove a connector (refused while a service is served through it).
+    #[command(alias = "remove", alias = "delete")]
+    Rm {
+        #[command(flatten)]
+        args: admin::connector::RmArgs,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Run a connector: hold tunnels to the data planes and serve the services assigned
+    /// to it (`ztpctl connector run --via A:9743,B:9743 --cert … --key … --ca …`).
+    Run(connector::RunArgs),
+}
+
+impl ConnectorCmd {
+    /// The control plane's flags, for the registry commands.
+    fn api(&mut self) -> Option<&mut Api> {
+        match self {
+            ConnectorCmd::Add { api, .. }
+            | ConnectorCmd::List { api }
+            | ConnectorCmd::Rm { api, .. } => Some(api),
+            // The connector process talks to the data planes, not the control plane.
+            ConnectorCmd::Run(_) => None,
+        }
+    }
+}
+
 impl Command {
     /// The control plane's flags, for the commands that talk to it.
     fn api(&mut self) -> Option<&mut Api> {
         match self {
+            Command::Connector(c) => c.api(),
             Command::Service { api, .. }
             | Command::User { api, .. }
             | Command::Group { api, .. }
@@ -269,6 +318,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import { file, api } => (api, Admin::Import(file)),
         Command::Token { api, cmd } => (api, Admin::Token(cmd)),
         Command::Audit { args, api } => (api, Admin::Audit(args)),
+        Command::Connector(ConnectorCmd::Run(args)) => return connector::run(args).await,
+        Command::Connector(c) => match c {
+            ConnectorCmd::Add { args, api } => {
+                (api, Admin::Connector(admin::connector::Cmd::Add(args)))
+            }
+            ConnectorCmd::List { api } => (api, Admin::Connector(admin::connector::Cmd::List)),
+            ConnectorCmd::Rm { args, api } => {
+                (api, Admin::Connector(admin::connector::Cmd::Rm(args)))
+            }
+            ConnectorCmd::Run(_) => unreachable!("served above"),
+        },
     };
     let settings = settings::resolve_api(api.server, api.token, api.api_ca)?;
     let client = client::Client::new(&settings.server, settings.token, settings.api_ca.as_deref())?;
@@ -282,6 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Admin::Import(file) => admin::import(&client, &file, out).await,
         Admin::Token(c) => admin::token(&client, c, out).await,
         Admin::Audit(a) => admin::audit(&client, a, out).await,
+        Admin::Connector(c) => admin::connector::connector(&client, c, out).await,
         Admin::Revoke(serials) => admin::revoke(&client, &serials, out).await,
     }
 }
@@ -297,6 +358,7 @@ enum Admin {
     Token(admin::TokenCmd),
     Audit(admin::AuditArgs),
     Revoke(Vec<String>),
+    Connector(admin::connector::Cmd),
 }
 
 fn completion(shell: clap_complete::Shell) {

@@ -3,7 +3,8 @@
 //! `init DIR` writes `ca.pem`, `ca.key`, `server.pem`, `server.key` (the names of the
 //! original walkthrough); `issue` writes a client's `NAME.pem`/`NAME.key`; `sign` turns a
 //! user's CSR into a certificate, so their key never leaves their machine; `node` writes a
-//! data-plane node's `node-ID.pem`/`node-ID.key`. Keys are written 0600 and nothing is
+//! data-plane node's `node-ID.pem`/`node-ID.key`, `connector` a connector's
+//! `connector-NAME.pem`/`connector-NAME.key`. Keys are written 0600 and nothing is
 //! overwritten without `--force`.
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,24 @@ pub enum PkiCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Issue a connector certificate (URI spiffe://DOMAIN/connector/NAME), for
+    /// `ztpctl connector run`; register the name with `ztpctl connector add NAME`.
+    Connector {
+        /// The connector's name (letters, digits, `-`, `_`, `.`).
+        name: String,
+        /// Lifetime, e.g. 30d, 720h.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        ttl: Duration,
+        /// The PKI folder (holding ca.pem and ca.key); files are written there.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The trust domain of the connector's URI, spiffe://DOMAIN/connector/NAME.
+        #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn run(cmd: PkiCmd) -> anyhow::Result<()> {
@@ -155,6 +174,22 @@ pub fn run(cmd: PkiCmd) -> anyhow::Result<()> {
         } => {
             let (cert, key) = node(&dir, &id, &trust_domain, ttl, force)?;
             println!("{} and {} for node {id}", cert.display(), key.display());
+            Ok(())
+        }
+        PkiCmd::Connector {
+            name,
+            ttl,
+            dir,
+            trust_domain,
+            force,
+        } => {
+            let (cert, key, uri) = connector(&dir, &name, &trust_domain, ttl, force)?;
+            println!(
+                "{} and {} for connector {name} ({uri}), valid {}",
+                cert.display(),
+                key.display(),
+                human(ttl)
+            );
             Ok(())
         }
     }
@@ -354,7 +389,9 @@ fn identity_params(identity: &str) -> anyhow::Result<CertificateParams> {
         bail!("{identity:?} is a node identity; use `ztpctl pki node ID`");
     }
     if is_connector_uri(identity) {
-        bail!("{identity:?} is a connector identity, never a user's");
+        bail!(
+            "{identity:?} is a connector identity, never a user's; use `ztpctl pki connector NAME`"
+        );
     }
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -453,7 +490,8 @@ pub fn sign(
             }
             if is_connector_uri(u.as_str()) {
                 bail!(
-                    "the request asks for a connector identity ({}), never a user's",
+                    "the request asks for a connector identity ({}), never a user's; use \
+                     `ztpctl pki connector`",
                     u.as_str()
                 );
             }
@@ -521,6 +559,48 @@ pub fn node(
     Ok((cert_path, key_path))
 }
 
+/// Issues a connector certificate: DIR/connector-NAME.pem, DIR/connector-NAME.key, with
+/// the URI `spiffe://DOMAIN/connector/NAME` as its only name, for client authentication.
+/// Returns the files and the URI.
+pub fn connector(
+    dir: &Path,
+    name: &str,
+    trust_domain: &str,
+    ttl: Duration,
+    force: bool,
+) -> anyhow::Result<(PathBuf, PathBuf, String)> {
+    let uri = format!("spiffe://{trust_domain}/connector/{name}");
+    // Read back as the data plane reads a connector's certificate.
+    if trust_domain.is_empty() || ztp_proto::names::connector_name(&uri, trust_domain) != Some(name)
+    {
+        bail!(
+            "{name:?} is not a connector name (letters, digits, '-', '_', '.'), or \
+             {trust_domain:?} not a trust domain"
+        );
+    }
+    let (cert_path, key_path) = (
+        dir.join(format!("connector-{name}.pem")),
+        dir.join(format!("connector-{name}.key")),
+    );
+    refuse_existing(&[&cert_path, &key_path], force)?;
+    let (ca_pem, ca_key) = load_ca(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)
+        .context("ca.pem is not a usable CA certificate")?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("connector {name}"));
+    p.distinguished_name = dn;
+    p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+    client_usage(&mut p);
+    validity(&mut p, ttl)?;
+    random_serial(&mut p)?;
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    write_file(&cert_path, cert.pem().as_bytes(), false, force)?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), true, force)?;
+    Ok((cert_path, key_path, uri))
+}
+
 /// The serials to revoke: hex serials as given, certificate files read, CRLs expanded.
 pub fn revocation_serials(targets: &[String], crl: Option<&Path>) -> anyhow::Result<Vec<String>> {
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -573,6 +653,80 @@ mod tests {
         assert_eq!(human(Duration::from_secs(36 * 3600)), "36h");
         assert_eq!(human(Duration::from_secs(90)), "90s");
         assert_eq!(human(Duration::from_secs(300)), "5m");
+    }
+
+    /// A connector's certificate: its URI as the only name, client authentication, the
+    /// lifetime asked, a private key; a bad name or an existing file is refused.
+    #[test]
+    fn connector_certificates_carry_the_connector_uri() {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        use x509_parser::prelude::{FromDer, X509Certificate};
+
+        let dir = std::env::temp_dir().join(format!("ztpctl-pki-connector-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        init(&dir, false, &["localhost".into()], false).unwrap();
+        let ttl = Duration::from_secs(7 * 86_400);
+        let (cert, key, uri) = connector(&dir, "lab", "ztp.internal", ttl, false).unwrap();
+        assert_eq!(uri, "spiffe://ztp.internal/connector/lab");
+        assert_eq!(cert, dir.join("connector-lab.pem"));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let pem = std::fs::read(&cert).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let (_, x) = X509Certificate::from_der(&pem.contents).unwrap();
+        let mut names = vec![];
+        let mut client_auth = false;
+        for ext in x.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    names.extend(san.general_names.iter().map(|n| match n {
+                        GeneralName::URI(u) => format!("uri {u}"),
+                        other => format!("{other:?}"),
+                    }))
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) => client_auth = eku.client_auth,
+                _ => {}
+            }
+        }
+        assert_eq!(names, ["uri spiffe://ztp.internal/connector/lab"]);
+        assert!(client_auth);
+        assert!(!x.is_ca());
+        let days =
+            (x.validity().not_after.timestamp() - x.validity().not_before.timestamp()) / 86_400;
+        assert_eq!(days, 7, "a minute of slack is less than a day");
+        assert_eq!(
+            ztp_proto::names::node_id_of_cert(&pem.contents, "ztp.internal"),
+            None,
+            "a connector is not a node"
+        );
+
+        let e = connector(&dir, "lab", "ztp.internal", ttl, false).unwrap_err();
+        assert!(e.to_string().contains("--force"), "{e}");
+        connector(&dir, "lab", "ztp.internal", ttl, true).unwrap();
+        let (_, _, uri) = connector(&dir, "edge-1.b_c", "corp.example", ttl, false).unwrap();
+        assert_eq!(uri, "spiffe://corp.example/connector/edge-1.b_c");
+        for (name, domain) in [
+            ("a b", "ztp.internal"),
+            ("a/b", "ztp.internal"),
+            ("a@b", "ztp.internal"),
+            ("", "ztp.internal"),
+            (&"x".repeat(129)[..], "ztp.internal"),
+            ("lab", "a/b"),
+            ("lab", ""),
+        ] {
+            let e = connector(&dir, name, domain, ttl, false).unwrap_err();
+            assert!(
+                e.to_string().contains("not a connector name"),
+                "{name:?} {domain:?}: {e}"
+            );
+        }
+        // Still never a user's.
+        let e = issue(&dir, "spiffe://ztp.internal/connector/lab", ttl, "x", false).unwrap_err();
+        assert!(e.to_string().contains("pki connector"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -115,6 +115,12 @@ fn control_plane_flags_only_where_used() {
         .iter()
         .any(|c| path.starts_with(&format!("ztpctl {c}")))
             || path == "ztpctl pki revoke"
+            || [
+                "ztpctl connector add",
+                "ztpctl connector list",
+                "ztpctl connector rm",
+            ]
+            .contains(&path.as_str())
             || path == "ztpctl";
         assert!(used, "--server offered on `{path}`, which does not use it");
     }
@@ -123,6 +129,7 @@ fn control_plane_flags_only_where_used() {
         "ztpctl pki revoke",
         "ztpctl audit",
         "ztpctl import",
+        "ztpctl connector list",
     ] {
         assert!(
             on.iter().any(|p| p == path),

@@ -248,7 +248,9 @@ struct Built {
     /// The store's configuration generation `config` was read at.
     generation: u64,
     schema: u32,
-    /// The encoded services, users and groups (fields 3, 4, 5 of `pb::Snapshot`).
+    /// The encoded services, users, groups and connectors (fields 3, 4, 5 and 7 of
+    /// `pb::Snapshot`): everything but the head's fields, which is what a node's
+    /// configuration digest covers.
     config: bytes::Bytes,
     /// The encoded schema, version and revoked serials: `config` follows it on the wire.
     head: bytes::Bytes,
@@ -272,17 +274,22 @@ impl Cache {
             // encoded configuration is reused, and a node sees the same bytes for it.
             Some(b) if !whole => (b.schema, b.config.clone()),
             _ => {
+                // Every field but the head's (schema, version, revoked), named one by one
+                // so that a field added to the message cannot be left out unnoticed.
                 let pb::Snapshot {
                     schema,
+                    version: _,
                     services,
                     users,
                     groups,
-                    ..
+                    revoked: _,
+                    connectors,
                 } = pb::Snapshot::from(&snap);
                 let config = pb::Snapshot {
                     services,
                     users,
                     groups,
+                    connectors,
                     ..Default::default()
                 };
                 (schema, bytes::Bytes::from(config.encode_to_vec()))
@@ -695,6 +702,82 @@ mod tests {
         let s4 = pb::Snapshot::decode(&whole(&m4)[..]).unwrap();
         assert!(s4.revoked.is_empty());
         assert_eq!(s4.users.len(), 2);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Connectors are configuration: they travel in the configuration part (what a
+    /// node's digest covers), a change to them alone encodes that part again, and a
+    /// service served by one makes the snapshot schema 3.
+    #[tokio::test]
+    async fn connectors_travel_in_the_configuration_part() {
+        let dir = std::env::temp_dir().join(format!("ztp-grpc-connectors-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let a = Actor::system();
+        let lab = ztp_proto::Connector {
+            name: "lab".into(),
+            description: "the lab".into(),
+        };
+        store
+            .put_connector(lab.clone(), true, None, &a)
+            .await
+            .unwrap();
+        let cache = Cache::default();
+        let (_, m1) = cache.current(&store).await.unwrap();
+        let head = pb::Snapshot::decode(&m1[0][..]).unwrap();
+        let config = pb::Snapshot::decode(&m1[1][..]).unwrap();
+        assert!(head.connectors.is_empty(), "not in the head");
+        assert_eq!(head.schema, 1, "no service names a connector yet");
+        assert_eq!(
+            config.connectors,
+            [pb::Connector {
+                name: "lab".into(),
+                description: "the lab".into()
+            }]
+        );
+
+        // A connector's description alone: the configuration is encoded again.
+        store
+            .put_connector(
+                ztp_proto::Connector {
+                    description: "moved".into(),
+                    ..lab
+                },
+                false,
+                None,
+                &a,
+            )
+            .await
+            .unwrap();
+        let (_, m2) = cache.current(&store).await.unwrap();
+        let config = pb::Snapshot::decode(&m2[1][..]).unwrap();
+        assert_eq!(config.connectors[0].description, "moved");
+
+        store
+            .put_service(
+                ztp_proto::Service {
+                    name: "db.svc.internal".into(),
+                    protocol: ztp_proto::Protocol::Tcp,
+                    address: Some("10.1.2.3:5432".into()),
+                    groups: vec![],
+                    allow: vec![],
+                    deny: vec![],
+                    handler: None,
+                    connector: Some("lab".into()),
+                },
+                true,
+                None,
+                &a,
+            )
+            .await
+            .unwrap();
+        let (v3, m3) = cache.current(&store).await.unwrap();
+        let whole = pb::Snapshot::decode(&[&m3[0][..], &m3[1][..]].concat()[..]).unwrap();
+        assert_eq!((whole.version, whole.schema), (v3, 3));
+        assert_eq!(whole.services[0].connector.as_deref(), Some("lab"));
+        // What a node builds from it is valid: the service's connector is there.
+        ztp_proto::Snapshot::try_from(whole).unwrap();
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

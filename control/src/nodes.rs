@@ -6,6 +6,11 @@
 //! "connected" is never more than about 30 s stale. An idle healthy node sends nothing
 //! for hours; its last message is not when it was last seen. A node that is gone keeps
 //! the time its subscription ended, until an operator removes it.
+//!
+//! The live tunnels of connectors are kept here too, as each replica reports them (soft
+//! state: never in the store, gone with the replica's subscription). Nothing reports
+//! them yet: the data planes will, over their config stream, and [`Nodes::set_tunnels`]
+//! is where those reports land; `/v1/connectors` shows them.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -40,12 +45,28 @@ pub struct Nack {
     pub reason: String,
 }
 
+/// A connector's live tunnel to one replica, as that replica reports it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct Tunnel {
+    /// The replica (node id) the tunnel ends at.
+    pub replica: String,
+    /// `quic`, or `tcp` where UDP is blocked.
+    pub transport: String,
+    /// Milliseconds since the Unix epoch the tunnel was established.
+    pub since_ms: u64,
+}
+
 /// Most nodes remembered; disconnected ones are forgotten first.
 const MAX_NODES: usize = 10_000;
+
+/// Most tunnels one replica's report may hold.
+const MAX_TUNNELS_PER_NODE: usize = 100_000;
 
 #[derive(Debug, Default)]
 pub struct Nodes {
     map: Mutex<BTreeMap<String, NodeInfo>>,
+    /// Per node id: the tunnels it last reported, each with its connector's name.
+    tunnels: Mutex<BTreeMap<String, Vec<(String, Tunnel)>>>,
 }
 
 impl Nodes {
@@ -109,7 +130,55 @@ impl Nodes {
                 n.connected = false;
                 n.last_seen_ms = now_ms();
             }
-        })
+        });
+        // What a replica no longer reports is not known to be live.
+        self.tunnels_map().remove(id);
+    }
+
+    fn tunnels_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<(String, Tunnel)>>> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the tunnels node `id` holds: `(connector name, tunnel)` pairs, the
+    /// tunnel's `replica` being `id` whatever the report says. A node that is not
+    /// connected reports nothing.
+    pub fn set_tunnels(&self, id: &str, tunnels: impl IntoIterator<Item = (String, Tunnel)>) {
+        if !self.with(|m| m.get(id).is_some_and(|n| n.connected)) {
+            return;
+        }
+        let list: Vec<(String, Tunnel)> = tunnels
+            .into_iter()
+            .take(MAX_TUNNELS_PER_NODE)
+            .map(|(c, t)| {
+                (
+                    c,
+                    Tunnel {
+                        replica: id.to_owned(),
+                        ..t
+                    },
+                )
+            })
+            .collect();
+        let mut map = self.tunnels_map();
+        if list.is_empty() {
+            map.remove(id);
+        } else {
+            map.insert(id.to_owned(), list);
+        }
+    }
+
+    /// The live tunnels of connector `name`, by replica then age (empty until the data
+    /// planes report tunnels).
+    pub fn tunnels(&self, name: &str) -> Vec<Tunnel> {
+        let map = self.tunnels_map();
+        let mut out: Vec<Tunnel> = map
+            .values()
+            .flatten()
+            .filter(|(c, _)| c == name)
+            .map(|(_, t)| t.clone())
+            .collect();
+        out.sort_by(|a, b| (&a.replica, a.since_ms).cmp(&(&b.replica, b.since_ms)));
+        out
     }
 
     /// Every node; a connected one is seen now.
@@ -179,5 +248,43 @@ mod tests {
         assert_eq!(nodes.remove("n1"), Ok(()));
         assert!(nodes.list().is_empty());
         assert_eq!(nodes.remove("n1"), Err(RemoveError::NotFound));
+    }
+
+    #[test]
+    fn tunnels_are_what_connected_replicas_last_reported() {
+        let nodes = Nodes::default();
+        let t = |transport: &str, since_ms| Tunnel {
+            replica: "claimed".into(),
+            transport: transport.into(),
+            since_ms,
+        };
+        assert!(nodes.tunnels("lab").is_empty(), "nothing reported");
+        // Not connected: ignored.
+        nodes.set_tunnels("n1", [("lab".into(), t("quic", 5))]);
+        assert!(nodes.tunnels("lab").is_empty());
+
+        nodes.connected("n1", "127.0.0.1:1".into(), "[::]:9743".into(), 0, 3);
+        nodes.connected("n2", "127.0.0.1:2".into(), "[::]:9743".into(), 0, 3);
+        nodes.set_tunnels("n2", [("lab".into(), t("tcp", 9))]);
+        nodes.set_tunnels(
+            "n1",
+            [("lab".into(), t("quic", 5)), ("edge".into(), t("quic", 7))],
+        );
+        let lab = nodes.tunnels("lab");
+        assert_eq!(
+            lab.iter()
+                .map(|t| (t.replica.as_str(), t.transport.as_str(), t.since_ms))
+                .collect::<Vec<_>>(),
+            [("n1", "quic", 5), ("n2", "tcp", 9)],
+            "the replica is the reporter, whatever the report claims"
+        );
+        assert_eq!(nodes.tunnels("edge").len(), 1);
+
+        // A new report replaces the old; a replica that leaves takes its tunnels along.
+        nodes.set_tunnels("n1", [("edge".into(), t("quic", 8))]);
+        assert_eq!(nodes.tunnels("lab").len(), 1);
+        nodes.disconnected("n2");
+        assert!(nodes.tunnels("lab").is_empty());
+        assert_eq!(nodes.tunnels("edge")[0].since_ms, 8);
     }
 }

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 mod record;
 mod v1;
 mod v2;
+mod v3;
 
 /// Tree names and key formats of the current schema ([`LATEST`]), for the store. Each
 /// must equal its frozen copy in the latest `vN` module (tested).
@@ -49,6 +50,11 @@ pub mod layout {
     pub const IDENTITIES: &str = "identities";
     /// `group \0 kind \0 name` → empty, kind `s` (service) or `u` (user) (since schema 2).
     pub const GROUP_REFS: &str = "group_refs";
+    /// Connector name → JSON `Connector` (since schema 3).
+    pub const CONNECTORS: &str = "connectors";
+    /// `connector \0 service key` → empty: the service is served through the connector
+    /// (since schema 3).
+    pub const CONNECTOR_REFS: &str = "connector_refs";
 
     /// META keys.
     pub const SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -75,6 +81,23 @@ pub mod layout {
 
     pub const REF_SERVICE: u8 = b's';
     pub const REF_USER: u8 = b'u';
+
+    /// The reverse-index key recording that the service stored under `service` (its
+    /// key) is served through `connector`.
+    pub fn connector_ref(connector: &str, service: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(connector.len() + service.len() + 1);
+        k.extend_from_slice(connector.as_bytes());
+        k.push(0);
+        k.extend_from_slice(service.as_bytes());
+        k
+    }
+
+    /// Prefix of every reverse-index key of `connector`.
+    pub fn connector_ref_prefix(connector: &str) -> Vec<u8> {
+        let mut k = connector.as_bytes().to_vec();
+        k.push(0);
+        k
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,10 +138,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "identity and group reference indexes",
         up: reference_indexes,
     },
+    Migration {
+        version: 3,
+        name: "connector registry",
+        up: connector_registry,
+    },
 ];
 
 /// The schema version this build writes.
-pub const LATEST: u32 = 2;
+pub const LATEST: u32 = 3;
 
 /// The store's schema version; 0 for a new, empty store.
 pub fn schema_version(db: &sled::Db) -> Result<u32, MigrationError> {
@@ -251,6 +279,18 @@ fn reference_indexes(db: &sled::Db) -> Result<(), MigrationError> {
         batch.insert(r, &[]);
     }
     refs_tree.apply_batch(batch)?;
+    Ok(())
+}
+
+/// Schema 3: the connector registry and its reverse index (connector → the services it
+/// serves), both empty: no schema-2 service names a connector. The bump itself matters
+/// as much as the trees: from now on a service record may carry `connector`, and a
+/// ztp-control of schema 2 must refuse such a store ("written by a newer ZTP") rather
+/// than read it without its connectors.
+fn connector_registry(db: &sled::Db) -> Result<(), MigrationError> {
+    db.open_tree(v3::CONNECTORS)?;
+    // Idempotent: nothing else writes the index before the version moves to 3.
+    db.open_tree(v3::CONNECTOR_REFS)?.clear()?;
     Ok(())
 }
 

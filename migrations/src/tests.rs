@@ -110,6 +110,16 @@ fn schema_1_migrated() -> Dump {
     d
 }
 
+/// `dump` of a schema-2 store after migration 3: the same records, the two empty
+/// connector trees, schema 3.
+fn to_schema_3(mut d: Dump) -> Dump {
+    d.extend(expect(&[("connectors", &[]), ("connector_refs", &[])]));
+    d.get_mut("meta")
+        .unwrap()
+        .insert("schema_version".into(), show(b"\0\0\0\x03"));
+    d
+}
+
 #[test]
 fn a_schema_1_store_becomes_exactly_the_schema_2_bytes() {
     let store = TempStore::new();
@@ -119,15 +129,29 @@ fn a_schema_1_store_becomes_exactly_the_schema_2_bytes() {
         expect(fixtures::SCHEMA_1),
         "fixture written as is"
     );
-    assert_eq!(run(&db).unwrap(), Applied { from: 1, to: 2 });
+    assert_eq!(run_to(&db, 2).unwrap(), Applied { from: 1, to: 2 });
     assert_eq!(dump(&db), schema_1_migrated());
     assert_eq!(schema_version(&db).unwrap(), 2);
 
     // Durable, and running again changes nothing.
     drop(db);
     let db = store.open();
-    assert_eq!(run(&db).unwrap(), Applied { from: 2, to: 2 });
+    assert_eq!(run_to(&db, 2).unwrap(), Applied { from: 2, to: 2 });
     assert_eq!(dump(&db), schema_1_migrated());
+}
+
+#[test]
+fn a_schema_1_store_goes_through_every_migration_to_the_latest() {
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_1);
+    assert_eq!(
+        run(&db).unwrap(),
+        Applied {
+            from: 1,
+            to: LATEST
+        }
+    );
+    assert_eq!(dump(&db), to_schema_3(schema_1_migrated()));
 }
 
 #[test]
@@ -149,15 +173,15 @@ fn a_rerun_after_a_crash_rebuilds_the_indexes_exactly() {
             ("group_refs", &[(b"old\0u\0ghost", b"")]),
         ],
     );
-    assert_eq!(run(&db).unwrap(), Applied { from: 1, to: 2 });
+    assert_eq!(run_to(&db, 2).unwrap(), Applied { from: 1, to: 2 });
     assert_eq!(dump(&db), schema_1_migrated());
 }
 
 #[test]
-fn a_new_store_gets_the_schema_2_layout() {
+fn a_new_store_gets_the_schema_3_layout() {
     let store = TempStore::new();
     let db = store.open();
-    assert_eq!(run(&db).unwrap(), Applied { from: 0, to: 2 });
+    assert_eq!(run(&db).unwrap(), Applied { from: 0, to: 3 });
     let empty: &[(&[u8], &[u8])] = &[];
     assert_eq!(
         dump(&db),
@@ -165,7 +189,7 @@ fn a_new_store_gets_the_schema_2_layout() {
             (
                 "meta",
                 &[
-                    (b"schema_version", b"\0\0\0\x02"),
+                    (b"schema_version", b"\0\0\0\x03"),
                     (b"config_version", b"\0\0\0\0\0\0\0\0"),
                 ],
             ),
@@ -177,28 +201,61 @@ fn a_new_store_gets_the_schema_2_layout() {
             ("audit", empty),
             ("identities", empty),
             ("group_refs", empty),
+            ("connectors", empty),
+            ("connector_refs", empty),
         ])
     );
 }
 
 #[test]
-fn a_schema_2_store_is_left_as_it_is() {
+fn a_schema_2_store_gains_an_empty_connector_registry() {
     let store = TempStore::new();
     let db = store_of(&store, fixtures::SCHEMA_2);
-    assert_eq!(run(&db).unwrap(), Applied { from: 2, to: 2 });
-    assert_eq!(dump(&db), expect(fixtures::SCHEMA_2));
+    assert_eq!(run(&db).unwrap(), Applied { from: 2, to: 3 });
+    let migrated = to_schema_3(expect(fixtures::SCHEMA_2));
+    assert_eq!(dump(&db), migrated);
+
+    // Durable, and running again changes nothing.
+    drop(db);
+    let db = store.open();
+    assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 3 });
+    assert_eq!(dump(&db), migrated);
+}
+
+#[test]
+fn a_rerun_of_migration_3_after_a_crash_leaves_the_index_empty() {
+    // A crash after the trees were made, before the version moved (and a stray entry
+    // that no schema-2 store can hold).
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_2);
+    write(
+        &db,
+        &[("connector_refs", &[(b"ghost\0x.svc.internal", b"")])],
+    );
+    assert_eq!(run(&db).unwrap(), Applied { from: 2, to: 3 });
+    assert_eq!(dump(&db), to_schema_3(expect(fixtures::SCHEMA_2)));
+}
+
+#[test]
+fn a_schema_3_store_is_left_as_it_is() {
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_3);
+    assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 3 });
+    assert_eq!(dump(&db), expect(fixtures::SCHEMA_3));
 }
 
 /// Decodes every record of a store at [`LATEST`] with today's model, as the control
 /// plane's store does, and checks the indexes against today's key rules.
 fn assert_readable_today(db: &sled::Db) {
     use ztp_proto::names::identity_key;
-    use ztp_proto::{Group, Service, User};
+    use ztp_proto::{Connector, Group, Service, User};
 
     assert_eq!(schema_version(db).unwrap(), LATEST);
     let identities = db.open_tree(layout::IDENTITIES).unwrap();
     let refs = db.open_tree(layout::GROUP_REFS).unwrap();
-    let (mut n_ids, mut n_refs) = (BTreeSet::new(), 0);
+    let connectors = db.open_tree(layout::CONNECTORS).unwrap();
+    let connector_refs = db.open_tree(layout::CONNECTOR_REFS).unwrap();
+    let (mut n_ids, mut n_refs, mut n_connector_refs) = (BTreeSet::new(), 0, 0);
     for kv in db.open_tree(layout::USERS).unwrap().iter() {
         let (k, v) = kv.unwrap();
         let u: User =
@@ -225,7 +282,29 @@ fn assert_readable_today(db: &sled::Db) {
             assert!(refs.contains_key(r).unwrap(), "{g} ← service {}", s.name);
             n_refs += 1;
         }
+        if let Some(c) = &s.connector {
+            assert!(
+                connectors.contains_key(c).unwrap(),
+                "{c} of service {}",
+                s.name
+            );
+            let r = layout::connector_ref(c, &s.name);
+            assert!(connector_refs.contains_key(r).unwrap(), "{c} ← {}", s.name);
+            n_connector_refs += 1;
+        }
     }
+    for kv in connectors.iter() {
+        let (k, v) = kv.unwrap();
+        let c: Connector =
+            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("connector {}: {e}", show(&k)));
+        assert_eq!(k.as_ref(), c.name.as_bytes());
+        c.validate().unwrap();
+    }
+    assert_eq!(
+        connector_refs.len(),
+        n_connector_refs,
+        "no stray connector reference"
+    );
     for kv in db.open_tree(layout::GROUPS).unwrap().iter() {
         let (k, v) = kv.unwrap();
         let g: Group =
@@ -287,9 +366,26 @@ fn a_schema_2_store_reads_with_todays_model() {
 }
 
 #[test]
-fn the_current_layout_is_the_frozen_schema_2() {
+fn a_schema_3_store_reads_with_todays_model() {
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_3);
+    run(&db).unwrap();
+    assert_readable_today(&db);
+    let db_svc: ztp_proto::Service = serde_json::from_slice(
+        &db.open_tree(layout::SERVICES)
+            .unwrap()
+            .get("db.svc.internal")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(db_svc.connector.as_deref(), Some("lab"));
+}
+
+#[test]
+fn the_current_layout_is_the_frozen_schema_3() {
     // When LATEST moves on, compare with the newest frozen module instead.
-    assert_eq!(LATEST, 2);
+    assert_eq!(LATEST, 3);
     for (now, frozen) in [
         (layout::META, v1::META),
         (layout::SERVICES, v1::SERVICES),
@@ -300,9 +396,16 @@ fn the_current_layout_is_the_frozen_schema_2() {
         (layout::AUDIT, v1::AUDIT),
         (layout::IDENTITIES, v2::IDENTITIES),
         (layout::GROUP_REFS, v2::GROUP_REFS),
+        (layout::CONNECTORS, v3::CONNECTORS),
+        (layout::CONNECTOR_REFS, v3::CONNECTOR_REFS),
     ] {
         assert_eq!(now, frozen);
     }
+    assert_eq!(
+        layout::connector_ref("lab", "*.a.internal"),
+        v3::connector_ref("lab", b"*.a.internal")
+    );
+    assert!(layout::connector_ref("lab", "x").starts_with(&layout::connector_ref_prefix("lab")));
     assert_eq!(layout::CONFIG_VERSION, v1::CONFIG_VERSION);
     for kind in [layout::REF_SERVICE, layout::REF_USER] {
         assert_eq!(
@@ -443,7 +546,7 @@ fn an_identity_of_two_users_is_named_changes_nothing_and_reruns_once_fixed() {
 
     // The operator fixes the record; the migration then runs from the start.
     write(&db, &[("users", &[(b"zed", br#"{"name":"zed"}"#)])]);
-    assert_eq!(run(&db).unwrap(), Applied { from: 1, to: 2 });
+    assert_eq!(run_to(&db, 2).unwrap(), Applied { from: 1, to: 2 });
     let mut expected = schema_1_migrated();
     expected
         .get_mut("users")

@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use duration::parse_duration;
 pub use model::{Connector, Group, Protocol, Service, Snapshot, User};
-pub use validate::{check_identity, FieldError, Invalid, KNOWN_HANDLERS};
+pub use validate::{check_connector_name, check_identity, FieldError, Invalid, KNOWN_HANDLERS};
 
 /// Why a snapshot document could not be used.
 #[derive(Debug, thiserror::Error)]

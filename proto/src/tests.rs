@@ -267,6 +267,12 @@ fn connectors_and_the_services_they_serve() {
             "connectors[0].name",
         ),
         (
+            "a name no certificate URI can carry",
+            base.replace("{name: lab,", "{name: 'lab@home',")
+                .replace("connector: lab", "connector: 'lab@home'"),
+            "connectors[0].name",
+        ),
+        (
             "a duplicate",
             base.replace(
                 "  - {name: lab, description: the lab}\n",

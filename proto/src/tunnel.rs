@@ -2,8 +2,9 @@
 //! QUIC with ALPN `ztp-tunnel/1` on the replicas' client port, mutual TLS with the
 //! connector's certificate (`spiffe://DOMAIN/connector/NAME`).
 //!
-//! - The connector opens one bidirectional stream first, the **control stream**: the data
-//!   plane writes [`Assignments`] on it (a 4-byte big-endian length, then JSON) at once
+//! - The connector opens one bidirectional stream first, the **control stream**, and
+//!   writes one byte, [`VERSION`] (a stream exists for the peer only once it carries
+//!   something). The data plane writes [`Assignments`] on it (a 4-byte big-endian length, then JSON) at once
 //!   and again whenever the connector's services change. The connector dials nothing but
 //!   these addresses.
 //! - For each client session the data plane opens a bidirectional stream and writes a
@@ -17,6 +18,8 @@ use crate::Protocol;
 
 /// The ALPN protocol of a tunnel.
 pub const ALPN: &[u8] = b"ztp-tunnel/1";
+/// The byte that opens the control stream.
+pub const VERSION: u8 = 1;
 /// Largest session header.
 pub const MAX_HEADER: usize = 4096;
 /// Largest assignments message (about 20,000 services).

@@ -262,7 +262,7 @@ impl Snapshot {
             check_service(&mut errs, &prefix, s);
             check_group_refs(&mut errs, &prefix, &s.groups);
             if let Some(c) = &s.connector {
-                if check_plain_name(c).is_ok() && !connectors.contains_key(c.as_str()) {
+                if check_connector_name(c).is_ok() && !connectors.contains_key(c.as_str()) {
                     errs.push(
                         path(&prefix, "connector"),
                         format!("unknown connector {c:?}"),
@@ -308,7 +308,7 @@ impl Snapshot {
 
 /// The rules of one connector alone.
 fn check_connector(errs: &mut Errors, prefix: &Prefix, c: &Connector) {
-    if let Err(e) = check_plain_name(&c.name) {
+    if let Err(e) = check_connector_name(&c.name) {
         errs.push(path(prefix, "name"), e);
     }
     if c.description.len() > MAX_DESCRIPTION_LEN {
@@ -322,6 +322,24 @@ fn check_connector(errs: &mut Errors, prefix: &Prefix, c: &Connector) {
             "must not hold control characters",
         );
     }
+}
+
+/// A connector's name is the last segment of its certificate's URI
+/// (`spiffe://DOMAIN/connector/NAME`): letters, digits, `-`, `_` and `.`, at most 128.
+pub fn check_connector_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err("must be 1 to 128 characters".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(
+            "letters, digits, '-', '_' and '.' only (it is a certificate URI's last segment)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Longest connector description.
@@ -339,7 +357,7 @@ impl Connector {
 
 fn check_service_target(errs: &mut Errors, prefix: &Prefix, s: &Service) {
     if let Some(c) = &s.connector {
-        if let Err(e) = check_plain_name(c) {
+        if let Err(e) = check_connector_name(c) {
             errs.push(path(prefix, "connector"), e);
         }
         // The connector dials the address: nothing else may serve the session.

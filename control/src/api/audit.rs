@@ -12,6 +12,7 @@ use super::AppState;
 use crate::store::{AuditQuery, ConnectionRecord};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditParams {
     /// Client identity (emails compare case-insensitively).
@@ -65,6 +66,7 @@ pub async fn audit(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AdminAuditParams {
     /// Records, 1 to 1000 (default 100).

@@ -30,6 +30,7 @@ const OPERATOR_WRITES: &[&str] = &[
     "/v1/services",
     "/v1/users",
     "/v1/groups",
+    "/v1/connectors",
     "/v1/revoked",
     "/v1/import",
 ];
@@ -215,6 +216,8 @@ mod permits_tests {
             "/v1/services",
             "/v1/users/alice",
             "/v1/groups/g",
+            "/v1/connectors",
+            "/v1/connectors/lab",
             "/v1/revoked/0a",
             "/v1/import",
         ] {
@@ -227,6 +230,7 @@ mod permits_tests {
             "/v1/snapshot",
             "/v1/some-future-route",
             "/v1/servicesX",
+            "/v1/connectorsX",
         ] {
             assert!(!permits(Role::Operator, &post, path), "{path}");
             assert!(permits(Role::Admin, &post, path), "{path}");

@@ -16,6 +16,7 @@ use super::AppState;
 use crate::store::Actor;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotParams {
     /// `json` (default) or `yaml`; `Accept: application/yaml` works too.
@@ -69,6 +70,7 @@ pub struct Imported {
     pub users: usize,
     pub groups: usize,
     pub revoked: usize,
+    pub connectors: usize,
 }
 
 /// Replace the whole configuration (JSON, or YAML with `Content-Type:
@@ -88,6 +90,7 @@ pub async fn import(
         snap.users.len(),
         snap.groups.len(),
         snap.revoked.len(),
+        snap.connectors.len(),
     );
     let version = s.store.import(snap, if_match(&headers)?, &actor).await?;
     Ok((
@@ -98,6 +101,7 @@ pub async fn import(
             users: counts.1,
             groups: counts.2,
             revoked: counts.3,
+            connectors: counts.4,
         }),
     )
         .into_response())

@@ -25,6 +25,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod connectors;
 pub mod error;
 pub mod https;
 pub mod metrics;
@@ -68,6 +69,8 @@ impl AppState {
         resources::replace_user, resources::delete_user,
         resources::list_groups, resources::get_group, resources::create_group,
         resources::replace_group, resources::delete_group,
+        connectors::list_connectors, connectors::get_connector, connectors::create_connector,
+        connectors::replace_connector, connectors::delete_connector,
         config::snapshot, config::import,
         tokens::list_tokens, tokens::create_token, tokens::revoke_token,
         nodes::list_nodes, nodes::remove_node,
@@ -220,6 +223,16 @@ pub fn router(state: AppState) -> Router {
             get(r::get_group)
                 .put(r::replace_group)
                 .delete(r::delete_group),
+        )
+        .route(
+            "/v1/connectors",
+            get(connectors::list_connectors).post(connectors::create_connector),
+        )
+        .route(
+            "/v1/connectors/{name}",
+            get(connectors::get_connector)
+                .put(connectors::replace_connector)
+                .delete(connectors::delete_connector),
         )
         .route("/v1/snapshot", get(config::snapshot))
         .route(

@@ -17,6 +17,7 @@ use crate::store::{Actor, Page};
 
 /// Query of a listing.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// Items per page, 1 to 1000 (default 100).
@@ -27,6 +28,7 @@ pub struct ListParams {
 
 /// Query of a group deletion.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteParams {
     /// Also remove the group from every user and service naming it.
@@ -98,11 +100,11 @@ pub fn listed<T: Serialize>((page, version): (Page<T>, u64)) -> Response {
 }
 
 /// A record and the version it was read at (one store read).
-fn one<T: Serialize>((item, version): (T, u64)) -> Response {
+pub(super) fn one<T: Serialize>((item, version): (T, u64)) -> Response {
     (etag(version), Json(item)).into_response()
 }
 
-fn created<T: Serialize>(version: u64, location: String, item: T) -> Response {
+pub(super) fn created<T: Serialize>(version: u64, location: String, item: T) -> Response {
     let mut resp = (StatusCode::CREATED, etag(version), Json(item)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
@@ -110,16 +112,16 @@ fn created<T: Serialize>(version: u64, location: String, item: T) -> Response {
     resp
 }
 
-fn replaced<T: Serialize>(version: u64, item: T) -> Response {
+pub(super) fn replaced<T: Serialize>(version: u64, item: T) -> Response {
     (etag(version), Json(item)).into_response()
 }
 
-fn deleted(version: u64) -> Response {
+pub(super) fn deleted(version: u64) -> Response {
     (StatusCode::NO_CONTENT, etag(version)).into_response()
 }
 
 /// A replace names the record twice, in the path and the body; they must agree.
-fn same_name(path: &str, body: &str, case_insensitive: bool) -> Result<(), ApiError> {
+pub(super) fn same_name(path: &str, body: &str, case_insensitive: bool) -> Result<(), ApiError> {
     let same = if case_insensitive {
         path.eq_ignore_ascii_case(body)
     } else {

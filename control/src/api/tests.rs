@@ -330,6 +330,21 @@ fn group(name: &str) -> Value {
     json!({ "name": name })
 }
 
+/// A connector as a write sends it (an empty description left out, as the API does).
+fn connector(name: &str, description: &str) -> Value {
+    if description.is_empty() {
+        json!({ "name": name })
+    } else {
+        json!({ "name": name, "description": description })
+    }
+}
+
+/// A service served through `connector`.
+fn dark(name: &str, connector: &str) -> Value {
+    json!({"name": name, "protocol": "tcp", "address": "10.1.2.3:5432", "groups": [],
+           "connector": connector})
+}
+
 /// A small configuration most tests start from.
 fn base_config() -> Value {
     json!({
@@ -384,7 +399,9 @@ async fn health_checks_need_no_token() {
 #[tokio::test]
 async fn every_v1_route_refuses_a_missing_or_bad_token() {
     let api = Api::new().await;
-    api.seed(base_config()).await;
+    let mut config = base_config();
+    config["connectors"] = json!([connector("lab", ""), connector("spare", "")]);
+    api.seed(config).await;
     let sys = Actor::system();
     let spare = api.store.create_token("spare", &sys).await.unwrap();
     let revoked = api.store.create_token("old", &sys).await.unwrap();
@@ -424,6 +441,15 @@ async fn every_v1_route_refuses_a_missing_or_bad_token() {
         ("GET", "/v1/groups/ops".into(), None),
         ("PUT", "/v1/groups/ops".into(), Some(group("ops"))),
         ("DELETE", "/v1/groups/ops?cascade=true".into(), None),
+        ("GET", "/v1/connectors".into(), None),
+        ("POST", "/v1/connectors".into(), Some(connector("new", ""))),
+        ("GET", "/v1/connectors/lab".into(), None),
+        (
+            "PUT",
+            "/v1/connectors/lab".into(),
+            Some(connector("lab", "x")),
+        ),
+        ("DELETE", "/v1/connectors/spare".into(), None),
         ("GET", "/v1/snapshot".into(), None),
         ("GET", "/v1/snapshot?format=yaml".into(), None),
         ("POST", "/v1/import".into(), Some(json!({"version": 0}))),
@@ -1465,7 +1491,8 @@ async fn import_replaces_everything_as_one_version() {
     let r = api.post("/v1/import", &doc).await;
     assert_eq!(
         r.ok(OK),
-        json!({"version": v + 1, "services": 2, "users": 2, "groups": 2, "revoked": 2})
+        json!({"version": v + 1, "services": 2, "users": 2, "groups": 2, "revoked": 2,
+               "connectors": 0})
     );
     assert_eq!(r.etag(), v + 1);
     assert_eq!(api.version(), v + 1, "one version for the whole import");
@@ -1508,7 +1535,8 @@ groups:
         .await;
     assert_eq!(
         r.ok(OK),
-        json!({"version": v + 1, "services": 1, "users": 1, "groups": 1, "revoked": 0})
+        json!({"version": v + 1, "services": 1, "users": 1, "groups": 1, "revoked": 0,
+               "connectors": 0})
     );
     assert_eq!(r.etag(), v + 1);
     let snap = api.snapshot().await;
@@ -1766,6 +1794,8 @@ async fn openapi_describes_every_route() {
         ("/v1/users/{name}", &["get", "put", "delete"]),
         ("/v1/groups", &["get", "post"]),
         ("/v1/groups/{name}", &["get", "put", "delete"]),
+        ("/v1/connectors", &["get", "post"]),
+        ("/v1/connectors/{name}", &["get", "put", "delete"]),
         ("/v1/snapshot", &["get"]),
         ("/v1/import", &["post"]),
         ("/v1/tokens", &["get", "post"]),
@@ -1782,6 +1812,27 @@ async fn openapi_describes_every_route() {
         }
     }
     assert!(doc["components"]["securitySchemes"]["token"].is_object());
+    // Query parameters are documented as such, never as required path segments.
+    for (path, name) in [
+        ("/v1/services", "limit"),
+        ("/v1/connectors", "cursor"),
+        ("/v1/snapshot", "format"),
+    ] {
+        let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+        let p = params.iter().find(|p| p["name"] == name).unwrap();
+        assert_eq!(
+            (&p["in"], &p["required"]),
+            (&json!("query"), &json!(false)),
+            "{path} {name}: {p}"
+        );
+    }
+    // A connector as read: its record and its tunnels, nothing refused by the schema.
+    let view = &doc["components"]["schemas"]["ConnectorView"];
+    for field in ["name", "description", "tunnels"] {
+        assert!(view["properties"][field].is_object(), "{field}: {view}");
+    }
+    assert_ne!(view["additionalProperties"], false, "{view}");
+    assert_eq!(view["required"], json!(["name", "tunnels"]), "{view}");
     // Every operation behind the token documents its 401 (schemathesis found them
     // missing); the health checks have none.
     for (path, methods) in paths {
@@ -2058,4 +2109,320 @@ async fn a_connected_node_is_seen_now_and_cannot_be_removed() {
     let audit = api.get("/v1/audit/admin?limit=1").await.ok(OK);
     assert_eq!(audit["items"][0]["action"], "node.remove", "{audit}");
     assert_eq!(audit["items"][0]["target"], "n1", "{audit}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Connectors
+// ---------------------------------------------------------------------------------------
+
+/// With its live tunnels, as every read and write answers.
+fn shown(connector: Value) -> Value {
+    let mut v = connector;
+    v["tunnels"] = json!([]);
+    v
+}
+
+#[tokio::test]
+async fn connectors_are_created_read_replaced_and_deleted() {
+    let api = Api::new().await;
+    // What a GET answers (tunnels included) is accepted back: tunnels are read-only.
+    round_trip(
+        &api,
+        "connectors",
+        "lab",
+        shown(connector("lab", "the lab's rack")),
+        shown(connector("lab", "moved to the basement")),
+    )
+    .await;
+    assert_eq!(api.version(), 3);
+    // Sent without `tunnels`, shown with them; in the snapshot without them.
+    let r = api.post("/v1/connectors", &connector("edge", "")).await;
+    assert_eq!(r.ok(CREATED), json!({"name": "edge", "tunnels": []}));
+    let snap = api.get("/v1/snapshot").await.ok(OK);
+    assert_eq!(snap["connectors"], json!([{"name": "edge"}]));
+    // Tunnels are never stored, whatever a write says.
+    let r = api
+        .put(
+            "/v1/connectors/edge",
+            &json!({"name": "edge", "tunnels": [{"replica": "n1", "transport": "quic", "since_ms": 1}]}),
+        )
+        .await;
+    assert_eq!(r.ok(OK)["tunnels"], json!([]));
+    assert_eq!(
+        api.snapshot().await.connectors,
+        [ztp_proto::Connector {
+            name: "edge".into(),
+            description: String::new()
+        }]
+    );
+}
+
+#[tokio::test]
+async fn connectors_list_in_pages_with_their_live_tunnels() {
+    let api = Api::new().await;
+    let names = ["c", "a", "e", "b", "d"];
+    api.seed(json!({
+        "version": 0,
+        "connectors": names.iter().map(|n| connector(n, "")).collect::<Vec<_>>(),
+    }))
+    .await;
+    let v = api.version();
+    let r = api.get("/v1/connectors?limit=2").await;
+    assert_eq!(r.etag(), v);
+    let page = r.ok(OK);
+    assert_eq!(names_of(&page), ["a", "b"]);
+    assert_eq!(page["next"], "b");
+    let page = api.get("/v1/connectors?limit=2&cursor=b").await.ok(OK);
+    assert_eq!(names_of(&page), ["c", "d"]);
+    let page = api.get("/v1/connectors?limit=2&cursor=d").await.ok(OK);
+    assert_eq!(names_of(&page), ["e"]);
+    assert_eq!(page["next"], Value::Null);
+    assert_eq!(
+        api.get("/v1/connectors?limit=0").await.fields(BAD_REQUEST),
+        ["limit"]
+    );
+
+    // What connected replicas report shows on the list and on the record.
+    let nodes = &api.state.nodes;
+    nodes.connected("n1", "127.0.0.1:1".into(), "[::]:9743".into(), v, 3);
+    let tunnel = crate::nodes::Tunnel {
+        replica: "n1".into(),
+        transport: "quic".into(),
+        since_ms: 1_800_000_000_000,
+    };
+    nodes.set_tunnels("n1", [("b".to_owned(), tunnel)]);
+    let expected =
+        json!([{"replica": "n1", "transport": "quic", "since_ms": 1_800_000_000_000u64}]);
+    let page = api.get("/v1/connectors").await.ok(OK);
+    assert_eq!(page["items"][1]["tunnels"], expected);
+    assert_eq!(page["items"][0]["tunnels"], json!([]));
+    assert_eq!(
+        api.get("/v1/connectors/b").await.ok(OK)["tunnels"],
+        expected
+    );
+    assert_eq!(api.version(), v, "live tunnels are not configuration");
+}
+
+fn names_of(page: &Value) -> Vec<&str> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn connector_refusals_are_problems_that_store_nothing() {
+    let api = Api::new().await;
+    api.seed(json!({"version": 0, "connectors": [connector("lab", "")]}))
+        .await;
+    let before = api.observe().await;
+    for uri in ["/v1/connectors/nope", "/v1/connectors/a%20b"] {
+        api.get(uri).await.problem(NOT_FOUND);
+        api.delete(uri).await.problem(NOT_FOUND);
+    }
+    api.put("/v1/connectors/nope", &connector("nope", ""))
+        .await
+        .problem(NOT_FOUND);
+    let r = api.post("/v1/connectors", &connector("lab", "again")).await;
+    assert_eq!(r.fields(CONFLICT), ["name"]);
+    for (body, field) in [
+        (connector("a b", ""), "name"),
+        (connector("lab/x", ""), "name"),
+        (json!({"description": "no name"}), "name"),
+        (connector("ok", &"x".repeat(1025)), "description"),
+        (
+            json!({"name": "ok", "description": "a\u{7}bell"}),
+            "description",
+        ),
+        (json!({"name": "ok", "region": "eu"}), "region"),
+        (json!({"name": 7}), "name"),
+    ] {
+        let r = api.post("/v1/connectors", &body).await;
+        assert_eq!(r.fields(BAD_REQUEST), [field], "{body}");
+    }
+    let r = api.put("/v1/connectors/lab", &connector("other", "")).await;
+    assert_eq!(r.fields(BAD_REQUEST), ["name"], "names cannot change");
+    assert!(api.observe().await == before, "a refusal changed something");
+    assert_eq!(api.snapshot().await.connectors.len(), 1);
+}
+
+/// A service names only a registered connector: 400 naming `connector`, like an unknown
+/// group; a connector that serves a service is not deleted: 409 naming the services.
+#[tokio::test]
+async fn services_hold_their_connector() {
+    let api = Api::new().await;
+    let r = api
+        .post("/v1/services", &dark("db.svc.internal", "lab"))
+        .await;
+    assert_eq!(r.fields(BAD_REQUEST), ["connector"]);
+    assert!(r.text().contains("unknown connector"), "{}", r.text());
+    assert_eq!(api.version(), 0);
+
+    api.post("/v1/connectors", &connector("lab", ""))
+        .await
+        .ok(CREATED);
+    let r = api
+        .post("/v1/services", &dark("db.svc.internal", "lab"))
+        .await;
+    assert_eq!(r.ok(CREATED)["connector"], "lab");
+    let v = api.version();
+    let before = api.observe().await;
+    let p = api.delete("/v1/connectors/lab").await.problem(CONFLICT);
+    assert_eq!(p["errors"][0]["field"], "services/db.svc.internal");
+    assert!(p["detail"].as_str().unwrap().contains("lab"), "{p}");
+    // There is no cascade: asking for one changes nothing.
+    api.delete("/v1/connectors/lab?cascade=true")
+        .await
+        .problem(CONFLICT);
+    assert!(api.observe().await == before);
+    assert_eq!(api.version(), v);
+
+    // Moved to an unknown connector: refused; taken off it: the connector goes.
+    let r = api
+        .put(
+            "/v1/services/db.svc.internal",
+            &dark("db.svc.internal", "edge"),
+        )
+        .await;
+    assert_eq!(r.fields(BAD_REQUEST), ["connector"]);
+    api.put(
+        "/v1/services/db.svc.internal",
+        &service("db.svc.internal", &[]),
+    )
+    .await
+    .ok(OK);
+    let r = api.delete("/v1/connectors/lab").await;
+    r.expect(NO_CONTENT);
+    assert_eq!(r.etag(), v + 2);
+}
+
+#[tokio::test]
+async fn connector_writes_honour_if_match_and_are_audited() {
+    let api = Api::new().await;
+    api.post("/v1/connectors", &connector("lab", ""))
+        .await
+        .ok(CREATED);
+    let v = api.version();
+    let stale = format!("\"{}\"", v - 1);
+    let writes = |tag: &str| {
+        vec![
+            call("POST", "/v1/connectors")
+                .json(&connector("edge", ""))
+                .header("if-match", tag),
+            call("PUT", "/v1/connectors/lab")
+                .json(&connector("lab", "x"))
+                .header("if-match", tag),
+            call("DELETE", "/v1/connectors/lab").header("if-match", tag),
+        ]
+    };
+    for c in writes(&stale) {
+        api.admin(c).await.problem(PRECONDITION_FAILED);
+    }
+    assert_eq!(api.version(), v);
+    // Current: each lands, one version each.
+    for k in 0..3 {
+        let at = v + k as u64;
+        let r = api.admin(writes(&format!("\"{at}\"")).swap_remove(k)).await;
+        assert!(r.status.is_success(), "{}: {}", r.status, r.text());
+        assert_eq!(r.etag(), at + 1);
+    }
+    let actions: Vec<String> = api
+        .store
+        .audit(3)
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{} {} {}", r.action, r.target, r.actor.token_name))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "connector.delete lab t",
+            "connector.replace lab t",
+            "connector.create edge t"
+        ]
+    );
+}
+
+/// Operators write connectors (DESIGN.md: operator = services, users, groups, revoked,
+/// connectors, import); viewers only read them.
+#[tokio::test]
+async fn operators_write_connectors_and_viewers_read_them() {
+    let api = Api::new().await;
+    let mut secrets = vec![];
+    for role in ["viewer", "operator"] {
+        let t = api
+            .post("/v1/tokens", &json!({"name": role, "role": role}))
+            .await
+            .ok(CREATED);
+        secrets.push(t["token"].as_str().unwrap().to_owned());
+    }
+    let (viewer, operator) = (&secrets[0], &secrets[1]);
+    let v = api.version();
+    for c in [
+        call("POST", "/v1/connectors").json(&connector("lab", "")),
+        call("PUT", "/v1/connectors/lab").json(&connector("lab", "x")),
+        call("DELETE", "/v1/connectors/lab"),
+    ] {
+        let p = api.send(c.bearer(viewer)).await.problem(FORBIDDEN);
+        assert!(p["detail"].as_str().unwrap().contains("viewer"), "{p}");
+    }
+    assert_eq!(api.version(), v);
+    let op = |c: Call| api.send(c.bearer(operator));
+    op(call("POST", "/v1/connectors").json(&connector("lab", "")))
+        .await
+        .ok(CREATED);
+    for who in [viewer, operator] {
+        api.send(call("GET", "/v1/connectors").bearer(who))
+            .await
+            .ok(OK);
+        api.send(call("GET", "/v1/connectors/lab").bearer(who))
+            .await
+            .ok(OK);
+    }
+    op(call("PUT", "/v1/connectors/lab").json(&connector("lab", "x")))
+        .await
+        .ok(OK);
+    op(call("DELETE", "/v1/connectors/lab"))
+        .await
+        .expect(NO_CONTENT);
+    assert_eq!(api.version(), v + 3);
+    let audit = api.store.audit(1).unwrap();
+    assert_eq!(
+        (audit[0].action.as_str(), audit[0].actor.token_name.as_str()),
+        ("connector.delete", "operator")
+    );
+}
+
+#[tokio::test]
+async fn an_import_carries_the_connectors() {
+    let api = Api::new().await;
+    let doc = json!({
+        "version": 0,
+        "connectors": [connector("lab", "the lab")],
+        "services": [dark("db.svc.internal", "lab")],
+    });
+    let r = api.post("/v1/import", &doc).await;
+    let imported = r.ok(OK);
+    assert_eq!(imported["connectors"], 1);
+    assert_eq!(imported["services"], 1);
+    let yaml = api.get("/v1/snapshot?format=yaml").await;
+    yaml.expect(OK);
+    assert!(yaml.text().contains("connector: lab"), "{}", yaml.text());
+    assert!(
+        yaml.text().contains("description: the lab"),
+        "{}",
+        yaml.text()
+    );
+    // A document whose service names a connector it does not hold: 400, nothing stored.
+    let before = api.observe().await;
+    let r = api
+        .post(
+            "/v1/import",
+            &json!({"version": 0, "services": [dark("db.svc.internal", "lab")]}),
+        )
+        .await;
+    assert_eq!(r.fields(BAD_REQUEST), ["services[0].connector"]);
+    assert!(api.observe().await == before);
 }

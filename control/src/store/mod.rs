@@ -6,10 +6,10 @@
 //! flushed it to disk. Writes are serialized by one lock, which also gives readers of the
 //! whole configuration (snapshots) a consistent view.
 //!
-//! Services, users, groups and revoked serials are also kept in memory with the version
-//! they are at, updated under one mutex as each commit applies: a reader of records and
-//! their version (the admin API's bodies and `ETag`s) takes both from there, one state,
-//! without waiting for writes.
+//! Services, users, groups, connectors and revoked serials are also kept in memory with
+//! the version they are at, updated under one mutex as each commit applies: a reader of
+//! records and their version (the admin API's bodies and `ETag`s) takes both from there,
+//! one state, without waiting for writes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
@@ -23,7 +23,7 @@ use sled::Transactional;
 use tokio::sync::Mutex;
 use ztp_migrations::layout;
 use ztp_proto::names::{identity_key, Serial, ServiceName};
-use ztp_proto::{FieldError, Group, Invalid, Service, Snapshot, User};
+use ztp_proto::{Connector, FieldError, Group, Invalid, Service, Snapshot, User};
 
 mod conn_audit;
 mod tokens;
@@ -107,7 +107,7 @@ impl StoreError {
 const MARKER: &str = "ZTP-STORE";
 
 /// The trees, in the order of [`T`].
-const TREES: [&str; 10] = [
+const TREES: [&str; 12] = [
     layout::META,
     layout::SERVICES,
     layout::USERS,
@@ -118,6 +118,8 @@ const TREES: [&str; 10] = [
     layout::IDENTITIES,
     layout::GROUP_REFS,
     layout::CONN_AUDIT,
+    layout::CONNECTORS,
+    layout::CONNECTOR_REFS,
 ];
 
 /// Index of a tree in [`TREES`].
@@ -133,6 +135,8 @@ enum T {
     Identities,
     GroupRefs,
     ConnAudit,
+    Connectors,
+    ConnectorRefs,
 }
 
 /// One write of a transaction: insert (`Some`) or remove (`None`).
@@ -157,8 +161,9 @@ pub struct Store {
     conn_audit: std::sync::Mutex<(u64, u64)>,
     /// Most connection records kept; older ones are dropped.
     conn_audit_cap: std::sync::atomic::AtomicU64,
-    /// Moves (under the write lock) with every change to services, users or groups: a
-    /// reader that saw it unchanged needs only the version and the revoked serials.
+    /// Moves (under the write lock) with every change to services, users, groups or
+    /// connectors: a reader that saw it unchanged needs only the version and the revoked
+    /// serials.
     config_gen: std::sync::atomic::AtomicU64,
     /// The configuration in memory with its version, kept in step by every commit
     /// (`None` until first read, or after a commit that could not be applied to it).
@@ -188,6 +193,7 @@ struct ConfigCache {
     services: BTreeMap<Vec<u8>, Service>,
     users: BTreeMap<Vec<u8>, User>,
     groups: BTreeMap<Vec<u8>, Group>,
+    connectors: BTreeMap<Vec<u8>, Connector>,
     /// Revoked serials, normalized hex.
     revoked: BTreeSet<String>,
 }
@@ -216,6 +222,7 @@ impl ConfigCache {
                 T::Services => put(&mut self.services, *t, k, v)?,
                 T::Users => put(&mut self.users, *t, k, v)?,
                 T::Groups => put(&mut self.groups, *t, k, v)?,
+                T::Connectors => put(&mut self.connectors, *t, k, v)?,
                 T::Revoked => {
                     let serial = String::from_utf8_lossy(k).into_owned();
                     if v.is_some() {
@@ -506,7 +513,7 @@ impl Store {
         };
         if ops
             .iter()
-            .any(|(t, _, _)| matches!(t, T::Services | T::Users | T::Groups))
+            .any(|(t, _, _)| matches!(t, T::Services | T::Users | T::Groups | T::Connectors))
         {
             self.config_gen
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -562,6 +569,17 @@ impl Store {
             Ok(())
         } else {
             Err(StoreError::Invalid(Invalid(errors)))
+        }
+    }
+
+    /// A service may name only a registered connector (400 naming `connector`).
+    fn check_connector_exists(&self, connector: Option<&str>) -> Result<(), StoreError> {
+        match connector {
+            Some(c) if !self.tree(T::Connectors).contains_key(c)? => Err(StoreError::invalid(
+                "connector",
+                format!("unknown connector {c:?}"),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -623,23 +641,12 @@ impl Store {
         let old: Option<Service> = self.get(T::Services, &key)?;
         check_presence("service", &svc.name, old.is_some(), create)?;
         self.check_groups_exist(&svc.groups)?;
+        self.check_connector_exists(svc.connector.as_deref())?;
         let mut ops: Vec<Op> = Vec::new();
         if let Some(old) = &old {
-            for g in &old.groups {
-                ops.push((
-                    T::GroupRefs,
-                    layout::group_ref(g, layout::REF_SERVICE, &key),
-                    None,
-                ));
-            }
+            ops.extend(service_index_ops(old, &key, false));
         }
-        for g in &svc.groups {
-            ops.push((
-                T::GroupRefs,
-                layout::group_ref(g, layout::REF_SERVICE, &key),
-                Some(vec![]),
-            ));
-        }
+        ops.extend(service_index_ops(&svc, &key, true));
         ops.push((T::Services, key.clone().into_bytes(), Some(json(&svc))));
         let action = if create {
             "service.create"
@@ -659,17 +666,7 @@ impl Store {
         self.check_expected(expect)?;
         let old = self.get_service(name)?;
         let key = service_key(&old.name)?;
-        let mut ops: Vec<Op> = old
-            .groups
-            .iter()
-            .map(|g| {
-                (
-                    T::GroupRefs,
-                    layout::group_ref(g, layout::REF_SERVICE, &key),
-                    None,
-                )
-            })
-            .collect();
+        let mut ops = service_index_ops(&old, &key, false);
         ops.push((T::Services, key.clone().into_bytes(), None));
         self.commit(ops, true, expect, actor, "service.delete", &key)
             .await
@@ -940,6 +937,107 @@ impl Store {
         self.commit(ops, true, expect, actor, action, name).await
     }
 
+    // ----- connectors -----
+
+    /// A connector and the config version it is at, from one state.
+    pub async fn connector(&self, name: &str) -> Result<(Connector, u64), StoreError> {
+        self.read_config(|c| {
+            c.connectors
+                .get(name.as_bytes())
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "connector",
+                    name: name.into(),
+                })
+        })
+        .await
+    }
+
+    /// A page of connectors after `cursor`, and the config version it is at.
+    pub async fn connectors(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Page<Connector>, u64), StoreError> {
+        self.read_config(|c| Ok(page_in(&c.connectors, cursor, limit)))
+            .await
+    }
+
+    /// Creates (`create`) or replaces a connector (its description: a connector is its
+    /// name). Replacing one that does not exist is 404; creating one that does is 409.
+    /// Either is a new config version: the snapshot carries the registry.
+    pub async fn put_connector(
+        &self,
+        connector: Connector,
+        create: bool,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        connector.validate().map_err(StoreError::Invalid)?;
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        let exists = self.tree(T::Connectors).contains_key(&connector.name)?;
+        check_presence("connector", &connector.name, exists, create)?;
+        let ops = vec![(
+            T::Connectors,
+            connector.name.clone().into_bytes(),
+            Some(json(&connector)),
+        )];
+        let action = if create {
+            "connector.create"
+        } else {
+            "connector.replace"
+        };
+        self.commit(ops, true, expect, actor, action, &connector.name)
+            .await
+    }
+
+    /// Deletes a connector. One that a service names is refused (409 naming the
+    /// services), and there is no cascade: taking the connector off a service would have
+    /// the data planes dial its address themselves, which is for the operator to decide,
+    /// service by service.
+    pub async fn delete_connector(
+        &self,
+        name: &str,
+        expect: Option<u64>,
+        actor: &Actor,
+    ) -> Result<u64, StoreError> {
+        let _w = self.write.lock().await;
+        self.check_expected(expect)?;
+        if !self.tree(T::Connectors).contains_key(name)? {
+            return Err(StoreError::NotFound {
+                kind: "connector",
+                name: name.into(),
+            });
+        }
+        let prefix = layout::connector_ref_prefix(name);
+        let mut errors = Vec::new();
+        for kv in self.tree(T::ConnectorRefs).scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let service = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            errors.push(FieldError {
+                field: format!("services/{service}"),
+                message: format!(
+                    "is served through connector {name:?}; remove the service, or change its \
+                     connector, first"
+                ),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(StoreError::Conflict {
+                detail: format!(
+                    "connector {name:?} serves {} service(s); remove them, or change their \
+                     connector, first",
+                    errors.len()
+                ),
+                errors,
+            });
+        }
+        let ops: Vec<Op> = vec![(T::Connectors, name.as_bytes().to_vec(), None)];
+        self.commit(ops, true, expect, actor, "connector.delete", name)
+            .await
+    }
+
     // ----- whole configuration -----
 
     /// The whole configuration as one snapshot, at one version.
@@ -949,9 +1047,10 @@ impl Store {
     }
 
     /// The configuration at one version, for a reader that last read its services,
-    /// users and groups at generation `seen`: `(snapshot, generation, whole)`. When the
-    /// generation has not moved, the snapshot carries only the version and the revoked
-    /// serials (`whole` is false) and the reader's services, users and groups still hold.
+    /// users, groups and connectors at generation `seen`: `(snapshot, generation,
+    /// whole)`. When the generation has not moved, the snapshot carries only the version
+    /// and the revoked serials (`whole` is false) and the reader's services, users, groups
+    /// and connectors still hold.
     pub async fn snapshot_since(
         &self,
         seen: Option<u64>,
@@ -990,8 +1089,7 @@ impl Store {
             users: c.users.values().cloned().collect(),
             groups: c.groups.values().cloned().collect(),
             revoked: c.revoked.iter().cloned().collect(),
-            // The connector registry is not in the store yet: no service may name one.
-            connectors: vec![],
+            connectors: c.connectors.values().cloned().collect(),
         })
     }
 
@@ -1064,6 +1162,7 @@ impl Store {
             services: all(self, T::Services)?,
             users: all(self, T::Users)?,
             groups: all(self, T::Groups)?,
+            connectors: all(self, T::Connectors)?,
             revoked: self.revoked_unlocked()?.into_iter().collect(),
         })
     }
@@ -1087,6 +1186,8 @@ impl Store {
             T::Revoked,
             T::Identities,
             T::GroupRefs,
+            T::Connectors,
+            T::ConnectorRefs,
         ] {
             for k in self.tree(t).iter().keys() {
                 ops.push((t, k?.to_vec(), None));
@@ -1096,15 +1197,12 @@ impl Store {
         for g in &snap.groups {
             ops.push((T::Groups, g.name.clone().into_bytes(), Some(json(g))));
         }
+        for c in &snap.connectors {
+            ops.push((T::Connectors, c.name.clone().into_bytes(), Some(json(c))));
+        }
         for s in &snap.services {
             let key = service_key(&s.name)?;
-            for g in &s.groups {
-                ops.push((
-                    T::GroupRefs,
-                    layout::group_ref(g, layout::REF_SERVICE, &key),
-                    Some(vec![]),
-                ));
-            }
+            ops.extend(service_index_ops(s, &key, true));
             ops.push((T::Services, key.into_bytes(), Some(json(s))));
         }
         for u in &snap.users {
@@ -1120,10 +1218,11 @@ impl Store {
             ops.push((T::Revoked, s.into_bytes(), Some(vec![])));
         }
         let target = format!(
-            "{} services, {} users, {} groups",
+            "{} services, {} users, {} groups, {} connectors",
             snap.services.len(),
             snap.users.len(),
-            snap.groups.len()
+            snap.groups.len(),
+            snap.connectors.len()
         );
         self.commit(ops, true, expect, actor, "import", &target)
             .await
@@ -1255,6 +1354,30 @@ fn check_presence(
         }),
         _ => Ok(()),
     }
+}
+
+/// Index entries of a service stored under `key`: its group references and its
+/// connector's.
+fn service_index_ops(svc: &Service, key: &str, insert: bool) -> Vec<Op> {
+    let mut ops: Vec<Op> = svc
+        .groups
+        .iter()
+        .map(|g| {
+            (
+                T::GroupRefs,
+                layout::group_ref(g, layout::REF_SERVICE, key),
+                insert.then(Vec::new),
+            )
+        })
+        .collect();
+    if let Some(c) = &svc.connector {
+        ops.push((
+            T::ConnectorRefs,
+            layout::connector_ref(c, key),
+            insert.then(Vec::new),
+        ));
+    }
+    ops
 }
 
 /// Index entries of a user: identities → name, and group references.

@@ -52,6 +52,22 @@ fn group(name: &str) -> Group {
     Group { name: name.into() }
 }
 
+fn connector(name: &str, description: &str) -> Connector {
+    Connector {
+        name: name.into(),
+        description: description.into(),
+    }
+}
+
+/// A service served through `connector`.
+fn dark(name: &str, connector: &str) -> Service {
+    Service {
+        address: Some("10.1.2.3:5432".into()),
+        connector: Some(connector.into()),
+        ..svc(name, &[])
+    }
+}
+
 fn fields(e: &StoreError) -> Vec<String> {
     match e {
         StoreError::Invalid(Invalid(v)) => v.iter().map(|f| f.field.clone()).collect(),
@@ -434,12 +450,21 @@ async fn the_configuration_in_memory_follows_every_write() {
     let check = |store: &Store, step: &str| {
         let cached = store.snapshot_unlocked().unwrap();
         let disk = store.config_from_disk().unwrap();
-        let disk: (u64, Vec<Service>, Vec<User>, Vec<Group>, Vec<String>) = (
+        type Config = (
+            u64,
+            Vec<Service>,
+            Vec<User>,
+            Vec<Group>,
+            Vec<String>,
+            Vec<Connector>,
+        );
+        let disk: Config = (
             disk.version,
             disk.services.into_values().collect(),
             disk.users.into_values().collect(),
             disk.groups.into_values().collect(),
             disk.revoked.into_iter().collect(),
+            disk.connectors.into_values().collect(),
         );
         assert_eq!(disk.0, store.version().unwrap(), "after {step}");
         assert_eq!(
@@ -448,7 +473,8 @@ async fn the_configuration_in_memory_follows_every_write() {
                 cached.services,
                 cached.users,
                 cached.groups,
-                cached.revoked
+                cached.revoked,
+                cached.connectors,
             ),
             disk,
             "after {step}"
@@ -499,13 +525,35 @@ async fn the_configuration_in_memory_follows_every_write() {
     check(&store, "a cascading group delete");
     store.revoke(&["0a".into()], None, &a).await.unwrap();
     check(&store, "a revocation");
+    store
+        .put_connector(connector("lab", ""), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_connector(connector("lab", "the rack"), false, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_service(dark("d.svc.internal", "lab"), true, None, &a)
+        .await
+        .unwrap();
+    check(&store, "a connector and its service");
+    store
+        .delete_service("d.svc.internal", None, &a)
+        .await
+        .unwrap();
+    store.delete_connector("lab", None, &a).await.unwrap();
+    check(&store, "a connector deleted");
     let imported = Snapshot {
         version: 0,
-        services: vec![svc("c.svc.internal", &["g"])],
+        services: vec![
+            svc("c.svc.internal", &["g"]),
+            dark("e.svc.internal", "edge"),
+        ],
         users: vec![user("carol", &["carol@x"], &["g"])],
         groups: vec![group("g")],
         revoked: vec![],
-        connectors: vec![],
+        connectors: vec![connector("edge", "")],
     };
     store.import(imported, None, &a).await.unwrap();
     check(&store, "an import");
@@ -695,4 +743,248 @@ async fn the_last_admin_token_stays_whatever_other_tokens_remain() {
     store.revoke_token(&admin.info.id, &a).await.unwrap();
     assert!(store.revoke_token(&admin2.info.id, &a).await.is_err());
     store.revoke_token(&operator.info.id, &a).await.unwrap();
+}
+
+// ----- connectors -----
+
+/// The registry: create (a version each, audited), 409 on a name taken, 404 on a replace
+/// of a name not there, 400 naming the field; listed in name order with the version; in
+/// the snapshot; kept across a reopen.
+#[tokio::test]
+async fn connectors_are_created_listed_replaced_and_deleted() {
+    let dir = TempDir::new();
+    let a = Actor::system();
+    {
+        let store = Store::open(&dir.0).unwrap();
+        let v = store
+            .put_connector(connector("lab", "the lab's rack"), true, None, &a)
+            .await
+            .unwrap();
+        assert_eq!(v, 1, "a connector is configuration: it moves the version");
+        assert_eq!(
+            store.connector("lab").await.unwrap(),
+            (connector("lab", "the lab's rack"), 1)
+        );
+        let e = store
+            .put_connector(connector("lab", ""), true, None, &a)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Exists { .. }), "{e}");
+        let e = store
+            .put_connector(connector("edge", ""), false, None, &a)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+        for (bad, field) in [
+            (connector("a b", ""), "name"),
+            (connector("", ""), "name"),
+            (connector("ok", "line\nbreak"), "description"),
+            (connector("ok", &"x".repeat(1025)), "description"),
+        ] {
+            let e = store.put_connector(bad, true, None, &a).await.unwrap_err();
+            assert_eq!(fields(&e), [field]);
+        }
+        assert_eq!(store.version().unwrap(), 1, "refused writes store nothing");
+
+        for name in ["zeta", "edge", "b.c-d_e"] {
+            store
+                .put_connector(connector(name, ""), true, None, &a)
+                .await
+                .unwrap();
+        }
+        let v = store
+            .put_connector(connector("lab", "moved"), false, None, &a)
+            .await
+            .unwrap();
+        let (page, at) = store.connectors(None, 2).await.unwrap();
+        assert_eq!(at, v);
+        let names =
+            |p: &Page<Connector>| p.items.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&page), ["b.c-d_e", "edge"]);
+        let (rest, _) = store.connectors(page.next.as_deref(), 10).await.unwrap();
+        assert_eq!(names(&rest), ["lab", "zeta"]);
+        assert!(rest.next.is_none());
+
+        let v = store.delete_connector("zeta", None, &a).await.unwrap();
+        assert_eq!(v, 6);
+        assert!(matches!(
+            store.delete_connector("zeta", None, &a).await.unwrap_err(),
+            StoreError::NotFound { .. }
+        ));
+        let actions: Vec<String> = store
+            .audit(3)
+            .unwrap()
+            .into_iter()
+            .map(|r| format!("{} {} {}", r.action, r.target, r.version))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "connector.delete zeta 6",
+                "connector.replace lab 5",
+                "connector.create b.c-d_e 4"
+            ]
+        );
+    }
+    let store = Store::open(&dir.0).unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert_eq!(snap.version, 6);
+    assert_eq!(
+        snap.connectors,
+        [
+            connector("b.c-d_e", ""),
+            connector("edge", ""),
+            connector("lab", "moved")
+        ]
+    );
+    snap.validate().unwrap();
+}
+
+/// A service names only a registered connector (400 naming `connector`); a connector
+/// that serves a service is not deleted (409 naming every such service, no cascade);
+/// replacing or deleting the service frees it.
+#[tokio::test]
+async fn a_service_holds_its_connector() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    let e = store
+        .put_service(dark("db.svc.internal", "lab"), true, None, &a)
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&e), ["connector"]);
+    assert!(e.to_string().contains("unknown connector \"lab\""), "{e}");
+    assert_eq!(store.version().unwrap(), 0);
+
+    for c in ["lab", "edge"] {
+        store
+            .put_connector(connector(c, ""), true, None, &a)
+            .await
+            .unwrap();
+    }
+    store
+        .put_service(dark("DB.svc.internal", "lab"), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_service(dark("cache.svc.internal", "lab"), true, None, &a)
+        .await
+        .unwrap();
+    // The model's own rules still hold: a connector's service has no handler.
+    let mut echo = dark("echo.svc.internal", "lab");
+    echo.handler = Some("identity-echo".into());
+    let e = store.put_service(echo, true, None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["handler"]);
+    let v = store.version().unwrap();
+
+    let e = store.delete_connector("lab", None, &a).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+    assert_eq!(
+        fields(&e),
+        ["services/cache.svc.internal", "services/db.svc.internal"]
+    );
+    assert!(e.to_string().contains("serves 2 service(s)"), "{e}");
+    assert_eq!(
+        store.version().unwrap(),
+        v,
+        "a refused delete stores nothing"
+    );
+
+    // Moved to another connector: the old one serves one service less.
+    store
+        .put_service(dark("db.svc.internal", "edge"), false, None, &a)
+        .await
+        .unwrap();
+    let e = store.delete_connector("edge", None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["services/db.svc.internal"]);
+    let e = store.delete_connector("lab", None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["services/cache.svc.internal"]);
+    // Off its connector (the data planes dial it now), and deleted: both free it.
+    store
+        .put_service(svc("db.svc.internal", &[]), false, None, &a)
+        .await
+        .unwrap();
+    store.delete_connector("edge", None, &a).await.unwrap();
+    store
+        .delete_service("cache.svc.internal", None, &a)
+        .await
+        .unwrap();
+    store.delete_connector("lab", None, &a).await.unwrap();
+    let snap = store.snapshot().await.unwrap();
+    assert!(snap.connectors.is_empty());
+    snap.validate().unwrap();
+    // A cascading group delete rewrites services and keeps their connector.
+    store.create_group(group("ops"), None, &a).await.unwrap();
+    store
+        .put_connector(connector("lab", ""), true, None, &a)
+        .await
+        .unwrap();
+    let mut both = dark("both.svc.internal", "lab");
+    both.groups = vec!["ops".into(), "keep".into()];
+    store.create_group(group("keep"), None, &a).await.unwrap();
+    store.put_service(both, true, None, &a).await.unwrap();
+    store.delete_group("ops", true, None, &a).await.unwrap();
+    assert_eq!(
+        store
+            .get_service("both.svc.internal")
+            .unwrap()
+            .connector
+            .as_deref(),
+        Some("lab")
+    );
+    let e = store.delete_connector("lab", None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["services/both.svc.internal"]);
+}
+
+/// An import carries the registry: it replaces the connectors, rebuilds which service
+/// each serves, and refuses a service naming a connector the document does not hold.
+#[tokio::test]
+async fn import_replaces_the_connectors_and_their_references() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let a = Actor::system();
+    store
+        .put_connector(connector("old", ""), true, None, &a)
+        .await
+        .unwrap();
+    store
+        .put_service(dark("old.svc.internal", "old"), true, None, &a)
+        .await
+        .unwrap();
+    let snap = Snapshot::from_yaml(
+        "version: 1\nconnectors:\n  - {name: lab, description: the lab}\n  - {name: spare}\nservices:\n  - {name: db.svc.internal, protocol: tcp, address: '10.1.2.3:5432', connector: lab}\n",
+    )
+    .unwrap();
+    let v = store.import(snap, None, &a).await.unwrap();
+    let got = store.snapshot().await.unwrap();
+    assert_eq!(got.version, v);
+    assert_eq!(
+        got.connectors,
+        [connector("lab", "the lab"), connector("spare", "")]
+    );
+    assert_eq!(got.services[0].connector.as_deref(), Some("lab"));
+    assert_eq!(
+        store.audit(1).unwrap()[0].target,
+        "1 services, 0 users, 0 groups, 2 connectors"
+    );
+    // The old connector and its reference are gone; the new one is held.
+    store.delete_connector("spare", None, &a).await.unwrap();
+    assert!(matches!(
+        store.delete_connector("old", None, &a).await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+    let e = store.delete_connector("lab", None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["services/db.svc.internal"]);
+
+    let bad = Snapshot {
+        connectors: vec![],
+        ..got.clone()
+    };
+    let e = store.import(bad, None, &a).await.unwrap_err();
+    assert_eq!(fields(&e), ["services[0].connector"]);
+    assert_eq!(
+        store.snapshot().await.unwrap().connectors.len(),
+        1,
+        "nothing changed"
+    );
 }

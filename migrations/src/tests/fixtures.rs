@@ -143,3 +143,57 @@ pub(super) const SCHEMA_2: &[Tree<'static>] = &[
     ),
     ("conn_audit", &[]),
 ];
+
+/// Schema 3 as written since the connector registry (issue 17): schema 2's trees, a
+/// service naming a connector (`connector` left out when none), the registry (a
+/// description left out when empty) and its index.
+pub(super) const SCHEMA_3: &[Tree<'static>] = &[
+    (
+        "meta",
+        &[
+            (b"schema_version", b"\0\0\0\x03"),
+            (b"config_version", b"\0\0\0\0\0\0\0\x05"),
+        ],
+    ),
+    (
+        "services",
+        &[
+            (
+                b"db.svc.internal",
+                br#"{"name":"db.svc.internal","protocol":"tcp","address":"10.1.2.3:5432","groups":["ops"],"connector":"lab"}"#,
+            ),
+            (
+                b"web.svc.internal",
+                br#"{"name":"web.svc.internal","protocol":"auto","address":":8080","groups":[]}"#,
+            ),
+        ],
+    ),
+    (
+        "users",
+        &[(
+            b"alice",
+            br#"{"name":"alice","identities":["Alice@Example.com"],"groups":["ops"]}"#,
+        )],
+    ),
+    ("groups", &[(b"ops", br#"{"name":"ops"}"#)]),
+    ("revoked", &[]),
+    ("tokens", &[]),
+    ("audit", &[]),
+    ("identities", &[(b"alice@example.com", b"alice")]),
+    (
+        "group_refs",
+        &[
+            (b"ops\0s\0db.svc.internal", b""),
+            (b"ops\0u\0alice", b""),
+        ],
+    ),
+    ("conn_audit", &[]),
+    (
+        "connectors",
+        &[
+            (b"edge", br#"{"name":"edge"}"#),
+            (b"lab", br#"{"name":"lab","description":"the lab's rack"}"#),
+        ],
+    ),
+    ("connector_refs", &[(b"lab\0db.svc.internal", b"")]),
+];
