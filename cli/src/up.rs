@@ -710,6 +710,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 udp_idle: Duration::from_secs(60),
                 max_connections_per_identity: 64,
                 retry_above: 64,
+                trust_domain: ztp_proto::names::DEFAULT_TRUST_DOMAIN.into(),
             })
         }
         Err(e) => {

@@ -195,7 +195,7 @@ impl Args {
                 node_cert: need(self.node_cert, "--node-cert")?,
                 node_key: need(self.node_key, "--node-key")?,
                 control_ca: need(self.control_ca, "--control-ca")?,
-                trust_domain: self.trust_domain,
+                trust_domain: self.trust_domain.clone(),
                 listen: self.listen.to_string(),
                 schema: self.snapshot_schema,
             }),
@@ -233,6 +233,7 @@ impl Args {
             udp_idle: self.udp_idle,
             max_connections_per_identity: self.quic_max_connections_per_identity,
             retry_above: self.quic_retry_above,
+            trust_domain: self.trust_domain.clone(),
         });
         Ok(Config {
             listen: self.listen,

@@ -118,6 +118,29 @@ impl Routes {
         self.exact.len() + self.wildcard.len()
     }
 
+    /// Every route.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.exact.values().chain(self.wildcard.values())
+    }
+
+    /// What connector `name` serves: the services that name it, with the addresses it
+    /// dials (sorted, so that an unchanged set compares equal).
+    pub fn assignments(&self, name: &str) -> Vec<ztp_proto::tunnel::Assignment> {
+        let mut out: Vec<_> = self
+            .iter()
+            .filter(|r| r.connector.as_deref() == Some(name))
+            .filter_map(|r| {
+                Some(ztp_proto::tunnel::Assignment {
+                    name: r.name.clone(),
+                    protocol: r.protocol,
+                    address: r.backend.as_ref()?.to_string(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -161,7 +161,11 @@ pub fn connection_crypto(
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![ztp_proto::quic::ALPN.to_vec()];
+    // The tunnel's first: a client that offers it is judged as a connector.
+    config.alpn_protocols = vec![
+        ztp_proto::tunnel::ALPN.to_vec(),
+        ztp_proto::quic::ALPN.to_vec(),
+    ];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     QuicServerConfig::try_from(config)
@@ -193,6 +197,17 @@ struct SniGate {
 
 impl ResolvesServerCert for SniGate {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // A connector dials a replica by the replica's own name: its tunnels are judged on
+        // its certificate, after the handshake (`quic::tunnel`).
+        if hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ztp_proto::tunnel::ALPN))
+        {
+            note(&self.notes, |n| {
+                n.sni = hello.server_name().map(str::to_owned)
+            });
+            return Some(self.certified.clone());
+        }
         let Some(sni) = hello.server_name() else {
             note(&self.notes, |n| n.refused = Some("no sni"));
             return None;

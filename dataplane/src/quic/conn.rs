@@ -126,6 +126,13 @@ pub async fn serve(
             }
         };
         rec.handshake_done = true;
+        if super::tunnel::is_tunnel(&conn) {
+            // A connector's tunnel: one connection record for its life.
+            super::tunnel::serve(&q, conn, &hello_state, &mut rec).await;
+            close_record(ctx, &rec);
+            drop(permit);
+            return;
+        }
         let Some(admitted) = admit(&q, &conn, &hello_state, &mut rec) else {
             close_record(ctx, &rec);
             return;

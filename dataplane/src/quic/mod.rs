@@ -29,6 +29,7 @@ pub mod config;
 pub mod conn;
 pub mod datagram;
 pub mod stream;
+pub mod tunnel;
 
 /// Application error code and reason of a connection closed because its identity holds
 /// too many QUIC connections already.
@@ -47,6 +48,8 @@ pub struct QuicSettings {
     pub max_connections_per_identity: u32,
     /// Handshakes in flight above which unvalidated clients get a Retry first (0: always).
     pub retry_above: usize,
+    /// Trust domain of connector identities (`spiffe://DOMAIN/connector/NAME`).
+    pub trust_domain: String,
 }
 
 /// What the listener and its connections share.
@@ -54,6 +57,7 @@ pub struct Quic {
     pub ctx: Arc<ConnContext>,
     pub gate: Gate,
     pub udp_idle: Duration,
+    pub trust_domain: String,
     /// The endpoint's server config: each connection gets a copy with its own TLS config.
     base: quinn::ServerConfig,
     pub(crate) handshaking: AtomicUsize,
@@ -99,6 +103,7 @@ pub fn bind(
         ctx,
         gate,
         udp_idle: settings.udp_idle,
+        trust_domain: settings.trust_domain.clone(),
         base,
         handshaking: AtomicUsize::new(0),
         retry_above: settings.retry_above,

@@ -34,6 +34,8 @@ pub struct Policy {
     pub revoked: Arc<HashSet<Serial>>,
     /// Users in the snapshot.
     pub users: usize,
+    /// The connectors that may hold tunnels to this node.
+    pub connectors: Arc<HashSet<String>>,
     /// For a snapshot from the control plane's stream: the SHA-256 of everything in it
     /// but its version, schema and revoked serials, as it arrived (see
     /// `grpc::config_digest`). A next snapshot with the same digest differs at most in
@@ -51,6 +53,7 @@ impl Policy {
             directory: Arc::default(),
             revoked: Arc::default(),
             users: 0,
+            connectors: Arc::default(),
             config_digest: None,
         }
     }
@@ -71,6 +74,7 @@ impl Policy {
             directory: Arc::new(Directory::compile(&snap.users)),
             revoked: Arc::new(revoked_set(&snap.revoked)?),
             users: snap.users.len(),
+            connectors: Arc::new(snap.connectors.iter().map(|c| c.name.clone()).collect()),
             config_digest: None,
         })
     }
@@ -84,6 +88,7 @@ impl Policy {
             directory: self.directory.clone(),
             revoked: Arc::new(revoked_set(revoked)?),
             users: self.users,
+            connectors: self.connectors.clone(),
             config_digest: self.config_digest,
         })
     }

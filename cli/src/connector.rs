@@ -1,0 +1,309 @@
+//! `ztpctl connector run`: a connector, next to backends no data plane can dial. It dials
+//! out to the data planes over QUIC (ALPN `ztp-tunnel/1`, its certificate
+//! `spiffe://DOMAIN/connector/NAME`), holds a tunnel to each (up to `--tunnels`), and
+//! serves the sessions they send it: one stream each, for the services assigned to it
+//! and nothing else (the contract is `ztp_proto::tunnel`).
+//!
+//! It learns which services it serves, and their addresses, from the data planes (the
+//! tunnel's control stream), kept current on every change; a session for anything else
+//! is refused and logged. A tunnel that ends is dialled again with a jittered backoff.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::Args;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Endpoint, RecvStream, SendStream, VarInt};
+use rustls::sign::SingleCertAndKey;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use ztp_proto::tunnel::{
+    decode_assignments, decode_header, Assignment, Status, ALPN, MAX_ASSIGNMENTS, MAX_HEADER,
+    VERSION,
+};
+
+/// How long a backend has to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sessions one tunnel may carry at once.
+const MAX_SESSIONS: u32 = 4096;
+/// Backoff between attempts to (re)establish a tunnel.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The data planes to hold tunnels to: HOST:PORT[,HOST:PORT…] (their client port).
+    #[arg(
+        long,
+        value_name = "HOST:PORT,…",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub via: Vec<String>,
+    /// The connector's certificate (PEM), carrying spiffe://DOMAIN/connector/NAME.
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// The connector's key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// The CA that signed the data planes' server certificate (PEM); each is checked
+    /// against it and the host name dialled.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// Tunnels to hold, each to a distinct data plane.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64), value_name = "N")]
+    pub tunnels: u16,
+}
+
+/// The services this connector serves, by name, as the data planes last said.
+type Assigned = Arc<Mutex<HashMap<String, Assignment>>>;
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let roots = ztp_infra::tls::read_roots(&args.ca)?;
+    let provider = ztp_infra::tls::provider();
+    let certified = ztp_infra::tls::certified_key(&args.cert, &args.key, &provider)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(20))?))
+        // The data plane opens a stream per session.
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_SESSIONS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    config.transport_config(Arc::new(transport));
+
+    let assigned: Assigned = Arc::default();
+    let mut vias = args.via.clone();
+    vias.dedup();
+    let tunnels = vias.len().min(usize::from(args.tunnels));
+    eprintln!(
+        "ztpctl: connector: holding {tunnels} tunnel(s) to {}",
+        vias[..tunnels].join(", ")
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for via in vias.into_iter().take(tunnels) {
+        tasks.spawn(hold(via, config.clone(), assigned.clone()));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Holds one tunnel to `via`, dialling it again whenever it ends.
+async fn hold(via: String, config: quinn::ClientConfig, assigned: Assigned) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match tunnel(&via, &config, &assigned).await {
+            Ok(end) => {
+                eprintln!("ztpctl: connector: tunnel to {via} ended: {end}");
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => eprintln!("ztpctl: connector: tunnel to {via}: {e:#}"),
+        }
+        // Jittered, so that connectors cut off together do not come back together.
+        let jitter = rand_fraction();
+        tokio::time::sleep(backoff.mul_f64(0.5 + jitter)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A number in [0, 1) from the clock's low bits (jitter needs no better).
+fn rand_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}
+
+/// One tunnel's life: connect, open the control stream, serve sessions until it ends.
+async fn tunnel(
+    via: &str,
+    config: &quinn::ClientConfig,
+    assigned: &Assigned,
+) -> anyhow::Result<String> {
+    let host = via
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .ok_or_else(|| anyhow!("{via}: not HOST:PORT"))?
+        .to_owned();
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(via)
+        .await
+        .with_context(|| format!("cannot resolve {via}"))?
+        .collect();
+    let mut last = anyhow!("{via}: no address");
+    let mut conn = None;
+    for addr in addrs {
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = Endpoint::client(bind).context("a UDP socket for QUIC")?;
+        let attempt = async {
+            let c = endpoint
+                .connect_with(config.clone(), addr, &host)?
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            Ok::<_, anyhow::Error>(c)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(c)) => {
+                conn = Some(c);
+                break;
+            }
+            Ok(Err(e)) => last = e.context(format!("{addr}")),
+            Err(_) => last = anyhow!("{addr}: no answer within 10 s"),
+        }
+    }
+    let conn = conn.ok_or(last)?;
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(&[VERSION]).await?;
+    eprintln!("ztpctl: connector: tunnel up to {via}");
+    let control = tokio::spawn(read_assignments(recv, assigned.clone(), via.to_owned()));
+    let end = loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(session(send, recv, assigned.clone()));
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    control.abort();
+    drop(send);
+    Ok(end)
+}
+
+/// Reads the data plane's assignments and keeps `assigned` current.
+async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String) {
+    loop {
+        let mut len = [0u8; 4];
+        if recv.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_ASSIGNMENTS {
+            eprintln!("ztpctl: connector: {via}: assignments of {len} bytes refused");
+            return;
+        }
+        let mut body = vec![0u8; len];
+        if recv.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        match decode_assignments(&body) {
+            Ok(a) => {
+                let names: Vec<&str> = a.services.iter().map(|s| s.name.as_str()).collect();
+                eprintln!(
+                    "ztpctl: connector: serving {} service(s) (version {}): {}",
+                    a.services.len(),
+                    a.version,
+                    names.join(", ")
+                );
+                let mut map = assigned.lock().unwrap_or_else(|p| p.into_inner());
+                map.clear();
+                for s in a.services {
+                    map.insert(s.name.clone(), s);
+                }
+            }
+            Err(e) => {
+                eprintln!("ztpctl: connector: {via}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// One session: its header, the backend it names (if assigned), then bytes both ways.
+async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned) {
+    let mut len = [0u8; 2];
+    if recv.read_exact(&mut len).await.is_err() {
+        return;
+    }
+    let len = u16::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
+        return;
+    }
+    let mut body = vec![0u8; len];
+    if recv.read_exact(&mut body).await.is_err() {
+        return;
+    }
+    let header = match decode_header(&body) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ztpctl: connector: {e}");
+            let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
+            return;
+        }
+    };
+    let target = assigned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&header.service)
+        .map(|a| a.address.clone());
+    let Some(address) = target else {
+        eprintln!(
+            "ztpctl: connector: refused a session for {} ({}): not a service of this connector",
+            header.service, header.identity
+        );
+        let _ = send.write_all(&[Status::NotAssigned as u8]).await;
+        let _ = send.finish();
+        return;
+    };
+    let dial = if let Some(port) = address.strip_prefix(':') {
+        format!("127.0.0.1:{port}")
+    } else {
+        address.clone()
+    };
+    let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&dial)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            eprintln!(
+                "ztpctl: connector: {} ({}): {address}: {e}",
+                header.service, header.identity
+            );
+            let _ = send.write_all(&[Status::Unreachable as u8]).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            let _ = send.write_all(&[Status::Timeout as u8]).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let _ = backend.set_nodelay(true);
+    if send.write_all(&[Status::Connected as u8]).await.is_err() {
+        return;
+    }
+    let (mut br, mut bw) = backend.into_split();
+    let up = async {
+        // Session bytes from the data plane to the backend; its FIN, the half-close.
+        let r = tokio::io::copy(&mut recv, &mut bw).await;
+        let _ = bw.shutdown().await;
+        r
+    };
+    let down = async {
+        let r = tokio::io::copy(&mut br, &mut send).await;
+        match r {
+            Ok(_) => {
+                let _ = send.finish();
+            }
+            Err(_) => {
+                let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
+            }
+        }
+        r
+    };
+    let _ = tokio::join!(up, down);
+}

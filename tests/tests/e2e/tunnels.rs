@@ -1,0 +1,209 @@
+//! Connectors' tunnels (DESIGN.md, "Connectors"), with the real data plane and the real
+//! `ztpctl connector run`: a service that names a connector is reached only through the
+//! connector's tunnel (the data plane never dials its address), `ZTP-ERROR 503
+//! unavailable` without one, and a connector's certificate revoked, or a user's
+//! certificate presented as a connector's, ends or refuses the tunnel.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ztp_tests::client::{parse_ztp_error, read_to_end_or_alert_within};
+use ztp_tests::process::{Process, Stream};
+use ztp_tests::quic::{connect, endpoint_for, with_alpn};
+use ztp_tests::{Bin, EchoBackend, TempDir, TestCert, TestPki};
+
+use crate::common::{echo_step, standard_snapshot, Extra, Fixture, STEP};
+
+const LAB: &str = "lab.svc.internal";
+
+/// The standard snapshot with connector `lab` serving `lab.svc.internal` at `backend`.
+fn snapshot(fx: &Fixture, version: u64, backend: &EchoBackend, revoked: &[String]) -> String {
+    let services = format!(
+        "  - name: {LAB}\n    protocol: tcp\n    address: \"{}\"\n    connector: lab\n",
+        backend.addr()
+    );
+    let mut yaml = standard_snapshot(
+        version,
+        fx.echo.addr(),
+        fx.wild.addr(),
+        fx.admins.addr(),
+        &Extra {
+            services: &services,
+            revoked,
+            ..Extra::default()
+        },
+    );
+    yaml.push_str("connectors:\n  - name: lab\n    description: the lab\n");
+    yaml
+}
+
+/// `ztpctl connector run` with `cert`, to the fixture's data plane.
+fn run_connector(fx: &Fixture, files: &TempDir, cert: &TestCert, name: &str) -> Process {
+    cert.write(files.path(), name)
+        .expect("write the connector's files");
+    let mut cmd = Command::new(Bin::Ztpctl.path());
+    cmd.args(["connector", "run", "--tunnels", "1", "--via"])
+        .arg(format!("localhost:{}", fx.dp.addr().port()))
+        .arg("--cert")
+        .arg(files.join(format!("{name}.pem")))
+        .arg("--key")
+        .arg(files.join(format!("{name}.key")))
+        .arg("--ca")
+        .arg(files.join("ca.pem"));
+    cmd.env_remove("RUST_LOG");
+    Process::spawn(&format!("ztpctl connector run ({name})"), cmd)
+}
+
+/// What a TCP client of `LAB` gets: the echo of `payload`, or the refusal code.
+async fn try_lab(fx: &Fixture, alice: &TestCert, payload: &[u8]) -> Result<Vec<u8>, u16> {
+    let mut s = fx.connect(LAB, alice).await.expect("the handshake");
+    tokio::io::AsyncWriteExt::write_all(&mut s, payload)
+        .await
+        .expect("write");
+    tokio::io::AsyncWriteExt::shutdown(&mut s)
+        .await
+        .expect("close_notify");
+    let data = match read_to_end_or_alert_within(&mut s, STEP).await {
+        Ok(d) => d,
+        Err(e) => e.data().to_vec(),
+    };
+    match parse_ztp_error(&data) {
+        Some((code, _)) => Err(code),
+        None => Ok(data),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_behind_a_connector_is_reached_only_through_its_tunnel() {
+    let pki = TestPki::new();
+    let lab_cert = pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    let backend = EchoBackend::start().await;
+    let fx = Fixture::start_with(pki, Extra::default()).await;
+    fx.dp.reload_snapshot(&snapshot(&fx, 2, &backend, &[]));
+    let alice = fx.pki.client_email("alice@example.com");
+    let files = TempDir::new("connector");
+    std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+
+    // No tunnel: 503, and the data plane never dialled the backend.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match try_lab(&fx, &alice, b"x").await {
+            Err(503) => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "before the connector: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_eq!(
+        backend.connections(),
+        0,
+        "the data plane dialled the backend"
+    );
+
+    // A user's certificate cannot serve as a connector's.
+    let mut impostor = run_connector(&fx, &files, &alice, "alice");
+    let refused = fx
+        .dp
+        .wait_for_log(
+            |v| v["message"] == "connection" && v["reason"] == "not a connector",
+            STEP,
+        )
+        .await;
+    assert!(refused.is_some(), "{}", impostor.output_text());
+    impostor.kill();
+
+    // The connector's tunnel: sessions reach the backend through it, over TCP and QUIC.
+    let mut connector = run_connector(&fx, &files, &lab_cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
+        .await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match try_lab(&fx, &alice, b"through the tunnel").await {
+            Ok(d) => {
+                assert_eq!(d, b"through the tunnel");
+                break;
+            }
+            Err(code) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "with the connector up: {code}; {}",
+                    connector.output_text()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let mut s = fx.connect(LAB, &alice).await.expect("the handshake");
+    echo_step(&mut s, b"a live session").await;
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = connect(&ep, fx.dp.addr(), &with_alpn(fx.opts(LAB, &alice)))
+        .await
+        .expect("QUIC");
+    let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+    send.write_all(b"quic through the tunnel")
+        .await
+        .expect("write");
+    send.finish().expect("finish");
+    let back = recv.read_to_end(1024).await.expect("the echo");
+    assert_eq!(back, b"quic through the tunnel");
+    assert!(backend.connections() >= 3, "the backend saw the sessions");
+    let event = fx
+        .dp
+        .wait_for_log(
+            |v| {
+                v["message"] == "connection" && v["service.name"] == LAB && v["decision"] == "allow"
+            },
+            STEP,
+        )
+        .await
+        .expect("a session's record");
+    assert_ne!(
+        event["backend.addr"],
+        backend.addr().to_string(),
+        "the record names the tunnel, not the backend: {event}"
+    );
+
+    // The connector's certificate revoked: its tunnel and the live session end.
+    fx.dp.reload_snapshot(&snapshot(
+        &fx,
+        3,
+        &backend,
+        std::slice::from_ref(&lab_cert.serial),
+    ));
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("ended"), STEP)
+        .await;
+    // The session through the tunnel ends with it (cut: no clean close, which would say
+    // the service ended it), well within the bound.
+    if let Err(ztp_tests::ReadError::Io { error, .. }) =
+        read_to_end_or_alert_within(&mut s, STEP).await
+    {
+        assert_ne!(
+            error.kind(),
+            std::io::ErrorKind::TimedOut,
+            "the live session through the revoked tunnel is still open"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match try_lab(&fx, &alice, b"x").await {
+            Err(503) => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "after the revocation: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    connector.kill();
+}
