@@ -74,9 +74,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
+    // A tunnel that goes silent is given up after 3 s on both ends (the lower of the two
+    // sides' timeouts holds): the data plane stops sending sessions into it, and the
+    // connector dials again. A keepalive a second keeps a live one from idling.
     transport
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(20))?))
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(3))?))
         // The data plane opens a stream per session.
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_SESSIONS))
         .max_concurrent_uni_streams(VarInt::from_u32(0));

@@ -457,6 +457,27 @@ impl ConfigServer {
                             tracing::error!(error = %e, "cannot keep a connection record");
                         }
                     }
+                    Ok(Some(pb::NodeMessage {
+                        kind: Some(Kind::Tunnels(report)),
+                    })) => {
+                        nodes.set_tunnels(
+                            &id,
+                            report.tunnels.into_iter().map(|t| {
+                                (
+                                    clip(t.connector),
+                                    crate::nodes::Tunnel {
+                                        replica: id.clone(),
+                                        transport: match t.transport.as_str() {
+                                            "quic" => "quic".into(),
+                                            "tcp" => "tcp".into(),
+                                            _ => "other".into(),
+                                        },
+                                        since_ms: t.since_ms,
+                                    },
+                                )
+                            }),
+                        );
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 }
@@ -527,6 +548,7 @@ fn connection_record(
             // A node's free text must not grow the record: anything else is named so.
             _ => "other".into(),
         },
+        connector: clip(r.connector),
     }
 }
 

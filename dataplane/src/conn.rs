@@ -119,8 +119,10 @@ pub fn serve(
             // later decision ended it (the code and reason say so).
             rec.code = ended.refusal.map(Refusal::code);
             rec.allow(ended.end);
+            close_record_via(&ctx, &rec, admission.permit.route.connector.as_deref());
+        } else {
+            close_record(&ctx, &rec);
         }
-        close_record(&ctx, &rec);
     }
     .instrument(span)
 }
@@ -128,9 +130,17 @@ pub fn serve(
 /// A connection's (or a QUIC stream's) end: its log event, its audit record and its
 /// metrics, in one place for every transport.
 pub(crate) fn close_record(ctx: &ConnContext, rec: &Record) {
-    rec.emit();
+    close_record_via(ctx, rec, None)
+}
+
+/// [`close_record`] of a session that went through `connector`'s tunnel (named in the
+/// record; not kept in [`Record`], which every idle connection holds).
+pub(crate) fn close_record_via(ctx: &ConnContext, rec: &Record, connector: Option<&str>) {
+    rec.emit(connector);
     if let Some(audit) = &ctx.audit {
-        if audit.try_send(rec.to_wire()).is_err() {
+        let mut wire = rec.to_wire();
+        wire.connector = connector.unwrap_or_default().to_owned();
+        if audit.try_send(wire).is_err() {
             ctx.metrics.audit_dropped();
         }
     }
@@ -466,10 +476,11 @@ impl Record {
             bytes_down: self.bytes_down,
             duration_ms: self.started.elapsed().as_millis() as u64,
             transport: self.transport.into(),
+            connector: String::new(),
         }
     }
 
-    fn emit(&self) {
+    fn emit(&self, connector: Option<&str>) {
         let span = tracing::Span::current();
         if let Some(b) = self.backend {
             span.record("backend.addr", tracing::field::display(b));
@@ -486,6 +497,7 @@ impl Record {
             client.id_unverified = self.identity_unverified.then_some(true),
             user.name = self.user.as_deref(),
             service.name = self.service.as_deref(),
+            service.connector = connector,
             protocol = self.protocol,
             protocol.detected = self.detected,
             backend.addr = self.backend.map(tracing::field::display),

@@ -44,6 +44,9 @@ pub struct ConnectionRecord {
     /// `tcp` or `quic` (records from before the QUIC transport: `tcp`).
     #[serde(default = "tcp")]
     pub transport: String,
+    /// The connector whose tunnel carried the session, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub connector: String,
 }
 
 fn tcp() -> String {
@@ -179,6 +182,7 @@ mod tests {
             code: 0,
             bytes_up: 1,
             transport: "tcp".into(),
+            connector: String::new(),
             bytes_down: 2,
             duration_ms: 3,
         }

@@ -25,10 +25,38 @@ use super::{BoxOutcome, Client, Handler, Outcome, Session};
 use crate::refusal::Refusal;
 
 /// The live tunnels of this node, by connector name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tunnels {
-    live: Mutex<HashMap<String, Vec<(u64, Connection)>>>,
+    live: Mutex<HashMap<String, Vec<Live>>>,
     next: AtomicU64,
+    /// Moves on every change (the control plane is told: `ztpctl connector list`).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct Live {
+    id: u64,
+    conn: Connection,
+    /// Milliseconds since the Unix epoch.
+    since_ms: u64,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Tunnels {
+            live: Mutex::default(),
+            next: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// One live tunnel, as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelInfo {
+    pub connector: String,
+    pub transport: &'static str,
+    pub since_ms: u64,
 }
 
 /// A registered tunnel; removed when dropped.
@@ -43,10 +71,14 @@ impl Tunnels {
     /// Registers a connector's connection as a tunnel.
     pub fn register(self: &Arc<Self>, name: &str, conn: Connection) -> TunnelGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let since_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         self.lock()
             .entry(name.to_owned())
             .or_default()
-            .push((id, conn));
+            .push(Live { id, conn, since_ms });
+        self.changes.send_modify(|n| *n += 1);
         TunnelGuard {
             tunnels: self.clone(),
             name: name.to_owned(),
@@ -60,7 +92,7 @@ impl Tunnels {
         let tunnels = live.get(name)?;
         let open: Vec<&Connection> = tunnels
             .iter()
-            .map(|(_, c)| c)
+            .map(|t| &t.conn)
             .filter(|c| c.close_reason().is_none())
             .collect();
         if open.is_empty() {
@@ -75,20 +107,45 @@ impl Tunnels {
         self.lock().get(name).map_or(0, Vec::len)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, Connection)>>> {
+    /// Every live tunnel, sorted.
+    pub fn report(&self) -> Vec<TunnelInfo> {
+        let mut out: Vec<TunnelInfo> = self
+            .lock()
+            .iter()
+            .flat_map(|(name, v)| {
+                v.iter().map(|t| TunnelInfo {
+                    connector: name.clone(),
+                    transport: "quic",
+                    since_ms: t.since_ms,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.connector, a.since_ms).cmp(&(&b.connector, b.since_ms)));
+        out
+    }
+
+    /// Changes to watch (the value only counts them).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Live>>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        let mut live = self.tunnels.lock();
-        if let Some(v) = live.get_mut(&self.name) {
-            v.retain(|(id, _)| *id != self.id);
-            if v.is_empty() {
-                live.remove(&self.name);
+        {
+            let mut live = self.tunnels.lock();
+            if let Some(v) = live.get_mut(&self.name) {
+                v.retain(|t| t.id != self.id);
+                if v.is_empty() {
+                    live.remove(&self.name);
+                }
             }
         }
+        self.tunnels.changes.send_modify(|n| *n += 1);
     }
 }
 

@@ -32,7 +32,7 @@ use super::datagram::{Dispatched, Flows, QuicFlow, QuicFlowStart};
 use super::stream::QuicStream;
 use super::Quic;
 use crate::admission::{self, Admission, Choice, PeerFacts};
-use crate::conn::{close_record, detected, record_in_span, ConnContext, Record};
+use crate::conn::{close_record, close_record_via, detected, record_in_span, ConnContext, Record};
 use crate::handler::{Caller, Handler, HandlerLimits, Target};
 use crate::preauth::{self, Permit};
 use crate::reauth;
@@ -544,14 +544,17 @@ fn session_permit(q: &Quic) -> Option<preauth::SessionPermit> {
 struct Recorded {
     ctx: Arc<ConnContext>,
     rec: Option<Record>,
+    /// The connector whose tunnel carries the session, for the record.
+    connector: Option<String>,
 }
 
 impl Recorded {
-    fn open(ctx: &Arc<ConnContext>, rec: Record) -> Self {
+    fn open(ctx: &Arc<ConnContext>, rec: Record, connector: Option<String>) -> Self {
         ctx.metrics.connection_opened();
         Recorded {
             ctx: ctx.clone(),
             rec: Some(rec),
+            connector,
         }
     }
 
@@ -562,7 +565,7 @@ impl Recorded {
 
     fn close(mut self) {
         if let Some(rec) = self.rec.take() {
-            close_record(&self.ctx, &rec);
+            close_record_via(&self.ctx, &rec, self.connector.as_deref());
         }
     }
 }
@@ -571,7 +574,7 @@ impl Drop for Recorded {
     fn drop(&mut self) {
         if let Some(mut rec) = self.rec.take() {
             rec.allow("aborted");
-            close_record(&self.ctx, &rec);
+            close_record_via(&self.ctx, &rec, self.connector.as_deref());
         }
     }
 }
@@ -585,7 +588,8 @@ async fn stream_session(
     _permit: preauth::SessionPermit,
 ) {
     let ctx = &s.q.ctx;
-    let mut recorded = Recorded::open(ctx, s.record(peer));
+    let connector = s.admission.permit.route.connector.clone();
+    let mut recorded = Recorded::open(ctx, s.record(peer), connector);
     let mut client = Metered::new(QuicStream::new(send, recv));
     if matches!(s.protocol, Protocol::Udp | Protocol::Quic) {
         // Datagram services take DATAGRAM frames, not streams.
@@ -624,7 +628,8 @@ async fn flow_session(
     _permit: preauth::SessionPermit,
 ) {
     let ctx = &s.q.ctx;
-    let mut recorded = Recorded::open(ctx, s.record(peer));
+    let connector = s.admission.permit.route.connector.clone();
+    let mut recorded = Recorded::open(ctx, s.record(peer), connector);
     let mut flow = QuicFlow::new(conn, start);
     let limits = HandlerLimits {
         idle_timeout: s.q.udp_idle,

@@ -220,12 +220,34 @@ impl Subscriber {
         tracing::info!(node.id = %self.node_id, url = %self.source.url, "subscribed to the control plane");
         self.ready.in_contact();
         let mut audit = self.audit.lock().await;
+        // The tunnels this node holds, now and on every change.
+        let mut tunnels = self.registry.tunnels().changes();
+        tunnels.mark_changed();
         loop {
             let raw = tokio::select! {
                 m = stream.message() => match m.map_err(SessionError::Status)? {
                     Some(raw) => raw,
                     None => break,
                 },
+                Ok(()) = tunnels.changed() => {
+                    let report = pb::TunnelReport {
+                        tunnels: self
+                            .registry
+                            .tunnels()
+                            .report()
+                            .into_iter()
+                            .map(|t| pb::TunnelEntry {
+                                connector: t.connector,
+                                transport: t.transport.into(),
+                                since_ms: t.since_ms,
+                            })
+                            .collect(),
+                    };
+                    if tx.send(msg(Kind::Tunnels(report))).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 Some(record) = audit.recv() => {
                     if tx.send(msg(Kind::Record(record))).await.is_err() {
                         break;

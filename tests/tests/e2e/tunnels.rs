@@ -39,11 +39,17 @@ fn snapshot(fx: &Fixture, version: u64, backend: &EchoBackend, revoked: &[String
 
 /// `ztpctl connector run` with `cert`, to the fixture's data plane.
 fn run_connector(fx: &Fixture, files: &TempDir, cert: &TestCert, name: &str) -> Process {
+    run_connector_to(fx.dp.addr().port(), files, cert, name)
+}
+
+/// `ztpctl connector run` with `cert` (files in `files`, beside its `ca.pem`), to the
+/// data plane on loopback `port`.
+fn run_connector_to(port: u16, files: &TempDir, cert: &TestCert, name: &str) -> Process {
     cert.write(files.path(), name)
         .expect("write the connector's files");
     let mut cmd = Command::new(Bin::Ztpctl.path());
     cmd.args(["connector", "run", "--tunnels", "1", "--via"])
-        .arg(format!("localhost:{}", fx.dp.addr().port()))
+        .arg(format!("localhost:{port}"))
         .arg("--cert")
         .arg(files.join(format!("{name}.pem")))
         .arg("--key")
@@ -206,4 +212,81 @@ async fn a_service_behind_a_connector_is_reached_only_through_its_tunnel() {
         }
     }
     connector.kill();
+}
+
+/// Through the control plane: `ztpctl connector list` (the REST record's `tunnels`)
+/// shows a connector's live tunnel, with its replica and transport, and loses it when
+/// the connector stops; a session through the tunnel is audited with the connector's
+/// name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_list_shows_live_tunnels_and_the_audit_names_the_connector() {
+    use crate::plane::{dial, send_and_drain, wait_items, Plane};
+
+    let p = Plane::start(&["tun-a"], &[]).await;
+    let backend = EchoBackend::start().await;
+    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
+    let addr = backend.addr().to_string();
+    p.control
+        .ztpctl_ok([
+            "service",
+            "add",
+            LAB,
+            "--proto",
+            "tcp",
+            "--addr",
+            &addr,
+            "--connector",
+            "lab",
+            "--group",
+            "admins",
+        ])
+        .await;
+    p.wait_current().await;
+    let files = TempDir::new("connector-plane");
+    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
+    let cert = p
+        .pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    let mut connector = run_connector_to(p.replicas[0].addr().port(), &files, &cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
+        .await;
+    let items = wait_items(&p.control, "/v1/connectors", "the live tunnel", |items| {
+        items
+            .first()
+            .and_then(|c| c["tunnels"].as_array())
+            .is_some_and(|t| t.len() == 1)
+    })
+    .await;
+    let tunnel = &items[0]["tunnels"][0];
+    assert_eq!(tunnel["replica"], "tun-a", "{tunnel}");
+    assert_eq!(tunnel["transport"], "quic", "{tunnel}");
+    assert!(tunnel["since_ms"].as_u64().unwrap_or(0) > 0, "{tunnel}");
+
+    let (_, s) = dial(p.replicas[0].addr(), &p.opts(LAB, &p.alice)).await;
+    let mut s = s.expect("alice's handshake");
+    assert_eq!(
+        send_and_drain(&mut s, b"audited", Duration::ZERO).await,
+        b"audited"
+    );
+    let records = wait_items(
+        &p.control,
+        "/v1/audit?service=lab.svc.internal&limit=10",
+        "the session's record",
+        |items| !items.is_empty(),
+    )
+    .await;
+    assert_eq!(records[0]["connector"], "lab", "{}", records[0]);
+    assert_eq!(records[0]["decision"], "allow", "{}", records[0]);
+
+    connector.kill();
+    wait_items(&p.control, "/v1/connectors", "the tunnel gone", |items| {
+        items
+            .first()
+            .and_then(|c| c["tunnels"].as_array())
+            .is_some_and(|t| t.is_empty())
+    })
+    .await;
 }
