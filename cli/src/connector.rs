@@ -34,6 +34,17 @@ const MAX_SESSIONS: u32 = 4096;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// Say what the connector does on stderr (not when `ztpctl up` runs it in-process).
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The data planes to hold tunnels to: HOST:PORT[,HOST:PORT…] (their client port).
@@ -57,12 +68,18 @@ pub struct RunArgs {
     /// Tunnels to hold, each to a distinct data plane.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64), value_name = "N")]
     pub tunnels: u16,
+    /// Say nothing on stderr (`ztpctl up` runs its demo connector so).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 /// The services this connector serves, by name, as the data planes last said.
 type Assigned = Arc<Mutex<HashMap<String, Assignment>>>;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.quiet {
+        QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let roots = ztp_infra::tls::read_roots(&args.ca)?;
     let provider = ztp_infra::tls::provider();
     let certified = ztp_infra::tls::certified_key(&args.cert, &args.key, &provider)?;
@@ -89,7 +106,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut vias = args.via.clone();
     vias.dedup();
     let tunnels = vias.len().min(usize::from(args.tunnels));
-    eprintln!(
+    say!(
         "ztpctl: connector: holding {tunnels} tunnel(s) to {}",
         vias[..tunnels].join(", ")
     );
@@ -109,10 +126,10 @@ async fn hold(via: String, config: quinn::ClientConfig, assigned: Assigned) {
     loop {
         match tunnel(&via, &config, &assigned).await {
             Ok(end) => {
-                eprintln!("ztpctl: connector: tunnel to {via} ended: {end}");
+                say!("ztpctl: connector: tunnel to {via} ended: {end}");
                 backoff = BACKOFF_MIN;
             }
-            Err(e) => eprintln!("ztpctl: connector: tunnel to {via}: {e:#}"),
+            Err(e) => say!("ztpctl: connector: tunnel to {via}: {e:#}"),
         }
         // Jittered, so that connectors cut off together do not come back together.
         let jitter = rand_fraction();
@@ -140,10 +157,13 @@ async fn tunnel(
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
         .ok_or_else(|| anyhow!("{via}: not HOST:PORT"))?
         .to_owned();
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(via)
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(via)
         .await
         .with_context(|| format!("cannot resolve {via}"))?
         .collect();
+    // IPv4 first: a name with both (`localhost`) is most often served on IPv4, and a
+    // QUIC attempt to a silent address waits out its timeout.
+    addrs.sort_by_key(|a| a.is_ipv6());
     let mut last = anyhow!("{via}: no address");
     let mut conn = None;
     for addr in addrs {
@@ -172,17 +192,27 @@ async fn tunnel(
     let conn = conn.ok_or(last)?;
     let (mut send, recv) = conn.open_bi().await?;
     send.write_all(&[VERSION]).await?;
-    eprintln!("ztpctl: connector: tunnel up to {via}");
-    let control = tokio::spawn(read_assignments(recv, assigned.clone(), via.to_owned()));
+    say!("ztpctl: connector: tunnel up to {via}");
+    // Everything of the tunnel lives in this future (the control stream, the sessions):
+    // when it ends or is dropped, nothing keeps the connection open.
+    let control = read_assignments(recv, assigned.clone(), via.to_owned());
+    tokio::pin!(control);
+    let mut sessions = tokio::task::JoinSet::new();
     let end = loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                tokio::spawn(session(send, recv, assigned.clone()));
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    sessions.spawn(session(send, recv, assigned.clone()));
+                }
+                Err(e) => break e.to_string(),
+            },
+            () = &mut control => {
+                conn.close(VarInt::from_u32(0), b"control stream ended");
+                break "the control stream ended".to_owned();
             }
-            Err(e) => break e.to_string(),
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     };
-    control.abort();
     drop(send);
     Ok(end)
 }
@@ -196,7 +226,7 @@ async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String)
         }
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_ASSIGNMENTS {
-            eprintln!("ztpctl: connector: {via}: assignments of {len} bytes refused");
+            say!("ztpctl: connector: {via}: assignments of {len} bytes refused");
             return;
         }
         let mut body = vec![0u8; len];
@@ -206,7 +236,7 @@ async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String)
         match decode_assignments(&body) {
             Ok(a) => {
                 let names: Vec<&str> = a.services.iter().map(|s| s.name.as_str()).collect();
-                eprintln!(
+                say!(
                     "ztpctl: connector: serving {} service(s) (version {}): {}",
                     a.services.len(),
                     a.version,
@@ -219,7 +249,7 @@ async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String)
                 }
             }
             Err(e) => {
-                eprintln!("ztpctl: connector: {via}: {e}");
+                say!("ztpctl: connector: {via}: {e}");
                 return;
             }
         }
@@ -244,7 +274,7 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
     let header = match decode_header(&body) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("ztpctl: connector: {e}");
+            say!("ztpctl: connector: {e}");
             let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
             return;
         }
@@ -255,9 +285,10 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
         .get(&header.service)
         .map(|a| a.address.clone());
     let Some(address) = target else {
-        eprintln!(
+        say!(
             "ztpctl: connector: refused a session for {} ({}): not a service of this connector",
-            header.service, header.identity
+            header.service,
+            header.identity
         );
         let _ = send.write_all(&[Status::NotAssigned as u8]).await;
         let _ = send.finish();
@@ -271,9 +302,10 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
     let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&dial)).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
-            eprintln!(
+            say!(
                 "ztpctl: connector: {} ({}): {address}: {e}",
-                header.service, header.identity
+                header.service,
+                header.identity
             );
             let _ = send.write_all(&[Status::Unreachable as u8]).await;
             let _ = send.finish();

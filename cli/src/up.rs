@@ -328,6 +328,17 @@ fn ensure_pki(dir: &Path) -> anyhow::Result<()> {
             false,
         )?;
     }
+    // The demo connector's certificate, also in a state folder from before it.
+    if !dir.join(format!("connector-{DEMO_CONNECTOR}.pem")).exists() {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        pki::connector(
+            dir,
+            DEMO_CONNECTOR,
+            ztp_proto::names::DEFAULT_TRUST_DOMAIN,
+            year,
+            true,
+        )?;
+    }
     for f in [
         "ca.pem",
         "server.pem",
@@ -372,17 +383,31 @@ struct Demo {
     name: &'static str,
     protocol: Protocol,
     backend: &'static str,
+    /// Served through `up`'s demo connector, which dials the backend.
+    connector: Option<&'static str>,
 }
+
+/// The connector `up` runs in-process, serving [`LAB_SVC`].
+const DEMO_CONNECTOR: &str = "demo-lab";
 
 const ECHO_SVC: Demo = Demo {
     name: "echo.svc.internal",
     protocol: Protocol::Tcp,
     backend: "the demo echo backend",
+    connector: None,
 };
 const UDP_ECHO_SVC: Demo = Demo {
     name: "udp-echo.svc.internal",
     protocol: Protocol::Udp,
     backend: "the demo udp echo backend",
+    connector: None,
+};
+/// The echo backend again, reached only through the demo connector's tunnel.
+const LAB_SVC: Demo = Demo {
+    name: "lab.svc.internal",
+    protocol: Protocol::Tcp,
+    backend: "the demo echo backend (through the demo connector)",
+    connector: Some(DEMO_CONNECTOR),
 };
 
 impl Demo {
@@ -396,7 +421,7 @@ impl Demo {
             allow: vec![],
             deny: vec![],
             handler: None,
-            connector: None,
+            connector: self.connector.map(str::to_owned),
         }
     }
 
@@ -478,7 +503,7 @@ async fn seed(store: &Store, record: &Path, backends: &[(Demo, SocketAddr)]) -> 
             name: "demo".into(),
         }],
         revoked: vec![],
-        connectors: vec![],
+        connectors: vec![demo_connector()],
     };
     store.import(snap, Some(0), &Actor::system()).await?;
     let given = backends
@@ -486,6 +511,13 @@ async fn seed(store: &Store, record: &Path, backends: &[(Demo, SocketAddr)]) -> 
         .map(|(d, a)| (d.name.to_string(), vec![a.to_string()]))
         .collect();
     write_record(record, &given)
+}
+
+fn demo_connector() -> ztp_proto::Connector {
+    ztp_proto::Connector {
+        name: DEMO_CONNECTOR.into(),
+        description: "ztpctl up's demo connector".into(),
+    }
 }
 
 /// Points each demo service `up` owns at this run's backend, through the store's API
@@ -498,6 +530,27 @@ async fn align(store: &Store, path: &Path, backends: &[(Demo, SocketAddr)]) -> a
         let want = backend.to_string();
         let (svc, version) = match store.service(demo.name).await {
             Ok(found) => found,
+            // A demo added after this state folder was made (`up` never gave it an
+            // address): added now, with its connector.
+            Err(StoreError::NotFound { .. })
+                if record.as_ref().is_none_or(|r| !r.contains_key(demo.name)) =>
+            {
+                if let Some(c) = demo.connector {
+                    if let Err(StoreError::NotFound { .. }) = store.connector(c).await {
+                        store
+                            .put_connector(demo_connector(), true, None, &up_actor())
+                            .await
+                            .context("cannot add the demo connector")?;
+                    }
+                }
+                given.insert(demo.name.to_string(), vec![want.clone()]);
+                write_record(path, &given)?;
+                store
+                    .put_service(demo.service(*backend), true, None, &up_actor())
+                    .await
+                    .with_context(|| format!("cannot add {}", demo.name))?;
+                continue;
+            }
             Err(StoreError::NotFound { .. }) => {
                 eprintln!(
                     "ztpctl: {} was removed; {} on {want} serves nothing",
@@ -651,6 +704,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let demo = [
         (ECHO_SVC, ports.echo.addr),
         (UDP_ECHO_SVC, ports.udp_echo.addr),
+        (LAB_SVC, ports.echo.addr),
     ];
     let record = state.join(DEMO_RECORD);
     if store.version()? == 0 {
@@ -756,6 +810,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         r = &mut control => bail!("the control plane stopped: {}", describe(r.map(|r| r.map_err(|e| format!("{e:#}"))))),
         r = &mut node => bail!("the data plane stopped: {}", node_ended(r)),
     }
+    // The demo connector: a tunnel from "the lab" to the gateway, in this process.
+    let connector = crate::connector::RunArgs {
+        via: vec![format!("localhost:{}", connectable(listen).port())],
+        cert: pki_dir.join(format!("connector-{DEMO_CONNECTOR}.pem")),
+        key: pki_dir.join(format!("connector-{DEMO_CONNECTOR}.key")),
+        ca: pki_dir.join("ca.pem"),
+        tunnels: 1,
+        quiet: true,
+    };
+    let connector = tokio::spawn(crate::connector::run(connector));
     let addrs = Welcome {
         listen,
         api,
@@ -769,6 +833,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         r = &mut control => bail!("the control plane stopped: {}", describe(r.map(|r| r.map_err(|e| format!("{e:#}"))))),
         r = &mut node => bail!("the data plane stopped: {}", node_ended(r)),
     };
+    // The demo connector goes first: its tunnel is not a user's connection to drain.
+    connector.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     // The data plane drains while the control plane still serves it (its config stream
     // and the connections' audit records), then the control plane stops.
     match open_connections(admin).await {
@@ -853,6 +920,10 @@ fn print_welcome(state: &Path, pki: &Path, data: &Path, addrs: &Welcome) {
     );
     println!(
         "  {me} connect whoami.svc.internal --via {via} {}",
+        files("alice")
+    );
+    println!(
+        "  echo hello | {me} connect lab.svc.internal --via {via} {}   # through the demo connector's tunnel",
         files("alice")
     );
     println!(

@@ -144,6 +144,8 @@ async fn sh(line: &str, home: &Path) -> std::process::Output {
 /// administration lines.
 struct Printed {
     alice_echo: String,
+    /// alice's echo through the demo connector's tunnel.
+    lab: String,
     bob_echo: String,
     whoami: String,
     udp_echo: String,
@@ -160,6 +162,9 @@ fn commands(welcome: &[String], pki: &Path) -> Printed {
         }),
         bob_echo: printed(welcome, "bob's echo", |l| {
             l.contains(echo) && l.contains(&bob_pem)
+        }),
+        lab: printed(welcome, "the demo connector's service", |l| {
+            l.contains(" connect lab.svc.internal ")
         }),
         whoami: printed(welcome, "whoami", |l| {
             l.contains(" connect whoami.svc.internal ")
@@ -205,6 +210,23 @@ async fn run_printed(p: &Printed, home: &Path) {
         p.alice_echo,
         describe_output(&out)
     );
+
+    // Through the demo connector's tunnel: the same echo (the tunnel may take a moment
+    // after the welcome to be up: 503 until then).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = sh(&p.lab, home).await;
+        if out.status.success() && String::from_utf8_lossy(&out.stdout) == "hello\n" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{}`: {}",
+            p.lab,
+            describe_output(&out)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // bob, in no group: exit 1 and one line saying 403 forbidden.
     let out = sh(&p.bob_echo, home).await;
