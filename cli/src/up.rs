@@ -787,6 +787,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             control_ca: pki_dir.join("ca.pem"),
             trust_domain: ztp_proto::names::DEFAULT_TRUST_DOMAIN.into(),
             listen: listen.to_string(),
+            advertised: false,
             schema: ztp_proto::wire::SCHEMA,
         }),
         admin_listen: admin,

@@ -354,6 +354,50 @@ impl ConfigServer {
         ConfigService(Arc::new(self))
     }
 
+    /// Where the connectors' tunnels are, for a node: now, then on every change (after
+    /// 20 ms of quiet, so that a burst of reports is one message).
+    async fn tunnels(
+        &self,
+        req: Request<pb::TunnelsRequest>,
+    ) -> Result<Response<ReceiverStream<Result<pb::TunnelMap, Status>>>, Status> {
+        let peer = req
+            .extensions()
+            .get::<NodePeer>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("not a node connection"))?;
+        let (tx, rx) = mpsc::channel(1);
+        let nodes = self.nodes.clone();
+        let mut changes = nodes.tunnel_changes();
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            tracing::debug!(node.id = %peer.id, "tunnel map subscribed");
+            loop {
+                changes.borrow_and_update();
+                let map = pb::TunnelMap {
+                    holders: nodes
+                        .holders()
+                        .into_iter()
+                        .map(|(connector, node_id, address)| pb::TunnelHolder {
+                            connector,
+                            node_id,
+                            address,
+                        })
+                        .collect(),
+                };
+                if tx.send(Ok(map)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn subscribe(
         &self,
         req: Request<Streaming<pb::NodeMessage>>,
@@ -559,6 +603,7 @@ fn connection_record(
 pub struct ConfigService(Arc<ConfigServer>);
 
 const SUBSCRIBE: &str = "/ztp.config.v1.ConfigService/Subscribe";
+const TUNNELS: &str = "/ztp.config.v1.ConfigService/Tunnels";
 
 impl tonic::server::NamedService for ConfigService {
     const NAME: &'static str = "ztp.config.v1.ConfigService";
@@ -576,13 +621,36 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
         let server = self.0.clone();
         Box::pin(async move {
-            if req.uri().path() != SUBSCRIBE {
-                return Ok(Status::unimplemented("no such method").into_http());
+            match req.uri().path() {
+                SUBSCRIBE => {
+                    let mut grpc = tonic::server::Grpc::new(ServerCodec)
+                        .apply_max_message_size_config(Some(1 << 20), Some(MAX_MESSAGE_BYTES));
+                    Ok(grpc.streaming(Subscribe(server), req).await)
+                }
+                TUNNELS => {
+                    let mut grpc = tonic::server::Grpc::new(ztp_proto::wire::ProstCodec::<
+                        pb::TunnelMap,
+                        pb::TunnelsRequest,
+                    >::default())
+                    .apply_max_message_size_config(Some(1 << 10), Some(MAX_MESSAGE_BYTES));
+                    Ok(grpc.server_streaming(TunnelsCall(server), req).await)
+                }
+                _ => Ok(Status::unimplemented("no such method").into_http()),
             }
-            let mut grpc = tonic::server::Grpc::new(ServerCodec)
-                .apply_max_message_size_config(Some(1 << 20), Some(MAX_MESSAGE_BYTES));
-            Ok(grpc.streaming(Subscribe(server), req).await)
         })
+    }
+}
+
+struct TunnelsCall(Arc<ConfigServer>);
+
+impl tonic::server::ServerStreamingService<pb::TunnelsRequest> for TunnelsCall {
+    type Response = pb::TunnelMap;
+    type ResponseStream = ReceiverStream<Result<pb::TunnelMap, Status>>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, req: Request<pb::TunnelsRequest>) -> Self::Future {
+        let server = self.0.clone();
+        Box::pin(async move { server.tunnels(req).await })
     }
 }
 

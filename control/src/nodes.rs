@@ -62,11 +62,24 @@ const MAX_NODES: usize = 10_000;
 /// Most tunnels one replica's report may hold.
 const MAX_TUNNELS_PER_NODE: usize = 100_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Nodes {
     map: Mutex<BTreeMap<String, NodeInfo>>,
     /// Per node id: the tunnels it last reported, each with its connector's name.
     tunnels: Mutex<BTreeMap<String, Vec<(String, Tunnel)>>>,
+    /// Moves whenever where the tunnels are may have changed (a report, a node's
+    /// subscription or its end): the replicas are told (`holders`).
+    tunnel_changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Nodes {
+            map: Mutex::default(),
+            tunnels: Mutex::default(),
+            tunnel_changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Nodes {
@@ -133,6 +146,35 @@ impl Nodes {
         });
         // What a replica no longer reports is not known to be live.
         self.tunnels_map().remove(id);
+        self.tunnel_changes.send_modify(|n| *n += 1);
+    }
+
+    /// Changes to where the tunnels are (the value only counts them).
+    pub fn tunnel_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.tunnel_changes.subscribe()
+    }
+
+    /// Where every connector's tunnels are: `(connector, node id, the node's address)`
+    /// for each connected replica holding one, sorted.
+    pub fn holders(&self) -> Vec<(String, String, String)> {
+        let listen: BTreeMap<String, String> = self.with(|m| {
+            m.values()
+                .filter(|n| n.connected)
+                .map(|n| (n.id.clone(), n.listen.clone()))
+                .collect()
+        });
+        let mut out: Vec<(String, String, String)> = self
+            .tunnels_map()
+            .iter()
+            .filter_map(|(id, list)| Some((id, list, listen.get(id)?)))
+            .flat_map(|(id, list, addr)| {
+                list.iter()
+                    .map(move |(c, _)| (c.clone(), id.clone(), addr.clone()))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     fn tunnels_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<(String, Tunnel)>>> {
@@ -159,12 +201,15 @@ impl Nodes {
                 )
             })
             .collect();
-        let mut map = self.tunnels_map();
-        if list.is_empty() {
-            map.remove(id);
-        } else {
-            map.insert(id.to_owned(), list);
+        {
+            let mut map = self.tunnels_map();
+            if list.is_empty() {
+                map.remove(id);
+            } else {
+                map.insert(id.to_owned(), list);
+            }
         }
+        self.tunnel_changes.send_modify(|n| *n += 1);
     }
 
     /// The live tunnels of connector `name`, by replica then age (empty until the data

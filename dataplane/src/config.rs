@@ -78,6 +78,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub control_ca: Option<PathBuf>,
 
+    /// Where other replicas (relaying sessions to this node's connector tunnels) and
+    /// connectors reach this node, HOST:PORT. Default: the listen address, when it is
+    /// not a wildcard.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+
     /// Trust domain of node identities.
     #[arg(long, default_value = ztp_proto::names::DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN")]
     pub trust_domain: String,
@@ -196,7 +202,11 @@ impl Args {
                 node_key: need(self.node_key, "--node-key")?,
                 control_ca: need(self.control_ca, "--control-ca")?,
                 trust_domain: self.trust_domain.clone(),
-                listen: self.listen.to_string(),
+                listen: self
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| self.listen.to_string()),
+                advertised: self.advertise.is_some(),
                 schema: self.snapshot_schema,
             }),
             _ => {

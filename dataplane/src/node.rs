@@ -54,6 +54,20 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         Source::File(p) => Some(p.clone()),
         Source::Control(_) => None,
     };
+    // With a control plane the node has a node certificate: it relays sessions to the
+    // replicas holding their connector's tunnel, and takes relays from them.
+    let node_key = subscriber.as_ref().map(|s| s.node_key());
+    if let (Some(key), Source::Control(source)) = (&node_key, &config.source) {
+        let state = ctx.state.clone();
+        ctx.registry
+            .tunnels()
+            .set_relayer(Arc::new(crate::handler::tunnel::Relayer::new(
+                key.clone(),
+                provider.clone(),
+                source.trust_domain.clone(),
+                Box::new(move || state.borrow().tls.verifier.clone()),
+            )));
+    }
     tokio::spawn(reload_on_sighup(
         snapshot_path,
         config.tls.clone(),
@@ -97,15 +111,17 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
                 }
             }
             let settings = &settings;
-            let (endpoint, shared) = crate::quic::bind(settings, ctx.clone(), cap.clone())
-                .map_err(|e| StartError {
-                    code: 1,
-                    lines: vec![format!(
-                        "cannot listen for QUIC clients on {} (udp): {e} (--quic-listen off \
+            let (endpoint, shared) =
+                crate::quic::bind(settings, ctx.clone(), cap.clone(), node_key.clone()).map_err(
+                    |e| StartError {
+                        code: 1,
+                        lines: vec![format!(
+                            "cannot listen for QUIC clients on {} (udp): {e} (--quic-listen off \
                          serves TCP only)",
-                        settings.listen
-                    )],
-                })?;
+                            settings.listen
+                        )],
+                    },
+                )?;
             if let Ok(addr) = endpoint.local_addr() {
                 tracing::info!(%addr, "listening (quic)");
             }
@@ -262,8 +278,10 @@ async fn start(
             )
             .map_err(|e| usage(vec![e.to_string()]))?;
             // Report the address actually bound (a port 0 becomes a real one).
-            if let Ok(addr) = listener.local_addr() {
-                sub.set_listen(addr.to_string());
+            if !source.advertised {
+                if let Ok(addr) = listener.local_addr() {
+                    sub.set_listen(addr.to_string());
+                }
             }
             tracing::info!(node.id = sub.node_id(), control = %source.url, "waiting for the first snapshot");
             Some(sub)

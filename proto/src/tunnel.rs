@@ -18,6 +18,10 @@ use crate::Protocol;
 
 /// The ALPN protocol of a tunnel.
 pub const ALPN: &[u8] = b"ztp-tunnel/1";
+/// The ALPN protocol of a relay between replicas (mutual TLS with node certificates):
+/// a session whose connector has no tunnel here goes, as one stream with a
+/// [`SessionHeader`] naming the connector, to a replica that holds one.
+pub const RELAY_ALPN: &[u8] = b"ztp-relay/1";
 /// The byte that opens the control stream.
 pub const VERSION: u8 = 1;
 /// Largest session header.
@@ -32,6 +36,9 @@ pub struct SessionHeader {
     pub service: String,
     /// The client's identity, for the connector's logs.
     pub identity: String,
+    /// On a relay: the connector whose tunnel is to carry the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
 }
 
 /// The services a connector serves: the only addresses it dials.
@@ -63,6 +70,8 @@ pub enum Status {
     Unreachable = 2,
     /// The backend connect timed out (504).
     Timeout = 3,
+    /// On a relay: the replica holds no tunnel of the connector (any more): 503.
+    NoTunnel = 4,
 }
 
 impl Status {
@@ -72,6 +81,7 @@ impl Status {
             1 => Status::NotAssigned,
             2 => Status::Unreachable,
             3 => Status::Timeout,
+            4 => Status::NoTunnel,
             _ => return None,
         })
     }
@@ -124,6 +134,7 @@ mod tests {
         let h = SessionHeader {
             service: "db.svc.internal".into(),
             identity: "alice@example.com".into(),
+            connector: None,
         };
         let wire = encode_header(&h).unwrap();
         let len = u16::from_be_bytes([wire[0], wire[1]]) as usize;
@@ -132,6 +143,7 @@ mod tests {
         let huge = SessionHeader {
             service: "x".repeat(MAX_HEADER),
             identity: String::new(),
+            connector: None,
         };
         assert!(encode_header(&huge).is_err());
         assert!(decode_header(b"{\"service\":1}").is_err());
@@ -147,7 +159,7 @@ mod tests {
         let wire = encode_assignments(&a).unwrap();
         let len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;
         assert_eq!(decode_assignments(&wire[4..4 + len]).unwrap(), a);
-        for b in 0..=3u8 {
+        for b in 0..=4u8 {
             assert_eq!(Status::from_byte(b).unwrap() as u8, b);
         }
         assert_eq!(Status::from_byte(9), None);

@@ -5,6 +5,10 @@
 use crate::model::{Connector, Group, Protocol, Service, Snapshot, User};
 use crate::validate::{FieldError, Invalid};
 
+/// The plain protobuf codec, for the calls whose messages are not pre-encoded
+/// (`Tunnels`).
+pub use tonic_prost::ProstCodec;
+
 /// The generated messages, client and server.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {

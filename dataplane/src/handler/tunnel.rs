@@ -31,6 +31,11 @@ pub struct Tunnels {
     next: AtomicU64,
     /// Moves on every change (the control plane is told: `ztpctl connector list`).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Other replicas holding tunnels, by connector: `(node id, address)`, as the
+    /// control plane last said (soft state, kept while it is away).
+    remote: Mutex<HashMap<String, Vec<(String, String)>>>,
+    /// Carries sessions to those replicas (a node with a control plane only).
+    relayer: std::sync::OnceLock<Arc<Relayer>>,
 }
 
 #[derive(Debug)]
@@ -47,6 +52,8 @@ impl Default for Tunnels {
             live: Mutex::default(),
             next: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
+            remote: Mutex::default(),
+            relayer: std::sync::OnceLock::new(),
         }
     }
 }
@@ -124,6 +131,38 @@ impl Tunnels {
         out
     }
 
+    /// Replaces what other replicas hold: `(connector, node id, address)`, this node's
+    /// own (`me`) left out.
+    pub fn set_remote(
+        &self,
+        me: &str,
+        holders: impl IntoIterator<Item = (String, String, String)>,
+    ) {
+        let mut map: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (connector, node, addr) in holders {
+            if node != me && !addr.is_empty() {
+                map.entry(connector).or_default().push((node, addr));
+            }
+        }
+        *self.remote.lock().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// A replica holding a tunnel of `name`, taking turns.
+    pub fn pick_remote(&self, name: &str) -> Option<(String, String)> {
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let holders = remote.get(name)?;
+        if holders.is_empty() {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        Some(holders[turn % holders.len()].clone())
+    }
+
+    /// Sets how sessions are carried to other replicas (once).
+    pub fn set_relayer(&self, relayer: Arc<Relayer>) {
+        let _ = self.relayer.set(relayer);
+    }
+
     /// Changes to watch (the value only counts them).
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
@@ -187,13 +226,29 @@ impl Handler for TunnelForwarder {
             let Some(name) = target.connector else {
                 return Outcome::refused(Refusal::Unavailable, "no connector");
             };
-            let Some(conn) = self.tunnels.pick(name) else {
-                return Outcome::refused(Refusal::Unavailable, "no tunnel");
+            // A tunnel here, else one on another replica (relayed), else 503.
+            let (conn, relayed) = match self.tunnels.pick(name) {
+                Some(c) => (c, false),
+                None => {
+                    let remote = self.tunnels.pick_remote(name);
+                    let relayer = self.tunnels.relayer.get();
+                    let (Some((node, addr)), Some(relayer)) = (remote, relayer) else {
+                        return Outcome::refused(Refusal::Unavailable, "no tunnel");
+                    };
+                    match relayer.connection(&node, &addr).await {
+                        Ok(c) => (c, true),
+                        Err(e) => {
+                            tracing::debug!(relay.node = %node, error = %e, "relay unreachable");
+                            return Outcome::refused(Refusal::Unavailable, "relay unreachable");
+                        }
+                    }
+                }
             };
             report.backend_addr = Some(conn.remote_address());
             let header = match encode_header(&SessionHeader {
                 service: target.service.to_owned(),
                 identity: caller.identity.id.clone(),
+                connector: relayed.then(|| name.to_owned()),
             }) {
                 Ok(h) => h,
                 Err(e) => {
@@ -237,6 +292,10 @@ impl Handler for TunnelForwarder {
                     stream.finished = true;
                     tracing::warn!(connector = name, "the connector does not serve the service");
                     return Outcome::refused(Refusal::BadGateway, "not assigned");
+                }
+                Some(Status::NoTunnel) => {
+                    stream.finished = true;
+                    return Outcome::refused(Refusal::Unavailable, "no tunnel at the relay");
                 }
                 Some(Status::Unreachable) | None => {
                     stream.finished = true;
@@ -299,5 +358,168 @@ impl AsyncWrite for TunnelStream {
             self.finished = true;
         }
         r
+    }
+}
+
+/// Carries sessions to other replicas over mutual TLS with node certificates (QUIC,
+/// ALPN `ztp-relay/1`): one connection per replica, kept, a stream per session.
+pub struct Relayer {
+    endpoints: Mutex<(Option<quinn::Endpoint>, Option<quinn::Endpoint>)>,
+    node_key: Arc<rustls::sign::CertifiedKey>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    trust_domain: String,
+    /// The verifier of the current snapshot (the client CA set and its revocations),
+    /// which the peer's node certificate must pass.
+    verifier: Box<dyn Fn() -> Arc<dyn rustls::server::danger::ClientCertVerifier> + Send + Sync>,
+    conns: Mutex<HashMap<String, Connection>>,
+}
+
+impl std::fmt::Debug for Relayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayer").finish_non_exhaustive()
+    }
+}
+
+impl Relayer {
+    pub fn new(
+        node_key: Arc<rustls::sign::CertifiedKey>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        trust_domain: String,
+        verifier: Box<
+            dyn Fn() -> Arc<dyn rustls::server::danger::ClientCertVerifier> + Send + Sync,
+        >,
+    ) -> Self {
+        Relayer {
+            endpoints: Mutex::new((None, None)),
+            node_key,
+            provider,
+            trust_domain,
+            verifier,
+            conns: Mutex::default(),
+        }
+    }
+
+    /// A connection to replica `node` at `addr` (kept and reused while it lives).
+    pub async fn connection(&self, node: &str, addr: &str) -> io::Result<Connection> {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .filter(|c| c.close_reason().is_none())
+        {
+            return Ok(c.clone());
+        }
+        let remote = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+        let endpoint = self.endpoint(remote.is_ipv6())?;
+        let verifier = Arc::new(NodeServerVerifier {
+            inner: (self.verifier)(),
+            expect: node.to_owned(),
+            trust_domain: self.trust_domain.clone(),
+        });
+        let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(io::Error::other)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                self.node_key.clone(),
+            )));
+        tls.alpn_protocols = vec![ztp_proto::tunnel::RELAY_ALPN.to_vec()];
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(io::Error::other)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(Duration::from_secs(1)))
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(Duration::from_secs(3)).map_err(io::Error::other)?,
+            ))
+            .max_concurrent_uni_streams(VarInt::from_u32(0));
+        config.transport_config(Arc::new(transport));
+        let conn = tokio::time::timeout(Duration::from_secs(5), async {
+            endpoint
+                .connect_with(config, remote, "relay")
+                .map_err(io::Error::other)?
+                .await
+                .map_err(io::Error::other)
+        })
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "relay handshake"))??;
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    fn endpoint(&self, v6: bool) -> io::Result<quinn::Endpoint> {
+        let mut eps = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = if v6 { &mut eps.1 } else { &mut eps.0 };
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let bind: std::net::SocketAddr = if v6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let e = quinn::Endpoint::client(bind)?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+}
+
+/// The peer replica's certificate on a relay: a node certificate of the client CA set
+/// (not revoked) naming the replica expected.
+#[derive(Debug)]
+struct NodeServerVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    expect: String,
+    trust_domain: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NodeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match ztp_proto::names::node_id_of_cert(end_entity, &self.trust_domain) {
+            Some(id) if id == self.expect => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            _ => Err(rustls::Error::General("not the replica expected".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }

@@ -145,6 +145,7 @@ pub fn connection_crypto(
     routes: Arc<Routes>,
     source: IpAddr,
     notes: SharedNotes,
+    node_key: Option<Arc<CertifiedKey>>,
 ) -> Result<Arc<QuicServerConfig>, String> {
     let verifier = Arc::new(NotingVerifier {
         inner: tls.verifier.clone(),
@@ -154,6 +155,7 @@ pub fn connection_crypto(
         routes,
         source,
         certified: tls.certified.clone(),
+        node_key,
         notes,
     });
     let mut config = ServerConfig::builder_with_provider(tls.provider.clone())
@@ -163,6 +165,7 @@ pub fn connection_crypto(
         .with_cert_resolver(resolver);
     // The tunnel's first: a client that offers it is judged as a connector.
     config.alpn_protocols = vec![
+        ztp_proto::tunnel::RELAY_ALPN.to_vec(),
         ztp_proto::tunnel::ALPN.to_vec(),
         ztp_proto::quic::ALPN.to_vec(),
     ];
@@ -181,6 +184,7 @@ pub fn refuse_all(tls: &TlsConfigs) -> Result<Arc<QuicServerConfig>, String> {
         Arc::default(),
         Ipv4Addr::UNSPECIFIED.into(),
         SharedNotes::default(),
+        None,
     )
 }
 
@@ -192,11 +196,24 @@ struct SniGate {
     routes: Arc<Routes>,
     source: IpAddr,
     certified: Arc<CertifiedKey>,
+    /// The node's own certificate: what it presents to a replica relaying to it.
+    node_key: Option<Arc<CertifiedKey>>,
     notes: SharedNotes,
 }
 
 impl ResolvesServerCert for SniGate {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // A replica relaying to this one: both present node certificates (a node without
+        // a control plane has none, and serves no relay).
+        if hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ztp_proto::tunnel::RELAY_ALPN))
+        {
+            if self.node_key.is_none() {
+                note(&self.notes, |n| n.refused = Some("no relay here"));
+            }
+            return self.node_key.clone();
+        }
         // A connector dials a replica by the replica's own name: its tunnels are judged on
         // its certificate, after the handshake (`quic::tunnel`).
         if hello

@@ -126,6 +126,13 @@ pub async fn serve(
             }
         };
         rec.handshake_done = true;
+        if super::relay::is_relay(&conn) {
+            // Another replica relaying sessions to this one's tunnels.
+            super::relay::serve(&q, conn, &mut rec).await;
+            close_record(ctx, &rec);
+            drop(permit);
+            return;
+        }
         if super::tunnel::is_tunnel(&conn) {
             // A connector's tunnel: one connection record for its life.
             super::tunnel::serve(&q, conn, &hello_state, &mut rec).await;

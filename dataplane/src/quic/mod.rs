@@ -28,6 +28,7 @@ use crate::preauth::{self, Gate};
 pub mod config;
 pub mod conn;
 pub mod datagram;
+pub mod relay;
 pub mod stream;
 pub mod tunnel;
 
@@ -58,6 +59,8 @@ pub struct Quic {
     pub gate: Gate,
     pub udp_idle: Duration,
     pub trust_domain: String,
+    /// The node's certificate (with a control plane): presented to relaying replicas.
+    pub node_key: Option<Arc<rustls::sign::CertifiedKey>>,
     /// The endpoint's server config: each connection gets a copy with its own TLS config.
     base: quinn::ServerConfig,
     pub(crate) handshaking: AtomicUsize,
@@ -73,6 +76,7 @@ pub fn bind(
     settings: &QuicSettings,
     ctx: Arc<ConnContext>,
     gate: Gate,
+    node_key: Option<Arc<rustls::sign::CertifiedKey>>,
 ) -> io::Result<(Endpoint, Arc<Quic>)> {
     let socket = config::socket(settings.listen)?;
     let active = ctx.state.borrow().clone();
@@ -104,6 +108,7 @@ pub fn bind(
         gate,
         udp_idle: settings.udp_idle,
         trust_domain: settings.trust_domain.clone(),
+        node_key,
         base,
         handshaking: AtomicUsize::new(0),
         retry_above: settings.retry_above,
@@ -185,6 +190,7 @@ fn accept(q: &Arc<Quic>, incoming: quinn::Incoming) {
         active.policy.routes.clone(),
         peer.ip(),
         notes.clone(),
+        q.node_key.clone(),
     ) {
         Ok(c) => c,
         Err(e) => {

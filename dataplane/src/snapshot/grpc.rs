@@ -38,8 +38,11 @@ pub struct ControlSource {
     pub node_key: PathBuf,
     pub control_ca: PathBuf,
     pub trust_domain: String,
-    /// The node's client-facing address, reported for `node list`.
+    /// The node's client-facing address, reported for `node list` and to the replicas
+    /// that relay to it.
     pub listen: String,
+    /// `listen` was given (`--advertise`): the bound address does not replace it.
+    pub advertised: bool,
     /// The highest snapshot schema to accept.
     pub schema: u32,
 }
@@ -69,6 +72,8 @@ pub struct Subscriber {
     /// Connection records waiting to go to the control plane; bounded, kept across
     /// reconnects.
     audit: tokio::sync::Mutex<mpsc::Receiver<pb::ConnectionRecord>>,
+    /// The node's certificate and key: also its identity on relays between replicas.
+    node_key: Arc<rustls::sign::CertifiedKey>,
 }
 
 /// Connection records a node keeps for the control plane while it is away.
@@ -113,7 +118,7 @@ impl Subscriber {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| SourceError::Tls(e.to_string()))?
             .with_root_certificates(roots)
-            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone())));
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Subscriber {
             source,
@@ -125,7 +130,13 @@ impl Subscriber {
             registry,
             ready,
             audit: tokio::sync::Mutex::new(audit),
+            node_key: certified,
         })
+    }
+
+    /// The node's certificate and key.
+    pub fn node_key(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.node_key.clone()
     }
 
     pub fn node_id(&self) -> &str {
@@ -219,6 +230,23 @@ impl Subscriber {
             .into_inner();
         tracing::info!(node.id = %self.node_id, url = %self.source.url, "subscribed to the control plane");
         self.ready.in_contact();
+        // Where the connectors' tunnels are, cluster-wide (a control plane without the
+        // call serves no relays: this node then serves its own tunnels only).
+        let mut holders = match client.ready().await {
+            Ok(()) => client
+                .server_streaming(
+                    tonic::Request::new(pb::TunnelsRequest {}),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(
+                        "/ztp.config.v1.ConfigService/Tunnels",
+                    ),
+                    ztp_proto::wire::ProstCodec::<pb::TunnelsRequest, pb::TunnelMap>::default(),
+                )
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| tracing::debug!(error = %e, "no tunnel map from the control plane"))
+                .ok(),
+            Err(_) => None,
+        };
         let mut audit = self.audit.lock().await;
         // The tunnels this node holds, now and on every change.
         let mut tunnels = self.registry.tunnels().changes();
@@ -229,6 +257,18 @@ impl Subscriber {
                     Some(raw) => raw,
                     None => break,
                 },
+                m = async { holders.as_mut()?.message().await.ok().flatten() }, if holders.is_some() => {
+                    match m {
+                        Some(map) => self.registry.tunnels().set_remote(
+                            &self.node_id,
+                            map.holders
+                                .into_iter()
+                                .map(|h| (h.connector, h.node_id, h.address)),
+                        ),
+                        None => holders = None,
+                    }
+                    continue;
+                }
                 Ok(()) = tunnels.changed() => {
                     let report = pb::TunnelReport {
                         tunnels: self

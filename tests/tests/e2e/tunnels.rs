@@ -60,6 +60,31 @@ fn run_connector_to(port: u16, files: &TempDir, cert: &TestCert, name: &str) -> 
     Process::spawn(&format!("ztpctl connector run ({name})"), cmd)
 }
 
+/// What a TCP client of `LAB` through the data plane at `addr` gets: the echo of
+/// `payload`, or the refusal code.
+async fn lab_via(
+    addr: std::net::SocketAddr,
+    opts: &ztp_tests::ClientOptions,
+    payload: &[u8],
+) -> Result<Vec<u8>, u16> {
+    let (_, s) = crate::plane::dial(addr, opts).await;
+    let mut s = s.expect("the handshake");
+    tokio::io::AsyncWriteExt::write_all(&mut s, payload)
+        .await
+        .expect("write");
+    tokio::io::AsyncWriteExt::shutdown(&mut s)
+        .await
+        .expect("close_notify");
+    let data = match read_to_end_or_alert_within(&mut s, STEP).await {
+        Ok(d) => d,
+        Err(e) => e.data().to_vec(),
+    };
+    match parse_ztp_error(&data) {
+        Some((code, _)) => Err(code),
+        None => Ok(data),
+    }
+}
+
 /// What a TCP client of `LAB` gets: the echo of `payload`, or the refusal code.
 async fn try_lab(fx: &Fixture, alice: &TestCert, payload: &[u8]) -> Result<Vec<u8>, u16> {
     let mut s = fx.connect(LAB, alice).await.expect("the handshake");
@@ -289,4 +314,100 @@ async fn connector_list_shows_live_tunnels_and_the_audit_names_the_connector() {
             .is_some_and(|t| t.is_empty())
     })
     .await;
+}
+
+/// Relay: a client lands on replica B while the connector's only tunnel is on replica A;
+/// B learns through the control plane where the tunnel is and carries the session to A
+/// over mutual TLS with node certificates (QUIC, `ztp-relay/1`). When the connector
+/// stops, B answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_tunnel_relays_to_one_with_it() {
+    use crate::plane::Plane;
+
+    let p = Plane::start(&["relay-a", "relay-b"], &[]).await;
+    let backend = EchoBackend::start().await;
+    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
+    let addr = backend.addr().to_string();
+    p.control
+        .ztpctl_ok([
+            "service",
+            "add",
+            LAB,
+            "--proto",
+            "tcp",
+            "--addr",
+            &addr,
+            "--connector",
+            "lab",
+            "--group",
+            "admins",
+        ])
+        .await;
+    p.wait_current().await;
+    let files = TempDir::new("connector-relay");
+    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
+    let cert = p
+        .pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    let (a, b) = (&p.replicas[0], &p.replicas[1]);
+    let mut connector = run_connector_to(a.addr().port(), &files, &cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
+        .await;
+
+    // Through B, which holds no tunnel: relayed to A (once B has heard where it is).
+    let opts = p.opts(LAB, &p.alice);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match lab_via(b.addr(), &opts, b"relayed").await {
+            Ok(d) => {
+                assert_eq!(d, b"relayed");
+                break;
+            }
+            Err(code) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "through B: {code}; {}",
+                    connector.output_text()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let event = b
+        .wait_for_log(
+            |v| {
+                v["message"] == "connection"
+                    && v["service.name"] == LAB
+                    && v["decision"] == "allow"
+                    && v["refusal.code"].is_null()
+            },
+            STEP,
+        )
+        .await
+        .expect("B's record of the relayed session");
+    assert_eq!(
+        event["backend.addr"],
+        a.addr().to_string(),
+        "relayed to A: {event}"
+    );
+    assert_eq!(event["service.connector"], "lab", "{event}");
+
+    // The connector gone: B answers 503 once the tunnel's end is known.
+    connector.kill();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match lab_via(b.addr(), &opts, b"x").await {
+            Err(503) => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "after the connector stopped: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
