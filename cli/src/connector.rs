@@ -107,12 +107,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     vias.dedup();
     let tunnels = vias.len().min(usize::from(args.tunnels));
     say!(
-        "ztpctl: connector: holding {tunnels} tunnel(s) to {}",
-        vias[..tunnels].join(", ")
+        "ztpctl: connector: holding {tunnels} tunnel(s), to distinct replicas of {}",
+        vias.join(", ")
     );
+    let placement = Arc::new(Placement {
+        vias,
+        held: Mutex::default(),
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    for via in vias.into_iter().take(tunnels) {
-        tasks.spawn(hold(via, config.clone(), assigned.clone()));
+    for slot in 0..tunnels {
+        tasks.spawn(hold(
+            slot,
+            placement.clone(),
+            config.clone(),
+            assigned.clone(),
+        ));
     }
     while let Some(r) = tasks.join_next().await {
         r?;
@@ -120,17 +129,65 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Holds one tunnel to `via`, dialling it again whenever it ends.
-async fn hold(via: String, config: quinn::ClientConfig, assigned: Assigned) {
+/// The replicas a connector may dial, and those its tunnels hold now (each tunnel goes
+/// to a distinct one).
+struct Placement {
+    vias: Vec<String>,
+    held: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Placement {
+    /// The first replica from `from` on (in turn) that no other tunnel holds, taken.
+    fn take(&self, from: usize) -> Option<String> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.vias.len();
+        let via = (0..n)
+            .map(|k| &self.vias[(from + k) % n])
+            .find(|v| !held.contains(*v))?
+            .clone();
+        held.insert(via.clone());
+        Some(via)
+    }
+
+    fn give_back(&self, via: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(via);
+    }
+}
+
+/// Holds tunnel `slot`: to its own replica first, and whenever a tunnel ends or cannot
+/// be made, to the next replica no other tunnel holds (so that a replica that died is
+/// replaced by another at once, not dialled again and again).
+async fn hold(
+    slot: usize,
+    placement: Arc<Placement>,
+    config: quinn::ClientConfig,
+    assigned: Assigned,
+) {
     let mut backoff = BACKOFF_MIN;
+    let mut next = slot;
     loop {
-        match tunnel(&via, &config, &assigned).await {
+        let Some(via) = placement.take(next) else {
+            tokio::time::sleep(backoff).await;
+            continue;
+        };
+        let r = tunnel(&via, &config, &assigned).await;
+        placement.give_back(&via);
+        match r {
             Ok(end) => {
                 say!("ztpctl: connector: tunnel to {via} ended: {end}");
                 backoff = BACKOFF_MIN;
             }
             Err(e) => say!("ztpctl: connector: tunnel to {via}: {e:#}"),
         }
+        next = placement
+            .vias
+            .iter()
+            .position(|v| *v == via)
+            .unwrap_or(next)
+            + 1;
         // Jittered, so that connectors cut off together do not come back together.
         let jitter = rand_fraction();
         tokio::time::sleep(backoff.mul_f64(0.5 + jitter)).await;
@@ -180,13 +237,13 @@ async fn tunnel(
                 .map_err(|e| anyhow!("{e}"))?;
             Ok::<_, anyhow::Error>(c)
         };
-        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(Ok(c)) => {
                 conn = Some(c);
                 break;
             }
             Ok(Err(e)) => last = e.context(format!("{addr}")),
-            Err(_) => last = anyhow!("{addr}: no answer within 10 s"),
+            Err(_) => last = anyhow!("{addr}: no answer within {CONNECT_TIMEOUT:?}"),
         }
     }
     let conn = conn.ok_or(last)?;

@@ -411,3 +411,123 @@ async fn a_replica_without_the_tunnel_relays_to_one_with_it() {
         }
     }
 }
+
+/// Failover: a connector holding two tunnels over three replicas; replica A (holding one)
+/// is killed with SIGKILL while new sessions keep arriving through B: none of them
+/// fails, and the connector re-establishes its second tunnel on C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails() {
+    use crate::plane::{wait_items, Plane};
+
+    let mut p = Plane::start(&["fo-a", "fo-b", "fo-c"], &[]).await;
+    let backend = EchoBackend::start().await;
+    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
+    let addr = backend.addr().to_string();
+    p.control
+        .ztpctl_ok([
+            "service",
+            "add",
+            LAB,
+            "--proto",
+            "tcp",
+            "--addr",
+            &addr,
+            "--connector",
+            "lab",
+            "--group",
+            "admins",
+        ])
+        .await;
+    p.wait_current().await;
+    let files = TempDir::new("connector-failover");
+    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
+    let cert = p
+        .pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    cert.write(files.path(), "lab")
+        .expect("write the connector's files");
+    let vias = p
+        .replicas
+        .iter()
+        .map(|r| format!("localhost:{}", r.addr().port()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = Command::new(Bin::Ztpctl.path());
+    cmd.args(["connector", "run", "--tunnels", "2", "--via", &vias])
+        .arg("--cert")
+        .arg(files.join("lab.pem"))
+        .arg("--key")
+        .arg(files.join("lab.key"))
+        .arg("--ca")
+        .arg(files.join("ca.pem"));
+    let mut connector = Process::spawn("ztpctl connector run (failover)", cmd);
+    let tunnels_on = |items: &[serde_json::Value]| -> Vec<String> {
+        let mut on: Vec<String> = items
+            .first()
+            .and_then(|c| c["tunnels"].as_array())
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| t["replica"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        on.sort();
+        on
+    };
+    let items = wait_items(&p.control, "/v1/connectors", "two tunnels", |items| {
+        tunnels_on(items).len() == 2
+    })
+    .await;
+    assert_eq!(
+        tunnels_on(&items),
+        ["fo-a", "fo-b"],
+        "the first two replicas"
+    );
+
+    // A steady stream of new sessions through B.
+    let opts = p.opts(LAB, &p.alice);
+    let b = p.replicas[1].addr();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while lab_via(b, &opts, b"warm").await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "B never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sessions = {
+        let (opts, stop) = (opts.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match lab_via(b, &opts, b"steady").await {
+                    Ok(d) if d == b"steady" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.replicas[0].signal("KILL");
+    let items = wait_items(
+        &p.control,
+        "/v1/connectors",
+        "the tunnel moved to C",
+        |items| tunnels_on(items) == ["fo-b", "fo-c"],
+    )
+    .await;
+    assert_eq!(tunnels_on(&items), ["fo-b", "fo-c"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = sessions.await.expect("the sessions' task");
+    assert!(ok > 10, "only {ok} sessions");
+    assert!(
+        failed.is_empty(),
+        "{} of {} sessions through B failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    connector.kill();
+}
