@@ -313,6 +313,83 @@ async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String)
     }
 }
 
+/// How long a datagram session with nothing moving lives.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// A udp service's session: datagrams framed on the stream, to and from a UDP socket
+/// connected to the backend.
+async fn datagram_session(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    dial: &str,
+    header: &ztp_proto::tunnel::SessionHeader,
+) {
+    use ztp_proto::framing::{encode, Decoder, MAX_FRAME};
+    let sock = async {
+        let target = tokio::net::lookup_host(dial)
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let bind: SocketAddr = if target.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = tokio::net::UdpSocket::bind(bind).await?;
+        sock.connect(target).await?;
+        Ok::<_, std::io::Error>(sock)
+    };
+    let sock = match tokio::time::timeout(CONNECT_TIMEOUT, sock).await {
+        Ok(Ok(s)) => s,
+        other => {
+            say!(
+                "ztpctl: connector: {} ({}): {dial}: {:?}",
+                header.service,
+                header.identity,
+                other.map(|r| r.map(|_| ()))
+            );
+            let _ = send.write_all(&[Status::Unreachable as u8]).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if send.write_all(&[Status::Connected as u8]).await.is_err() {
+        return;
+    }
+    let mut dec = Decoder::default();
+    let mut rbuf = vec![0u8; 16 * 1024];
+    let mut down = vec![0u8; MAX_FRAME + 1];
+    let mut out = Vec::new();
+    loop {
+        while let Ok(Some(f)) = dec.frame() {
+            let _ = sock.send(f).await;
+            dec.consume_frame();
+        }
+        if dec.frame().is_err() {
+            break;
+        }
+        tokio::select! {
+            r = recv.read(&mut rbuf) => match r {
+                Ok(Some(n)) => dec.push(&rbuf[..n]),
+                _ => break,
+            },
+            r = sock.recv(&mut down) => match r {
+                Ok(n) if n <= MAX_FRAME => {
+                    out.clear();
+                    encode(&down[..n], &mut out);
+                    if send.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+                // Too large for a frame, or an ICMP error from an earlier send: lost.
+                _ => {}
+            },
+            _ = tokio::time::sleep(UDP_IDLE) => break,
+        }
+    }
+    let _ = send.finish();
+}
+
 /// One session: its header, the backend it names (if assigned), then bytes both ways.
 async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned) {
     let mut len = [0u8; 2];
@@ -356,6 +433,9 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
     } else {
         address.clone()
     };
+    if header.datagrams {
+        return datagram_session(send, recv, &dial, &header).await;
+    }
     let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&dial)).await {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {

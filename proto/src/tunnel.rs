@@ -39,6 +39,11 @@ pub struct SessionHeader {
     /// On a relay: the connector whose tunnel is to carry the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connector: Option<String>,
+    /// A udp (or quic) service: the stream carries datagrams, each framed as
+    /// `ztp_proto::framing` frames them (a 2-byte length, at most 16,384 bytes), and the
+    /// connector relays them to and from a UDP socket connected to the address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub datagrams: bool,
 }
 
 /// The services a connector serves: the only addresses it dials.
@@ -135,6 +140,7 @@ mod tests {
             service: "db.svc.internal".into(),
             identity: "alice@example.com".into(),
             connector: None,
+            datagrams: false,
         };
         let wire = encode_header(&h).unwrap();
         let len = u16::from_be_bytes([wire[0], wire[1]]) as usize;
@@ -144,6 +150,7 @@ mod tests {
             service: "x".repeat(MAX_HEADER),
             identity: String::new(),
             connector: None,
+            datagrams: false,
         };
         assert!(encode_header(&huge).is_err());
         assert!(decode_header(b"{\"service\":1}").is_err());

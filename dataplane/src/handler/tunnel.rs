@@ -20,8 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ztp_proto::tunnel::{encode_header, SessionHeader, Status};
 use ztp_proto::Protocol;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztp_proto::framing::{encode, Decoder, MAX_FRAME};
+
 use super::splice::{splice, SpliceEnd};
-use super::{BoxOutcome, Client, Handler, Outcome, Session};
+use super::{BoxOutcome, Client, DatagramChannel, Handler, Outcome, Session};
 use crate::refusal::Refusal;
 
 /// The live tunnels of this node, by connector name.
@@ -205,10 +208,9 @@ impl Handler for TunnelForwarder {
         "tunnel"
     }
 
-    fn supports(&self, protocol: Protocol) -> bool {
-        // udp and quic services through a connector (datagrams in the tunnel) are not
-        // served yet: 501.
-        matches!(protocol, Protocol::Tcp | Protocol::Auto)
+    fn supports(&self, _protocol: Protocol) -> bool {
+        // Streams are spliced; udp and quic datagrams go framed on the session's stream.
+        true
     }
 
     fn serve<'a>(&'a self, s: Session<'a>) -> BoxOutcome<'a> {
@@ -220,9 +222,7 @@ impl Handler for TunnelForwarder {
                 limits,
                 report,
             } = s;
-            let Client::Stream(client) = client else {
-                return Outcome::ended("not a stream");
-            };
+            let datagrams = matches!(target.protocol, Protocol::Udp | Protocol::Quic);
             let Some(name) = target.connector else {
                 return Outcome::refused(Refusal::Unavailable, "no connector");
             };
@@ -249,6 +249,7 @@ impl Handler for TunnelForwarder {
                 service: target.service.to_owned(),
                 identity: caller.identity.id.clone(),
                 connector: relayed.then(|| name.to_owned()),
+                datagrams,
             }) {
                 Ok(h) => h,
                 Err(e) => {
@@ -302,13 +303,121 @@ impl Handler for TunnelForwarder {
                     return Outcome::refused(Refusal::BadGateway, "backend unreachable");
                 }
             }
-            let res = splice(client, &mut stream, limits.idle_timeout).await;
-            match res.end {
-                SpliceEnd::Closed => Outcome::ended("closed"),
-                SpliceEnd::Idle => Outcome::ended("idle timeout"),
-                SpliceEnd::Error(_) => Outcome::aborted("connection error"),
+            match (client, datagrams) {
+                (Client::Stream(client), false) => {
+                    let res = splice(client, &mut stream, limits.idle_timeout).await;
+                    match res.end {
+                        SpliceEnd::Closed => Outcome::ended("closed"),
+                        SpliceEnd::Idle => Outcome::ended("idle timeout"),
+                        SpliceEnd::Error(_) => Outcome::aborted("connection error"),
+                    }
+                }
+                (Client::Datagrams(channel), _) => {
+                    let end = carry_datagrams(channel, &mut stream, limits.idle_timeout).await;
+                    let _ = stream.shutdown().await;
+                    Outcome::ended(end)
+                }
+                (Client::Stream(client), true) => {
+                    // Spec mode: one message out, one datagram back (within
+                    // --udp-timeout), then close.
+                    spec_exchange(client, &mut stream, limits.idle_timeout, limits.udp_timeout)
+                        .await
+                }
             }
         })
+    }
+}
+
+/// Datagrams between the client's channel and the session's stream in the tunnel, each
+/// framed on the stream (`ztp_proto::framing`: 2-byte length, at most 16,384 bytes).
+async fn carry_datagrams(
+    channel: &mut dyn DatagramChannel,
+    stream: &mut TunnelStream,
+    idle: Duration,
+) -> &'static str {
+    let mut up = Vec::new();
+    let mut out = Vec::new();
+    let mut dec = Decoder::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // Whole frames already read go to the client first.
+        loop {
+            match dec.frame() {
+                Ok(Some(f)) => {
+                    if channel.send(f).await.is_err() {
+                        return "connection error";
+                    }
+                    dec.consume_frame();
+                }
+                Ok(None) => break,
+                Err(_) => return "bad frame from the connector",
+            }
+        }
+        tokio::select! {
+            r = channel.recv(&mut up) => match r {
+                Ok(true) => {
+                    out.clear();
+                    encode(&up, &mut out);
+                    if stream.write_all(&out).await.is_err() {
+                        return "tunnel error";
+                    }
+                }
+                Ok(false) => return "closed",
+                Err(_) => return "connection error",
+            },
+            r = stream.read(&mut buf) => match r {
+                Ok(0) => return "closed by the connector",
+                Ok(n) => dec.push(&buf[..n]),
+                Err(_) => return "tunnel error",
+            },
+            _ = tokio::time::sleep(idle) => return "idle timeout",
+        }
+    }
+}
+
+/// The udp spec mode through a tunnel: the client's first message as one datagram, the
+/// first datagram back as the answer.
+async fn spec_exchange(
+    client: &mut dyn super::ClientIo,
+    stream: &mut TunnelStream,
+    idle: Duration,
+    answer: Duration,
+) -> Outcome {
+    let first = match tokio::time::timeout(idle, client.read_message()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return Outcome::ended("closed"),
+        Ok(Err(_)) => return Outcome::aborted("connection error"),
+        Err(_) => return Outcome::ended("idle timeout"),
+    };
+    let mut out = Vec::new();
+    encode(&first[..first.len().min(MAX_FRAME)], &mut out);
+    if stream.write_all(&out).await.is_err() {
+        return Outcome::ended("tunnel error");
+    }
+    let mut dec = Decoder::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    let got = tokio::time::timeout(answer, async {
+        loop {
+            if let Ok(Some(f)) = dec.frame() {
+                return Some(f.to_vec());
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => dec.push(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let _ = stream.shutdown().await;
+    match got {
+        Ok(Some(d)) => {
+            if client.write_all(&d).await.is_err() || client.flush().await.is_err() {
+                return Outcome::aborted("connection error");
+            }
+            Outcome::answered("answered")
+        }
+        Ok(None) => Outcome::ended("backend unreachable"),
+        Err(_) => Outcome::ended("backend timeout"),
     }
 }
 

@@ -531,3 +531,83 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
     );
     connector.kill();
 }
+
+/// A udp service behind a connector: datagrams reach the backend only through the
+/// connector's tunnel (framed on the session's stream), from a QUIC client's datagram
+/// flow and from a TLS client's framed session (ALPN `ztp-dgram`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_service_behind_a_connector_is_served_through_its_tunnel() {
+    use ztp_tests::quic::{flow_datagram, split_flow};
+    use ztp_tests::{DgramEvent, DgramSession, UdpBackend};
+
+    let pki = TestPki::new();
+    let lab_cert = pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    let udp = UdpBackend::echo().await;
+    let fx = Fixture::start_with(pki, Extra::default()).await;
+    let services = format!(
+        "  - name: dns.svc.internal\n    protocol: udp\n    address: \"{}\"\n    connector: lab\n",
+        udp.addr()
+    );
+    let mut yaml = standard_snapshot(
+        2,
+        fx.echo.addr(),
+        fx.wild.addr(),
+        fx.admins.addr(),
+        &Extra {
+            services: &services,
+            ..Extra::default()
+        },
+    );
+    yaml.push_str("connectors:\n  - name: lab\n");
+    fx.dp.reload_snapshot(&yaml);
+    let alice = fx.pki.client_email("alice@example.com");
+    let files = TempDir::new("connector-udp");
+    std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+    let mut connector = run_connector(&fx, &files, &lab_cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
+        .await;
+
+    // A QUIC client's flow (datagrams may be lost: a few tries).
+    let ep = endpoint_for(fx.dp.addr());
+    let conn = connect(
+        &ep,
+        fx.dp.addr(),
+        &with_alpn(fx.opts("dns.svc.internal", &alice)),
+    )
+    .await
+    .expect("QUIC");
+    let mut answered = false;
+    for _ in 0..20 {
+        conn.send_datagram(flow_datagram(9, b"over quic").into())
+            .expect("send");
+        if let Ok(Ok(d)) =
+            tokio::time::timeout(Duration::from_millis(500), conn.read_datagram()).await
+        {
+            assert_eq!(split_flow(&d), Some((9, &b"over quic"[..])));
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "no answer through the tunnel: {}",
+        connector.output_text()
+    );
+
+    // A TLS client's framed session.
+    let s = ztp_tests::connect_with(fx.dp.addr(), &fx.opts("dns.svc.internal", &alice).dgram())
+        .await
+        .expect("the handshake");
+    let mut session = DgramSession::new(s);
+    session.send(b"framed").await.expect("send");
+    match session.recv(STEP).await.expect("an answer") {
+        DgramEvent::Datagram(d) => assert_eq!(d, b"framed"),
+        other => panic!("{other:?}"),
+    }
+    assert!(udp.datagrams() >= 2, "the backend saw the datagrams");
+    connector.kill();
+}
