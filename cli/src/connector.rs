@@ -33,6 +33,8 @@ const MAX_SESSIONS: u32 = 4096;
 /// Backoff between attempts to (re)establish a tunnel.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A tunnel that lived this long resets the backoff when it ends.
+const STABLE: Duration = Duration::from_secs(30);
 
 /// Say what the connector does on stderr (not when `ztpctl up` runs it in-process).
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -102,9 +104,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .max_concurrent_uni_streams(VarInt::from_u32(0));
     config.transport_config(Arc::new(transport));
 
-    let assigned: Assigned = Arc::default();
-    let mut vias = args.via.clone();
-    vias.dedup();
+    // Each replica once, in the order given.
+    let mut vias: Vec<String> = Vec::new();
+    for v in &args.via {
+        if !vias.contains(v) {
+            vias.push(v.clone());
+        }
+    }
     let tunnels = vias.len().min(usize::from(args.tunnels));
     say!(
         "ztpctl: connector: holding {tunnels} tunnel(s), to distinct replicas of {}",
@@ -116,12 +122,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let mut tasks = tokio::task::JoinSet::new();
     for slot in 0..tunnels {
-        tasks.spawn(hold(
-            slot,
-            placement.clone(),
-            config.clone(),
-            assigned.clone(),
-        ));
+        tasks.spawn(hold(slot, placement.clone(), config.clone()));
     }
     while let Some(r) = tasks.join_next().await {
         r?;
@@ -160,12 +161,7 @@ impl Placement {
 /// Holds tunnel `slot`: to its own replica first, and whenever a tunnel ends or cannot
 /// be made, to the next replica no other tunnel holds (so that a replica that died is
 /// replaced by another at once, not dialled again and again).
-async fn hold(
-    slot: usize,
-    placement: Arc<Placement>,
-    config: quinn::ClientConfig,
-    assigned: Assigned,
-) {
+async fn hold(slot: usize, placement: Arc<Placement>, config: quinn::ClientConfig) {
     let mut backoff = BACKOFF_MIN;
     let mut next = slot;
     loop {
@@ -173,12 +169,17 @@ async fn hold(
             tokio::time::sleep(backoff).await;
             continue;
         };
-        let r = tunnel(&via, &config, &assigned).await;
+        let began = tokio::time::Instant::now();
+        let r = tunnel(&via, &config).await;
         placement.give_back(&via);
         match r {
             Ok(end) => {
                 say!("ztpctl: connector: tunnel to {via} ended: {end}");
-                backoff = BACKOFF_MIN;
+                // Quick again only after a tunnel that served a while: one refused at
+                // once (an unknown connector, a revoked certificate) backs off.
+                if began.elapsed() >= STABLE {
+                    backoff = BACKOFF_MIN;
+                }
             }
             Err(e) => say!("ztpctl: connector: tunnel to {via}: {e:#}"),
         }
@@ -204,11 +205,10 @@ fn rand_fraction() -> f64 {
 }
 
 /// One tunnel's life: connect, open the control stream, serve sessions until it ends.
-async fn tunnel(
-    via: &str,
-    config: &quinn::ClientConfig,
-    assigned: &Assigned,
-) -> anyhow::Result<String> {
+async fn tunnel(via: &str, config: &quinn::ClientConfig) -> anyhow::Result<String> {
+    // This tunnel's own assignments: each replica says what its snapshot says, and a
+    // session on this tunnel is judged on this replica's word.
+    let assigned: &Assigned = &Assigned::default();
     let host = via
         .rsplit_once(':')
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))

@@ -774,6 +774,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let config = Config {
         listen,
+        advertise: None,
         quic,
         tls: TlsFiles {
             cert: pki_dir.join("server.pem"),
@@ -787,7 +788,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             control_ca: pki_dir.join("ca.pem"),
             trust_domain: ztp_proto::names::DEFAULT_TRUST_DOMAIN.into(),
             listen: listen.to_string(),
-            advertised: false,
             schema: ztp_proto::wire::SCHEMA,
         }),
         admin_listen: admin,

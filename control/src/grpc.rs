@@ -354,8 +354,8 @@ impl ConfigServer {
         ConfigService(Arc::new(self))
     }
 
-    /// Where the connectors' tunnels are, for a node: now, then on every change (after
-    /// 20 ms of quiet, so that a burst of reports is one message).
+    /// Where the connectors' tunnels are, for a node: now, then on every change (at most
+    /// one message each 100 ms, so that a burst of reports is one message).
     async fn tunnels(
         &self,
         req: Request<pb::TunnelsRequest>,
@@ -392,7 +392,9 @@ impl ConfigServer {
                     _ = tx.closed() => return,
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                // A burst of reports becomes one message (well within the second the
+                // replicas have to learn where tunnels are).
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -423,10 +425,11 @@ impl ConfigServer {
         }
         let id = peer.id.clone();
         tracing::info!(node.id = %id, node.peer = %peer.addr, last_version = hello.last_version, "node subscribed");
-        self.nodes.connected(
+        self.nodes.connected_at(
             &id,
             peer.addr.to_string(),
             hello.listen.chars().take(256).collect(),
+            hello.advertise.chars().take(256).collect(),
             hello.last_version,
             hello.schema,
         );

@@ -27,6 +27,9 @@ pub struct NodeInfo {
     pub peer: String,
     /// The node's client-facing listener, as it reports it.
     pub listen: String,
+    /// Where other replicas relay sessions to it (empty: nowhere).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub advertise: String,
     /// The last config version the node acked (0: none yet).
     pub applied: u64,
     /// The highest snapshot schema the node understands.
@@ -89,6 +92,19 @@ impl Nodes {
     }
 
     pub fn connected(&self, id: &str, peer: String, listen: String, applied: u64, schema: u32) {
+        self.connected_at(id, peer, listen, String::new(), applied, schema)
+    }
+
+    /// [`Nodes::connected`] with the address other replicas relay to it at.
+    pub fn connected_at(
+        &self,
+        id: &str,
+        peer: String,
+        listen: String,
+        advertise: String,
+        applied: u64,
+        schema: u32,
+    ) {
         self.with(|m| {
             if m.len() >= MAX_NODES && !m.contains_key(id) {
                 m.retain(|_, n| n.connected);
@@ -100,6 +116,7 @@ impl Nodes {
                     id: id.to_owned(),
                     peer,
                     listen,
+                    advertise,
                     applied,
                     schema,
                     last_nack,
@@ -159,8 +176,8 @@ impl Nodes {
     pub fn holders(&self) -> Vec<(String, String, String)> {
         let listen: BTreeMap<String, String> = self.with(|m| {
             m.values()
-                .filter(|n| n.connected)
-                .map(|n| (n.id.clone(), n.listen.clone()))
+                .filter(|n| n.connected && !n.advertise.is_empty())
+                .map(|n| (n.id.clone(), n.advertise.clone()))
                 .collect()
         });
         let mut out: Vec<(String, String, String)> = self

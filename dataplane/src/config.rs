@@ -166,6 +166,8 @@ pub enum Source {
 #[derive(Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `--advertise`: where other replicas relay to this node.
+    pub advertise: Option<String>,
     /// The QUIC listener, unless `--quic-listen off`.
     pub quic: Option<crate::quic::QuicSettings>,
     pub tls: crate::tls::TlsFiles,
@@ -202,11 +204,7 @@ impl Args {
                 node_key: need(self.node_key, "--node-key")?,
                 control_ca: need(self.control_ca, "--control-ca")?,
                 trust_domain: self.trust_domain.clone(),
-                listen: self
-                    .advertise
-                    .clone()
-                    .unwrap_or_else(|| self.listen.to_string()),
-                advertised: self.advertise.is_some(),
+                listen: self.listen.to_string(),
                 schema: self.snapshot_schema,
             }),
             _ => {
@@ -247,6 +245,7 @@ impl Args {
         });
         Ok(Config {
             listen: self.listen,
+            advertise: self.advertise,
             quic,
             tls: crate::tls::TlsFiles {
                 cert,

@@ -76,7 +76,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         publisher.clone(),
     ));
     match subscriber {
-        Some(sub) => {
+        Some(mut sub) => {
+            sub.set_advertise(advertise(&config, &listener));
             tokio::spawn(sub.run());
         }
         // A file snapshot is held from the start.
@@ -163,6 +164,31 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where other replicas relay to this node: `--advertise`, else the QUIC listener's
+/// address when it is not a wildcard; empty (no relays to it) otherwise.
+fn advertise(config: &Config, listener: &tokio::net::TcpListener) -> String {
+    if let Some(a) = &config.advertise {
+        return a.clone();
+    }
+    let Some(quic) = &config.quic else {
+        return String::new();
+    };
+    let mut addr = quic.listen;
+    if addr == config.listen && addr.port() == 0 {
+        if let Ok(tcp) = listener.local_addr() {
+            addr.set_port(tcp.port());
+        }
+    }
+    if addr.ip().is_unspecified() {
+        tracing::warn!(
+            listen = %addr,
+            "no --advertise: other replicas cannot relay sessions to this node's tunnels"
+        );
+        return String::new();
+    }
+    addr.to_string()
 }
 
 struct Started {
@@ -278,10 +304,8 @@ async fn start(
             )
             .map_err(|e| usage(vec![e.to_string()]))?;
             // Report the address actually bound (a port 0 becomes a real one).
-            if !source.advertised {
-                if let Ok(addr) = listener.local_addr() {
-                    sub.set_listen(addr.to_string());
-                }
+            if let Ok(addr) = listener.local_addr() {
+                sub.set_listen(addr.to_string());
             }
             tracing::info!(node.id = sub.node_id(), control = %source.url, "waiting for the first snapshot");
             Some(sub)

@@ -330,6 +330,9 @@ pub fn check_connector_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 128 {
         return Err("must be 1 to 128 characters".into());
     }
+    if name == "." || name == ".." {
+        return Err("must not be \".\" or \"..\"".into());
+    }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))

@@ -510,17 +510,32 @@ impl Relayer {
 
     /// A connection to replica `node` at `addr` (kept and reused while it lives).
     pub async fn connection(&self, node: &str, addr: &str) -> io::Result<Connection> {
-        if let Some(c) = self
+        let cached = self
             .conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .filter(|c| c.close_reason().is_none())
-        {
-            return Ok(c.clone());
+            .cloned();
+        if let Some(c) = cached {
+            // The peer's certificate judged again, on the current CA set and revocations:
+            // a replica revoked since the handshake gets no more sessions.
+            if self.still_trusted(&c) {
+                return Ok(c);
+            }
+            c.close(VarInt::from_u32(0), b"certificate refused");
+            self.conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(node);
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the replica's certificate is refused now",
+            ));
         }
-        let remote = tokio::net::lookup_host(addr)
-            .await?
+        let remote = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "name resolution"))??
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
         let endpoint = self.endpoint(remote.is_ipv6())?;
@@ -563,6 +578,23 @@ impl Relayer {
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_owned(), conn.clone());
         Ok(conn)
+    }
+
+    fn still_trusted(&self, c: &Connection) -> bool {
+        let chain = c
+            .peer_identity()
+            .and_then(|p| {
+                p.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .map(|c| *c)
+            .unwrap_or_default();
+        let Some((leaf, rest)) = chain.split_first() else {
+            return false;
+        };
+        (self.verifier)()
+            .verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())
+            .is_ok()
     }
 
     fn endpoint(&self, v6: bool) -> io::Result<quinn::Endpoint> {

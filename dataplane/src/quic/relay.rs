@@ -18,6 +18,9 @@ use super::Quic;
 use crate::conn::Record;
 use crate::refusal::Refusal;
 
+/// Sessions one relay may carry at once.
+const RELAY_STREAMS: u32 = 4096;
+
 /// How long a relayed session's header may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,6 +47,16 @@ pub(crate) async fn serve(q: &Arc<Quic>, conn: Connection, rec: &mut Record) {
         return;
     };
     rec.identity = Some(format!("spiffe://{}/node/{node}", q.trust_domain));
+    // One relay carries many sessions: more than a client connection's streams.
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(RELAY_STREAMS));
+    let chain: Vec<CertificateDer<'static>> = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|c| *c)
+        .unwrap_or_default();
+    let mut state = q.ctx.state.clone();
+    state.mark_changed();
+    let expiry = tokio::time::Instant::now() + super::tunnel::until_expiry(&chain);
     let mut sessions = tokio::task::JoinSet::new();
     let end = loop {
         tokio::select! {
@@ -53,6 +66,22 @@ pub(crate) async fn serve(q: &Arc<Quic>, conn: Connection, rec: &mut Record) {
                 }
                 Err(_) => break "closed",
             },
+            // The relaying node's certificate is judged again on every snapshot (its
+            // revocation ends the relay) and at its expiry.
+            changed = state.changed() => {
+                if changed.is_err() {
+                    break "stopping";
+                }
+                let active = state.borrow_and_update().clone();
+                if crate::tls::recheck(&chain, &active.tls.verifier).is_err() {
+                    close_refused(&conn, Refusal::Forbidden);
+                    break "node certificate refused";
+                }
+            }
+            _ = tokio::time::sleep_until(expiry) => {
+                close_refused(&conn, Refusal::Forbidden);
+                break "node certificate expired";
+            }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     };
@@ -102,10 +131,19 @@ async fn session(q: Arc<Quic>, mut send: SendStream, mut recv: RecvStream) {
         Some((tsend, trecv, status[0]))
     })
     .await;
-    let Ok(Some((mut tsend, mut trecv, status))) = opened else {
-        let _ = send.write_all(&[Status::Timeout as u8]).await;
-        let _ = send.finish();
-        return;
+    let (mut tsend, mut trecv, status) = match opened {
+        Ok(Some(o)) => o,
+        // The tunnel failed (it just closed): as good as none.
+        Ok(None) => {
+            let _ = send.write_all(&[Status::NoTunnel as u8]).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            let _ = send.write_all(&[Status::Timeout as u8]).await;
+            let _ = send.finish();
+            return;
+        }
     };
     if send.write_all(&[status]).await.is_err() || status != Status::Connected as u8 {
         let _ = send.finish();

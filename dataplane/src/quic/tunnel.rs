@@ -28,6 +28,18 @@ use crate::tls;
 /// How long a connector has to open its control stream.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the chain's leaf has left (through its notAfter second).
+pub(crate) fn until_expiry(chain: &[CertificateDer<'static>]) -> Duration {
+    let not_after = chain
+        .first()
+        .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map_or(0, |(_, c)| c.validity().not_after.timestamp().max(0) as u64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(not_after + 1).saturating_sub(now)
+}
+
 /// Whether the connection negotiated the tunnel's ALPN.
 pub fn is_tunnel(conn: &Connection) -> bool {
     conn.handshake_data()
@@ -92,6 +104,7 @@ pub(crate) async fn serve(
         return;
     };
     let mut sent: Option<Assignments> = None;
+    let expiry = tokio::time::Instant::now() + until_expiry(&chain);
     let _tunnel = q.ctx.registry.tunnels().register(&name, conn.clone());
     tracing::info!(connector = %name, "tunnel up");
     let end: &'static str = loop {
@@ -117,8 +130,14 @@ pub(crate) async fn serve(
                 close_refused(&conn, Refusal::Unavailable);
                 break "assignments too large";
             };
-            if control.write_all(&bytes).await.is_err() {
-                break "control stream lost";
+            // Bounded: a connector that stops reading its control stream must not hold
+            // this loop (and with it revocation and removal) up.
+            match tokio::time::timeout(CONTROL_TIMEOUT, control.write_all(&bytes)).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    close_refused(&conn, Refusal::Unavailable);
+                    break "control stream stalled";
+                }
             }
             sent = Some(now);
         }
@@ -127,6 +146,12 @@ pub(crate) async fn serve(
                 if changed.is_err() {
                     break "stopping";
                 }
+            }
+            // The connector's certificate ends the tunnel when it expires, as a
+            // client's ends its sessions.
+            _ = tokio::time::sleep_until(expiry) => {
+                close_refused(&conn, Refusal::Forbidden);
+                break "certificate expired";
             }
             _ = conn.closed() => break "closed",
         }

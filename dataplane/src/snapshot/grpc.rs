@@ -38,11 +38,8 @@ pub struct ControlSource {
     pub node_key: PathBuf,
     pub control_ca: PathBuf,
     pub trust_domain: String,
-    /// The node's client-facing address, reported for `node list` and to the replicas
-    /// that relay to it.
+    /// The node's client-facing address, reported for `node list`.
     pub listen: String,
-    /// `listen` was given (`--advertise`): the bound address does not replace it.
-    pub advertised: bool,
     /// The highest snapshot schema to accept.
     pub schema: u32,
 }
@@ -74,6 +71,8 @@ pub struct Subscriber {
     audit: tokio::sync::Mutex<mpsc::Receiver<pb::ConnectionRecord>>,
     /// The node's certificate and key: also its identity on relays between replicas.
     node_key: Arc<rustls::sign::CertifiedKey>,
+    /// Where other replicas relay to this node.
+    advertise: String,
 }
 
 /// Connection records a node keeps for the control plane while it is away.
@@ -131,6 +130,7 @@ impl Subscriber {
             ready,
             audit: tokio::sync::Mutex::new(audit),
             node_key: certified,
+            advertise: String::new(),
         })
     }
 
@@ -176,6 +176,11 @@ impl Subscriber {
         self.source.listen = listen;
     }
 
+    /// Where other replicas relay to this node (empty: nowhere).
+    pub fn set_advertise(&mut self, advertise: String) {
+        self.advertise = advertise;
+    }
+
     async fn session(&self, applied: &mut u64) -> Result<(), SessionError> {
         let tls = TlsConnector::from(self.tls.clone());
         let (host, port) = (self.host.clone(), self.port);
@@ -211,6 +216,7 @@ impl Subscriber {
             last_version: *applied,
             schema: self.source.schema,
             listen: self.source.listen.clone(),
+            advertise: self.advertise.clone(),
         };
         let _ = tx.send(msg(Kind::Hello(hello))).await;
         client
