@@ -230,17 +230,34 @@ impl Handler for TunnelForwarder {
             let (conn, relayed) = match self.tunnels.pick(name) {
                 Some(c) => (c, false),
                 None => {
-                    let remote = self.tunnels.pick_remote(name);
-                    let relayer = self.tunnels.relayer.get();
-                    let (Some((node, addr)), Some(relayer)) = (remote, relayer) else {
+                    let Some(relayer) = self.tunnels.relayer.get() else {
                         return Outcome::refused(Refusal::Unavailable, "no tunnel");
                     };
-                    match relayer.connection(&node, &addr).await {
-                        Ok(c) => (c, true),
-                        Err(e) => {
-                            tracing::debug!(relay.node = %node, error = %e, "relay unreachable");
-                            return Outcome::refused(Refusal::Unavailable, "relay unreachable");
+                    // The holders in turn: one that cannot be reached (it just died, and
+                    // the map does not say so yet) gives way to the next.
+                    let mut tried: Vec<String> = Vec::new();
+                    let mut reached = None;
+                    while let Some((node, addr)) = self.tunnels.pick_remote(name) {
+                        if tried.contains(&node) || tried.len() >= 3 {
+                            break;
                         }
+                        match relayer.connection(&node, &addr).await {
+                            Ok(c) => {
+                                reached = Some(c);
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::debug!(relay.node = %node, error = %e, "relay unreachable");
+                                tried.push(node);
+                            }
+                        }
+                    }
+                    match reached {
+                        Some(c) => (c, true),
+                        None if tried.is_empty() => {
+                            return Outcome::refused(Refusal::Unavailable, "no tunnel")
+                        }
+                        None => return Outcome::refused(Refusal::Unavailable, "relay unreachable"),
                     }
                 }
             };

@@ -116,6 +116,13 @@ async fn session(q: Arc<Quic>, mut send: SendStream, mut recv: RecvStream) {
         let _ = send.finish();
         return;
     };
+    // The relaying replica records the session; this one says it carried it.
+    tracing::info!(
+        connector = %connector,
+        service.name = %header.service,
+        client.id = %header.identity,
+        "relayed session"
+    );
     let Ok(bytes) = encode_header(&SessionHeader {
         connector: None,
         ..header
