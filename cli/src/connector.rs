@@ -101,7 +101,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(3))?))
         // The data plane opens a stream per session.
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_SESSIONS))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // Larger packets where the path carries them (`MAX_UDP_PAYLOAD`), as the data
+        // planes allow: bulk through a tunnel pays per packet.
+        .initial_mtu(1452)
+        .mtu_discovery_config(Some({
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(ztp_proto::quic::MAX_UDP_PAYLOAD);
+            m
+        }));
     config.transport_config(Arc::new(transport));
 
     // Each replica once, in the order given.
@@ -229,7 +237,14 @@ async fn tunnel(via: &str, config: &quinn::ClientConfig) -> anyhow::Result<Strin
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = Endpoint::client(bind).context("a UDP socket for QUIC")?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
+            .map_err(|e| anyhow!("{e}"))?;
+        let socket = std::net::UdpSocket::bind(bind).context("a UDP socket for QUIC")?;
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let endpoint = Endpoint::new(endpoint_config, None, socket, runtime)
+            .context("a UDP socket for QUIC")?;
         let attempt = async {
             let c = endpoint
                 .connect_with(config.clone(), addr, &host)?

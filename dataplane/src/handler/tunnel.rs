@@ -276,17 +276,21 @@ impl Handler for TunnelForwarder {
             };
             // The connector dials within the connect timeout; a little more for the
             // round trip to it.
-            let opened =
-                tokio::time::timeout(limits.connect_timeout + Duration::from_secs(1), async {
-                    let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
-                    send.write_all(&header).await.map_err(io::Error::other)?;
-                    let mut status = [0u8; 1];
-                    recv.read_exact(&mut status)
-                        .await
-                        .map_err(io::Error::other)?;
-                    Ok::<_, io::Error>((send, recv, status[0]))
-                })
-                .await;
+            let bound = limits.connect_timeout + Duration::from_secs(1);
+            let mut opened = tokio::time::timeout(bound, open_session(&conn, &header)).await;
+            if matches!(opened, Ok(Err(_))) && !relayed {
+                // The tunnel died under the session (a connector restarted: its old
+                // tunnel lingers until it idles out). Nothing of the client's has been
+                // sent: another live tunnel takes it.
+                if let Some(other) = self
+                    .tunnels
+                    .pick(name)
+                    .filter(|c| c.stable_id() != conn.stable_id())
+                {
+                    report.backend_addr = Some(other.remote_address());
+                    opened = tokio::time::timeout(bound, open_session(&other, &header)).await;
+                }
+            }
             let (send, recv, status) = match opened {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => {
@@ -343,6 +347,20 @@ impl Handler for TunnelForwarder {
             }
         })
     }
+}
+
+/// Opens a session's stream on a tunnel (or relay): its header out, the status byte back.
+async fn open_session(
+    conn: &Connection,
+    header: &[u8],
+) -> io::Result<(SendStream, RecvStream, u8)> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
+    send.write_all(header).await.map_err(io::Error::other)?;
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status)
+        .await
+        .map_err(io::Error::other)?;
+    Ok((send, recv, status[0]))
 }
 
 /// Datagrams between the client's channel and the session's stream in the tunnel, each
@@ -579,7 +597,13 @@ impl Relayer {
             .max_idle_timeout(Some(
                 quinn::IdleTimeout::try_from(Duration::from_secs(3)).map_err(io::Error::other)?,
             ))
-            .max_concurrent_uni_streams(VarInt::from_u32(0));
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .initial_mtu(1452)
+            .mtu_discovery_config(Some({
+                let mut m = quinn::MtuDiscoveryConfig::default();
+                m.upper_bound(ztp_proto::quic::MAX_UDP_PAYLOAD);
+                m
+            }));
         config.transport_config(Arc::new(transport));
         let conn = tokio::time::timeout(Duration::from_secs(5), async {
             endpoint
@@ -625,7 +649,14 @@ impl Relayer {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let e = quinn::Endpoint::client(bind)?;
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let socket = std::net::UdpSocket::bind(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+        let e = quinn::Endpoint::new(config, None, socket, runtime)?;
         *slot = Some(e.clone());
         Ok(e)
     }
