@@ -39,6 +39,28 @@ pub struct Tunnels {
     remote: Mutex<HashMap<String, Vec<(String, String)>>>,
     /// Carries sessions to those replicas (a node with a control plane only).
     relayer: std::sync::OnceLock<Arc<Relayer>>,
+    /// Sessions each tunnel carries now, by its connection's stable id (a draining node
+    /// closes a tunnel once it carries none).
+    in_use: Arc<Mutex<HashMap<usize, usize>>>,
+}
+
+/// A session's hold on its tunnel; let go when dropped.
+#[derive(Debug)]
+pub struct TunnelUse {
+    in_use: Arc<Mutex<HashMap<usize, usize>>>,
+    id: usize,
+}
+
+impl Drop for TunnelUse {
+    fn drop(&mut self) {
+        let mut m = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.id);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -57,6 +79,7 @@ impl Default for Tunnels {
             changes: tokio::sync::watch::Sender::new(0),
             remote: Mutex::default(),
             relayer: std::sync::OnceLock::new(),
+            in_use: Arc::default(),
         }
     }
 }
@@ -110,6 +133,31 @@ impl Tunnels {
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize;
         Some(open[turn % open.len()].clone())
+    }
+
+    /// A session's hold on tunnel `conn`, for its life.
+    pub fn hold(&self, conn: &Connection) -> TunnelUse {
+        let id = conn.stable_id();
+        *self
+            .in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default() += 1;
+        TunnelUse {
+            in_use: self.in_use.clone(),
+            id,
+        }
+    }
+
+    /// Sessions tunnel `conn` carries now.
+    pub fn in_use(&self, conn: &Connection) -> usize {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&conn.stable_id())
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Live tunnels of `name`.
@@ -262,6 +310,8 @@ impl Handler for TunnelForwarder {
                 }
             };
             report.backend_addr = Some(conn.remote_address());
+            // The session's hold on its tunnel (a draining node waits for it).
+            let mut _held = (!relayed).then(|| self.tunnels.hold(&conn));
             let header = match encode_header(&SessionHeader {
                 service: target.service.to_owned(),
                 identity: caller.identity.id.clone(),
@@ -288,6 +338,7 @@ impl Handler for TunnelForwarder {
                     .filter(|c| c.stable_id() != conn.stable_id())
                 {
                     report.backend_addr = Some(other.remote_address());
+                    _held = Some(self.tunnels.hold(&other));
                     opened = tokio::time::timeout(bound, open_session(&other, &header)).await;
                 }
             }

@@ -116,6 +116,7 @@ async fn session(q: Arc<Quic>, mut send: SendStream, mut recv: RecvStream) {
         let _ = send.finish();
         return;
     };
+    let _use = q.ctx.registry.tunnels().hold(&tunnel);
     // The relaying replica records the session; this one says it carried it.
     tracing::info!(
         connector = %connector,

@@ -105,8 +105,9 @@ pub(crate) async fn serve(
     };
     let mut sent: Option<Assignments> = None;
     let expiry = tokio::time::Instant::now() + until_expiry(&chain);
-    let _tunnel = q.ctx.registry.tunnels().register(&name, conn.clone());
+    let mut registered = Some(q.ctx.registry.tunnels().register(&name, conn.clone()));
     tracing::info!(connector = %name, "tunnel up");
+    let mut stopping = q.stopping.clone();
     let end: &'static str = loop {
         let active = state.borrow_and_update().clone();
         if !active.policy.connectors.contains(&name) {
@@ -154,8 +155,23 @@ pub(crate) async fn serve(
                 break "certificate expired";
             }
             _ = conn.closed() => break "closed",
+            // The node stops: the tunnel takes no new session (the replicas learn it is
+            // gone, and relay elsewhere), and closes once its sessions have ended, so that
+            // it does not hold the drain up; the connector moves to another replica.
+            _ = stopping.changed(), if registered.is_some() => {
+                if *stopping.borrow() {
+                    registered = None;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if registered.is_none() => {
+                if q.ctx.registry.tunnels().in_use(&conn) == 0 {
+                    conn.close(VarInt::from_u32(CLOSE_DONE), b"drained");
+                    break "drained";
+                }
+            }
         }
     };
+    drop(registered);
     tracing::info!(connector = %name, end, "tunnel down");
     rec.allow(end);
 }

@@ -611,3 +611,47 @@ async fn a_udp_service_behind_a_connector_is_served_through_its_tunnel() {
     assert!(udp.datagrams() >= 2, "the backend saw the datagrams");
     connector.kill();
 }
+
+/// Drain: a node holding a connector's tunnel that carries no session stops at once on
+/// SIGTERM (the tunnel does not hold the drain up to `--drain-timeout`), and the
+/// connector says its tunnel ended (it then dials another replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_does_not_hold_the_drain() {
+    let pki = TestPki::new();
+    let lab_cert = pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    let backend = EchoBackend::start().await;
+    let extra = Extra {
+        args: &["--drain-timeout", "60s"],
+        ..Extra::default()
+    };
+    let mut fx = Fixture::start_with(pki, extra).await;
+    fx.dp.reload_snapshot(&snapshot(&fx, 2, &backend, &[]));
+    let files = TempDir::new("connector-drain");
+    std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
+    let mut connector = run_connector(&fx, &files, &lab_cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
+        .await;
+    let alice = fx.pki.client_email("alice@example.com");
+    let deadline = tokio::time::Instant::now() + STEP;
+    while try_lab(&fx, &alice, b"once").await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = tokio::time::Instant::now();
+    fx.dp.terminate();
+    let status = fx.dp.wait_exit(STEP).await.expect("the node exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the tunnel held the drain: {:?}",
+        started.elapsed()
+    );
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("ended"), STEP)
+        .await;
+    connector.kill();
+}
