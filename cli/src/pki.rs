@@ -536,9 +536,22 @@ pub fn node(
     if ztp_proto::names::node_id(&uri, trust_domain) != Some(id) {
         bail!("{id:?} is not a node ID (letters, digits, '-', '_', '.')");
     }
+    machine_cert(dir, "node", id, &uri, ttl, force)
+}
+
+/// A machine's client certificate (`kind` `node` or `connector`): `DIR/KIND-NAME.pem` and
+/// its key, issued by the CA in `dir`, whose only SAN is `uri`.
+fn machine_cert(
+    dir: &Path,
+    kind: &str,
+    name: &str,
+    uri: &str,
+    ttl: Duration,
+    force: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (cert_path, key_path) = (
-        dir.join(format!("node-{id}.pem")),
-        dir.join(format!("node-{id}.key")),
+        dir.join(format!("{kind}-{name}.pem")),
+        dir.join(format!("{kind}-{name}.key")),
     );
     refuse_existing(&[&cert_path, &key_path], force)?;
     let (ca_pem, ca_key) = load_ca(dir)?;
@@ -546,9 +559,9 @@ pub fn node(
         .context("ca.pem is not a usable CA certificate")?;
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("node {id}"));
+    dn.push(DnType::CommonName, format!("{kind} {name}"));
     p.distinguished_name = dn;
-    p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+    p.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
     client_usage(&mut p);
     validity(&mut p, ttl)?;
     random_serial(&mut p)?;
@@ -578,26 +591,7 @@ pub fn connector(
              {trust_domain:?} not a trust domain"
         );
     }
-    let (cert_path, key_path) = (
-        dir.join(format!("connector-{name}.pem")),
-        dir.join(format!("connector-{name}.key")),
-    );
-    refuse_existing(&[&cert_path, &key_path], force)?;
-    let (ca_pem, ca_key) = load_ca(dir)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)
-        .context("ca.pem is not a usable CA certificate")?;
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("connector {name}"));
-    p.distinguished_name = dn;
-    p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
-    client_usage(&mut p);
-    validity(&mut p, ttl)?;
-    random_serial(&mut p)?;
-    let key = KeyPair::generate()?;
-    let cert = p.signed_by(&key, &issuer)?;
-    write_file(&cert_path, cert.pem().as_bytes(), false, force)?;
-    write_file(&key_path, key.serialize_pem().as_bytes(), true, force)?;
+    let (cert_path, key_path) = machine_cert(dir, "connector", name, &uri, ttl, force)?;
     Ok((cert_path, key_path, uri))
 }
 

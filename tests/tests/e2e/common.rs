@@ -352,3 +352,35 @@ pub async fn assert_denied(fx: &Fixture, sni: &str, cert: &TestCert) -> String {
     assert_eq!(fx.backend_connections(), before, "a backend was contacted");
     how
 }
+
+/// `ztpctl connect echo.svc.internal --via VIA` as `who` (`DIR/WHO.pem` and `.key`, the CA
+/// in `DIR/ca.pem`), with `extra` flags, the `ZTP_*` environment cleared and a private
+/// config home in `DIR/xdg`; standard streams piped, killed on drop.
+pub fn ztpctl_connect(
+    dir: &std::path::Path,
+    via: SocketAddr,
+    who: &str,
+    extra: &[&str],
+) -> tokio::process::Command {
+    std::fs::create_dir_all(dir.join("xdg")).expect("a config home");
+    let mut cmd = tokio::process::Command::new(ztp_tests::Bin::Ztpctl.path());
+    cmd.args(["connect", "echo.svc.internal"])
+        .args(extra)
+        .arg("--via")
+        .arg(via.to_string())
+        .arg("--cert")
+        .arg(dir.join(format!("{who}.pem")))
+        .arg("--key")
+        .arg(dir.join(format!("{who}.key")))
+        .arg("--ca")
+        .arg(dir.join("ca.pem"));
+    for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
+        cmd.env_remove(k);
+    }
+    cmd.env("XDG_CONFIG_HOME", dir.join("xdg"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}

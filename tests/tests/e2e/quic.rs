@@ -756,28 +756,11 @@ async fn auto_takes_quic_or_falls_back_to_tcp() {
         let fx = Fixture::start_with(TestPki::new(), extra).await;
         let files = ztp_tests::tempdir::TempDir::new("auto");
         std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
-        std::fs::create_dir_all(files.join("xdg")).expect("a config home");
         fx.pki
             .client_email("alice@example.com")
             .write(files.path(), "alice")
             .expect("write alice's files");
-        let mut cmd = tokio::process::Command::new(ztp_tests::Bin::Ztpctl.path());
-        cmd.args(["connect", "echo.svc.internal", "--via"])
-            .arg(fx.dp.addr().to_string())
-            .arg("--cert")
-            .arg(files.join("alice.pem"))
-            .arg("--key")
-            .arg(files.join("alice.key"))
-            .arg("--ca")
-            .arg(files.join("ca.pem"));
-        for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
-            cmd.env_remove(k);
-        }
-        cmd.env("XDG_CONFIG_HOME", files.join("xdg"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+        let mut cmd = crate::common::ztpctl_connect(files.path(), fx.dp.addr(), "alice", &[]);
         let mut child = cmd.spawn().expect("start ztpctl connect");
         let mut stdin = child.stdin.take().expect("stdin");
         tokio::io::AsyncWriteExt::write_all(&mut stdin, b"which way")
@@ -817,28 +800,11 @@ async fn ztpctl_connect_ended_by_revocation_says_so() {
     let fx = Fixture::start().await;
     let files = ztp_tests::tempdir::TempDir::new("connect-revoked");
     std::fs::write(files.join("ca.pem"), &fx.pki.ca_pem).expect("write ca.pem");
-    std::fs::create_dir_all(files.join("xdg")).expect("a config home");
     let alice = fx.pki.client_email("alice@example.com");
     alice
         .write(files.path(), "alice")
         .expect("write alice's files");
-    let mut cmd = tokio::process::Command::new(ztp_tests::Bin::Ztpctl.path());
-    cmd.args(["connect", "echo.svc.internal", "--via"])
-        .arg(fx.dp.addr().to_string())
-        .arg("--cert")
-        .arg(files.join("alice.pem"))
-        .arg("--key")
-        .arg(files.join("alice.key"))
-        .arg("--ca")
-        .arg(files.join("ca.pem"));
-    for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
-        cmd.env_remove(k);
-    }
-    cmd.env("XDG_CONFIG_HOME", files.join("xdg"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = crate::common::ztpctl_connect(files.path(), fx.dp.addr(), "alice", &[]);
     let mut child = cmd.spawn().expect("start ztpctl connect");
     let mut stdin = child.stdin.take().expect("stdin");
     let mut stdout = child.stdout.take().expect("stdout");

@@ -513,29 +513,12 @@ async fn session_ended_by_expiry(transport: &str, needles: &[&str]) {
         .write(files.path(), "short")
         .expect("write");
 
-    let mut cmd = tokio::process::Command::new(Bin::Ztpctl.path());
-    cmd.args([
-        "connect",
-        "echo.svc.internal",
-        "--transport",
-        transport,
-        "--via",
-    ])
-    .arg(fx.dp.addr().to_string())
-    .arg("--cert")
-    .arg(files.join("short.pem"))
-    .arg("--key")
-    .arg(files.join("short.key"))
-    .arg("--ca")
-    .arg(files.join("ca.pem"));
-    for k in ["ZTP_VIA", "ZTP_CERT", "ZTP_KEY", "ZTP_CA", "RUST_LOG"] {
-        cmd.env_remove(k);
-    }
-    cmd.env("XDG_CONFIG_HOME", files.join("xdg"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = crate::common::ztpctl_connect(
+        files.path(),
+        fx.dp.addr(),
+        "short",
+        &["--transport", transport],
+    );
     let mut child = cmd.spawn().expect("start ztpctl connect");
     // Standard input stays open: only the gateway can end the session.
     let mut stdin = child.stdin.take().expect("stdin");

@@ -60,6 +60,42 @@ fn run_connector_to(port: u16, files: &TempDir, cert: &TestCert, name: &str) -> 
     Process::spawn(&format!("ztpctl connector run ({name})"), cmd)
 }
 
+/// Connector `lab` and `LAB` behind it (group `admins`, forwarding to `backend`) through
+/// the plane's control plane, acked by every replica; a folder holding the CA and the
+/// connector's certificate to come.
+async fn lab_on_plane(
+    p: &crate::plane::Plane,
+    backend: &EchoBackend,
+    folder: &str,
+) -> (TempDir, TestCert) {
+    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
+    let addr = backend.addr().to_string();
+    p.control
+        .ztpctl_ok([
+            "service",
+            "add",
+            LAB,
+            "--proto",
+            "tcp",
+            "--addr",
+            &addr,
+            "--connector",
+            "lab",
+            "--group",
+            "admins",
+        ])
+        .await;
+    p.wait_current().await;
+    let files = TempDir::new(folder);
+    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
+    let cert = p
+        .pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    (files, cert)
+}
+
 /// What a TCP client of `LAB` through the data plane at `addr` gets: the echo of
 /// `payload`, or the refusal code.
 async fn lab_via(
@@ -249,31 +285,7 @@ async fn connector_list_shows_live_tunnels_and_the_audit_names_the_connector() {
 
     let p = Plane::start(&["tun-a"], &[]).await;
     let backend = EchoBackend::start().await;
-    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
-    let addr = backend.addr().to_string();
-    p.control
-        .ztpctl_ok([
-            "service",
-            "add",
-            LAB,
-            "--proto",
-            "tcp",
-            "--addr",
-            &addr,
-            "--connector",
-            "lab",
-            "--group",
-            "admins",
-        ])
-        .await;
-    p.wait_current().await;
-    let files = TempDir::new("connector-plane");
-    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
-    let cert = p
-        .pki
-        .builder()
-        .uri("spiffe://ztp.internal/connector/lab")
-        .issue();
+    let (files, cert) = lab_on_plane(&p, &backend, "connector-plane").await;
     let mut connector = run_connector_to(p.replicas[0].addr().port(), &files, &cert, "lab");
     connector
         .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
@@ -326,31 +338,7 @@ async fn a_replica_without_the_tunnel_relays_to_one_with_it() {
 
     let p = Plane::start(&["relay-a", "relay-b"], &[]).await;
     let backend = EchoBackend::start().await;
-    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
-    let addr = backend.addr().to_string();
-    p.control
-        .ztpctl_ok([
-            "service",
-            "add",
-            LAB,
-            "--proto",
-            "tcp",
-            "--addr",
-            &addr,
-            "--connector",
-            "lab",
-            "--group",
-            "admins",
-        ])
-        .await;
-    p.wait_current().await;
-    let files = TempDir::new("connector-relay");
-    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
-    let cert = p
-        .pki
-        .builder()
-        .uri("spiffe://ztp.internal/connector/lab")
-        .issue();
+    let (files, cert) = lab_on_plane(&p, &backend, "connector-relay").await;
     let (a, b) = (&p.replicas[0], &p.replicas[1]);
     let mut connector = run_connector_to(a.addr().port(), &files, &cert, "lab");
     connector
@@ -421,31 +409,7 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
 
     let mut p = Plane::start(&["fo-a", "fo-b", "fo-c"], &[]).await;
     let backend = EchoBackend::start().await;
-    p.control.ztpctl_ok(["connector", "add", "lab"]).await;
-    let addr = backend.addr().to_string();
-    p.control
-        .ztpctl_ok([
-            "service",
-            "add",
-            LAB,
-            "--proto",
-            "tcp",
-            "--addr",
-            &addr,
-            "--connector",
-            "lab",
-            "--group",
-            "admins",
-        ])
-        .await;
-    p.wait_current().await;
-    let files = TempDir::new("connector-failover");
-    std::fs::write(files.join("ca.pem"), &p.pki.ca_pem).expect("write ca.pem");
-    let cert = p
-        .pki
-        .builder()
-        .uri("spiffe://ztp.internal/connector/lab")
-        .issue();
+    let (files, cert) = lab_on_plane(&p, &backend, "connector-failover").await;
     cert.write(files.path(), "lab")
         .expect("write the connector's files");
     let vias = p
