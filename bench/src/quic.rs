@@ -29,7 +29,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,10 @@ use tokio_rustls::rustls;
 use ztp_tests::{Dataplane, TestCert, TestPki};
 
 mod common;
-use common::{bin, client_config, echo, free_port, raise_nofile, rss_kib, serve_loopback, Proc};
+use common::{
+    bin, client_config, echo, fds, free_port, machine, pin, raise_nofile, rss_kib, serve_loopback,
+    stat_cpu, Proc,
+};
 
 const ECHO: &str = "echo.svc.internal";
 const SINK: &str = "sink.svc.internal";
@@ -307,38 +310,6 @@ fn wait_port(port: u16) {
     }
 }
 
-/// Pins every thread of `pid` to `cpus` (threads started later inherit it).
-fn pin(pid: u32, cpus: &str) {
-    let ok = Command::new("taskset")
-        .args(["-a", "-cp", cpus, &pid.to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "taskset (util-linux) is needed to pin processes to CPUs"
-    );
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(str::trim)
-        .unwrap_or("?")
-        .to_owned();
-    // Counted from /proc/cpuinfo: this process is pinned to one CPU by now.
-    let cpus = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpus} × {model}, Linux {}", kernel.trim())
-}
-
 // ---------------------------------------------------------------------------------------
 // The backends (a child process): echo, sink and source, one port each.
 
@@ -360,23 +331,6 @@ fn backend(echo_port: u16, sink: u16, source: u16) {
 
 // ---------------------------------------------------------------------------------------
 // /proc accounting
-
-fn stat_cpu(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    let Some(close) = stat.rfind(')') else {
-        return Duration::ZERO;
-    };
-    let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-    // utime and stime, fields 14 and 15 of proc_pid_stat(5) (all threads); USER_HZ 100
-    let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
 
 struct Meter {
     t: Instant,
