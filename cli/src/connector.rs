@@ -1,26 +1,31 @@
 //! `ztpctl connector run`: a connector, next to backends no data plane can dial. It dials
-//! out to the data planes over QUIC (ALPN `ztp-tunnel/1`, its certificate
-//! `spiffe://DOMAIN/connector/NAME`), holds a tunnel to each (up to `--tunnels`), and
-//! serves the sessions they send it: one stream each, for the services assigned to it
-//! and nothing else (the contract is `ztp_proto::tunnel`).
+//! out to the data planes (ALPN `ztp-tunnel/1`, its certificate
+//! `spiffe://DOMAIN/connector/NAME`) over QUIC, or over TCP + TLS 1.3 with HTTP/2 where
+//! UDP is blocked (`ztp_infra::mux`), holds `--tunnels` tunnels to distinct replicas,
+//! and serves the sessions they send it: one stream each, for the services assigned to
+//! it and nothing else (the contract is `ztp_proto::tunnel`).
 //!
 //! It learns which services it serves, and their addresses, from the data planes (the
 //! tunnel's control stream), kept current on every change; a session for anything else
-//! is refused and logged. A tunnel that ends is dialled again with a jittered backoff.
+//! is refused and logged. It learns where the replicas are the same way, and places its
+//! tunnels by rendezvous hashing of its name over them (`--via` until it knows): adding
+//! or removing a replica moves only the tunnels that ranked it. A tunnel that ends is
+//! dialled again, to the best-ranked free replica, with a jittered backoff.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Endpoint, RecvStream, SendStream, VarInt};
+use quinn::{Endpoint, VarInt};
 use rustls::sign::SingleCertAndKey;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use ztp_infra::mux::{BoxSession, H2Server, QuicIo, SessionIo, CONTROL_PATH, SESSION_PATH};
 use ztp_proto::tunnel::{
     decode_assignments, decode_header, Assignment, Status, ALPN, MAX_ASSIGNMENTS, MAX_HEADER,
     VERSION,
@@ -35,6 +40,19 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A tunnel that lived this long resets the backoff when it ends.
 const STABLE: Duration = Duration::from_secs(30);
+/// Under `--transport auto`, how long QUIC has alone before TCP is tried beside it.
+const TCP_AFTER: Duration = Duration::from_millis(500);
+/// How often a tunnel checks that its replica is still among the best placed.
+const REPLACE_EVERY: Duration = Duration::from_secs(1);
+/// A replica that could not be reached is passed over this long.
+const PASS_OVER: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Auto,
+    Quic,
+    Tcp,
+}
 
 /// Say what the connector does on stderr (not when `ztpctl up` runs it in-process).
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -70,6 +88,10 @@ pub struct RunArgs {
     /// Tunnels to hold, each to a distinct data plane.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64), value_name = "N")]
     pub tunnels: u16,
+    /// How tunnels are carried: QUIC, TCP + TLS (where UDP is blocked), or QUIC with TCP
+    /// tried beside it when QUIC has not answered within 500 ms.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
     /// Say nothing on stderr (`ztpctl up` runs its demo connector so).
     #[arg(skip)]
     pub quiet: bool,
@@ -85,20 +107,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let roots = ztp_infra::tls::read_roots(&args.ca)?;
     let provider = ztp_infra::tls::provider();
     let certified = ztp_infra::tls::certified_key(&args.cert, &args.key, &provider)?;
+    // The connector's name (its certificate's URI) ranks the replicas for it.
+    let name = certified
+        .cert
+        .first()
+        .and_then(|leaf| first_uri(leaf))
+        .unwrap_or_else(|| args.cert.display().to_string());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
+    let tls = Arc::new(tls);
+    let crypto = QuicClientConfig::try_from(tls.clone()).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     // A tunnel that goes silent is given up after 3 s on both ends (the lower of the two
     // sides' timeouts holds): the data plane stops sending sessions into it, and the
     // connector dials again. A keepalive a second keeps a live one from idling.
     transport
-        .keep_alive_interval(Some(Duration::from_secs(1)))
-        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(3))?))
+        .keep_alive_interval(Some(ztp_infra::mux::KEEPALIVE))
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(ztp_infra::mux::IDLE)?))
         // The data plane opens a stream per session.
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_SESSIONS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -111,6 +140,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             m
         }));
     config.transport_config(Arc::new(transport));
+    let dialer = Arc::new(Dialer {
+        quic: config,
+        tls: tokio_rustls::TlsConnector::from(tls),
+        transport: args.transport,
+    });
 
     // Each replica once, in the order given.
     let mut vias: Vec<String> = Vec::new();
@@ -119,18 +153,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             vias.push(v.clone());
         }
     }
-    let tunnels = vias.len().min(usize::from(args.tunnels));
+    let tunnels = usize::from(args.tunnels);
     say!(
-        "ztpctl: connector: holding {tunnels} tunnel(s), to distinct replicas of {}",
+        "ztpctl: connector: holding {tunnels} tunnel(s) to distinct replicas, first of {}",
         vias.join(", ")
     );
-    let placement = Arc::new(Placement {
-        vias,
-        held: Mutex::default(),
-    });
+    let placement = Arc::new(Placement::new(name, vias, tunnels));
     let mut tasks = tokio::task::JoinSet::new();
     for slot in 0..tunnels {
-        tasks.spawn(hold(slot, placement.clone(), config.clone()));
+        tasks.spawn(hold(slot, placement.clone(), dialer.clone()));
     }
     while let Some(r) = tasks.join_next().await {
         r?;
@@ -138,70 +169,237 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The replicas a connector may dial, and those its tunnels hold now (each tunnel goes
-/// to a distinct one).
+/// The host of HOST:PORT (an IPv6 address without its brackets).
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// The first URI of a certificate's subjectAltName.
+fn first_uri(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+        _ => None,
+    })
+}
+
+/// Where the tunnels go: the replicas known (learnt from the data planes, else `--via`),
+/// ranked for this connector by rendezvous hashing, each held by at most one tunnel.
 struct Placement {
+    name: String,
     vias: Vec<String>,
-    held: Mutex<std::collections::HashSet<String>>,
+    tunnels: usize,
+    state: Mutex<PlacementState>,
+}
+
+#[derive(Default)]
+struct PlacementState {
+    /// The replicas as the data planes last said (empty until one says).
+    learnt: Vec<String>,
+    /// The name each learnt replica's certificate is checked against: its own host
+    /// name, or, for an address, the name of the `--via` it was learnt through (the
+    /// replicas of one fleet present one server certificate).
+    names: HashMap<String, String>,
+    held: HashSet<String>,
+    /// Replicas that could not be reached, until when they are passed over.
+    failed: HashMap<String, tokio::time::Instant>,
 }
 
 impl Placement {
-    /// The first replica from `from` on (in turn) that no other tunnel holds, taken.
-    fn take(&self, from: usize) -> Option<String> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let n = self.vias.len();
-        let via = (0..n)
-            .map(|k| &self.vias[(from + k) % n])
-            .find(|v| !held.contains(*v))?
+    fn new(name: String, vias: Vec<String>, tunnels: usize) -> Self {
+        Placement {
+            name,
+            vias,
+            tunnels,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PlacementState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This connector's weight for `replica` (the highest ranks first).
+    fn score(&self, replica: &str) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(self.name.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(replica.as_bytes());
+        let d = ctx.finish();
+        u64::from_be_bytes(d.as_ref()[..8].try_into().unwrap_or_default())
+    }
+
+    /// The known replicas, best ranked first.
+    fn ranked(&self, st: &PlacementState) -> Vec<String> {
+        let mut all = if st.learnt.is_empty() {
+            self.vias.clone()
+        } else {
+            st.learnt.clone()
+        };
+        all.sort_by_key(|r| std::cmp::Reverse(self.score(r)));
+        all
+    }
+
+    /// The best-ranked replica no tunnel holds and none failed lately, taken; else a
+    /// `--via` (the learnt addresses may not be reachable from here); else any free one
+    /// (a replica that failed may be back). With the name to check its certificate
+    /// against.
+    fn take(&self) -> Option<(String, String)> {
+        let mut st = self.lock();
+        let now = tokio::time::Instant::now();
+        st.failed.retain(|_, until| *until > now);
+        let ranked = self.ranked(&st);
+        let mut vias = self.vias.clone();
+        vias.sort_by_key(|r| std::cmp::Reverse(self.score(r)));
+        let free = |r: &&String| !st.held.contains(*r);
+        let fresh = |r: &&String| !st.held.contains(*r) && !st.failed.contains_key(*r);
+        let pick = ranked
+            .iter()
+            .find(fresh)
+            .or_else(|| vias.iter().find(fresh))
+            .or_else(|| ranked.iter().find(free))
+            .or_else(|| vias.iter().find(free))?
             .clone();
-        held.insert(via.clone());
-        Some(via)
+        st.held.insert(pick.clone());
+        let name = self.name_of(&st, &pick);
+        Some((pick, name))
+    }
+
+    fn name_of(&self, st: &PlacementState, replica: &str) -> String {
+        st.names
+            .get(replica)
+            .cloned()
+            .unwrap_or_else(|| host_of(replica).to_owned())
     }
 
     fn give_back(&self, via: &str) {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(via);
+        self.lock().held.remove(via);
+    }
+
+    fn failed(&self, via: &str) {
+        self.lock()
+            .failed
+            .insert(via.to_owned(), tokio::time::Instant::now() + PASS_OVER);
+    }
+
+    /// A better-ranked replica than `via` that no tunnel holds and is among the
+    /// `--tunnels` best (where a tunnel on `via` should move), if any.
+    fn better_than(&self, via: &str) -> Option<String> {
+        let st = self.lock();
+        let ranked = self.ranked(&st);
+        let best: Vec<&String> = ranked
+            .iter()
+            .filter(|r| !st.failed.contains_key(*r))
+            .take(self.tunnels)
+            .collect();
+        if best.iter().any(|r| *r == via) {
+            return None;
+        }
+        best.into_iter().find(|r| !st.held.contains(*r)).cloned()
+    }
+
+    /// The name to check `replica`'s certificate against.
+    fn name(&self, replica: &str) -> String {
+        let st = self.lock();
+        self.name_of(&st, replica)
+    }
+
+    /// Takes `to` (from `via`) if it is still free.
+    fn swap(&self, via: &str, to: &str) -> bool {
+        let mut st = self.lock();
+        if st.held.contains(to) {
+            return false;
+        }
+        st.held.remove(via);
+        st.held.insert(to.to_owned());
+        true
+    }
+
+    /// The replicas as the data plane at `via` says (sorted).
+    fn learn(&self, replicas: Vec<String>, via: &str) {
+        if replicas.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        let via_name = self.name_of(&st, via);
+        for r in &replicas {
+            let host = host_of(r);
+            let name = if host.parse::<std::net::IpAddr>().is_ok() {
+                via_name.clone()
+            } else {
+                host.to_owned()
+            };
+            st.names.insert(r.clone(), name);
+        }
+        if st.learnt != replicas {
+            say!(
+                "ztpctl: connector: the data planes are at {}",
+                replicas.join(", ")
+            );
+            st.learnt = replicas;
+        }
     }
 }
 
-/// Holds tunnel `slot`: to its own replica first, and whenever a tunnel ends or cannot
-/// be made, to the next replica no other tunnel holds (so that a replica that died is
-/// replaced by another at once, not dialled again and again).
-async fn hold(slot: usize, placement: Arc<Placement>, config: quinn::ClientConfig) {
+/// Holds tunnel `slot`: to the best-ranked free replica, and whenever a tunnel ends or
+/// cannot be made, to the next (so that a replica that died is replaced by another at
+/// once, not dialled again and again).
+async fn hold(slot: usize, placement: Arc<Placement>, dialer: Arc<Dialer>) {
     let mut backoff = BACKOFF_MIN;
-    let mut next = slot;
+    let mut next: Option<(String, Carrier)> = None;
     loop {
-        let Some(via) = placement.take(next) else {
-            tokio::time::sleep(backoff).await;
-            continue;
+        let (via, carrier) = match next.take() {
+            Some(moved) => moved,
+            None => {
+                let Some((via, name)) = placement.take() else {
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                };
+                match dialer.dial(&via, &name).await {
+                    Ok(c) => (via, c),
+                    Err(e) => {
+                        say!("ztpctl: connector: tunnel {slot} to {via}: {e:#}");
+                        placement.failed(&via);
+                        placement.give_back(&via);
+                        sleep_jittered(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                }
+            }
         };
         let began = tokio::time::Instant::now();
-        let r = tunnel(&via, &config).await;
-        placement.give_back(&via);
-        match r {
-            Ok(end) => {
-                say!("ztpctl: connector: tunnel to {via} ended: {end}");
+        let end = tunnel(&via, carrier, &placement, &dialer).await;
+        match end {
+            End::Moved(to, carrier) => {
+                say!("ztpctl: connector: tunnel {slot} moved from {via} to {to}");
+                next = Some((to, carrier));
+                continue;
+            }
+            End::Ended(why) => {
+                placement.give_back(&via);
+                say!("ztpctl: connector: tunnel to {via} ended: {why}");
                 // Quick again only after a tunnel that served a while: one refused at
                 // once (an unknown connector, a revoked certificate) backs off.
                 if began.elapsed() >= STABLE {
                     backoff = BACKOFF_MIN;
+                } else {
+                    placement.failed(&via);
                 }
             }
-            Err(e) => say!("ztpctl: connector: tunnel to {via}: {e:#}"),
         }
-        next = placement
-            .vias
-            .iter()
-            .position(|v| *v == via)
-            .unwrap_or(next)
-            + 1;
-        // Jittered, so that connectors cut off together do not come back together.
-        let jitter = rand_fraction();
-        tokio::time::sleep(backoff.mul_f64(0.5 + jitter)).await;
+        sleep_jittered(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// Jittered, so that connectors cut off together do not come back together.
+async fn sleep_jittered(d: Duration) {
+    tokio::time::sleep(d.mul_f64(0.5 + rand_fraction())).await;
 }
 
 /// A number in [0, 1) from the clock's low bits (jitter needs no better).
@@ -212,26 +410,86 @@ fn rand_fraction() -> f64 {
     f64::from(nanos % 1000) / 1000.0
 }
 
-/// One tunnel's life: connect, open the control stream, serve sessions until it ends.
-async fn tunnel(via: &str, config: &quinn::ClientConfig) -> anyhow::Result<String> {
-    // This tunnel's own assignments: each replica says what its snapshot says, and a
-    // session on this tunnel is judged on this replica's word.
-    let assigned: &Assigned = &Assigned::default();
-    let host = via
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .ok_or_else(|| anyhow!("{via}: not HOST:PORT"))?
-        .to_owned();
-    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(via)
-        .await
-        .with_context(|| format!("cannot resolve {via}"))?
-        .collect();
-    // IPv4 first: a name with both (`localhost`) is most often served on IPv4, and a
-    // QUIC attempt to a silent address waits out its timeout.
-    addrs.sort_by_key(|a| a.is_ipv6());
-    let mut last = anyhow!("{via}: no address");
-    let mut conn = None;
-    for addr in addrs {
+/// Makes tunnels: QUIC, TCP + TLS, or both raced.
+struct Dialer {
+    quic: quinn::ClientConfig,
+    tls: tokio_rustls::TlsConnector,
+    transport: Transport,
+}
+
+/// A tunnel's connection, before it serves.
+enum Carrier {
+    Quic(quinn::Connection),
+    Tcp(Box<H2Server<Rewind<tokio_rustls::client::TlsStream<TcpStream>>>>),
+}
+
+impl Carrier {
+    fn transport(&self) -> &'static str {
+        match self {
+            Carrier::Quic(_) => "quic",
+            Carrier::Tcp(_) => "tcp",
+        }
+    }
+}
+
+impl Dialer {
+    /// A tunnel to `via` (HOST:PORT), whose certificate must name `host`.
+    async fn dial(&self, via: &str, host: &str) -> anyhow::Result<Carrier> {
+        if !via.contains(':') {
+            return Err(anyhow!("{via}: not HOST:PORT"));
+        }
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(via)
+            .await
+            .with_context(|| format!("cannot resolve {via}"))?
+            .collect();
+        // IPv4 first: a name with both (`localhost`) is most often served on IPv4, and a
+        // QUIC attempt to a silent address waits out its timeout.
+        addrs.sort_by_key(|a| a.is_ipv6());
+        let mut last = anyhow!("{via}: no address");
+        for addr in addrs {
+            let attempt = async {
+                match self.transport {
+                    Transport::Quic => self.quic(addr, host).await,
+                    Transport::Tcp => self.tcp(addr, host).await,
+                    Transport::Auto => {
+                        // QUIC first; TCP beside it once QUIC is late (UDP blocked);
+                        // the first tunnel up wins.
+                        let quic = self.quic(addr, host);
+                        let tcp = async {
+                            tokio::time::sleep(TCP_AFTER).await;
+                            self.tcp(addr, host).await
+                        };
+                        tokio::pin!(quic, tcp);
+                        let mut quic_err = None;
+                        let mut tcp_err = None;
+                        loop {
+                            tokio::select! {
+                                r = &mut quic, if quic_err.is_none() => match r {
+                                    Ok(c) => return Ok(c),
+                                    Err(e) => quic_err = Some(e),
+                                },
+                                r = &mut tcp, if tcp_err.is_none() => match r {
+                                    Ok(c) => return Ok(c),
+                                    Err(e) => tcp_err = Some(e),
+                                },
+                            }
+                            if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+                                return Err(anyhow!("quic: {q:#}; tcp: {t:#}"));
+                            }
+                        }
+                    }
+                }
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => last = e.context(format!("{addr}")),
+                Err(_) => last = anyhow!("{addr}: no answer within {CONNECT_TIMEOUT:?}"),
+            }
+        }
+        Err(last)
+    }
+
+    async fn quic(&self, addr: SocketAddr, host: &str) -> anyhow::Result<Carrier> {
         let bind: SocketAddr = if addr.is_ipv6() {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
@@ -245,52 +503,241 @@ async fn tunnel(via: &str, config: &quinn::ClientConfig) -> anyhow::Result<Strin
         let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
         let endpoint = Endpoint::new(endpoint_config, None, socket, runtime)
             .context("a UDP socket for QUIC")?;
-        let attempt = async {
-            let c = endpoint
-                .connect_with(config.clone(), addr, &host)?
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            Ok::<_, anyhow::Error>(c)
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(c)) => {
-                conn = Some(c);
-                break;
-            }
-            Ok(Err(e)) => last = e.context(format!("{addr}")),
-            Err(_) => last = anyhow!("{addr}: no answer within {CONNECT_TIMEOUT:?}"),
-        }
+        let conn = endpoint
+            .connect_with(self.quic.clone(), addr, host)?
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(Carrier::Quic(conn))
     }
-    let conn = conn.ok_or(last)?;
-    let (mut send, recv) = conn.open_bi().await?;
-    send.write_all(&[VERSION]).await?;
-    say!("ztpctl: connector: tunnel up to {via}");
-    // Everything of the tunnel lives in this future (the control stream, the sessions):
-    // when it ends or is dropped, nothing keeps the connection open.
-    let control = read_assignments(recv, assigned.clone(), via.to_owned());
-    tokio::pin!(control);
-    let mut sessions = tokio::task::JoinSet::new();
-    let end = loop {
-        tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    sessions.spawn(session(send, recv, assigned.clone()));
-                }
-                Err(e) => break e.to_string(),
-            },
-            () = &mut control => {
-                conn.close(VarInt::from_u32(0), b"control stream ended");
-                break "the control stream ended".to_owned();
+
+    async fn tcp(&self, addr: SocketAddr, host: &str) -> anyhow::Result<Carrier> {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|_| anyhow!("{host}: not a host name"))?;
+        let mut tls = self.tls.connect(name, tcp).await?;
+        // A refusal comes as a line before anything of HTTP/2; the server's preface
+        // comes only once the client's arrives, so wait briefly for a line first.
+        let mut first = [0u8; 10];
+        let peek = tokio::time::timeout(Duration::from_millis(200), tls.read(&mut first)).await;
+        let rewind = match peek {
+            Ok(Ok(0)) => return Err(anyhow!("closed by the data plane")),
+            Ok(Ok(n))
+                if first[..n].starts_with(b"ZTP-ERROR")
+                    || b"ZTP-ERROR".starts_with(&first[..n]) =>
+            {
+                let mut line = first[..n].to_vec();
+                let mut rest = Vec::new();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    (&mut tls).take(512).read_to_end(&mut rest),
+                )
+                .await;
+                line.extend_from_slice(&rest);
+                let line = String::from_utf8_lossy(&line);
+                return Err(anyhow!(
+                    "refused: {}",
+                    line.lines().next().unwrap_or_default()
+                ));
             }
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-        }
-    };
-    drop(send);
-    Ok(end)
+            Ok(Ok(n)) => first[..n].to_vec(),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => Vec::new(),
+        };
+        let server = H2Server::handshake(Rewind::new(rewind, tls)).await?;
+        Ok(Carrier::Tcp(Box::new(server)))
+    }
 }
 
-/// Reads the data plane's assignments and keeps `assigned` current.
-async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String) {
+/// A stream with bytes already read put back in front.
+struct Rewind<T> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Rewind {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How a tunnel ended.
+enum End {
+    /// It ended (why).
+    Ended(String),
+    /// It carried no session and a better-placed replica took its place (the new
+    /// tunnel, up before the old one closed).
+    Moved(String, Carrier),
+}
+
+/// A stream from the data plane: the control stream or a session.
+enum Incoming {
+    Control(BoxSession),
+    Session(BoxSession),
+}
+
+/// One tunnel's life: its control stream, the sessions, until it ends (or moves).
+async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: &Dialer) -> End {
+    // This tunnel's own assignments: each replica says what its snapshot says, and a
+    // session on this tunnel is judged on this replica's word.
+    let assigned: &Assigned = &Assigned::default();
+    let transport = carrier.transport();
+    // Over QUIC the connector opens the control stream (its first byte makes it exist
+    // for the peer); over TCP the data plane does, as its first stream.
+    let mut control: Option<BoxSession> = None;
+    if let Carrier::Quic(conn) = &carrier {
+        let opened = async {
+            let (mut send, recv) = conn.open_bi().await?;
+            send.write_all(&[VERSION]).await?;
+            Ok::<_, anyhow::Error>(QuicIo::new(send, recv))
+        };
+        match opened.await {
+            Ok(io) => control = Some(Box::new(io)),
+            Err(e) => return End::Ended(format!("{e:#}")),
+        }
+    }
+    say!("ztpctl: connector: tunnel up to {via} ({transport})");
+    // Everything of the tunnel lives in this future (the control stream, the sessions):
+    // when it ends or is dropped, nothing keeps the connection open.
+    let mut reading: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        match control.take() {
+            Some(io) => Box::pin(read_assignments(io, assigned.clone(), placement, via)),
+            None => Box::pin(std::future::pending()),
+        };
+    let mut have_control = matches!(carrier, Carrier::Quic(_));
+    let mut sessions = tokio::task::JoinSet::new();
+    let mut check = tokio::time::interval(REPLACE_EVERY);
+    check.tick().await;
+    let end = loop {
+        let next = async {
+            match &mut carrier {
+                Carrier::Quic(conn) => match conn.accept_bi().await {
+                    Ok((send, recv)) => Ok(Incoming::Session(Box::new(QuicIo::new(send, recv)))),
+                    Err(e) => Err(e.to_string()),
+                },
+                Carrier::Tcp(server) => match server.accept().await {
+                    Ok(a) if a.path == CONTROL_PATH => Ok(Incoming::Control(Box::new(a.io))),
+                    Ok(mut a) => {
+                        if a.path != SESSION_PATH {
+                            a.io.abort();
+                        }
+                        Ok(Incoming::Session(Box::new(a.io)))
+                    }
+                    Err(e) => Err(e.to_owned()),
+                },
+            }
+        };
+        tokio::select! {
+            s = next => match s {
+                Ok(Incoming::Session(io)) => {
+                    sessions.spawn(session(io, assigned.clone()));
+                }
+                Ok(Incoming::Control(io)) => {
+                    if have_control {
+                        break "a second control stream".to_owned();
+                    }
+                    have_control = true;
+                    reading = Box::pin(read_assignments(io, assigned.clone(), placement, via));
+                }
+                Err(e) => break e,
+            },
+            () = &mut reading => break "the control stream ended".to_owned(),
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = check.tick() => {
+                // A better-placed replica (one just added, or one back) takes this
+                // tunnel's place once it carries no session: the new tunnel first.
+                if !sessions.is_empty() {
+                    continue;
+                }
+                let Some(to) = placement.better_than(via) else { continue };
+                if !placement.swap(via, &to) {
+                    continue;
+                }
+                match dialer.dial(&to, &placement.name(&to)).await {
+                    Ok(new) if sessions.is_empty() => {
+                        close(&mut carrier);
+                        return End::Moved(to, new);
+                    }
+                    Ok(_) => {
+                        // A session came meanwhile: stay (the new tunnel is dropped).
+                        placement.give_back(&to);
+                        placement.lock().held.insert(via.to_owned());
+                    }
+                    Err(e) => {
+                        say!("ztpctl: connector: {to}: {e:#}");
+                        placement.failed(&to);
+                        placement.give_back(&to);
+                        placement.lock().held.insert(via.to_owned());
+                    }
+                }
+            }
+        }
+    };
+    close(&mut carrier);
+    End::Ended(end)
+}
+
+fn close(carrier: &mut Carrier) {
+    match carrier {
+        Carrier::Quic(conn) => conn.close(VarInt::from_u32(0), b"done"),
+        Carrier::Tcp(server) => server.close(),
+    }
+}
+
+/// Reads the data plane's assignments and keeps `assigned` current (and what the data
+/// planes say of where the replicas are).
+async fn read_assignments(
+    mut recv: BoxSession,
+    assigned: Assigned,
+    placement: &Placement,
+    via: &str,
+) {
     loop {
         let mut len = [0u8; 4];
         if recv.read_exact(&mut len).await.is_err() {
@@ -314,6 +761,7 @@ async fn read_assignments(mut recv: RecvStream, assigned: Assigned, via: String)
                     a.version,
                     names.join(", ")
                 );
+                placement.learn(a.replicas, via);
                 let mut map = assigned.lock().unwrap_or_else(|p| p.into_inner());
                 map.clear();
                 for s in a.services {
@@ -334,8 +782,7 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 /// A udp service's session: datagrams framed on the stream, to and from a UDP socket
 /// connected to the backend.
 async fn datagram_session(
-    mut send: SendStream,
-    mut recv: RecvStream,
+    mut io: BoxSession,
     dial: &str,
     header: &ztp_proto::tunnel::SessionHeader,
 ) {
@@ -363,12 +810,12 @@ async fn datagram_session(
                 header.identity,
                 other.map(|r| r.map(|_| ()))
             );
-            let _ = send.write_all(&[Status::Unreachable as u8]).await;
-            let _ = send.finish();
+            let _ = io.write_all(&[Status::Unreachable as u8]).await;
+            let _ = io.shutdown().await;
             return;
         }
     };
-    if send.write_all(&[Status::Connected as u8]).await.is_err() {
+    if io.write_all(&[Status::Connected as u8]).await.is_err() {
         return;
     }
     let mut dec = Decoder::default();
@@ -384,15 +831,15 @@ async fn datagram_session(
             break;
         }
         tokio::select! {
-            r = recv.read(&mut rbuf) => match r {
-                Ok(Some(n)) => dec.push(&rbuf[..n]),
+            r = io.read(&mut rbuf) => match r {
+                Ok(n) if n > 0 => dec.push(&rbuf[..n]),
                 _ => break,
             },
             r = sock.recv(&mut down) => match r {
                 Ok(n) if n <= MAX_FRAME => {
                     out.clear();
                     encode(&down[..n], &mut out);
-                    if send.write_all(&out).await.is_err() {
+                    if io.write_all(&out).await.is_err() {
                         break;
                     }
                 }
@@ -402,29 +849,29 @@ async fn datagram_session(
             _ = tokio::time::sleep(UDP_IDLE) => break,
         }
     }
-    let _ = send.finish();
+    let _ = io.shutdown().await;
 }
 
 /// One session: its header, the backend it names (if assigned), then bytes both ways.
-async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned) {
+async fn session(mut io: BoxSession, assigned: Assigned) {
     let mut len = [0u8; 2];
-    if recv.read_exact(&mut len).await.is_err() {
+    if io.read_exact(&mut len).await.is_err() {
         return;
     }
     let len = u16::from_be_bytes(len) as usize;
     if len > MAX_HEADER {
-        let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
+        io.abort();
         return;
     }
     let mut body = vec![0u8; len];
-    if recv.read_exact(&mut body).await.is_err() {
+    if io.read_exact(&mut body).await.is_err() {
         return;
     }
     let header = match decode_header(&body) {
         Ok(h) => h,
         Err(e) => {
             say!("ztpctl: connector: {e}");
-            let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
+            io.abort();
             return;
         }
     };
@@ -439,8 +886,8 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
             header.service,
             header.identity
         );
-        let _ = send.write_all(&[Status::NotAssigned as u8]).await;
-        let _ = send.finish();
+        let _ = io.write_all(&[Status::NotAssigned as u8]).await;
+        let _ = io.shutdown().await;
         return;
     };
     let dial = if let Some(port) = address.strip_prefix(':') {
@@ -449,7 +896,7 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
         address.clone()
     };
     if header.datagrams {
-        return datagram_session(send, recv, &dial, &header).await;
+        return datagram_session(io, &dial, &header).await;
     }
     let backend = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&dial)).await {
         Ok(Ok(b)) => b,
@@ -459,21 +906,22 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
                 header.service,
                 header.identity
             );
-            let _ = send.write_all(&[Status::Unreachable as u8]).await;
-            let _ = send.finish();
+            let _ = io.write_all(&[Status::Unreachable as u8]).await;
+            let _ = io.shutdown().await;
             return;
         }
         Err(_) => {
-            let _ = send.write_all(&[Status::Timeout as u8]).await;
-            let _ = send.finish();
+            let _ = io.write_all(&[Status::Timeout as u8]).await;
+            let _ = io.shutdown().await;
             return;
         }
     };
     let _ = backend.set_nodelay(true);
-    if send.write_all(&[Status::Connected as u8]).await.is_err() {
+    if io.write_all(&[Status::Connected as u8]).await.is_err() {
         return;
     }
     let (mut br, mut bw) = backend.into_split();
+    let (mut recv, mut send) = tokio::io::split(io);
     let up = async {
         // Session bytes from the data plane to the backend; its FIN, the half-close.
         let r = tokio::io::copy(&mut recv, &mut bw).await;
@@ -481,16 +929,112 @@ async fn session(mut send: SendStream, mut recv: RecvStream, assigned: Assigned)
         r
     };
     let down = async {
+        // The backend's bytes; its FIN finishes the stream. An error leaves it
+        // unfinished, and the stream is cut when both halves are gone.
         let r = tokio::io::copy(&mut br, &mut send).await;
-        match r {
-            Ok(_) => {
-                let _ = send.finish();
-            }
-            Err(_) => {
-                let _ = send.reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
-            }
+        if r.is_ok() {
+            let _ = send.shutdown().await;
         }
         r
     };
     let _ = tokio::join!(up, down);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn top(p: &Placement, replicas: &[String], n: usize) -> Vec<String> {
+        let st = PlacementState {
+            learnt: replicas.to_vec(),
+            ..Default::default()
+        };
+        let mut t: Vec<String> = p.ranked(&st).into_iter().take(n).collect();
+        t.sort();
+        t
+    }
+
+    #[test]
+    fn rendezvous_placement_moves_only_the_tunnels_a_change_concerns() {
+        let replicas: Vec<String> = (1..=5).map(|i| format!("10.0.0.{i}:9743")).collect();
+        let mut more = replicas.clone();
+        more.push("10.0.0.6:9743".into());
+        let fewer: Vec<String> = replicas
+            .iter()
+            .filter(|r| !r.starts_with("10.0.0.3:"))
+            .cloned()
+            .collect();
+        let mut moved_on_add = 0;
+        let mut per_replica = HashMap::<String, usize>::new();
+        for c in 0..1000 {
+            let p = Placement::new(format!("spiffe://ztp.internal/connector/c{c}"), vec![], 2);
+            let before = top(&p, &replicas, 2);
+            for r in &before {
+                *per_replica.entry(r.clone()).or_default() += 1;
+            }
+            // Added: a connector's set changes only by taking the new replica.
+            let after = top(&p, &more, 2);
+            if after != before {
+                moved_on_add += 1;
+                assert!(after.contains(&"10.0.0.6:9743".to_owned()));
+                assert_eq!(after.iter().filter(|r| before.contains(r)).count(), 1);
+            }
+            // Removed: only the connectors that ranked it move, and keep the other.
+            let after = top(&p, &fewer, 2);
+            if before.contains(&"10.0.0.3:9743".to_owned()) {
+                assert_eq!(after.iter().filter(|r| before.contains(r)).count(), 1);
+            } else {
+                assert_eq!(after, before);
+            }
+        }
+        // About 2 in 6 take the new replica; the load is spread.
+        assert!((200..=470).contains(&moved_on_add), "{moved_on_add} moved");
+        for (r, n) in per_replica {
+            assert!((300..=500).contains(&n), "{r} holds {n} of 2,000 tunnels");
+        }
+    }
+
+    #[test]
+    fn tunnels_take_distinct_replicas_pass_over_failed_ones_and_fall_back_to_via() {
+        let p = Placement::new("c".into(), vec!["gw.example:9743".into()], 2);
+        // Before anything is learnt: the --via names.
+        let (via, name) = p.take().unwrap();
+        assert_eq!(
+            (via.as_str(), name.as_str()),
+            ("gw.example:9743", "gw.example")
+        );
+        assert!(p.take().is_none(), "one replica, one tunnel");
+        // Learnt addresses are checked against the name of the --via they came from.
+        p.learn(
+            vec![
+                "10.0.0.1:9743".into(),
+                "10.0.0.2:9743".into(),
+                "r3.example:9743".into(),
+            ],
+            "gw.example:9743",
+        );
+        p.give_back("gw.example:9743");
+        let (a, name_a) = p.take().unwrap();
+        let (b, _) = p.take().unwrap();
+        assert_ne!(a, b);
+        assert!(a != "gw.example:9743" && b != "gw.example:9743");
+        if a.starts_with("10.") {
+            assert_eq!(name_a, "gw.example");
+        } else {
+            assert_eq!(name_a, "r3.example");
+        }
+        // The third learnt replica is better placed than neither (both held are the
+        // best two), unless it ranks higher.
+        let ranked = p.ranked(&p.lock());
+        assert!(p.better_than(&ranked[0]).is_none());
+        // All learnt ones failed: the --via is tried.
+        p.give_back(&a);
+        p.give_back(&b);
+        for r in ["10.0.0.1:9743", "10.0.0.2:9743", "r3.example:9743"] {
+            p.failed(r);
+        }
+        assert_eq!(p.take().unwrap().0, "gw.example:9743");
+        // Then failed ones rather than none.
+        assert!(p.take().is_some());
+    }
 }

@@ -773,6 +773,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let config = Config {
+        trust_domain: ztp_proto::names::DEFAULT_TRUST_DOMAIN.into(),
         listen,
         advertise: None,
         quic,
@@ -818,6 +819,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         key: pki_dir.join(format!("connector-{DEMO_CONNECTOR}.key")),
         ca: pki_dir.join("ca.pem"),
         tunnels: 1,
+        transport: crate::connector::Transport::Auto,
         quiet: true,
     };
     let connector = tokio::spawn(crate::connector::run(connector));

@@ -383,6 +383,7 @@ impl ConfigServer {
                             address,
                         })
                         .collect(),
+                    replicas: nodes.replicas(),
                 };
                 if tx.send(Ok(map)).await.is_err() {
                     return;

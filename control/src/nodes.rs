@@ -124,7 +124,9 @@ impl Nodes {
                     connected: true,
                 },
             );
-        })
+        });
+        // The replica set changed (connectors place their tunnels by it).
+        self.tunnel_changes.send_modify(|n| *n += 1);
     }
 
     pub fn acked(&self, id: &str, version: u64) {
@@ -169,6 +171,19 @@ impl Nodes {
     /// Changes to where the tunnels are (the value only counts them).
     pub fn tunnel_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.tunnel_changes.subscribe()
+    }
+
+    /// The advertised addresses of every connected replica, sorted and deduplicated.
+    pub fn replicas(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.with(|m| {
+            m.values()
+                .filter(|n| n.connected && !n.advertise.is_empty())
+                .map(|n| n.advertise.clone())
+                .collect()
+        });
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Where every connector's tunnels are: `(connector, node id, the node's address)`
@@ -282,6 +297,28 @@ pub enum RemoveError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_replica_set_is_every_connected_node_that_advertises_and_moves_the_map() {
+        let nodes = Nodes::default();
+        let mut changes = nodes.tunnel_changes();
+        changes.borrow_and_update();
+        nodes.connected_at("a", "p".into(), "l".into(), "10.0.0.2:9743".into(), 1, 3);
+        assert!(
+            changes.has_changed().unwrap(),
+            "a replica joining moves the map"
+        );
+        nodes.connected_at("b", "p".into(), "l".into(), "10.0.0.1:9743".into(), 1, 3);
+        nodes.connected_at("c", "p".into(), "l".into(), String::new(), 1, 3);
+        assert_eq!(nodes.replicas(), ["10.0.0.1:9743", "10.0.0.2:9743"]);
+        changes.borrow_and_update();
+        nodes.disconnected("a");
+        assert!(
+            changes.has_changed().unwrap(),
+            "a replica leaving moves the map"
+        );
+        assert_eq!(nodes.replicas(), ["10.0.0.1:9743"]);
+    }
 
     #[test]
     fn connected_nodes_are_seen_now_and_gone_ones_when_they_left() {

@@ -185,6 +185,8 @@ pub struct Config {
     pub max_snapshot_age: Option<Duration>,
     pub drain_timeout: Duration,
     pub threads: usize,
+    /// Trust domain of machine identities (connectors, nodes).
+    pub trust_domain: String,
 }
 
 impl Args {
@@ -244,6 +246,7 @@ impl Args {
             trust_domain: self.trust_domain.clone(),
         });
         Ok(Config {
+            trust_domain: self.trust_domain.clone(),
             listen: self.listen,
             advertise: self.advertise,
             quic,

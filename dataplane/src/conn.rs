@@ -12,19 +12,18 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 use ztp_proto::Protocol;
 
 use crate::admission::{self, Admission, Choice, PeerFacts};
-use crate::handler::{Caller, Handler, HandlerLimits, Registry, Target, DGRAM_ALPN};
+use crate::handler::{Caller, Handler, Target, DGRAM_ALPN};
 use crate::protocol::{self, Detected};
 use crate::reauth;
+pub use crate::record::ConnContext;
+pub(crate) use crate::record::{close_record, close_record_via, Record};
 use crate::refusal::{self, Refusal};
 use crate::session::{self, Metered, Setup};
 use crate::snapshot::Active;
@@ -32,21 +31,6 @@ use crate::tls::{self, HandshakeError, HelloAlert};
 
 /// The client's side of a TCP connection, after the gate.
 pub type ClientStream = tokio_rustls::server::TlsStream<TcpStream>;
-
-/// What every connection shares: the published state and the limits.
-#[derive(Debug)]
-pub struct ConnContext {
-    pub state: watch::Receiver<Arc<Active>>,
-    pub handshake_timeout: Duration,
-    pub handler: HandlerLimits,
-    pub registry: Registry,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Connection records for the control plane's audit trail (control mode only);
-    /// full means dropped, never waited on.
-    pub audit: Option<tokio::sync::mpsc::Sender<ztp_proto::wire::pb::ConnectionRecord>>,
-    /// Readiness; with `--max-snapshot-age`, a stale node refuses new connections.
-    pub ready: Arc<crate::snapshot::Readiness>,
-}
 
 /// Serves one accepted connection to its end, then logs its record. Every log line of
 /// the connection is in its `conn` span, which carries who and what as they are learnt.
@@ -127,34 +111,6 @@ pub fn serve(
     .instrument(span)
 }
 
-/// A connection's (or a QUIC stream's) end: its log event, its audit record and its
-/// metrics, in one place for every transport.
-pub(crate) fn close_record(ctx: &ConnContext, rec: &Record) {
-    close_record_via(ctx, rec, None)
-}
-
-/// [`close_record`] of a session that went through `connector`'s tunnel (named in the
-/// record; not kept in [`Record`], which every idle connection holds).
-pub(crate) fn close_record_via(ctx: &ConnContext, rec: &Record, connector: Option<&str>) {
-    rec.emit(connector);
-    if let Some(audit) = &ctx.audit {
-        let mut wire = rec.to_wire();
-        wire.connector = connector.unwrap_or_default().to_owned();
-        if audit.try_send(wire).is_err() {
-            ctx.metrics.audit_dropped();
-        }
-    }
-    ctx.metrics.connection_closed(
-        rec.service.as_deref(),
-        rec.transport,
-        rec.allowed,
-        rec.reason,
-        !rec.handshake_done,
-        rec.bytes_up,
-        rec.bytes_down,
-    );
-}
-
 /// An admitted connection, ready for its handler.
 struct Admitted {
     /// Boxed: a session's futures move it around; one heap copy is all it needs.
@@ -191,6 +147,11 @@ async fn admit_with(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Opti
         }
     };
     rec.handshake_done = true;
+    if client.get_ref().1.alpn_protocol() == Some(ztp_proto::tunnel::ALPN) {
+        // A connector's tunnel over TCP (where UDP is blocked): one record for its life.
+        serve_tunnel(client, ctx, &hello_state, rec).await;
+        return None;
+    }
 
     // Everything after the handshake is decided on the newest snapshot.
     // A resumed session's chain was verified when it was first made, and a full
@@ -273,6 +234,46 @@ async fn admit_with(tcp: TcpStream, ctx: &ConnContext, rec: &mut Record) -> Opti
     })
 }
 
+/// A connector's tunnel over TCP + TLS: HTTP/2 with this node as the client
+/// (`ztp_infra::mux`), its first stream the control stream; then as over QUIC
+/// ([`crate::tunnel`]).
+async fn serve_tunnel(
+    mut client: ClientStream,
+    ctx: &ConnContext,
+    hello_state: &Arc<Active>,
+    rec: &mut Record,
+) {
+    let chain: Vec<_> = tls::peer_chain(&client).to_vec();
+    let name = match crate::tunnel::admit(ctx, &chain, hello_state, rec) {
+        Ok(name) => name,
+        Err(refusal) => {
+            refusal::deliver(&mut client, refusal).await;
+            return;
+        }
+    };
+    let started = tokio::time::timeout(crate::tunnel::CONTROL_TIMEOUT, async {
+        let (opener, drive) = ztp_infra::mux::client(client).await?;
+        let link = crate::handler::tunnel::TcpLink::spawn(opener.clone(), drive, rec.peer);
+        let control = opener.open(ztp_infra::mux::CONTROL_PATH).await;
+        Ok::<_, std::io::Error>((link, control))
+    })
+    .await;
+    let (link, control) = match started {
+        Ok(Ok((link, Ok(control)))) => (link, control),
+        Ok(Ok((link, Err(_)))) => {
+            crate::handler::tunnel::Link::Tcp(link).close(0, b"");
+            rec.deny("no control stream");
+            return;
+        }
+        _ => {
+            rec.deny("no http/2");
+            return;
+        }
+    };
+    let link = crate::handler::tunnel::Link::Tcp(link);
+    crate::tunnel::serve(ctx, name, link, &chain, Box::new(control), rec).await;
+}
+
 /// What the client's first bytes look like (`silent` if it sent none).
 pub(crate) fn detected(first: &[u8]) -> Detected {
     if first.is_empty() {
@@ -298,6 +299,23 @@ async fn gate(
         }
     };
     let active = ctx.state.borrow().clone();
+    // A connector dials a replica by the replica's own name: its tunnel is judged on its
+    // certificate after the handshake (`crate::tunnel`).
+    if start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ztp_proto::tunnel::ALPN))
+    {
+        rec.sni = start.client_hello().server_name().map(str::to_owned);
+        return match tls::complete(start, active.tls.tunnel.clone()).await {
+            Ok(client) => Some((client, active)),
+            Err(e) => {
+                rec.tls_error = Some(e.to_string());
+                rec.deny(e.reason());
+                None
+            }
+        };
+    }
     let Some(sni) = start.client_hello().server_name().map(str::to_owned) else {
         rec.deny("no sni");
         tls::refuse_hello(start.io, HelloAlert::MissingExtension).await;
@@ -392,131 +410,12 @@ async fn refused<T>(
     None
 }
 
-/// The connection's record, logged once at its end.
-#[derive(Debug, Clone)]
-pub(crate) struct Record {
-    pub(crate) started: Instant,
-    /// `tcp` or `quic`.
-    pub(crate) transport: &'static str,
-    pub(crate) peer: SocketAddr,
-    pub(crate) sni: Option<String>,
-    pub(crate) identity: Option<String>,
-    /// `identity` is what a certificate refused in the handshake claims.
-    pub(crate) identity_unverified: bool,
-    pub(crate) user: Option<String>,
-    pub(crate) service: Option<String>,
-    pub(crate) protocol: Option<&'static str>,
-    pub(crate) detected: Option<&'static str>,
-    pub(crate) backend: Option<SocketAddr>,
-    pub(crate) allowed: bool,
-    pub(crate) reason: &'static str,
-    pub(crate) code: Option<u16>,
-    pub(crate) tls_error: Option<String>,
-    /// The TLS handshake completed (refusals before it are handshake failures).
-    pub(crate) handshake_done: bool,
-    pub(crate) bytes_up: u64,
-    pub(crate) bytes_down: u64,
-}
-
-impl Record {
-    pub(crate) fn new(peer: SocketAddr) -> Self {
-        Record::on(peer, "tcp")
-    }
-
-    /// A record of a connection over `transport`.
-    pub(crate) fn on(peer: SocketAddr, transport: &'static str) -> Self {
-        Record {
-            started: Instant::now(),
-            transport,
-            peer,
-            sni: None,
-            identity: None,
-            identity_unverified: false,
-            user: None,
-            service: None,
-            protocol: None,
-            detected: None,
-            backend: None,
-            allowed: false,
-            reason: "",
-            code: None,
-            tls_error: None,
-            handshake_done: false,
-            bytes_up: 0,
-            bytes_down: 0,
-        }
-    }
-
-    pub(crate) fn allow(&mut self, reason: &'static str) {
-        self.allowed = true;
-        self.reason = reason;
-    }
-
-    pub(crate) fn deny(&mut self, reason: &'static str) {
-        self.allowed = false;
-        self.reason = reason;
-    }
-
-    fn to_wire(&self) -> ztp_proto::wire::pb::ConnectionRecord {
-        let time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        ztp_proto::wire::pb::ConnectionRecord {
-            time_ms,
-            peer: self.peer.to_string(),
-            sni: self.sni.clone().unwrap_or_default(),
-            identity: self.identity.clone().unwrap_or_default(),
-            identity_unverified: self.identity_unverified,
-            user: self.user.clone().unwrap_or_default(),
-            service: self.service.clone().unwrap_or_default(),
-            decision: if self.allowed { "allow" } else { "deny" }.into(),
-            reason: self.reason.into(),
-            code: self.code.map_or(0, u32::from),
-            bytes_up: self.bytes_up,
-            bytes_down: self.bytes_down,
-            duration_ms: self.started.elapsed().as_millis() as u64,
-            transport: self.transport.into(),
-            connector: String::new(),
-        }
-    }
-
-    fn emit(&self, connector: Option<&str>) {
-        let span = tracing::Span::current();
-        if let Some(b) = self.backend {
-            span.record("backend.addr", tracing::field::display(b));
-        }
-        if let Some(code) = self.code {
-            span.record("refusal.code", code);
-        }
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        tracing::info!(
-            transport = self.transport,
-            client.addr = %self.peer,
-            tls.sni = self.sni.as_deref(),
-            client.id = self.identity.as_deref(),
-            client.id_unverified = self.identity_unverified.then_some(true),
-            user.name = self.user.as_deref(),
-            service.name = self.service.as_deref(),
-            service.connector = connector,
-            protocol = self.protocol,
-            protocol.detected = self.detected,
-            backend.addr = self.backend.map(tracing::field::display),
-            decision = if self.allowed { "allow" } else { "deny" },
-            reason = self.reason,
-            refusal.code = self.code,
-            tls.error = self.tls_error.as_deref(),
-            bytes.up = self.bytes_up,
-            bytes.down = self.bytes_down,
-            duration_ms,
-            "connection"
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handler::{HandlerLimits, Registry};
     use crate::snapshot::{Policy, Publisher};
+    use std::time::Duration;
 
     /// An idle session's memory is its task: the pipeline's future. It must not keep
     /// the admission's transient state (handshake, peeking, the session's setup) for the
@@ -533,6 +432,7 @@ mod tests {
         .unwrap();
         let ctx = Arc::new(ConnContext {
             state,
+            trust_domain: ztp_proto::names::DEFAULT_TRUST_DOMAIN.into(),
             handshake_timeout: Duration::from_secs(1),
             handler: HandlerLimits {
                 connect_timeout: Duration::from_secs(1),

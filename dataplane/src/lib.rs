@@ -40,12 +40,14 @@ pub mod preauth;
 pub mod protocol;
 pub mod quic;
 pub mod reauth;
+pub mod record;
 pub mod refusal;
 pub mod routing;
 pub mod session;
 pub mod shutdown;
 pub mod snapshot;
 pub mod tls;
+pub mod tunnel;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -135,10 +135,12 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
         }
         None => None,
     };
+    let tunnels = ctx.registry.tunnels().clone();
     let signal = async {
         stop.await;
         tracing::info!("stopping: no new connections");
         ready.set(false);
+        tunnels.stop();
         trigger.fire();
     };
     let end_sessions = move || publisher.lock().unwrap_or_else(|p| p.into_inner()).drain();
@@ -318,6 +320,7 @@ async fn start(
     }
     let ctx = Arc::new(ConnContext {
         state,
+        trust_domain: config.trust_domain.clone(),
         handshake_timeout: config.handshake_timeout,
         handler: HandlerLimits {
             connect_timeout: config.connect_timeout,

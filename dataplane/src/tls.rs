@@ -175,6 +175,10 @@ pub struct TlsConfigs {
     pub stream: Arc<ServerConfig>,
     /// For a client offering ALPN `ztp-dgram` to a udp or quic service.
     pub dgram: Arc<ServerConfig>,
+    /// For a connector's tunnel over TCP (ALPN `ztp-tunnel/1`), which it dials by the
+    /// replica's name, not a service's: no resumption (each tunnel is judged on its
+    /// full chain).
+    pub tunnel: Arc<ServerConfig>,
     /// The same verifier the configs use, to re-check a resumed session's chain.
     pub verifier: Arc<ClientVerifier>,
     /// The server's certificate and signer, and the provider: the QUIC listener builds
@@ -216,9 +220,13 @@ impl TlsConfigs {
         stream.ticketer = sessions;
         let mut dgram = stream.clone();
         dgram.alpn_protocols = vec![crate::handler::DGRAM_ALPN.to_vec()];
+        let mut tunnel = stream.clone();
+        tunnel.alpn_protocols = vec![ztp_proto::tunnel::ALPN.to_vec()];
+        tunnel.send_tls13_tickets = 0;
         Ok(TlsConfigs {
             stream: Arc::new(stream),
             dgram: Arc::new(dgram),
+            tunnel: Arc::new(tunnel),
             verifier,
             certified: material.certified.clone(),
             provider,

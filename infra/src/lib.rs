@@ -11,7 +11,9 @@
 //! - [`trace`]: the tracing subscriber of a binary (text or JSON lines on stderr);
 //! - [`fs`]: writing files atomically with a chosen mode (0600 for secrets) without
 //!   following symlinks;
-//! - [`http`]: the bounded HTTP/1.1 server of both planes' admin ports.
+//! - [`http`]: the bounded HTTP/1.1 server of both planes' admin ports;
+//! - [`mux`]: the streams of a connector's tunnel over QUIC or over HTTP/2 on TCP + TLS,
+//!   for the connector and the data plane alike.
 //!
 //! Does not own: the contract between the planes (`ztp-proto`), or any policy of a plane:
 //! which TLS versions, verifiers and ALPN a port uses, what its routes serve and what a
@@ -21,6 +23,7 @@
 
 pub mod fs;
 pub mod http;
+pub mod mux;
 pub mod signal;
 pub mod source;
 pub mod tls;

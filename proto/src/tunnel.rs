@@ -52,6 +52,11 @@ pub struct Assignments {
     /// The config version they come from.
     pub version: u64,
     pub services: Vec<Assignment>,
+    /// Where the data-plane replicas are (`HOST:PORT`, their advertised addresses,
+    /// sorted), as this one knows: the connector places its tunnels among them. Empty
+    /// when unknown (a node without a control plane): the connector keeps its `--via`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 /// One service a connector serves.
@@ -162,6 +167,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 address: "10.0.0.5:5432".into(),
             }],
+            replicas: vec!["10.1.0.1:9743".into()],
         };
         let wire = encode_assignments(&a).unwrap();
         let len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;

@@ -9,23 +9,133 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use quinn::{Connection, VarInt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztp_infra::mux::{BoxSession, H2Opener, QuicIo};
+use ztp_proto::framing::{encode, Decoder, MAX_FRAME};
 use ztp_proto::tunnel::{encode_header, SessionHeader, Status};
 use ztp_proto::Protocol;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztp_proto::framing::{encode, Decoder, MAX_FRAME};
 
 use super::splice::{splice, SpliceEnd};
 use super::{BoxOutcome, Client, DatagramChannel, Handler, Outcome, Session};
 use crate::refusal::Refusal;
+
+/// What carries sessions to a connector (or to a replica, on a relay): a QUIC
+/// connection, or HTTP/2 over TCP + TLS 1.3 where UDP is blocked
+/// (`ztp_infra::mux`). The tunnel's protocol above it is the same.
+#[derive(Debug, Clone)]
+pub enum Link {
+    Quic(Connection),
+    Tcp(Arc<TcpLink>),
+}
+
+/// A tunnel over TCP: its HTTP/2 opener, and the task that drives the connection.
+#[derive(Debug)]
+pub struct TcpLink {
+    opener: H2Opener,
+    remote: std::net::SocketAddr,
+    /// True once the connection ended (or was closed).
+    ended: tokio::sync::watch::Receiver<bool>,
+    /// Ends the connection.
+    close: tokio::sync::watch::Sender<bool>,
+}
+
+impl TcpLink {
+    /// A link over `opener`, whose connection is driven by `drive` (spawned here); it
+    /// ends when `drive` does or [`Link::close`] is called.
+    pub fn spawn(
+        opener: H2Opener,
+        drive: impl std::future::Future<Output = &'static str> + Send + 'static,
+        remote: std::net::SocketAddr,
+    ) -> Arc<TcpLink> {
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        let (close, mut closing) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                why = drive => why,
+                _ = closing.wait_for(|c| *c) => "closed here",
+            };
+            tracing::debug!(why, "tunnel over tcp ended");
+            ended_tx.send_replace(true);
+        });
+        Arc::new(TcpLink {
+            opener,
+            remote,
+            ended,
+            close,
+        })
+    }
+}
+
+impl Link {
+    /// Stable while the link lives, distinct between live links.
+    pub fn id(&self) -> usize {
+        match self {
+            Link::Quic(c) => c.stable_id(),
+            Link::Tcp(t) => Arc::as_ptr(t) as usize,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        match self {
+            Link::Quic(c) => c.close_reason().is_none(),
+            Link::Tcp(t) => !*t.ended.borrow(),
+        }
+    }
+
+    pub fn remote(&self) -> std::net::SocketAddr {
+        match self {
+            Link::Quic(c) => c.remote_address(),
+            Link::Tcp(t) => t.remote,
+        }
+    }
+
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Link::Quic(_) => "quic",
+            Link::Tcp(_) => "tcp",
+        }
+    }
+
+    /// A new stream for one session.
+    pub async fn open(&self) -> io::Result<BoxSession> {
+        match self {
+            Link::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(io::Error::other)?;
+                Ok(Box::new(QuicIo::new(send, recv)))
+            }
+            Link::Tcp(t) => Ok(Box::new(t.opener.open(ztp_infra::mux::SESSION_PATH).await?)),
+        }
+    }
+
+    /// Ends the link: over QUIC with `code` and `reason` (the refusal line, or "drained"
+    /// with 0); over TCP the connection is closed.
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        match self {
+            Link::Quic(c) => c.close(VarInt::from_u32(code), reason),
+            Link::Tcp(t) => {
+                t.close.send_replace(true);
+            }
+        }
+    }
+
+    /// Completes once the link has ended.
+    pub async fn closed(&self) {
+        match self {
+            Link::Quic(c) => {
+                c.closed().await;
+            }
+            Link::Tcp(t) => {
+                let mut ended = t.ended.clone();
+                let _ = ended.wait_for(|e| *e).await;
+            }
+        }
+    }
+}
 
 /// The live tunnels of this node, by connector name.
 #[derive(Debug)]
@@ -42,6 +152,11 @@ pub struct Tunnels {
     /// Sessions each tunnel carries now, by its connection's stable id (a draining node
     /// closes a tunnel once it carries none).
     in_use: Arc<Mutex<HashMap<usize, usize>>>,
+    /// True once the node stops: tunnels take no new session.
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Where the replicas are (their advertised addresses), as the control plane last
+    /// said: connectors place their tunnels by it.
+    replicas: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 /// A session's hold on its tunnel; let go when dropped.
@@ -66,7 +181,7 @@ impl Drop for TunnelUse {
 #[derive(Debug)]
 struct Live {
     id: u64,
-    conn: Connection,
+    link: Link,
     /// Milliseconds since the Unix epoch.
     since_ms: u64,
 }
@@ -80,6 +195,8 @@ impl Default for Tunnels {
             remote: Mutex::default(),
             relayer: std::sync::OnceLock::new(),
             in_use: Arc::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
+            replicas: tokio::sync::watch::Sender::new(Vec::new()),
         }
     }
 }
@@ -102,7 +219,7 @@ pub struct TunnelGuard {
 
 impl Tunnels {
     /// Registers a connector's connection as a tunnel.
-    pub fn register(self: &Arc<Self>, name: &str, conn: Connection) -> TunnelGuard {
+    pub fn register(self: &Arc<Self>, name: &str, link: Link) -> TunnelGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let since_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -110,7 +227,7 @@ impl Tunnels {
         self.lock()
             .entry(name.to_owned())
             .or_default()
-            .push(Live { id, conn, since_ms });
+            .push(Live { id, link, since_ms });
         self.changes.send_modify(|n| *n += 1);
         TunnelGuard {
             tunnels: self.clone(),
@@ -120,13 +237,13 @@ impl Tunnels {
     }
 
     /// A live tunnel of `name`, taking turns between several.
-    pub fn pick(&self, name: &str) -> Option<Connection> {
+    pub fn pick(&self, name: &str) -> Option<Link> {
         let live = self.lock();
         let tunnels = live.get(name)?;
-        let open: Vec<&Connection> = tunnels
+        let open: Vec<&Link> = tunnels
             .iter()
-            .map(|t| &t.conn)
-            .filter(|c| c.close_reason().is_none())
+            .map(|t| &t.link)
+            .filter(|l| l.is_open())
             .collect();
         if open.is_empty() {
             return None;
@@ -135,9 +252,9 @@ impl Tunnels {
         Some(open[turn % open.len()].clone())
     }
 
-    /// A session's hold on tunnel `conn`, for its life.
-    pub fn hold(&self, conn: &Connection) -> TunnelUse {
-        let id = conn.stable_id();
+    /// A session's hold on tunnel `link`, for its life.
+    pub fn hold(&self, link: &Link) -> TunnelUse {
+        let id = link.id();
         *self
             .in_use
             .lock()
@@ -150,12 +267,12 @@ impl Tunnels {
         }
     }
 
-    /// Sessions tunnel `conn` carries now.
-    pub fn in_use(&self, conn: &Connection) -> usize {
+    /// Sessions tunnel `link` carries now.
+    pub fn in_use(&self, link: &Link) -> usize {
         self.in_use
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&conn.stable_id())
+            .get(&link.id())
             .copied()
             .unwrap_or(0)
     }
@@ -173,7 +290,7 @@ impl Tunnels {
             .flat_map(|(name, v)| {
                 v.iter().map(|t| TunnelInfo {
                     connector: name.clone(),
-                    transport: "quic",
+                    transport: t.link.transport(),
                     since_ms: t.since_ms,
                 })
             })
@@ -212,6 +329,37 @@ impl Tunnels {
     /// Sets how sessions are carried to other replicas (once).
     pub fn set_relayer(&self, relayer: Arc<Relayer>) {
         let _ = self.relayer.set(relayer);
+    }
+
+    /// The node stops: its tunnels take no new session, and close once idle.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Whether the node stops, to watch.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Sets where the replicas are (sorted), as the control plane says.
+    pub fn set_replicas(&self, mut replicas: Vec<String>) {
+        replicas.sort();
+        replicas.dedup();
+        self.replicas.send_if_modified(|r| {
+            let changed = *r != replicas;
+            *r = replicas;
+            changed
+        });
+    }
+
+    /// Where the replicas are, as last said.
+    pub fn replicas(&self) -> Vec<String> {
+        self.replicas.borrow().clone()
+    }
+
+    /// Changes to where the replicas are.
+    pub fn replicas_changed(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.replicas.subscribe()
     }
 
     /// Changes to watch (the value only counts them).
@@ -275,7 +423,7 @@ impl Handler for TunnelForwarder {
                 return Outcome::refused(Refusal::Unavailable, "no connector");
             };
             // A tunnel here, else one on another replica (relayed), else 503.
-            let (conn, relayed) = match self.tunnels.pick(name) {
+            let (link, relayed) = match self.tunnels.pick(name) {
                 Some(c) => (c, false),
                 None => {
                     let Some(relayer) = self.tunnels.relayer.get() else {
@@ -291,7 +439,7 @@ impl Handler for TunnelForwarder {
                         }
                         match relayer.connection(&node, &addr).await {
                             Ok(c) => {
-                                reached = Some(c);
+                                reached = Some(Link::Quic(c));
                                 break;
                             }
                             Err(e) => {
@@ -309,9 +457,9 @@ impl Handler for TunnelForwarder {
                     }
                 }
             };
-            report.backend_addr = Some(conn.remote_address());
+            report.backend_addr = Some(link.remote());
             // The session's hold on its tunnel (a draining node waits for it).
-            let mut _held = (!relayed).then(|| self.tunnels.hold(&conn));
+            let mut _held = (!relayed).then(|| self.tunnels.hold(&link));
             let header = match encode_header(&SessionHeader {
                 service: target.service.to_owned(),
                 identity: caller.identity.id.clone(),
@@ -327,22 +475,18 @@ impl Handler for TunnelForwarder {
             // The connector dials within the connect timeout; a little more for the
             // round trip to it.
             let bound = limits.connect_timeout + Duration::from_secs(1);
-            let mut opened = tokio::time::timeout(bound, open_session(&conn, &header)).await;
+            let mut opened = tokio::time::timeout(bound, open_session(&link, &header)).await;
             if matches!(opened, Ok(Err(_))) && !relayed {
                 // The tunnel died under the session (a connector restarted: its old
                 // tunnel lingers until it idles out). Nothing of the client's has been
                 // sent: another live tunnel takes it.
-                if let Some(other) = self
-                    .tunnels
-                    .pick(name)
-                    .filter(|c| c.stable_id() != conn.stable_id())
-                {
-                    report.backend_addr = Some(other.remote_address());
+                if let Some(other) = self.tunnels.pick(name).filter(|l| l.id() != link.id()) {
+                    report.backend_addr = Some(other.remote());
                     _held = Some(self.tunnels.hold(&other));
                     opened = tokio::time::timeout(bound, open_session(&other, &header)).await;
                 }
             }
-            let (send, recv, status) = match opened {
+            let (mut stream, status) = match opened {
                 Ok(Ok(o)) => o,
                 Ok(Err(e)) => {
                     tracing::debug!(connector = name, error = %e, "tunnel session failed");
@@ -350,28 +494,23 @@ impl Handler for TunnelForwarder {
                 }
                 Err(_) => return Outcome::refused(Refusal::GatewayTimeout, "connector timeout"),
             };
-            let mut stream = TunnelStream {
-                send,
-                recv,
-                finished: false,
-            };
             match Status::from_byte(status) {
                 Some(Status::Connected) => {}
                 Some(Status::Timeout) => {
-                    stream.finished = true;
+                    let _ = stream.shutdown().await;
                     return Outcome::refused(Refusal::GatewayTimeout, "backend timeout");
                 }
                 Some(Status::NotAssigned) => {
-                    stream.finished = true;
+                    let _ = stream.shutdown().await;
                     tracing::warn!(connector = name, "the connector does not serve the service");
                     return Outcome::refused(Refusal::BadGateway, "not assigned");
                 }
                 Some(Status::NoTunnel) => {
-                    stream.finished = true;
+                    let _ = stream.shutdown().await;
                     return Outcome::refused(Refusal::Unavailable, "no tunnel at the relay");
                 }
                 Some(Status::Unreachable) | None => {
-                    stream.finished = true;
+                    let _ = stream.shutdown().await;
                     return Outcome::refused(Refusal::BadGateway, "backend unreachable");
                 }
             }
@@ -401,24 +540,19 @@ impl Handler for TunnelForwarder {
 }
 
 /// Opens a session's stream on a tunnel (or relay): its header out, the status byte back.
-async fn open_session(
-    conn: &Connection,
-    header: &[u8],
-) -> io::Result<(SendStream, RecvStream, u8)> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(io::Error::other)?;
-    send.write_all(header).await.map_err(io::Error::other)?;
+async fn open_session(link: &Link, header: &[u8]) -> io::Result<(BoxSession, u8)> {
+    let mut stream = link.open().await?;
+    stream.write_all(header).await?;
     let mut status = [0u8; 1];
-    recv.read_exact(&mut status)
-        .await
-        .map_err(io::Error::other)?;
-    Ok((send, recv, status[0]))
+    stream.read_exact(&mut status).await?;
+    Ok((stream, status[0]))
 }
 
 /// Datagrams between the client's channel and the session's stream in the tunnel, each
 /// framed on the stream (`ztp_proto::framing`: 2-byte length, at most 16,384 bytes).
 async fn carry_datagrams(
     channel: &mut dyn DatagramChannel,
-    stream: &mut TunnelStream,
+    stream: &mut BoxSession,
     idle: Duration,
 ) -> &'static str {
     let mut up = Vec::new();
@@ -465,7 +599,7 @@ async fn carry_datagrams(
 /// first datagram back as the answer.
 async fn spec_exchange(
     client: &mut dyn super::ClientIo,
-    stream: &mut TunnelStream,
+    stream: &mut BoxSession,
     idle: Duration,
     answer: Duration,
 ) -> Outcome {
@@ -504,55 +638,6 @@ async fn spec_exchange(
         }
         Ok(None) => Outcome::ended("backend unreachable"),
         Err(_) => Outcome::ended("backend timeout"),
-    }
-}
-
-/// A session's stream in a tunnel, as a byte stream; reset unless finished.
-struct TunnelStream {
-    send: SendStream,
-    recv: RecvStream,
-    finished: bool,
-}
-
-impl Drop for TunnelStream {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = self
-                .send
-                .reset(VarInt::from_u32(ztp_proto::quic::STREAM_ABORTED));
-        }
-    }
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx);
-        if matches!(r, Poll::Ready(Ok(()))) {
-            self.finished = true;
-        }
-        r
     }
 }
 

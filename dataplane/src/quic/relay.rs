@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztp_proto::quic::STREAM_ABORTED;
 use ztp_proto::tunnel::{decode_header, encode_header, SessionHeader, Status, MAX_HEADER};
 
@@ -56,7 +57,7 @@ pub(crate) async fn serve(q: &Arc<Quic>, conn: Connection, rec: &mut Record) {
         .unwrap_or_default();
     let mut state = q.ctx.state.clone();
     state.mark_changed();
-    let expiry = tokio::time::Instant::now() + super::tunnel::until_expiry(&chain);
+    let expiry = tokio::time::Instant::now() + crate::tunnel::until_expiry(&chain);
     let mut sessions = tokio::task::JoinSet::new();
     let end = loop {
         tokio::select! {
@@ -132,14 +133,14 @@ async fn session(q: Arc<Quic>, mut send: SendStream, mut recv: RecvStream) {
         return;
     };
     let opened = tokio::time::timeout(q.ctx.handler.connect_timeout, async {
-        let (mut tsend, mut trecv) = tunnel.open_bi().await.ok()?;
-        tsend.write_all(&bytes).await.ok()?;
+        let mut t = tunnel.open().await.ok()?;
+        t.write_all(&bytes).await.ok()?;
         let mut status = [0u8; 1];
-        trecv.read_exact(&mut status).await.ok()?;
-        Some((tsend, trecv, status[0]))
+        t.read_exact(&mut status).await.ok()?;
+        Some((t, status[0]))
     })
     .await;
-    let (mut tsend, mut trecv, status) = match opened {
+    let (t, status) = match opened {
         Ok(Some(o)) => o,
         // The tunnel failed (it just closed): as good as none.
         Ok(None) => {
@@ -157,15 +158,12 @@ async fn session(q: Arc<Quic>, mut send: SendStream, mut recv: RecvStream) {
         let _ = send.finish();
         return;
     }
+    let (mut trecv, mut tsend) = tokio::io::split(t);
     // The session's bytes, both ways, with the half-closes and the resets passed on.
     let up = async {
-        match tokio::io::copy(&mut recv, &mut tsend).await {
-            Ok(_) => {
-                let _ = tsend.finish();
-            }
-            Err(_) => {
-                let _ = tsend.reset(VarInt::from_u32(STREAM_ABORTED));
-            }
+        // On an error the stream is cut when both halves are dropped unfinished.
+        if tokio::io::copy(&mut recv, &mut tsend).await.is_ok() {
+            let _ = tsend.shutdown().await;
         }
     };
     let down = async {

@@ -265,12 +265,16 @@ impl Subscriber {
                 },
                 m = async { holders.as_mut()?.message().await.ok().flatten() }, if holders.is_some() => {
                     match m {
-                        Some(map) => self.registry.tunnels().set_remote(
-                            &self.node_id,
-                            map.holders
-                                .into_iter()
-                                .map(|h| (h.connector, h.node_id, h.address)),
-                        ),
+                        Some(map) => {
+                            let tunnels = self.registry.tunnels();
+                            tunnels.set_remote(
+                                &self.node_id,
+                                map.holders
+                                    .into_iter()
+                                    .map(|h| (h.connector, h.node_id, h.address)),
+                            );
+                            tunnels.set_replicas(map.replicas);
+                        }
                         None => holders = None,
                     }
                     continue;

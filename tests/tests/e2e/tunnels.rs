@@ -400,9 +400,10 @@ async fn a_replica_without_the_tunnel_relays_to_one_with_it() {
     }
 }
 
-/// Failover: a connector holding two tunnels over three replicas; replica A (holding one)
-/// is killed with SIGKILL while new sessions keep arriving through B: none of them
-/// fails, and the connector re-establishes its second tunnel on C.
+/// Failover: a connector holding two tunnels over three replicas (placed by rendezvous
+/// hashing: which two is the connector's choice); one holder is killed with SIGKILL while
+/// new sessions keep arriving through the other: none of them fails, and the connector
+/// re-establishes its second tunnel on the third replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails() {
     use crate::plane::{wait_items, Plane};
@@ -444,15 +445,17 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
         tunnels_on(items).len() == 2
     })
     .await;
-    assert_eq!(
-        tunnels_on(&items),
-        ["fo-a", "fo-b"],
-        "the first two replicas"
-    );
+    let ids = ["fo-a", "fo-b", "fo-c"];
+    let holders = tunnels_on(&items);
+    let index = |id: &str| ids.iter().position(|i| *i == id).expect("a replica's id");
+    let (victim, survivor) = (index(&holders[0]), index(&holders[1]));
+    let free = (0..3).find(|i| *i != victim && *i != survivor).unwrap();
+    let mut after = vec![ids[survivor].to_owned(), ids[free].to_owned()];
+    after.sort();
 
-    // A steady stream of new sessions through B.
+    // A steady stream of new sessions through the holder that stays.
     let opts = p.opts(LAB, &p.alice);
-    let b = p.replicas[1].addr();
+    let b = p.replicas[survivor].addr();
     let deadline = tokio::time::Instant::now() + STEP;
     while lab_via(b, &opts, b"warm").await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "B never served");
@@ -474,26 +477,155 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    p.replicas[0].signal("KILL");
+    p.replicas[victim].signal("KILL");
     let items = wait_items(
         &p.control,
         "/v1/connectors",
-        "the tunnel moved to C",
-        |items| tunnels_on(items) == ["fo-b", "fo-c"],
+        "the tunnel moved to the third replica",
+        |items| tunnels_on(items) == after,
     )
     .await;
-    assert_eq!(tunnels_on(&items), ["fo-b", "fo-c"]);
+    assert_eq!(tunnels_on(&items), after);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = sessions.await.expect("the sessions' task");
     assert!(ok > 10, "only {ok} sessions");
     assert!(
         failed.is_empty(),
-        "{} of {} sessions through B failed: {failed:?}",
+        "{} of {} sessions through the surviving holder failed: {failed:?}",
         failed.len(),
         ok as usize + failed.len()
     );
     connector.kill();
+}
+
+/// UDP blocked between the connector and the data plane (the replica serves no QUIC,
+/// and its UDP port swallows every packet, as a firewall that drops them): the
+/// connector's tunnel falls back to TCP + TLS (HTTP/2 streams), `connector list` says
+/// so, sessions (one of 4 MiB, byte-exact both ways) go through it, a user's
+/// certificate is refused as a connector there too, and revoking the connector's
+/// certificate closes the tunnel and the session through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_blocked_the_tunnel_falls_back_to_tcp() {
+    use crate::plane::{wait_items, Plane};
+    use ztp_tests::Dataplane;
+
+    let mut p = Plane::start(&[], &[]).await;
+    let mut dp = Dataplane::start_control(
+        &p.pki,
+        &p.control.grpc_url(),
+        "tcp-only",
+        &["--quic-listen", "off"],
+    )
+    .await;
+    assert!(dp.wait_ready(STEP).await, "the replica is not ready");
+    let port = dp.addr().port();
+    p.replicas.push(dp);
+    // Whatever comes to the replica's port by UDP is swallowed: no answer, no ICMP.
+    let black_hole = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("bind the UDP port");
+    let backend = EchoBackend::start().await;
+    let (files, cert) = lab_on_plane(&p, &backend, "connector-tcp").await;
+
+    // A user's certificate, over TCP: refused, and the connector says why.
+    let mut impostor = run_connector_to(port, &files, &p.alice, "alice");
+    impostor
+        .wait_for_line(
+            Stream::Stderr,
+            |l| l.contains("refused: ZTP-ERROR 403 forbidden"),
+            STEP,
+        )
+        .await;
+    impostor.kill();
+
+    let mut connector = run_connector_to(port, &files, &cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("(tcp)"), STEP)
+        .await;
+    let items = wait_items(&p.control, "/v1/connectors", "the live tunnel", |items| {
+        items
+            .first()
+            .and_then(|c| c["tunnels"].as_array())
+            .is_some_and(|t| t.len() == 1)
+    })
+    .await;
+    assert_eq!(items[0]["tunnels"][0]["transport"], "tcp", "{items:?}");
+
+    let opts = p.opts(LAB, &p.alice);
+    let addr = p.replicas[0].addr();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match lab_via(addr, &opts, b"over tcp").await {
+            Ok(d) => {
+                assert_eq!(d, b"over tcp");
+                break;
+            }
+            Err(code) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "through the tcp tunnel: {code}; {}",
+                    connector.output_text()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // 4 MiB up and its echo down: more than every window, byte-exact.
+    let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (_, s) = crate::plane::dial(addr, &opts).await;
+    let s = s.expect("the handshake");
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = {
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut w, &payload)
+                .await
+                .expect("write");
+            w
+        })
+    };
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(STEP, tokio::io::AsyncReadExt::read_exact(&mut r, &mut back))
+        .await
+        .expect("the echo in time")
+        .expect("the echo");
+    assert!(back == payload, "the echo differs");
+    let w = writer.await.expect("the writer");
+    let mut live = r.unsplit(w);
+
+    // Revoked: the tunnel closes, and the live session through it ends.
+    let body = format!("{{\"serials\":[\"{}\"]}}", cert.serial);
+    let r = p
+        .control
+        .request(
+            "POST",
+            "/v1/revoked",
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        )
+        .await
+        .expect("POST /v1/revoked");
+    assert!(r.status < 300, "POST /v1/revoked: {r:?}");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("ended"), STEP)
+        .await;
+    if let Err(ztp_tests::ReadError::Io { error, .. }) =
+        read_to_end_or_alert_within(&mut live, STEP).await
+    {
+        assert_ne!(
+            error.kind(),
+            std::io::ErrorKind::TimedOut,
+            "the live session through the revoked tunnel is still open"
+        );
+    }
+    wait_items(&p.control, "/v1/connectors", "no tunnel", |items| {
+        items
+            .first()
+            .and_then(|c| c["tunnels"].as_array())
+            .is_some_and(|t| t.is_empty())
+    })
+    .await;
+    connector.kill();
+    drop(black_hole);
 }
 
 /// A udp service behind a connector: datagrams reach the backend only through the

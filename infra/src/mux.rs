@@ -1,0 +1,521 @@
+//! The streams of a connector's tunnel (`ztp_proto::tunnel`), over either transport:
+//! QUIC streams, or HTTP/2 streams over TCP + TLS 1.3 where UDP is blocked (DESIGN.md,
+//! "Connectors"). Above this module a session's stream is bytes both ways, with a
+//! half-close ([`tokio::io::AsyncWriteExt::shutdown`]) and a cut ([`SessionIo::abort`],
+//! also what dropping an unfinished stream does): the tunnel's protocol is the same on
+//! both.
+//!
+//! Over TCP the data plane is the HTTP/2 client (it opens a stream per session) and the
+//! connector the server, whatever the TLS roles; the data plane's first stream (path
+//! [`CONTROL_PATH`]) is the control stream, and every other one a session
+//! ([`SESSION_PATH`]). HTTP/2 brings what a multiplexer must have: per-stream and
+//! per-connection flow control, a cap on concurrent streams, resets, and PING for a peer
+//! that went silent.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h2::Reason;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The path of the control stream over TCP.
+pub const CONTROL_PATH: &str = "/control";
+/// The path of a session's stream over TCP.
+pub const SESSION_PATH: &str = "/session";
+/// Flow-control windows: per stream and per connection (as the QUIC listener's).
+pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+/// Sessions one tunnel carries at once.
+pub const MAX_SESSIONS: u32 = 4096;
+/// A peer silent this long is gone (QUIC's idle timeout on tunnels is the same); it is
+/// pinged every [`KEEPALIVE`].
+pub const IDLE: Duration = Duration::from_secs(3);
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+/// The QUIC error code of a stream that was cut (`ztp_proto::quic::STREAM_ABORTED`).
+const QUIC_ABORTED: u32 = 1;
+
+/// One session's stream in a tunnel.
+pub trait SessionIo: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Cuts the stream: the peer sees an error, not a clean end.
+    fn abort(&mut self);
+}
+
+/// A session's stream, boxed: a tunnel's users need not know its transport.
+pub type BoxSession = Box<dyn SessionIo>;
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2"));
+    }
+    if matches!(
+        e.reason(),
+        Some(Reason::CANCEL) | Some(Reason::STREAM_CLOSED)
+    ) {
+        return io::Error::new(io::ErrorKind::ConnectionReset, e);
+    }
+    io::Error::other(e)
+}
+
+/// A bidirectional QUIC stream: reset when dropped unless shut down.
+#[derive(Debug)]
+pub struct QuicIo {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    finished: bool,
+}
+
+impl QuicIo {
+    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        QuicIo {
+            send,
+            recv,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for QuicIo {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.send.reset(quinn::VarInt::from_u32(QUIC_ABORTED));
+        }
+    }
+}
+
+impl SessionIo for QuicIo {
+    fn abort(&mut self) {
+        if !self.finished {
+            let _ = self.send.reset(quinn::VarInt::from_u32(QUIC_ABORTED));
+            self.finished = true;
+        }
+    }
+}
+
+impl AsyncRead for QuicIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        AsyncRead::poll_read(Pin::new(&mut self.recv), cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.finished = true;
+        }
+        r
+    }
+}
+
+/// An HTTP/2 stream as a byte stream: the request body one way, the response body the
+/// other. Reset (CANCEL) when dropped unless shut down.
+pub struct H2Io {
+    send: h2::SendStream<Bytes>,
+    /// The client's side waits for the response's head before the body.
+    response: Option<h2::client::ResponseFuture>,
+    recv: Option<h2::RecvStream>,
+    /// Received, not yet read (at most one DATA frame).
+    pending: Bytes,
+    finished: bool,
+}
+
+impl std::fmt::Debug for H2Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Io")
+            .field("stream", &self.send.stream_id().as_u32())
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Io {
+    fn new(
+        send: h2::SendStream<Bytes>,
+        response: Option<h2::client::ResponseFuture>,
+        recv: Option<h2::RecvStream>,
+    ) -> Self {
+        H2Io {
+            send,
+            response,
+            recv,
+            pending: Bytes::new(),
+            finished: false,
+        }
+    }
+}
+
+impl Drop for H2Io {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.send.send_reset(Reason::CANCEL);
+        }
+    }
+}
+
+impl SessionIo for H2Io {
+    fn abort(&mut self) {
+        if !self.finished {
+            self.send.send_reset(Reason::CANCEL);
+            self.finished = true;
+        }
+    }
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(response) = this.response.as_mut() {
+                let head = ready!(Pin::new(response).poll(cx)).map_err(h2_io)?;
+                this.response = None;
+                if head.status() != http::StatusCode::OK {
+                    return Poll::Ready(Err(io::Error::other(format!(
+                        "tunnel stream refused ({})",
+                        head.status()
+                    ))));
+                }
+                this.recv = Some(head.into_body());
+            }
+            let Some(recv) = this.recv.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => {
+                    // The window is given back as data arrives: what is held here is at
+                    // most one frame.
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.finished {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        // What the peer's window allows now; the rest waits for it to grow.
+        self.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(buf.len());
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task writes what was sent.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.finished {
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            self.finished = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The data plane's side of a tunnel over TCP: opens streams.
+#[derive(Clone)]
+pub struct H2Opener {
+    send: h2::client::SendRequest<Bytes>,
+}
+
+impl std::fmt::Debug for H2Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Opener").finish_non_exhaustive()
+    }
+}
+
+impl H2Opener {
+    /// Opens a stream at `path` ([`CONTROL_PATH`] or [`SESSION_PATH`]); it waits while
+    /// the connector's cap on concurrent streams is reached.
+    pub async fn open(&self, path: &str) -> io::Result<H2Io> {
+        let mut send = self.send.clone().ready().await.map_err(h2_io)?;
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("https://tunnel{path}"))
+            .body(())
+            .map_err(io::Error::other)?;
+        let (response, stream) = send.send_request(request, false).map_err(h2_io)?;
+        Ok(H2Io::new(stream, Some(response), None))
+    }
+}
+
+/// Starts the data plane's (client) side of HTTP/2 on a tunnel's TLS stream: the opener,
+/// and the connection's future, which drives it (and pings the peer) until it ends, with
+/// why.
+pub async fn client<T>(
+    io: T,
+) -> io::Result<(
+    H2Opener,
+    impl Future<Output = &'static str> + Send + 'static,
+)>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(256 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_concurrent_streams(0)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(h2_io)?;
+    let ping = conn.ping_pong();
+    let drive = async move {
+        tokio::select! {
+            r = conn => match r {
+                Ok(()) => "closed",
+                Err(_) => "connection error",
+            },
+            () = keepalive(ping) => "peer silent",
+        }
+    };
+    Ok((H2Opener { send }, drive))
+}
+
+/// The connector's (server) side of HTTP/2 on a tunnel's TLS stream.
+pub struct H2Server<T> {
+    conn: h2::server::Connection<T, Bytes>,
+    /// Pings the data plane; completes when it went silent.
+    keep: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+/// A stream the data plane opened: its path, and the stream.
+pub struct Accepted {
+    pub path: String,
+    pub io: H2Io,
+}
+
+impl<T> H2Server<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    pub async fn handshake(io: T) -> io::Result<Self> {
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(256 * 1024)
+            .max_header_list_size(16 * 1024)
+            .max_concurrent_streams(MAX_SESSIONS)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(h2_io)?;
+        let keep = Box::pin(keepalive(conn.ping_pong()));
+        Ok(H2Server { conn, keep })
+    }
+
+    /// The next stream, answered at once (the answer's head carries nothing: the
+    /// session's status byte is in its body). `Err` with why once the tunnel ends; a
+    /// silent peer ends it after [`IDLE`]. The connection moves only while this is
+    /// called: call it in a loop.
+    pub async fn accept(&mut self) -> Result<Accepted, &'static str> {
+        let next = tokio::select! {
+            next = self.conn.accept() => next,
+            () = &mut self.keep => return Err("peer silent"),
+        };
+        match next {
+            None => Err("closed"),
+            Some(Err(_)) => Err("connection error"),
+            Some(Ok((request, mut respond))) => {
+                let path = request.uri().path().to_owned();
+                let recv = request.into_body();
+                let send = respond
+                    .send_response(http::Response::new(()), false)
+                    .map_err(|_| "connection error")?;
+                Ok(Accepted {
+                    path,
+                    io: H2Io::new(send, None, Some(recv)),
+                })
+            }
+        }
+    }
+
+    /// Ends the tunnel: GOAWAY, then the connection is dropped.
+    pub fn close(&mut self) {
+        self.conn.abrupt_shutdown(Reason::NO_ERROR);
+    }
+}
+
+/// Pings every [`KEEPALIVE`]; completes when a pong has not come within [`IDLE`] (never,
+/// without a ping handle).
+async fn keepalive(ping: Option<h2::PingPong>) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE).await;
+        match tokio::time::timeout(IDLE, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A data-plane side and a connector side over an in-memory pipe; the connector's
+    /// accept loop hands streams to `streams`.
+    async fn pair() -> (
+        H2Opener,
+        tokio::task::JoinHandle<&'static str>,
+        tokio::sync::mpsc::Receiver<Accepted>,
+        tokio::task::JoinHandle<&'static str>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let s = H2Server::handshake(b).await;
+            s.map_err(|e| e.to_string())
+        });
+        let (opener, drive) = client(a).await.expect("client handshake");
+        let drive = tokio::spawn(drive);
+        let mut server = server.await.unwrap().expect("server handshake");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let accepting = tokio::spawn(async move {
+            loop {
+                match server.accept().await {
+                    Ok(a) => {
+                        if tx.send(a).await.is_err() {
+                            return "receiver gone";
+                        }
+                    }
+                    Err(e) => return e,
+                }
+            }
+        });
+        (opener, drive, rx, accepting)
+    }
+
+    #[tokio::test]
+    async fn streams_carry_bytes_both_ways_with_half_close_and_flow_control() {
+        let (opener, _drive, mut accepted, _acc) = pair().await;
+        let mut control = opener.open(CONTROL_PATH).await.unwrap();
+        control.write_all(b"assignments").await.unwrap();
+        let mut c = accepted.recv().await.unwrap();
+        assert_eq!(c.path, CONTROL_PATH);
+        let mut got = [0u8; 11];
+        c.io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"assignments");
+
+        // A session: 8 MiB up (more than any window: flow control must let it
+        // through), the half-close, then the answer down and its end.
+        let mut s = opener.open(SESSION_PATH).await.unwrap();
+        let up = vec![7u8; 8 << 20];
+        let writer = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                s.write_all(&up).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await.unwrap();
+                back
+            })
+        };
+        let mut peer = accepted.recv().await.unwrap();
+        assert_eq!(peer.path, SESSION_PATH);
+        let mut got = Vec::new();
+        peer.io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), up.len());
+        assert!(got == up);
+        peer.io.write_all(b"done").await.unwrap();
+        peer.io.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+    }
+
+    #[tokio::test]
+    async fn an_aborted_or_dropped_stream_is_an_error_for_the_peer_not_an_end() {
+        let (opener, _drive, mut accepted, _acc) = pair().await;
+        let mut s = opener.open(SESSION_PATH).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut peer = accepted.recv().await.unwrap();
+        let mut one = [0u8; 1];
+        peer.io.read_exact(&mut one).await.unwrap();
+        s.abort();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), peer.io.read_to_end(&mut rest));
+        assert!(read.await.expect("the abort reaches the peer").is_err());
+
+        let mut s = opener.open(SESSION_PATH).await.unwrap();
+        s.write_all(b"y").await.unwrap();
+        let mut peer = accepted.recv().await.unwrap();
+        peer.io.read_exact(&mut one).await.unwrap();
+        drop(peer);
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest));
+        assert!(read.await.expect("the drop reaches the peer").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_ends_the_tunnel_within_the_idle_time() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        // The connector's side answers the handshake, then stops reading: its pongs
+        // never come.
+        let server = tokio::spawn(async move { H2Server::handshake(b).await.map(|s| (s, ())) });
+        let (_opener, drive) = client(a).await.unwrap();
+        let mut server = server.await.unwrap().unwrap();
+        let started = tokio::time::Instant::now();
+        let why = tokio::time::timeout(Duration::from_secs(60), drive)
+            .await
+            .expect("the silent peer is noticed");
+        assert_eq!(why, "peer silent");
+        assert!(started.elapsed() <= KEEPALIVE + IDLE + Duration::from_millis(10));
+        server.0.close();
+    }
+}
