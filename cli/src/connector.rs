@@ -308,15 +308,9 @@ impl Placement {
         self.name_of(&st, replica)
     }
 
-    /// Takes `to` (from `via`) if it is still free.
-    fn swap(&self, via: &str, to: &str) -> bool {
-        let mut st = self.lock();
-        if st.held.contains(to) {
-            return false;
-        }
-        st.held.remove(via);
-        st.held.insert(to.to_owned());
-        true
+    /// Takes `to` if it is still free.
+    fn reserve(&self, to: &str) -> bool {
+        self.lock().held.insert(to.to_owned())
     }
 
     /// The replicas as the data plane at `via` says (sorted).
@@ -652,6 +646,9 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
         };
     let mut have_control = matches!(carrier, Carrier::Quic(_));
     let mut sessions = tokio::task::JoinSet::new();
+    type Dialling<'a> =
+        std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Carrier>> + Send + 'a>>;
+    let mut moving: Option<(String, Dialling<'_>)> = None;
     let mut check = tokio::time::interval(REPLACE_EVERY);
     check.tick().await;
     let end = loop {
@@ -689,36 +686,42 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
             },
             () = &mut reading => break "the control stream ended".to_owned(),
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            _ = check.tick() => {
+            _ = check.tick(), if moving.is_none() => {
                 // A better-placed replica (one just added, or one back) takes this
-                // tunnel's place once it carries no session: the new tunnel first.
+                // tunnel's place once it carries no session: the new tunnel first,
+                // dialled while this one goes on serving.
                 if !sessions.is_empty() {
                     continue;
                 }
                 let Some(to) = placement.better_than(via) else { continue };
-                if !placement.swap(via, &to) {
+                if !placement.reserve(&to) {
                     continue;
                 }
-                match dialer.dial(&to, &placement.name(&to)).await {
+                let name = placement.name(&to);
+                moving = Some((to.clone(), Box::pin(async move { dialer.dial(&to, &name).await })));
+            }
+            Some(r) = async { match &mut moving { Some((_, f)) => Some(f.await), None => None } }, if moving.is_some() => {
+                let Some((to, _)) = moving.take() else { continue };
+                match r {
                     Ok(new) if sessions.is_empty() => {
                         close(&mut carrier);
+                        placement.give_back(via);
                         return End::Moved(to, new);
                     }
-                    Ok(_) => {
-                        // A session came meanwhile: stay (the new tunnel is dropped).
-                        placement.give_back(&to);
-                        placement.lock().held.insert(via.to_owned());
-                    }
+                    // A session came meanwhile: stay (the new tunnel is dropped).
+                    Ok(_) => placement.give_back(&to),
                     Err(e) => {
                         say!("ztpctl: connector: {to}: {e:#}");
                         placement.failed(&to);
                         placement.give_back(&to);
-                        placement.lock().held.insert(via.to_owned());
                     }
                 }
             }
         }
     };
+    if let Some((to, _)) = moving.take() {
+        placement.give_back(&to);
+    }
     close(&mut carrier);
     End::Ended(end)
 }

@@ -499,6 +499,67 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
     connector.kill();
 }
 
+/// Placement: a connector dialled to the replica that ranks lower for it (rendezvous
+/// hashing of its name over the replicas' advertised addresses, as `ztpctl connector
+/// run` computes it) learns the replica set from the data plane and moves its idle tunnel
+/// to the better-placed replica, the new tunnel up first; sessions through either replica
+/// are served before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_moves_its_idle_tunnel_to_the_replica_that_ranks_first() {
+    use crate::plane::{wait_items, Plane};
+    use sha2::{Digest, Sha256};
+
+    let p = Plane::start(&["rank-a", "rank-b"], &[]).await;
+    let backend = EchoBackend::start().await;
+    let (files, cert) = lab_on_plane(&p, &backend, "connector-rank").await;
+    let score = |addr: std::net::SocketAddr| {
+        let mut h = Sha256::new();
+        h.update(b"spiffe://ztp.internal/connector/lab");
+        h.update([0u8]);
+        h.update(format!("127.0.0.1:{}", addr.port()).as_bytes());
+        u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+    };
+    let (a, b) = (p.replicas[0].addr(), p.replicas[1].addr());
+    let (low, high, high_id) = if score(a) > score(b) {
+        (b, a, "rank-a")
+    } else {
+        (a, b, "rank-b")
+    };
+    let mut connector = run_connector_to(low.port(), &files, &cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("moved from"), STEP)
+        .await;
+    let items = wait_items(&p.control, "/v1/connectors", "the tunnel on the first", |items| {
+        items
+            .first()
+            .and_then(|c| c["tunnels"].as_array())
+            .is_some_and(|t| t.len() == 1 && t[0]["replica"] == high_id)
+    })
+    .await;
+    assert_eq!(items[0]["tunnels"][0]["replica"], high_id, "{items:?}");
+    let opts = p.opts(LAB, &p.alice);
+    for via in [high, low] {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            match lab_via(via, &opts, b"placed").await {
+                Ok(d) => {
+                    assert_eq!(d, b"placed");
+                    break;
+                }
+                Err(code) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "through {via}: {code}; {}",
+                        connector.output_text()
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    connector.kill();
+}
+
 /// UDP blocked between the connector and the data plane (the replica serves no QUIC,
 /// and its UDP port swallows every packet, as a firewall that drops them): the
 /// connector's tunnel falls back to TCP + TLS (HTTP/2 streams), `connector list` says
