@@ -234,18 +234,21 @@ impl AsyncWrite for H2Io {
         if self.finished {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        // What the peer's window allows now; the rest waits for it to grow.
+        // What the peer's window allows now; the rest waits for it to grow. Capacity
+        // left from an earlier reservation is used first: h2 wakes `poll_capacity` only
+        // when capacity grows, so waiting on it while some is left would stall.
         self.send.reserve_capacity(buf.len());
         loop {
+            let available = self.send.capacity();
+            if available > 0 {
+                let n = available.min(buf.len());
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_io)?;
+                return Poll::Ready(Ok(n));
+            }
             match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    self.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map_err(h2_io)?;
-                    return Poll::Ready(Ok(n));
-                }
+                Some(Ok(_)) => continue,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
                 None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
@@ -517,5 +520,112 @@ mod tests {
         assert_eq!(why, "peer silent");
         assert!(started.elapsed() <= KEEPALIVE + IDLE + Duration::from_millis(10));
         server.0.close();
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A write that waited for the window with a large buffer and is then retried with
+    /// smaller ones (as AsyncWrite allows) leaves capacity over; later writes must use it
+    /// rather than wait for the window to grow again (h2 wakes only on growth).
+    #[tokio::test]
+    async fn capacity_left_from_a_larger_write_is_used_not_waited_for() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut s = H2Server::handshake(b).await.unwrap();
+            let acc = s.accept().await.map_err(|e| e.to_owned()).unwrap();
+            (s, acc)
+        });
+        let (opener, drive) = client(a).await.unwrap();
+        tokio::spawn(drive);
+        let mut io = opener.open(SESSION_PATH).await.unwrap();
+        // The stream's whole window, unread by the peer.
+        let full = vec![1u8; STREAM_WINDOW as usize];
+        tokio::io::AsyncWriteExt::write_all(&mut io, &full)
+            .await
+            .unwrap();
+        let (mut s, mut acc) = server.await.unwrap();
+        let keep = tokio::spawn(async move {
+            let _ = s.accept().await;
+        });
+        // A 64 KiB write waits for the window...
+        let big = vec![2u8; 64 * 1024];
+        let waited = std::future::poll_fn(|cx| {
+            Poll::Ready(Pin::new(&mut io).poll_write(cx, &big).is_pending())
+        })
+        .await;
+        assert!(waited, "the window is full");
+        // ... the peer reads everything (the window grows) ...
+        let mut got = vec![0u8; full.len()];
+        acc.io.read_exact(&mut got).await.unwrap();
+        // ... and the write is retried with 1 byte, then again: each goes at once.
+        for _ in 0..3 {
+            let wrote = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncWriteExt::write(&mut io, b"x"),
+            )
+            .await
+            .expect("a write with capacity left stalled")
+            .unwrap();
+            assert_eq!(wrote, 1);
+        }
+        keep.abort();
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Both directions at once, as an echo through a tunnel: 16 MiB written while the
+    /// echo comes back, through pipes smaller than the windows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrent_echo_of_16_mib_does_not_stall() {
+        for round in 0..5 {
+            let (a, b) = tokio::io::duplex(16 * 1024);
+            let server = tokio::spawn(async move {
+                let mut s = H2Server::handshake(b).await.unwrap();
+                let mut acc = s.accept().await.map_err(|e| e.to_owned()).unwrap();
+                let echo = tokio::spawn(async move {
+                    let (mut r, mut w) = tokio::io::split(&mut acc.io);
+                    tokio::io::copy(&mut r, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+                // Keep the connection moving.
+                let _ = tokio::time::timeout(Duration::from_secs(60), s.accept()).await;
+                echo.await.unwrap();
+            });
+            let (opener, drive) = client(a).await.unwrap();
+            tokio::spawn(drive);
+            let io = opener.open(SESSION_PATH).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(io);
+            let payload: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+            let p2 = payload.clone();
+            let writer = tokio::spawn(async move {
+                // Uneven writes: a large one leaves capacity that smaller ones must use.
+                let mut at = 0;
+                let mut k = 0usize;
+                while at < p2.len() {
+                    let n = [65536, 1000, 7, 20000, 3][k % 5].min(p2.len() - at);
+                    w.write_all(&p2[at..at + n]).await.unwrap();
+                    at += n;
+                    k += 1;
+                }
+                w.shutdown().await.unwrap();
+                w
+            });
+            let mut back = Vec::new();
+            tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut back))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: stalled at {} bytes", back.len()))
+                .unwrap();
+            assert!(back == payload);
+            let _ = writer.await;
+            server.abort();
+        }
     }
 }

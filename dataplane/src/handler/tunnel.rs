@@ -238,12 +238,17 @@ impl Tunnels {
 
     /// A live tunnel of `name`, taking turns between several.
     pub fn pick(&self, name: &str) -> Option<Link> {
+        self.pick_except(name, &[])
+    }
+
+    /// A live tunnel of `name` but those whose ids are in `except`, taking turns.
+    pub fn pick_except(&self, name: &str, except: &[usize]) -> Option<Link> {
         let live = self.lock();
         let tunnels = live.get(name)?;
         let open: Vec<&Link> = tunnels
             .iter()
             .map(|t| &t.link)
-            .filter(|l| l.is_open())
+            .filter(|l| l.is_open() && !except.contains(&l.id()))
             .collect();
         if open.is_empty() {
             return None;
@@ -317,8 +322,17 @@ impl Tunnels {
 
     /// A replica holding a tunnel of `name`, taking turns.
     pub fn pick_remote(&self, name: &str) -> Option<(String, String)> {
+        self.pick_remote_except(name, &[])
+    }
+
+    /// A replica holding a tunnel of `name`, none of `except` (node ids), taking turns.
+    pub fn pick_remote_except(&self, name: &str, except: &[String]) -> Option<(String, String)> {
         let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        let holders = remote.get(name)?;
+        let holders: Vec<&(String, String)> = remote
+            .get(name)?
+            .iter()
+            .filter(|(node, _)| !except.contains(node))
+            .collect();
         if holders.is_empty() {
             return None;
         }
@@ -345,6 +359,14 @@ impl Tunnels {
     pub fn set_replicas(&self, mut replicas: Vec<String>) {
         replicas.sort();
         replicas.dedup();
+        // A relay to a replica that left the set (it stopped, or died: its stream to the
+        // control plane broke) is closed: a session being opened on it fails now and goes
+        // to another holder, rather than waiting for the dead connection to idle out. A
+        // draining replica stays in the set until it exits, so the sessions relayed to it
+        // go on.
+        if let (Some(relayer), false) = (self.relayer.get(), replicas.is_empty()) {
+            relayer.keep_only(&replicas);
+        }
         self.replicas.send_if_modified(|r| {
             let changed = *r != replicas;
             *r = replicas;
@@ -397,6 +419,35 @@ impl TunnelForwarder {
     pub fn new(tunnels: Arc<Tunnels>) -> Self {
         TunnelForwarder { tunnels }
     }
+
+    /// A relay to a replica holding a tunnel of `name`, none of `tried`: the holders in
+    /// turn, one that cannot be reached added to `tried` and giving way to the next.
+    /// `Err` with why there is none.
+    async fn reach_remote(
+        &self,
+        name: &str,
+        tried: &mut Vec<String>,
+    ) -> Result<(Link, String), &'static str> {
+        let Some(relayer) = self.tunnels.relayer.get() else {
+            return Err("no tunnel");
+        };
+        let mut unreachable = false;
+        while let Some((node, addr)) = self.tunnels.pick_remote_except(name, tried) {
+            match relayer.connection(&node, &addr).await {
+                Ok(c) => return Ok((Link::Quic(c), node)),
+                Err(e) => {
+                    tracing::debug!(relay.node = %node, error = %e, "relay unreachable");
+                    tried.push(node);
+                    unreachable = true;
+                }
+            }
+        }
+        Err(if unreachable {
+            "relay unreachable"
+        } else {
+            "no tunnel"
+        })
+    }
 }
 
 impl Handler for TunnelForwarder {
@@ -422,77 +473,76 @@ impl Handler for TunnelForwarder {
             let Some(name) = target.connector else {
                 return Outcome::refused(Refusal::Unavailable, "no connector");
             };
-            // A tunnel here, else one on another replica (relayed), else 503.
-            let (link, relayed) = match self.tunnels.pick(name) {
-                Some(c) => (c, false),
-                None => {
-                    let Some(relayer) = self.tunnels.relayer.get() else {
-                        return Outcome::refused(Refusal::Unavailable, "no tunnel");
-                    };
-                    // The holders in turn: one that cannot be reached (it just died, and
-                    // the map does not say so yet) gives way to the next.
-                    let mut tried: Vec<String> = Vec::new();
-                    let mut reached = None;
-                    while let Some((node, addr)) = self.tunnels.pick_remote(name) {
-                        if tried.contains(&node) || tried.len() >= 3 {
+            // A tunnel here, else one on another replica (relayed), else 503. A tunnel
+            // or relay that fails before the session's first byte (it died under it: a
+            // connector restarted, a replica was killed and the map does not say so yet)
+            // gives way to another, up to three.
+            let bound = limits.connect_timeout + Duration::from_secs(1);
+            let mut tried_local: Vec<usize> = Vec::new();
+            let mut tried_nodes: Vec<String> = Vec::new();
+            let mut failure = Outcome::refused(Refusal::Unavailable, "no tunnel");
+            let mut opened = None;
+            for _ in 0..3 {
+                let (link, node) = match self.tunnels.pick_except(name, &tried_local) {
+                    Some(l) => (l, None),
+                    None => match self.reach_remote(name, &mut tried_nodes).await {
+                        Ok((l, node)) => (l, Some(node)),
+                        Err(why) => {
+                            if why != "no tunnel"
+                                || tried_local.is_empty() && tried_nodes.is_empty()
+                            {
+                                failure = Outcome::refused(Refusal::Unavailable, why);
+                            }
                             break;
                         }
-                        match relayer.connection(&node, &addr).await {
-                            Ok(c) => {
-                                reached = Some(Link::Quic(c));
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::debug!(relay.node = %node, error = %e, "relay unreachable");
-                                tried.push(node);
-                            }
-                        }
+                    },
+                };
+                let header = match encode_header(&SessionHeader {
+                    service: target.service.to_owned(),
+                    identity: caller.identity.id.clone(),
+                    connector: node.as_ref().map(|_| name.to_owned()),
+                    datagrams,
+                }) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "session header");
+                        return Outcome::refused(Refusal::BadGateway, "bad session header");
                     }
-                    match reached {
-                        Some(c) => (c, true),
-                        None if tried.is_empty() => {
-                            return Outcome::refused(Refusal::Unavailable, "no tunnel")
+                };
+                // The session's hold on its tunnel (a draining node waits for it).
+                let held = node.is_none().then(|| self.tunnels.hold(&link));
+                // The connector dials within the connect timeout; a little more for the
+                // round trip to it.
+                match tokio::time::timeout(bound, open_session(&link, &header)).await {
+                    Ok(Ok((stream, status))) => {
+                        if let (Some(node), Some(Status::NoTunnel)) =
+                            (&node, Status::from_byte(status))
+                        {
+                            // The holder lost its tunnel since the map said so.
+                            tried_nodes.push(node.clone());
+                            failure =
+                                Outcome::refused(Refusal::Unavailable, "no tunnel at the relay");
+                            continue;
                         }
-                        None => return Outcome::refused(Refusal::Unavailable, "relay unreachable"),
+                        report.backend_addr = Some(link.remote());
+                        opened = Some((stream, status, held));
+                        break;
                     }
-                }
-            };
-            report.backend_addr = Some(link.remote());
-            // The session's hold on its tunnel (a draining node waits for it).
-            let mut _held = (!relayed).then(|| self.tunnels.hold(&link));
-            let header = match encode_header(&SessionHeader {
-                service: target.service.to_owned(),
-                identity: caller.identity.id.clone(),
-                connector: relayed.then(|| name.to_owned()),
-                datagrams,
-            }) {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!(error = %e, "session header");
-                    return Outcome::refused(Refusal::BadGateway, "bad session header");
-                }
-            };
-            // The connector dials within the connect timeout; a little more for the
-            // round trip to it.
-            let bound = limits.connect_timeout + Duration::from_secs(1);
-            let mut opened = tokio::time::timeout(bound, open_session(&link, &header)).await;
-            if matches!(opened, Ok(Err(_))) && !relayed {
-                // The tunnel died under the session (a connector restarted: its old
-                // tunnel lingers until it idles out). Nothing of the client's has been
-                // sent: another live tunnel takes it.
-                if let Some(other) = self.tunnels.pick(name).filter(|l| l.id() != link.id()) {
-                    report.backend_addr = Some(other.remote());
-                    _held = Some(self.tunnels.hold(&other));
-                    opened = tokio::time::timeout(bound, open_session(&other, &header)).await;
+                    Ok(Err(e)) => {
+                        tracing::debug!(connector = name, error = %e, "tunnel session failed");
+                        match node {
+                            Some(node) => tried_nodes.push(node),
+                            None => tried_local.push(link.id()),
+                        }
+                        failure = Outcome::refused(Refusal::BadGateway, "tunnel error");
+                    }
+                    Err(_) => {
+                        return Outcome::refused(Refusal::GatewayTimeout, "connector timeout")
+                    }
                 }
             }
-            let (mut stream, status) = match opened {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => {
-                    tracing::debug!(connector = name, error = %e, "tunnel session failed");
-                    return Outcome::refused(Refusal::BadGateway, "tunnel error");
-                }
-                Err(_) => return Outcome::refused(Refusal::GatewayTimeout, "connector timeout"),
+            let Some((mut stream, status, _held)) = opened else {
+                return failure;
             };
             match Status::from_byte(status) {
                 Some(Status::Connected) => {}
@@ -651,7 +701,8 @@ pub struct Relayer {
     /// The verifier of the current snapshot (the client CA set and its revocations),
     /// which the peer's node certificate must pass.
     verifier: Box<dyn Fn() -> Arc<dyn rustls::server::danger::ClientCertVerifier> + Send + Sync>,
-    conns: Mutex<HashMap<String, Connection>>,
+    /// By node id: the address dialled, and the connection.
+    conns: Mutex<HashMap<String, (String, Connection)>>,
 }
 
 impl std::fmt::Debug for Relayer {
@@ -686,6 +737,7 @@ impl Relayer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
+            .map(|(_, c)| c)
             .filter(|c| c.close_reason().is_none())
             .cloned();
         if let Some(c) = cached {
@@ -753,8 +805,22 @@ impl Relayer {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_owned(), conn.clone());
+            .insert(node.to_owned(), (addr.to_owned(), conn.clone()));
         Ok(conn)
+    }
+
+    /// Closes the relays to replicas whose address is not in `replicas`.
+    pub fn keep_only(&self, replicas: &[String]) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (addr, c)| {
+                let keep = replicas.contains(addr);
+                if !keep {
+                    c.close(VarInt::from_u32(0), b"replica gone");
+                }
+                keep
+            });
     }
 
     fn still_trusted(&self, c: &Connection) -> bool {

@@ -529,12 +529,17 @@ async fn a_connector_moves_its_idle_tunnel_to_the_replica_that_ranks_first() {
     connector
         .wait_for_line(Stream::Stderr, |l| l.contains("moved from"), STEP)
         .await;
-    let items = wait_items(&p.control, "/v1/connectors", "the tunnel on the first", |items| {
-        items
-            .first()
-            .and_then(|c| c["tunnels"].as_array())
-            .is_some_and(|t| t.len() == 1 && t[0]["replica"] == high_id)
-    })
+    let items = wait_items(
+        &p.control,
+        "/v1/connectors",
+        "the tunnel on the first",
+        |items| {
+            items
+                .first()
+                .and_then(|c| c["tunnels"].as_array())
+                .is_some_and(|t| t.len() == 1 && t[0]["replica"] == high_id)
+        },
+    )
     .await;
     assert_eq!(items[0]["tunnels"][0]["replica"], high_id, "{items:?}");
     let opts = p.opts(LAB, &p.alice);
