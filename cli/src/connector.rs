@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use clap::{Args, ValueEnum};
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Endpoint, VarInt};
+use quinn::VarInt;
 use rustls::sign::SingleCertAndKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -121,24 +121,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tls = Arc::new(tls);
     let crypto = QuicClientConfig::try_from(tls.clone()).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    // A tunnel that goes silent is given up after 3 s on both ends (the lower of the two
-    // sides' timeouts holds): the data plane stops sending sessions into it, and the
-    // connector dials again. A keepalive a second keeps a live one from idling.
-    transport
-        .keep_alive_interval(Some(ztp_infra::mux::KEEPALIVE))
-        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(ztp_infra::mux::IDLE)?))
-        // The data plane opens a stream per session.
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_SESSIONS))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        // Larger packets where the path carries them (`MAX_UDP_PAYLOAD`), as the data
-        // planes allow: bulk through a tunnel pays per packet.
-        .initial_mtu(1452)
-        .mtu_discovery_config(Some({
-            let mut m = quinn::MtuDiscoveryConfig::default();
-            m.upper_bound(ztp_proto::quic::MAX_UDP_PAYLOAD);
-            m
-        }));
+    // A tunnel that goes silent is given up after 3 s on both ends: the data plane stops
+    // sending sessions into it, and the connector dials again. The data plane opens a
+    // stream per session.
+    let transport =
+        ztp_infra::mux::machine_transport(MAX_SESSIONS, ztp_proto::quic::MAX_UDP_PAYLOAD);
     config.transport_config(Arc::new(transport));
     let dialer = Arc::new(Dialer {
         quic: config,
@@ -414,7 +401,7 @@ struct Dialer {
 /// A tunnel's connection, before it serves.
 enum Carrier {
     Quic(quinn::Connection),
-    Tcp(Box<H2Server<Rewind<tokio_rustls::client::TlsStream<TcpStream>>>>),
+    Tcp(H2Server),
 }
 
 impl Carrier {
@@ -484,19 +471,8 @@ impl Dialer {
     }
 
     async fn quic(&self, addr: SocketAddr, host: &str) -> anyhow::Result<Carrier> {
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let mut endpoint_config = quinn::EndpointConfig::default();
-        endpoint_config
-            .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
-            .map_err(|e| anyhow!("{e}"))?;
-        let socket = std::net::UdpSocket::bind(bind).context("a UDP socket for QUIC")?;
-        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-        let endpoint = Endpoint::new(endpoint_config, None, socket, runtime)
-            .context("a UDP socket for QUIC")?;
+        let endpoint =
+            ztp_infra::mux::quic_client_endpoint(addr, ztp_proto::quic::MAX_UDP_PAYLOAD)?;
         let conn = endpoint
             .connect_with(self.quic.clone(), addr, host)?
             .await
@@ -507,6 +483,8 @@ impl Dialer {
     async fn tcp(&self, addr: SocketAddr, host: &str) -> anyhow::Result<Carrier> {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
+        // A replica that went silent ends the tunnel within about 3 s, as over QUIC.
+        ztp_infra::mux::tcp_liveness(&tcp)?;
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| anyhow!("{host}: not a host name"))?;
         let mut tls = self.tls.connect(name, tcp).await?;
@@ -539,7 +517,7 @@ impl Dialer {
             Err(_) => Vec::new(),
         };
         let server = H2Server::handshake(Rewind::new(rewind, tls)).await?;
-        Ok(Carrier::Tcp(Box::new(server)))
+        Ok(Carrier::Tcp(server))
     }
 }
 

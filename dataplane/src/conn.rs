@@ -244,6 +244,9 @@ async fn serve_tunnel(
     rec: &mut Record,
 ) {
     let chain: Vec<_> = tls::peer_chain(&client).to_vec();
+    if let Err(e) = ztp_infra::mux::tcp_liveness(client.get_ref().0) {
+        tracing::debug!(error = %e, "tcp keepalive");
+    }
     let name = match crate::tunnel::admit(ctx, &chain, hello_state, rec) {
         Ok(name) => name,
         Err(refusal) => {

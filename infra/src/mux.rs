@@ -9,8 +9,8 @@
 //! connector the server, whatever the TLS roles; the data plane's first stream (path
 //! [`CONTROL_PATH`]) is the control stream, and every other one a session
 //! ([`SESSION_PATH`]). HTTP/2 brings what a multiplexer must have: per-stream and
-//! per-connection flow control, a cap on concurrent streams, resets, and PING for a peer
-//! that went silent.
+//! per-connection flow control, a cap on concurrent streams, and resets; TCP's own
+//! keepalive finds a peer that went silent ([`tcp_liveness`]).
 
 use std::future::Future;
 use std::io;
@@ -32,7 +32,7 @@ pub const CONNECTION_WINDOW: u32 = 8 << 20;
 /// Sessions one tunnel carries at once.
 pub const MAX_SESSIONS: u32 = 4096;
 /// A peer silent this long is gone (QUIC's idle timeout on tunnels is the same); it is
-/// pinged every [`KEEPALIVE`].
+/// probed every [`KEEPALIVE`].
 pub const IDLE: Duration = Duration::from_secs(3);
 pub const KEEPALIVE: Duration = Duration::from_secs(1);
 /// The QUIC error code of a stream that was cut (`ztp_proto::quic::STREAM_ABORTED`).
@@ -308,7 +308,7 @@ pub async fn client<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, mut conn) = h2::client::Builder::new()
+    let (send, conn) = h2::client::Builder::new()
         .enable_push(false)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -318,24 +318,23 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(h2_io)?;
-    let ping = conn.ping_pong();
     let drive = async move {
-        tokio::select! {
-            r = conn => match r {
-                Ok(()) => "closed",
-                Err(_) => "connection error",
-            },
-            () = keepalive(ping) => "peer silent",
+        match conn.await {
+            Ok(()) => "closed",
+            Err(_) => "connection error",
         }
     };
     Ok((H2Opener { send }, drive))
 }
 
-/// The connector's (server) side of HTTP/2 on a tunnel's TLS stream.
-pub struct H2Server<T> {
-    conn: h2::server::Connection<T, Bytes>,
-    /// Pings the data plane; completes when it went silent.
-    keep: Pin<Box<dyn Future<Output = ()> + Send>>,
+/// The connector's (server) side of HTTP/2 on a tunnel's TLS stream. The connection is
+/// driven by a task of its own (as long as this lives), so that it moves whatever its
+/// owner is doing: window updates, pings and resets are never held up.
+pub struct H2Server {
+    streams: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    /// Why the connection ended, once it has.
+    ended: tokio::sync::watch::Receiver<Option<&'static str>>,
+    close: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A stream the data plane opened: its path, and the stream.
@@ -344,11 +343,11 @@ pub struct Accepted {
     pub io: H2Io,
 }
 
-impl<T> H2Server<T>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    pub async fn handshake(io: T) -> io::Result<Self> {
+impl H2Server {
+    pub async fn handshake<T>(io: T) -> io::Result<Self>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -358,55 +357,133 @@ where
             .handshake::<_, Bytes>(io)
             .await
             .map_err(h2_io)?;
-        let keep = Box::pin(keepalive(conn.ping_pong()));
-        Ok(H2Server { conn, keep })
+        // Unbounded, yet bounded: the data plane may have at most MAX_SESSIONS streams
+        // open, and each waits here at most once.
+        let (tx, streams) = tokio::sync::mpsc::unbounded_channel();
+        let (ended_tx, ended) = tokio::sync::watch::channel(None);
+        let (close, mut closing) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let why = loop {
+                tokio::select! {
+                    next = conn.accept() => match next {
+                        None => break "closed",
+                        Some(Err(_)) => break "connection error",
+                        Some(Ok((request, mut respond))) => {
+                            let path = request.uri().path().to_owned();
+                            let recv = request.into_body();
+                            let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+                                continue;
+                            };
+                            // The owner gone: the stream is dropped (reset).
+                            let _ = tx.send(Accepted { path, io: H2Io::new(send, None, Some(recv)) });
+                        }
+                    },
+                    _ = &mut closing => {
+                        conn.abrupt_shutdown(Reason::NO_ERROR);
+                        // GOAWAY goes out as the connection winds down.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), std::future::poll_fn(|cx| conn.poll_closed(cx))).await;
+                        break "closed here";
+                    }
+                }
+            };
+            ended_tx.send_replace(Some(why));
+        });
+        Ok(H2Server {
+            streams,
+            ended,
+            close: Some(close),
+        })
     }
 
     /// The next stream, answered at once (the answer's head carries nothing: the
-    /// session's status byte is in its body). `Err` with why once the tunnel ends; a
-    /// silent peer ends it after [`IDLE`]. The connection moves only while this is
-    /// called: call it in a loop.
+    /// session's status byte is in its body). `Err` with why once the tunnel ends.
     pub async fn accept(&mut self) -> Result<Accepted, &'static str> {
-        let next = tokio::select! {
-            next = self.conn.accept() => next,
-            () = &mut self.keep => return Err("peer silent"),
-        };
-        match next {
-            None => Err("closed"),
-            Some(Err(_)) => Err("connection error"),
-            Some(Ok((request, mut respond))) => {
-                let path = request.uri().path().to_owned();
-                let recv = request.into_body();
-                let send = respond
-                    .send_response(http::Response::new(()), false)
-                    .map_err(|_| "connection error")?;
-                Ok(Accepted {
-                    path,
-                    io: H2Io::new(send, None, Some(recv)),
-                })
+        match self.streams.recv().await {
+            Some(a) => Ok(a),
+            None => {
+                let mut ended = self.ended.clone();
+                let why = ended.wait_for(|w| w.is_some()).await.ok().and_then(|w| *w);
+                Err(why.unwrap_or("closed"))
             }
         }
     }
 
     /// Ends the tunnel: GOAWAY, then the connection is dropped.
     pub fn close(&mut self) {
-        self.conn.abrupt_shutdown(Reason::NO_ERROR);
+        if let Some(c) = self.close.take() {
+            let _ = c.send(());
+        }
     }
 }
 
-/// Pings every [`KEEPALIVE`]; completes when a pong has not come within [`IDLE`] (never,
-/// without a ping handle).
-async fn keepalive(ping: Option<h2::PingPong>) {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEPALIVE).await;
-        match tokio::time::timeout(IDLE, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
+impl Drop for H2Server {
+    fn drop(&mut self) {
+        self.close();
     }
+}
+
+/// A peer that went silent ends a tunnel over TCP within about [`IDLE`]: TCP keepalive
+/// probes after [`KEEPALIVE`] of quiet, every [`KEEPALIVE`], and a cap on how long sent
+/// data may go unacknowledged. Not HTTP/2 PINGs from both ends: h2 stops reading while a
+/// PONG waits to be written, so under bulk both ways two peers pinging each other could
+/// each wait for the other to read.
+pub fn tcp_liveness(tcp: &tokio::net::TcpStream) -> io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE)
+            .with_interval(KEEPALIVE)
+            .with_retries(2),
+    )?;
+    sock.set_tcp_user_timeout(Some(IDLE))
+}
+
+/// A QUIC client endpoint on a fresh UDP socket of `remote`'s family (any address, any
+/// port), accepting packets up to `max_udp_payload` bytes (path-MTU discovery climbs to
+/// it where the path carries them).
+pub fn quic_client_endpoint(
+    remote: std::net::SocketAddr,
+    max_udp_payload: u16,
+) -> io::Result<quinn::Endpoint> {
+    let bind: std::net::SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(max_udp_payload)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot open a UDP socket on {bind} for QUIC: {e}"),
+        )
+    })?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(config, None, socket, runtime)
+}
+
+/// The transport of a long-lived machine connection (a connector's tunnel, a relay):
+/// a keepalive every [`KEEPALIVE`], given up after [`IDLE`] of silence on both ends (the
+/// lower of the two sides' timeouts holds), the peer may open `peer_streams`
+/// bidirectional streams and no unidirectional one, and packets grow to
+/// `max_udp_payload` bytes where the path carries them (bulk pays per packet).
+pub fn machine_transport(peer_streams: u32, max_udp_payload: u16) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(KEEPALIVE))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE).ok())
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(peer_streams))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .initial_mtu(1452)
+        .mtu_discovery_config(Some({
+            let mut m = quinn::MtuDiscoveryConfig::default();
+            m.upper_bound(max_udp_payload);
+            m
+        }));
+    transport
 }
 
 #[cfg(test)]
@@ -505,21 +582,19 @@ mod tests {
         assert!(read.await.expect("the drop reaches the peer").is_err());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_peer_ends_the_tunnel_within_the_idle_time() {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        // The connector's side answers the handshake, then stops reading: its pongs
-        // never come.
-        let server = tokio::spawn(async move { H2Server::handshake(b).await.map(|s| (s, ())) });
-        let (_opener, drive) = client(a).await.unwrap();
-        let mut server = server.await.unwrap().unwrap();
-        let started = tokio::time::Instant::now();
-        let why = tokio::time::timeout(Duration::from_secs(60), drive)
+    #[tokio::test]
+    async fn a_tunnel_over_tcp_probes_a_silent_peer_and_caps_unacknowledged_data() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
-            .expect("the silent peer is noticed");
-        assert_eq!(why, "peer silent");
-        assert!(started.elapsed() <= KEEPALIVE + IDLE + Duration::from_millis(10));
-        server.0.close();
+            .unwrap();
+        tcp_liveness(&tcp).unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 2);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(IDLE));
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
@@ -72,25 +72,13 @@ impl Dialer {
     }
 
     fn endpoint(&self, remote: SocketAddr) -> anyhow::Result<Endpoint> {
-        let (slot, bind): (_, SocketAddr) = if remote.is_ipv6() {
-            (&self.v6, (Ipv6Addr::UNSPECIFIED, 0).into())
-        } else {
-            (&self.v4, (Ipv4Addr::UNSPECIFIED, 0).into())
-        };
+        let slot = if remote.is_ipv6() { &self.v6 } else { &self.v4 };
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = slot.as_ref() {
             return Ok(e.clone());
         }
         // Larger packets where the path carries them (see `MAX_UDP_PAYLOAD`).
-        let mut config = quinn::EndpointConfig::default();
-        config
-            .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
-            .map_err(|e| anyhow!("{e}"))?;
-        let socket = std::net::UdpSocket::bind(bind)
-            .with_context(|| format!("cannot open a UDP socket on {bind} for QUIC"))?;
-        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-        let e = Endpoint::new(config, None, socket, runtime)
-            .with_context(|| format!("cannot open a UDP socket on {bind} for QUIC"))?;
+        let e = ztp_infra::mux::quic_client_endpoint(remote, ztp_proto::quic::MAX_UDP_PAYLOAD)?;
         *slot = Some(e.clone());
         Ok(e)
     }

@@ -779,19 +779,8 @@ impl Relayer {
         let crypto =
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(io::Error::other)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .keep_alive_interval(Some(Duration::from_secs(1)))
-            .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(Duration::from_secs(3)).map_err(io::Error::other)?,
-            ))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
-            .initial_mtu(1452)
-            .mtu_discovery_config(Some({
-                let mut m = quinn::MtuDiscoveryConfig::default();
-                m.upper_bound(ztp_proto::quic::MAX_UDP_PAYLOAD);
-                m
-            }));
+        // The peer (the holder) opens no stream of its own.
+        let transport = ztp_infra::mux::machine_transport(0, ztp_proto::quic::MAX_UDP_PAYLOAD);
         config.transport_config(Arc::new(transport));
         let conn = tokio::time::timeout(Duration::from_secs(5), async {
             endpoint
@@ -846,19 +835,12 @@ impl Relayer {
         if let Some(e) = slot {
             return Ok(e.clone());
         }
-        let bind: std::net::SocketAddr = if v6 {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        let remote: std::net::SocketAddr = if v6 {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
         } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            (std::net::Ipv4Addr::LOCALHOST, 0).into()
         };
-        let mut config = quinn::EndpointConfig::default();
-        config
-            .max_udp_payload_size(ztp_proto::quic::MAX_UDP_PAYLOAD)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let socket = std::net::UdpSocket::bind(bind)?;
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
-        let e = quinn::Endpoint::new(config, None, socket, runtime)?;
+        let e = ztp_infra::mux::quic_client_endpoint(remote, ztp_proto::quic::MAX_UDP_PAYLOAD)?;
         *slot = Some(e.clone());
         Ok(e)
     }

@@ -646,6 +646,10 @@ async fn with_udp_blocked_the_tunnel_falls_back_to_tcp() {
             tokio::io::AsyncWriteExt::write_all(&mut w, &payload)
                 .await
                 .expect("write");
+            // TLS may hold the last records until flushed.
+            tokio::io::AsyncWriteExt::flush(&mut w)
+                .await
+                .expect("flush");
             w
         })
     };
