@@ -67,7 +67,9 @@ macro_rules! say {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The data planes to hold tunnels to: HOST:PORT[,HOST:PORT…] (their client port).
+    /// Where the data planes are: HOST:PORT[,HOST:PORT…] (their client port). The
+    /// connector starts here, learns every replica from them, and places its tunnels
+    /// among those by rendezvous hashing (back to these when none answers).
     #[arg(
         long,
         value_name = "HOST:PORT,…",
