@@ -183,6 +183,8 @@ struct Placement {
     vias: Vec<String>,
     tunnels: usize,
     state: Mutex<PlacementState>,
+    /// Moves whenever the learnt replica set changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -196,6 +198,9 @@ struct PlacementState {
     held: HashSet<String>,
     /// Replicas that could not be reached, until when they are passed over.
     failed: HashMap<String, tokio::time::Instant>,
+    /// Replicas that were in the learnt set and left it (they died, or lost the
+    /// control plane), until they come back.
+    gone: HashSet<String>,
 }
 
 impl Placement {
@@ -205,6 +210,7 @@ impl Placement {
             vias,
             tunnels,
             state: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -323,8 +329,33 @@ impl Placement {
                 "ztpctl: connector: the data planes are at {}",
                 replicas.join(", ")
             );
+            let left: Vec<String> = st
+                .learnt
+                .iter()
+                .filter(|r| !replicas.contains(r))
+                .cloned()
+                .collect();
+            st.gone.retain(|r| !replicas.contains(r));
+            st.gone.extend(left);
             st.learnt = replicas;
+            drop(st);
+            self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Whether `via` left the learnt replica set (its tunnel is likely dead: the data
+    /// planes learnt it within the control plane's second, the tunnel's own silence
+    /// takes 3 s to tell).
+    fn left(&self, via: &str) -> bool {
+        self.lock().gone.contains(via)
+    }
+
+    /// The best-ranked replica no tunnel holds, none failed lately and not `via`.
+    fn best_free(&self) -> Option<String> {
+        let st = self.lock();
+        self.ranked(&st)
+            .into_iter()
+            .find(|r| !st.held.contains(r) && !st.failed.contains_key(r) && !st.gone.contains(r))
     }
 }
 
@@ -629,6 +660,10 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
     type Dialling<'a> =
         std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Carrier>> + Send + 'a>>;
     let mut moving: Option<(String, Dialling<'_>)> = None;
+    // Whether the move under way replaces a replica that left (it goes through even
+    // with sessions, which linger on the old tunnel).
+    let mut urgent = false;
+    let mut changes = placement.changes.subscribe();
     let mut check = tokio::time::interval(REPLACE_EVERY);
     check.tick().await;
     let end = loop {
@@ -666,6 +701,20 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
             },
             () = &mut reading => break "the control stream ended".to_owned(),
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            Ok(()) = changes.changed(), if moving.is_none() => {
+                // This tunnel's replica left the set: a new tunnel at once, elsewhere.
+                if !placement.left(via) {
+                    continue;
+                }
+                let Some(to) = placement.best_free() else { continue };
+                if !placement.reserve(&to) {
+                    continue;
+                }
+                say!("ztpctl: connector: {via} left the data planes' replica set");
+                urgent = true;
+                let name = placement.name(&to);
+                moving = Some((to.clone(), Box::pin(async move { dialer.dial(&to, &name).await })));
+            }
             _ = check.tick(), if moving.is_none() => {
                 // A better-placed replica (one just added, or one back) takes this
                 // tunnel's place once it carries no session: the new tunnel first,
@@ -677,6 +726,7 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
                 if !placement.reserve(&to) {
                     continue;
                 }
+                urgent = false;
                 let name = placement.name(&to);
                 moving = Some((to.clone(), Box::pin(async move { dialer.dial(&to, &name).await })));
             }
@@ -686,6 +736,13 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
                     Ok(new) if sessions.is_empty() => {
                         close(&mut carrier);
                         placement.give_back(via);
+                        return End::Moved(to, new);
+                    }
+                    Ok(new) if urgent => {
+                        // The sessions it carries end with it (or go on, if the replica
+                        // lives): they linger in the background, the slot moves on.
+                        placement.give_back(via);
+                        tokio::spawn(linger(carrier, sessions, assigned.clone()));
                         return End::Moved(to, new);
                     }
                     // A session came meanwhile: stay (the new tunnel is dropped).
@@ -704,6 +761,45 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
     }
     close(&mut carrier);
     End::Ended(end)
+}
+
+/// A tunnel replaced while it carried sessions: it serves them (and any new one) until
+/// it carries none, or ends.
+async fn linger(mut carrier: Carrier, mut sessions: tokio::task::JoinSet<()>, assigned: Assigned) {
+    let mut check = tokio::time::interval(REPLACE_EVERY);
+    loop {
+        let next = async {
+            match &mut carrier {
+                Carrier::Quic(conn) => conn
+                    .accept_bi()
+                    .await
+                    .ok()
+                    .map(|(send, recv)| Some(Box::new(QuicIo::new(send, recv)) as BoxSession)),
+                Carrier::Tcp(server) => match server.accept().await {
+                    Ok(a) if a.path == SESSION_PATH => Some(Some(Box::new(a.io) as BoxSession)),
+                    // Not a session (dropped: reset).
+                    Ok(_) => Some(None),
+                    Err(_) => None,
+                },
+            }
+        };
+        tokio::select! {
+            s = next => match s {
+                Some(Some(io)) => {
+                    sessions.spawn(session(io, assigned.clone()));
+                }
+                Some(None) => {}
+                None => break,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = check.tick() => {
+                if sessions.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+    close(&mut carrier);
 }
 
 fn close(carrier: &mut Carrier) {
@@ -1019,5 +1115,22 @@ mod tests {
         assert_eq!(p.take().unwrap().0, "gw.example:9743");
         // Then failed ones rather than none.
         assert!(p.take().is_some());
+
+        // A replica that leaves the learnt set is gone (its tunnel moves at once), and
+        // is not where a replacement goes; it is back when it comes back.
+        let p = Placement::new("c".into(), vec!["gw.example:9743".into()], 1);
+        let all: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}:9743")).collect();
+        p.learn(all.clone(), "gw.example:9743");
+        let mut changes = p.changes.subscribe();
+        changes.borrow_and_update();
+        let (held, _) = p.take().unwrap();
+        let rest: Vec<String> = all.iter().filter(|r| **r != held).cloned().collect();
+        p.learn(rest.clone(), "gw.example:9743");
+        assert!(changes.has_changed().unwrap());
+        assert!(p.left(&held));
+        let to = p.best_free().unwrap();
+        assert!(rest.contains(&to));
+        p.learn(all, "gw.example:9743");
+        assert!(!p.left(&held));
     }
 }

@@ -478,6 +478,16 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.replicas[victim].signal("KILL");
+    // The connector learns from the surviving replicas that the victim left (within the
+    // control plane's second), and moves at once rather than after its tunnel's 3 s of
+    // silence.
+    connector
+        .wait_for_line(
+            Stream::Stderr,
+            |l| l.contains("left the data planes' replica set"),
+            STEP,
+        )
+        .await;
     let items = wait_items(
         &p.control,
         "/v1/connectors",
