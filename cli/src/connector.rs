@@ -189,8 +189,10 @@ struct Placement {
 
 #[derive(Default)]
 struct PlacementState {
-    /// The replicas as the data planes last said (empty until one says).
+    /// The replicas as the data planes last said (empty until one says), and when the
+    /// control plane took that list (a list older than the one held is ignored).
     learnt: Vec<String>,
+    learnt_at: u64,
     /// The name each learnt replica's certificate is checked against: its own host
     /// name, or, for an address, the name of the `--via` it was learnt through (the
     /// replicas of one fleet present one server certificate).
@@ -308,12 +310,17 @@ impl Placement {
         self.lock().held.insert(to.to_owned())
     }
 
-    /// The replicas as the data plane at `via` says (sorted).
-    fn learn(&self, replicas: Vec<String>, via: &str) {
+    /// The replicas as the data plane at `via` says (sorted), as the control plane took
+    /// them at `at_ms`.
+    fn learn(&self, replicas: Vec<String>, at_ms: u64, via: &str) {
         if replicas.is_empty() {
             return;
         }
         let mut st = self.lock();
+        if at_ms < st.learnt_at {
+            return;
+        }
+        st.learnt_at = at_ms;
         let via_name = self.name_of(&st, via);
         for r in &replicas {
             let host = host_of(r);
@@ -341,6 +348,30 @@ impl Placement {
             drop(st);
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    /// The tunnel dialled as `via` is to the replica whose own address is `me`: it is
+    /// known by that from now on (unless another tunnel holds that already). Returns the
+    /// tunnel's name.
+    fn relabel(&self, via: &str, me: &str) -> String {
+        if me.is_empty() || me == via {
+            return via.to_owned();
+        }
+        let mut st = self.lock();
+        if st.held.contains(me) {
+            return via.to_owned();
+        }
+        st.held.remove(via);
+        st.held.insert(me.to_owned());
+        if let Some(name) = st
+            .names
+            .get(via)
+            .cloned()
+            .or_else(|| Some(host_of(via).to_owned()))
+        {
+            st.names.entry(me.to_owned()).or_insert(name);
+        }
+        me.to_owned()
     }
 
     /// Whether `via` left the learnt replica set (its tunnel is likely dead: the data
@@ -389,12 +420,12 @@ async fn hold(slot: usize, placement: Arc<Placement>, dialer: Arc<Dialer>) {
         let began = tokio::time::Instant::now();
         let end = tunnel(&via, carrier, &placement, &dialer).await;
         match end {
-            End::Moved(to, carrier) => {
-                say!("ztpctl: connector: tunnel {slot} moved from {via} to {to}");
+            End::Moved(to, carrier, from) => {
+                say!("ztpctl: connector: tunnel {slot} moved from {from} to {to}");
                 next = Some((to, carrier));
                 continue;
             }
-            End::Ended(why) => {
+            End::Ended(why, via) => {
                 placement.give_back(&via);
                 say!("ztpctl: connector: tunnel to {via} ended: {why}");
                 // Quick again only after a tunnel that served a while: one refused at
@@ -614,11 +645,11 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<T> {
 
 /// How a tunnel ended.
 enum End {
-    /// It ended (why).
-    Ended(String),
+    /// It ended (why), known last by the name given.
+    Ended(String, String),
     /// It carried no session and a better-placed replica took its place (the new
     /// tunnel, up before the old one closed).
-    Moved(String, Carrier),
+    Moved(String, Carrier, String),
 }
 
 /// A stream from the data plane: the control stream or a session.
@@ -628,7 +659,15 @@ enum Incoming {
 }
 
 /// One tunnel's life: its control stream, the sessions, until it ends (or moves).
-async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: &Dialer) -> End {
+async fn tunnel(
+    dialled: &str,
+    mut carrier: Carrier,
+    placement: &Placement,
+    dialer: &Dialer,
+) -> End {
+    // The tunnel's name: as dialled, then the replica's own address once it says it.
+    let label = Arc::new(Mutex::new(dialled.to_owned()));
+    let name = || label.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // This tunnel's own assignments: each replica says what its snapshot says, and a
     // session on this tunnel is judged on this replica's word.
     let assigned: &Assigned = &Assigned::default();
@@ -644,15 +683,20 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
         };
         match opened.await {
             Ok(io) => control = Some(Box::new(io)),
-            Err(e) => return End::Ended(format!("{e:#}")),
+            Err(e) => return End::Ended(format!("{e:#}"), dialled.to_owned()),
         }
     }
-    say!("ztpctl: connector: tunnel up to {via} ({transport})");
+    say!("ztpctl: connector: tunnel up to {dialled} ({transport})");
     // Everything of the tunnel lives in this future (the control stream, the sessions):
     // when it ends or is dropped, nothing keeps the connection open.
     let mut reading: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
         match control.take() {
-            Some(io) => Box::pin(read_assignments(io, assigned.clone(), placement, via)),
+            Some(io) => Box::pin(read_assignments(
+                io,
+                assigned.clone(),
+                placement,
+                label.clone(),
+            )),
             None => Box::pin(std::future::pending()),
         };
     let mut have_control = matches!(carrier, Carrier::Quic(_));
@@ -695,7 +739,7 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
                         break "a second control stream".to_owned();
                     }
                     have_control = true;
-                    reading = Box::pin(read_assignments(io, assigned.clone(), placement, via));
+                    reading = Box::pin(read_assignments(io, assigned.clone(), placement, label.clone()));
                 }
                 Err(e) => break e,
             },
@@ -703,7 +747,8 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             Ok(()) = changes.changed(), if moving.is_none() => {
                 // This tunnel's replica left the set: a new tunnel at once, elsewhere.
-                if !placement.left(via) {
+                let via = name();
+                if !placement.left(&via) {
                     continue;
                 }
                 let Some(to) = placement.best_free() else { continue };
@@ -722,7 +767,7 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
                 if !sessions.is_empty() {
                     continue;
                 }
-                let Some(to) = placement.better_than(via) else { continue };
+                let Some(to) = placement.better_than(&name()) else { continue };
                 if !placement.reserve(&to) {
                     continue;
                 }
@@ -735,15 +780,17 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
                 match r {
                     Ok(new) if sessions.is_empty() => {
                         close(&mut carrier);
-                        placement.give_back(via);
-                        return End::Moved(to, new);
+                        let via = name();
+                        placement.give_back(&via);
+                        return End::Moved(to, new, via);
                     }
                     Ok(new) if urgent => {
                         // The sessions it carries end with it (or go on, if the replica
                         // lives): they linger in the background, the slot moves on.
-                        placement.give_back(via);
+                        let via = name();
+                        placement.give_back(&via);
                         tokio::spawn(linger(carrier, sessions, assigned.clone()));
-                        return End::Moved(to, new);
+                        return End::Moved(to, new, via);
                     }
                     // A session came meanwhile: stay (the new tunnel is dropped).
                     Ok(_) => placement.give_back(&to),
@@ -760,7 +807,7 @@ async fn tunnel(via: &str, mut carrier: Carrier, placement: &Placement, dialer: 
         placement.give_back(&to);
     }
     close(&mut carrier);
-    End::Ended(end)
+    End::Ended(end, name())
 }
 
 /// A tunnel replaced while it carried sessions: it serves them (and any new one) until
@@ -815,8 +862,9 @@ async fn read_assignments(
     mut recv: BoxSession,
     assigned: Assigned,
     placement: &Placement,
-    via: &str,
+    label: Arc<Mutex<String>>,
 ) {
+    let via = label.lock().unwrap_or_else(|p| p.into_inner()).clone();
     loop {
         let mut len = [0u8; 4];
         if recv.read_exact(&mut len).await.is_err() {
@@ -840,7 +888,11 @@ async fn read_assignments(
                     a.version,
                     names.join(", ")
                 );
-                placement.learn(a.replicas, via);
+                {
+                    let mut l = label.lock().unwrap_or_else(|p| p.into_inner());
+                    *l = placement.relabel(&l, &a.replica);
+                }
+                placement.learn(a.replicas, a.replicas_at_ms, &via);
                 let mut map = assigned.lock().unwrap_or_else(|p| p.into_inner());
                 map.clear();
                 for s in a.services {
@@ -1090,6 +1142,7 @@ mod tests {
                 "10.0.0.2:9743".into(),
                 "r3.example:9743".into(),
             ],
+            1,
             "gw.example:9743",
         );
         p.give_back("gw.example:9743");
@@ -1120,17 +1173,28 @@ mod tests {
         // is not where a replacement goes; it is back when it comes back.
         let p = Placement::new("c".into(), vec!["gw.example:9743".into()], 1);
         let all: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}:9743")).collect();
-        p.learn(all.clone(), "gw.example:9743");
+        p.learn(all.clone(), 1, "gw.example:9743");
         let mut changes = p.changes.subscribe();
         changes.borrow_and_update();
         let (held, _) = p.take().unwrap();
         let rest: Vec<String> = all.iter().filter(|r| **r != held).cloned().collect();
-        p.learn(rest.clone(), "gw.example:9743");
+        p.learn(rest.clone(), 2, "gw.example:9743");
         assert!(changes.has_changed().unwrap());
         assert!(p.left(&held));
         let to = p.best_free().unwrap();
         assert!(rest.contains(&to));
-        p.learn(all, "gw.example:9743");
+        // A tunnel dialled by name is known by the replica's own address once it says it
+        // (unless another tunnel holds that address already).
+        let q = Placement::new("c".into(), vec!["a.example:1".into(), "b.example:1".into()], 2);
+        let (first, _) = q.take().unwrap();
+        let (second, _) = q.take().unwrap();
+        assert_eq!(q.relabel(&first, "10.0.0.9:1"), "10.0.0.9:1");
+        assert!(q.lock().held.contains("10.0.0.9:1") && !q.lock().held.contains(&first));
+        assert_eq!(q.relabel(&second, "10.0.0.9:1"), second);
+        // An older list (a replica passing its on late) does not undo a newer one.
+        p.learn(all.clone(), 1, "gw.example:9743");
+        assert!(p.left(&held));
+        p.learn(all, 3, "gw.example:9743");
         assert!(!p.left(&held));
     }
 }

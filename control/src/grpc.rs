@@ -384,6 +384,9 @@ impl ConfigServer {
                         })
                         .collect(),
                     replicas: nodes.replicas(),
+                    replicas_at_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
                 };
                 if tx.send(Ok(map)).await.is_err() {
                     return;

@@ -77,7 +77,9 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), S
     ));
     match subscriber {
         Some(mut sub) => {
-            sub.set_advertise(advertise(&config, &listener));
+            let me = advertise(&config, &listener);
+            ctx.registry.tunnels().set_me(me.clone());
+            sub.set_advertise(me);
             tokio::spawn(sub.run());
         }
         // A file snapshot is held from the start.

@@ -98,7 +98,7 @@ pub(crate) async fn serve(
     let mut registered = Some(tunnels.register(&name, link.clone()));
     tracing::info!(connector = %name, transport = link.transport(), "tunnel up");
     let mut stopping = tunnels.stopping();
-    let mut replicas = tunnels.replicas_changed();
+    let mut replica_set = tunnels.replicas_changed();
     let end: &'static str = loop {
         if registered.is_some() && *stopping.borrow_and_update() {
             registered = None;
@@ -116,10 +116,13 @@ pub(crate) async fn serve(
             link.close(CLOSE_DONE, b"drained");
             break "drained";
         }
+        let (replicas, replicas_at_ms) = tunnels.replicas();
         let now = Assignments {
             version: active.policy.version,
             services: active.policy.routes.assignments(&name),
-            replicas: tunnels.replicas(),
+            replicas,
+            replicas_at_ms,
+            replica: tunnels.me(),
         };
         let same = |a: &Assignments| a.services == now.services && a.replicas == now.replicas;
         if !sent.as_ref().is_some_and(same) {
@@ -149,7 +152,7 @@ pub(crate) async fn serve(
                 }
             }
             // Where the replicas are, for the connector's placement.
-            _ = replicas.changed() => {}
+            _ = replica_set.changed() => {}
             // The connector's certificate ends the tunnel when it expires, as a
             // client's ends its sessions.
             _ = tokio::time::sleep_until(expiry) => {

@@ -57,6 +57,18 @@ pub struct Assignments {
     /// when unknown (a node without a control plane): the connector keeps its `--via`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
+    /// When the control plane took that list (ms since the Unix epoch): of two lists
+    /// from different replicas, the later one stands.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replicas_at_ms: u64,
+    /// This replica's own address in that list (empty when unknown): the connector
+    /// knows its tunnel by it, whatever name it dialled.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One service a connector serves.
@@ -168,6 +180,8 @@ mod tests {
                 address: "10.0.0.5:5432".into(),
             }],
             replicas: vec!["10.1.0.1:9743".into()],
+            replicas_at_ms: 1,
+            replica: "10.1.0.1:9743".into(),
         };
         let wire = encode_assignments(&a).unwrap();
         let len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;

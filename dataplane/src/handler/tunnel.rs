@@ -156,7 +156,9 @@ pub struct Tunnels {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Where the replicas are (their advertised addresses), as the control plane last
     /// said: connectors place their tunnels by it.
-    replicas: tokio::sync::watch::Sender<Vec<String>>,
+    replicas: tokio::sync::watch::Sender<(Vec<String>, u64)>,
+    /// This node's own advertised address (empty: none).
+    me: std::sync::OnceLock<String>,
 }
 
 /// A session's hold on its tunnel; let go when dropped.
@@ -196,7 +198,8 @@ impl Default for Tunnels {
             relayer: std::sync::OnceLock::new(),
             in_use: Arc::default(),
             stopping: tokio::sync::watch::Sender::new(false),
-            replicas: tokio::sync::watch::Sender::new(Vec::new()),
+            replicas: tokio::sync::watch::Sender::new((Vec::new(), 0)),
+            me: std::sync::OnceLock::new(),
         }
     }
 }
@@ -355,8 +358,18 @@ impl Tunnels {
         self.stopping.subscribe()
     }
 
-    /// Sets where the replicas are (sorted), as the control plane says.
-    pub fn set_replicas(&self, mut replicas: Vec<String>) {
+    /// Sets this node's advertised address (once).
+    pub fn set_me(&self, advertise: String) {
+        let _ = self.me.set(advertise);
+    }
+
+    /// This node's advertised address (empty: none).
+    pub fn me(&self) -> String {
+        self.me.get().cloned().unwrap_or_default()
+    }
+
+    /// Sets where the replicas are (sorted), as the control plane says at `at_ms`.
+    pub fn set_replicas(&self, mut replicas: Vec<String>, at_ms: u64) {
         replicas.sort();
         replicas.dedup();
         // A relay to a replica that left the set (it stopped, or died: its stream to the
@@ -368,19 +381,19 @@ impl Tunnels {
             relayer.keep_only(&replicas);
         }
         self.replicas.send_if_modified(|r| {
-            let changed = *r != replicas;
-            *r = replicas;
+            let changed = r.0 != replicas;
+            *r = (replicas, at_ms);
             changed
         });
     }
 
-    /// Where the replicas are, as last said.
-    pub fn replicas(&self) -> Vec<String> {
+    /// Where the replicas are, as last said, and when the control plane said so.
+    pub fn replicas(&self) -> (Vec<String>, u64) {
         self.replicas.borrow().clone()
     }
 
     /// Changes to where the replicas are.
-    pub fn replicas_changed(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+    pub fn replicas_changed(&self) -> tokio::sync::watch::Receiver<(Vec<String>, u64)> {
         self.replicas.subscribe()
     }
 

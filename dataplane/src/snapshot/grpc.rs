@@ -273,7 +273,7 @@ impl Subscriber {
                                     .into_iter()
                                     .map(|h| (h.connector, h.node_id, h.address)),
                             );
-                            tunnels.set_replicas(map.replicas);
+                            tunnels.set_replicas(map.replicas, map.replicas_at_ms);
                         }
                         None => holders = None,
                     }
