@@ -37,7 +37,7 @@
 //!   tunnel session. For comparison, the same number of direct idle sessions on a fresh
 //!   replica D (their backend connections open), and the RSS of one `ztpctl connector
 //!   run` against one in-bench connector.
-//! - `failover` (not by default: 15–30 s a round): a replica holding a tunnel dies
+//! - `failover` (not by default: 20–45 s a round): a replica holding a tunnel dies
 //!   (`kill -9`). Three fresh replicas A, B, C (`--listen 127.0.0.1:PORT --advertise
 //!   localhost:PORT`, fixed ports, so that one can come back where it was; `localhost`,
 //!   as their certificate names them) and the real `ztpctl connector run
@@ -50,33 +50,38 @@
 //!   close; each with a 5 s deadline) starts 0.5–1.5 s (at random, so that the kill falls
 //!   at any phase of the connector's periodic checks) before the kill: one every 10 ms on
 //!   each of the two replicas that survive (the other holder, which has its own tunnel,
-//!   and the third, which relays), until 1 s after the tunnels are back (at least 4 s,
-//!   at most 15 s after the kill). Per round: (1) recovery, the time from the kill to the
-//!   start of the last failed session started after it (0 if none failed), with the
-//!   failed sessions' count and `ZTP-ERROR` (or I/O) lines, and those started after the
-//!   first retry landed (the first session on the same replica started after the first
-//!   failure came back, and served: as a client retrying at once would see); (2) the time
-//!   from the kill until the control plane lists 2 live tunnels again, none on the
-//!   victim, polled every 20 ms (beside it when the victim's tunnel left the listing,
-//!   and when ztpctl said it learnt the replicas without the victim, gave up its tunnel
-//!   there (ended or moved) and had a new one up, its stderr polled likewise);
-//!   the listing changes as soon as a replica reports a change (at once) or its
-//!   subscription ends, while the map the replicas route by (and pass on to the
-//!   connector) reaches them 100 ms after a change (a burst is one message), so what they
-//!   act on lags the listing by ~100 ms; (3) the
-//!   longest served session among those started in the 2 s after the kill. Then the
-//!   victim is started again on its ports, and the next round begins once 2 tunnels are
-//!   listed and 1 s of sessions on all three replicas were all served.
-//!   `--failover-rounds` rounds (default `--rounds`); medians, maxima, p99 from 20 rounds.
-//!   `--failover-held N` (default 0) also holds N idle sessions through the tunnel
-//!   service on each replica from before the load to the round's end, as long-lived
-//!   sessions (SSH, say) would be: the tunnels, the victim's among them, then always carry
-//!   some.
+//!   and the third, which relays), until 1 s after both the tunnels' return and the
+//!   victim's leaving the listing (at least 4 s, at most 15 s after the kill). Per round:
+//!   (1) recovery, the time from the kill to the start of the last failed session
+//!   started after it (0 if none failed), with the failed sessions' count and
+//!   `ZTP-ERROR` (or I/O) lines, and those started after the first retry landed (the
+//!   first session on the same replica started after the first failure came back, and
+//!   served: as a client retrying at once would see); (2) the time from the kill until
+//!   the control plane lists 2 live tunnels on replicas other than the victim, polled
+//!   every 20 ms (beside it when the victim's tunnel left the listing, and when ztpctl
+//!   said it learnt the replicas without the victim, gave up its tunnel there (ended or
+//!   moved) and had a new one up, its stderr polled likewise); the listing changes as
+//!   soon as a replica reports a change (at once) or its subscription ends, while the
+//!   map the replicas route by (and pass on to the connector) reaches them 100 ms after
+//!   a change (a burst is one message), so what they act on lags the listing by ~100
+//!   ms; (3) the longest served session among those started in the 2 s after the kill,
+//!   and the served sessions slower than 1 s (how many, when the last started). Then the
+//!   victim is started again on its ports, and the next round begins once the tunnels
+//!   listed have stayed the same for 12 s with no load (ztpctl moves a tunnel back to a
+//!   better-placed replica only when it carries no session) and 1 s of sessions on all
+//!   three replicas were all served. `--failover-rounds` rounds (default `--rounds`);
+//!   medians, maxima, p99 from 20 rounds. `--failover-held N` (default 0) also holds N
+//!   idle sessions through the tunnel service on each replica from before the load to
+//!   the round's end, as long-lived sessions (SSH, say) would be: the tunnels, the
+//!   victim's among them, then always carry some. `--failover-signal STOP` stops the
+//!   victim (SIGSTOP) instead of killing it: a hung replica or a lost host, whose
+//!   connections no kernel resets (the load then runs up to 45 s; the victim is killed
+//!   at the round's end).
 //!
 //! Usage: tunnel [--latency 1000] [--secs 5] [--rounds 3] [--connectors 200]
 //!               [--sessions 2000] [--tests latency,bulk,mtu,scale,failover] [--threads 1]
 //!               [--connector-mtu 1452] [--failover-rounds N] [--failover-age 31]
-//!               [--failover-held 0] [--json FILE]
+//!               [--failover-held 0] [--failover-signal KILL|STOP] [--json FILE]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -136,6 +141,9 @@ struct Opts {
     /// Idle sessions held open through the tunnel service on each failover replica
     /// during a round (0: the tunnels carry only the load's short sessions).
     failover_held: usize,
+    /// The failover victim is stopped (SIGSTOP: a hung replica, whose sockets stay open
+    /// and answer nothing) instead of killed.
+    failover_stop: bool,
     json: Option<PathBuf>,
 }
 
@@ -158,6 +166,7 @@ fn opts() -> Opts {
         failover_rounds: 0,
         failover_age: 31.0,
         failover_held: 0,
+        failover_stop: false,
         json: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -176,6 +185,13 @@ fn opts() -> Opts {
             "--failover-rounds" => o.failover_rounds = v.parse().expect("--failover-rounds N"),
             "--failover-age" => o.failover_age = v.parse().expect("--failover-age SECONDS"),
             "--failover-held" => o.failover_held = v.parse().expect("--failover-held N"),
+            "--failover-signal" => {
+                o.failover_stop = match v.as_str() {
+                    "KILL" => false,
+                    "STOP" => true,
+                    _ => panic!("--failover-signal KILL|STOP"),
+                }
+            }
             "--json" => o.json = Some(PathBuf::from(v)),
             other => panic!("unknown argument {other} (see the comment at the top of tunnel.rs)"),
         }
@@ -1359,6 +1375,11 @@ async fn scale(env: &Env, o: &Opts) -> Scale {
 
 /// The failover test's replicas.
 const FO_IDS: [&str; 3] = ["tun-fa", "tun-fb", "tun-fc"];
+/// Before a round, the tunnels listed stay the same this long with no load: ztpctl moves
+/// a tunnel to a better-placed replica (the one started again, say) only at its check
+/// each second, when the tunnel carries no session, and passes over a replica it could
+/// not reach for 10 s.
+const FO_SETTLE: Duration = Duration::from_secs(12);
 /// A failover session's deadline.
 const FO_DEADLINE: Duration = Duration::from_secs(5);
 /// One new session on each loaded replica this often.
@@ -1370,10 +1391,16 @@ const FO_POLL: Duration = Duration::from_millis(20);
 const FO_BEFORE: Duration = Duration::from_millis(500);
 /// The longest served session is taken among those started this long after the kill.
 const FO_WINDOW: Duration = Duration::from_secs(2);
+/// A served session that took longer is slow (counted, and when the last one started).
+const FO_SLOW: Duration = Duration::from_secs(1);
 /// The load goes on at least this long after the kill, and 1 s past the tunnels' return…
 const FO_LOAD_MIN: Duration = Duration::from_secs(4);
-/// … and at most this long: tunnels not back by then are "> 15000 ms".
-const FO_BOUND: Duration = Duration::from_secs(15);
+/// … and at most this long: tunnels not back by then are "> 15000 ms" (45 s for a
+/// stopped victim: the control plane drops a silent node after its HTTP/2 keepalive,
+/// 20 s + 10 s).
+fn fo_bound(o: &Opts) -> Duration {
+    Duration::from_secs(if o.failover_stop { 45 } else { 15 })
+}
 
 #[derive(Clone, Default)]
 struct Failover {
@@ -1399,8 +1426,8 @@ struct Failover {
     fail_after_ms: f64,
     /// The failures, "replica: line" → count.
     errors: std::collections::BTreeMap<String, usize>,
-    /// Kill → the listing shows no tunnel on the victim; → 2 live tunnels again (NaN: not
-    /// within [`FO_BOUND`]), ms.
+    /// Kill → the listing shows no tunnel on the victim; → 2 tunnels listed on other
+    /// replicas (NaN: not within [`fo_bound`]), ms.
     gone_ms: f64,
     back_ms: f64,
     /// Kill → ztpctl said the data planes are at replicas without the victim; → it gave up
@@ -1411,10 +1438,16 @@ struct Failover {
     up_ms: f64,
     /// The longest served session among those started within [`FO_WINDOW`] of the kill, ms.
     longest_ms: f64,
+    /// Served sessions started after the kill that took longer than [`FO_SLOW`]; kill →
+    /// start of the last of them (0: none), ms.
+    slow: usize,
+    slow_until_ms: f64,
     /// The victim's start again until ready and current, ms.
     restart_ms: f64,
     /// Failed sessions while waiting to be steady before the round.
     unsteady: usize,
+    /// The tunnels listed did not stay the same for [`FO_SETTLE`] within [`WAIT`].
+    unsettled: bool,
 }
 
 /// One session of a failover load.
@@ -1520,6 +1553,25 @@ async fn fo_replica(env: &Env, id: &str, port: u16) -> Dataplane {
     replica_with(env, id, &["--listen", &listen, "--advertise", &advertise]).await
 }
 
+/// Waits (bounded by [`WAIT`]) until `lab`'s tunnels, as listed, have not changed for
+/// [`FO_SETTLE`]; whether they settled so.
+async fn fo_settle(control: &Control) -> bool {
+    let end = Instant::now() + WAIT;
+    let mut last = lab_tunnels(control).await;
+    let mut since = Instant::now();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = lab_tunnels(control).await;
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if last.len() >= 2 && since.elapsed() >= FO_SETTLE {
+            return true;
+        }
+    }
+    false
+}
+
 /// Waits (bounded) until `lab` has 2 live tunnels listed and 1 s of sessions on each of
 /// `addrs` were all served; the sessions that failed meanwhile.
 async fn fo_steady(env: &Env, addrs: &[SocketAddr]) -> usize {
@@ -1590,6 +1642,12 @@ fn fo_figures(r: &mut Failover, shots: &[Shot], t0: Instant, names: &[&str]) {
             .filter(|s| s.result.is_err() && s.start > landed.start)
             .count();
     }
+    let slow: Vec<&&Shot> = after
+        .iter()
+        .filter(|s| s.result.is_ok() && s.end - s.start > FO_SLOW)
+        .collect();
+    r.slow = slow.len();
+    r.slow_until_ms = slow.iter().map(|s| ms(s.start - t0)).fold(0.0, f64::max);
     r.longest_ms = after
         .iter()
         .filter(|s| s.result.is_ok() && s.start - t0 <= FO_WINDOW)
@@ -1648,6 +1706,7 @@ async fn failover(env: &Env, o: &Opts) -> Vec<Failover> {
             up_ms: f64::NAN,
             ..Failover::default()
         };
+        r.unsettled = !fo_settle(&env.control).await;
         // The victim: the holder of the oldest tunnel, once that is old enough.
         let want = (o.failover_age * 1e3) as u64;
         let mut tries = 0;
@@ -1706,9 +1765,13 @@ async fn failover(env: &Env, o: &Opts) -> Vec<Failover> {
         let mut log = Vec::new();
         let pid = rustix::process::Pid::from_raw(dps[v].pid() as i32).expect("a pid");
         // By its pid, which the guard has not reaped: it cannot be another process.
+        let signal = if o.failover_stop {
+            rustix::process::Signal::STOP
+        } else {
+            rustix::process::Signal::KILL
+        };
         let t0 = Instant::now();
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-            .expect("kill -9 the replica");
+        rustix::process::kill_process(pid, signal).expect("kill -9 (or -STOP) the replica");
         // ztpctl names a replica as `--via` does or as the data planes advertise it.
         let victim_at = format!(":{}", ports[v]);
         let ended = format!("{victim_at} ended");
@@ -1719,7 +1782,10 @@ async fn failover(env: &Env, o: &Opts) -> Vec<Failover> {
             if r.gone_ms.is_nan() && !on_victim {
                 r.gone_ms = ms(t0, now);
             }
-            if r.back_ms.is_nan() && !on_victim && t.len() >= 2 {
+            // 2 tunnels on replicas other than the victim (a stopped one stays listed until
+            // the control plane drops it).
+            let elsewhere = t.iter().filter(|(id, _)| *id != victim).count();
+            if r.back_ms.is_nan() && elsewhere >= 2 {
                 r.back_ms = ms(t0, now);
             }
             let lines = connector.lines(Stream::Stderr);
@@ -1739,22 +1805,33 @@ async fn failover(env: &Env, o: &Opts) -> Vec<Failover> {
                 {
                     r.learnt_ms = ms(t0, now);
                 }
-                if r.up_ms.is_nan() && l.contains("tunnel up to") {
+                // A new tunnel once the victim's was given up (another may be moving).
+                if r.up_ms.is_nan() && !r.left_ms.is_nan() && l.contains("tunnel up to") {
                     r.up_ms = ms(t0, now);
                 }
                 log.push(format!("{:6.0} ms  {l}", ms(t0, now)));
             }
             seen = lines.len();
             let el = now - t0;
+            // Until 1 s after both the tunnels' return and the victim's leaving the listing
+            // (what the replicas route by).
             let done = !r.back_ms.is_nan()
-                && el >= FO_LOAD_MIN.max(Duration::from_secs_f64(r.back_ms / 1e3 + 1.0));
-            if done || el >= FO_BOUND {
+                && !r.gone_ms.is_nan()
+                && el
+                    >= FO_LOAD_MIN.max(Duration::from_secs_f64(
+                        r.back_ms.max(r.gone_ms) / 1e3 + 1.0,
+                    ));
+            if done || el >= fo_bound(o) {
                 break;
             }
             tokio::time::sleep_until((now + FO_POLL).into()).await;
         }
         let shots = load.stop().await;
         drop(held);
+        if o.failover_stop {
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                .expect("kill -9 the stopped replica");
+        }
         assert!(
             dps[v].wait_exit(Duration::from_secs(5)).await.is_some(),
             "the killed replica {victim} still runs"
@@ -1768,13 +1845,13 @@ async fn failover(env: &Env, o: &Opts) -> Vec<Failover> {
         r.restart_ms = ms(t, Instant::now());
         let f = |v: f64| {
             if v.is_nan() {
-                format!("> {}", FO_BOUND.as_millis())
+                format!("> {}", fo_bound(o).as_millis())
             } else {
                 format!("{v:.0}")
             }
         };
         eprintln!(
-            "failover round {round}: killed {victim} (tunnel {:.1} s old; survivors {} with a tunnel, {} relaying): {} sessions after the kill, {} failed ({} after the first retry landed; {} in flight at the kill failed), recovery {:.0} ms; listing: victim's tunnel gone {} ms, 2 tunnels {} ms; ztpctl: learnt the replicas without the victim {} ms, left it {} ms, new tunnel up {} ms; longest served session ≤ 2 s after {:.1} ms; restart {:.0} ms{}",
+            "failover round {round}: killed {victim} (tunnel {:.1} s old; survivors {} with a tunnel, {} relaying): {} sessions after the kill, {} failed ({} after the first retry landed; {} in flight at the kill failed), recovery {:.0} ms; listing: victim's tunnel gone {} ms, 2 tunnels {} ms; ztpctl: learnt the replicas without the victim {} ms, left it {} ms, new tunnel up {} ms; longest served session ≤ 2 s after {:.1} ms; {} served sessions slower than 1 s, the last started {:.0} ms after the kill; restart {:.0} ms{}",
             r.age_s,
             r.holder,
             r.relay,
@@ -1789,11 +1866,17 @@ async fn failover(env: &Env, o: &Opts) -> Vec<Failover> {
             f(r.left_ms),
             f(r.up_ms),
             r.longest_ms,
+            r.slow,
+            r.slow_until_ms,
             r.restart_ms,
             if r.unsteady > 0 {
                 format!(" ({} sessions failed before the round was steady)", r.unsteady)
             } else {
                 String::new()
+            } + if r.unsettled {
+                " (the tunnels listed never stayed the same 12 s)"
+            } else {
+                ""
             }
         );
         for (line, n) in &r.errors {
@@ -2038,13 +2121,14 @@ fn print_report(r: &Report, o: &Opts, machine: &str) {
         let n = f.len();
         let fmt = |v: f64| {
             if v.is_nan() {
-                format!("> {}", FO_BOUND.as_millis())
+                format!("> {}", fo_bound(o).as_millis())
             } else {
                 format!("{v:.0}")
             }
         };
         out.push_str(&format!(
-            "\nFailover: `kill -9` of the replica holding the oldest of `ztpctl connector run --tunnels 2 --via A,B,C`'s tunnels (at least {:.0} s old); new mTLS sessions through it (1 byte echoed, {} s deadline), one every {} ms on each of the two survivors (the other holder, and the replica that relays){}; ms from the kill; {n} rounds:\n\n| round | killed (its tunnel's age) | survivors: with a tunnel / relaying | sessions started after the kill | failed (after the first retry landed; in flight at the kill) | recovery: start of the last failed one | the victim's tunnel off the listing | ztpctl: learnt the replicas without the victim / left its tunnel there / a new one up | 2 live tunnels listed | longest served session started ≤ 2 s after | restart → ready and current |\n| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "\nFailover: `kill -{}` of the replica holding the oldest of `ztpctl connector run --tunnels 2 --via A,B,C`'s tunnels (at least {:.0} s old); new mTLS sessions through it (1 byte echoed, {} s deadline), one every {} ms on each of the two survivors (the other holder, and the replica that relays){}; ms from the kill; {n} rounds:\n\n| round | killed (its tunnel's age) | survivors: with a tunnel / relaying | sessions started after the kill | failed (after the first retry landed; in flight at the kill) | recovery: start of the last failed one | the victim's tunnel off the listing | ztpctl: learnt the replicas without the victim / left its tunnel there / a new one up | 2 live tunnels listed | longest served session started ≤ 2 s after | served sessions slower than 1 s / the last one's start | restart → ready and current |\n| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            if o.failover_stop { "STOP" } else { "9" },
             o.failover_age,
             FO_DEADLINE.as_secs(),
             FO_EVERY.as_millis(),
@@ -2056,7 +2140,7 @@ fn print_report(r: &Report, o: &Opts, machine: &str) {
         ));
         for (i, x) in f.iter().enumerate() {
             out.push_str(&format!(
-                "| {} | {} ({:.1} s) | {} / {} | {} | {} ({}; {}) | {:.0} | {} | {} / {} / {} | {} | {:.1} | {:.0} |\n",
+                "| {} | {} ({:.1} s) | {} / {} | {} | {} ({}; {}) | {:.0} | {} | {} / {} / {} | {} | {:.1} | {} / {:.0} | {:.0} |\n",
                 i + 1,
                 x.victim,
                 x.age_s,
@@ -2073,6 +2157,8 @@ fn print_report(r: &Report, o: &Opts, machine: &str) {
                 fmt(x.up_ms),
                 fmt(x.back_ms),
                 x.longest_ms,
+                x.slow,
+                x.slow_until_ms,
                 x.restart_ms
             ));
         }
@@ -2161,6 +2247,18 @@ fn print_report(r: &Report, o: &Opts, machine: &str) {
                 String::new(),
             ),
             (
+                "slow",
+                "served sessions started after the kill that took more than 1 s",
+                stats(&|x| x.slow as f64),
+                String::new(),
+            ),
+            (
+                "slow_until_ms",
+                "kill → start of the last of them (0: none), ms",
+                stats(&|x| x.slow_until_ms),
+                String::new(),
+            ),
+            (
                 "restart_ms",
                 "the victim started again → ready and current, ms",
                 stats(&|x| x.restart_ms),
@@ -2192,6 +2290,13 @@ fn print_report(r: &Report, o: &Opts, machine: &str) {
                 out.push_str(&format!("- {l} × {k}\n"));
             }
         }
+        let unsettled = f.iter().filter(|x| x.unsettled).count();
+        if unsettled > 0 {
+            out.push_str(&format!(
+                "\nIn {unsettled} rounds the tunnels listed never stayed the same for {} s before the kill.\n",
+                FO_SETTLE.as_secs()
+            ));
+        }
         let unsteady: usize = f.iter().map(|x| x.unsteady).sum();
         if unsteady > 0 {
             out.push_str(&format!(
@@ -2206,14 +2311,15 @@ fn print_report(r: &Report, o: &Opts, machine: &str) {
                     "failed_after_retry": x.failed_after_retry, "failed_in_flight": x.failed_in_flight,
                     "recovery_ms": x.recovery_ms, "fail_after_ms": x.fail_after_ms,
                     "gone_ms": x.gone_ms, "learnt_ms": x.learnt_ms, "left_ms": x.left_ms, "up_ms": x.up_ms,
-                    "back_ms": x.back_ms, "longest_ms": x.longest_ms, "restart_ms": x.restart_ms,
-                    "errors": x.errors, "unsteady_failures": x.unsteady})
+                    "back_ms": x.back_ms, "longest_ms": x.longest_ms, "slow": x.slow, "slow_until_ms": x.slow_until_ms, "restart_ms": x.restart_ms,
+                    "errors": x.errors, "unsteady_failures": x.unsteady, "unsettled": x.unsettled})
             })
             .collect();
         j["failover"] = json!({
             "rounds": n,
             "min_tunnel_age_s": o.failover_age,
             "held_sessions_per_replica": o.failover_held,
+            "signal": if o.failover_stop { "STOP" } else { "KILL" },
             "deadline_s": FO_DEADLINE.as_secs(),
             "every_ms_per_replica": FO_EVERY.as_millis() as u64,
             "summary": fj,
