@@ -429,12 +429,13 @@ async fn hold(slot: usize, placement: Arc<Placement>, dialer: Arc<Dialer>) {
                 placement.give_back(&via);
                 say!("ztpctl: connector: tunnel to {via} ended: {why}");
                 // Quick again only after a tunnel that served a while: one refused at
-                // once (an unknown connector, a revoked certificate) backs off.
+                // once (an unknown connector, a revoked certificate) backs off. Either
+                // way the replica is passed over a while (it may be frozen, or going):
+                // the next tunnel goes to another if there is one.
                 if began.elapsed() >= STABLE {
                     backoff = BACKOFF_MIN;
-                } else {
-                    placement.failed(&via);
                 }
+                placement.failed(&via);
             }
         }
         sleep_jittered(backoff).await;
@@ -1185,7 +1186,11 @@ mod tests {
         assert!(rest.contains(&to));
         // A tunnel dialled by name is known by the replica's own address once it says it
         // (unless another tunnel holds that address already).
-        let q = Placement::new("c".into(), vec!["a.example:1".into(), "b.example:1".into()], 2);
+        let q = Placement::new(
+            "c".into(),
+            vec!["a.example:1".into(), "b.example:1".into()],
+            2,
+        );
         let (first, _) = q.take().unwrap();
         let (second, _) = q.take().unwrap();
         assert_eq!(q.relabel(&first, "10.0.0.9:1"), "10.0.0.9:1");

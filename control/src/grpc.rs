@@ -354,8 +354,8 @@ impl ConfigServer {
         ConfigService(Arc::new(self))
     }
 
-    /// Where the connectors' tunnels are, for a node: now, then on every change (at most
-    /// one message each 100 ms, so that a burst of reports is one message).
+    /// Where the connectors' tunnels are, for a node: now, then on every change (at once,
+    /// and at most one message each 100 ms, so that a burst of reports is one message).
     async fn tunnels(
         &self,
         req: Request<pb::TunnelsRequest>,
@@ -391,14 +391,16 @@ impl ConfigServer {
                 if tx.send(Ok(map)).await.is_err() {
                     return;
                 }
+                let sent = tokio::time::Instant::now();
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                // A burst of reports becomes one message (well within the second the
-                // replicas have to learn where tunnels are).
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // A change goes out at once; a burst of them becomes one message each
+                // 100 ms (well within the second the replicas have to learn where tunnels
+                // are).
+                tokio::time::sleep_until(sent + std::time::Duration::from_millis(100)).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -154,6 +154,9 @@ pub struct Tunnels {
     in_use: Arc<Mutex<HashMap<usize, usize>>>,
     /// True once the node stops: tunnels take no new session.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Relay holders that just failed (could not be reached, or their stream failed),
+    /// until when they are passed over while another holder is there.
+    shunned: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Where the replicas are (their advertised addresses), as the control plane last
     /// said: connectors place their tunnels by it.
     replicas: tokio::sync::watch::Sender<(Vec<String>, u64)>,
@@ -198,6 +201,7 @@ impl Default for Tunnels {
             relayer: std::sync::OnceLock::new(),
             in_use: Arc::default(),
             stopping: tokio::sync::watch::Sender::new(false),
+            shunned: Mutex::default(),
             replicas: tokio::sync::watch::Sender::new((Vec::new(), 0)),
             me: std::sync::OnceLock::new(),
         }
@@ -328,19 +332,44 @@ impl Tunnels {
         self.pick_remote_except(name, &[])
     }
 
-    /// A replica holding a tunnel of `name`, none of `except` (node ids), taking turns.
+    /// A replica holding a tunnel of `name`, none of `except` (node ids), taking turns;
+    /// one that failed lately only when no other is there.
     pub fn pick_remote_except(&self, name: &str, except: &[String]) -> Option<(String, String)> {
+        let now = tokio::time::Instant::now();
+        let shunned: Vec<String> = {
+            let mut s = self.shunned.lock().unwrap_or_else(|p| p.into_inner());
+            s.retain(|_, until| *until > now);
+            s.keys().cloned().collect()
+        };
         let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
-        let holders: Vec<&(String, String)> = remote
+        let candidates: Vec<&(String, String)> = remote
             .get(name)?
             .iter()
             .filter(|(node, _)| !except.contains(node))
             .collect();
+        let fresh: Vec<&(String, String)> = candidates
+            .iter()
+            .copied()
+            .filter(|(node, _)| !shunned.contains(node))
+            .collect();
+        let holders = if fresh.is_empty() { candidates } else { fresh };
         if holders.is_empty() {
             return None;
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize;
         Some(holders[turn % holders.len()].clone())
+    }
+
+    /// Passes over relay holder `node` for a few seconds while another is there (it
+    /// could not be reached, or a session's stream to it failed).
+    pub fn shun(&self, node: &str) {
+        self.shunned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                node.to_owned(),
+                tokio::time::Instant::now() + Duration::from_secs(5),
+            );
     }
 
     /// Sets how sessions are carried to other replicas (once).
@@ -450,6 +479,7 @@ impl TunnelForwarder {
                 Ok(c) => return Ok((Link::Quic(c), node)),
                 Err(e) => {
                     tracing::debug!(relay.node = %node, error = %e, "relay unreachable");
+                    self.tunnels.shun(&node);
                     tried.push(node);
                     unreachable = true;
                 }
@@ -500,6 +530,10 @@ impl Handler for TunnelForwarder {
                     Some(l) => (l, None),
                     None => match self.reach_remote(name, &mut tried_nodes).await {
                         Ok((l, node)) => (l, Some(node)),
+                        // A tunnel may have come here while the relays were tried.
+                        Err(_) if self.tunnels.pick_except(name, &tried_local).is_some() => {
+                            continue;
+                        }
                         Err(why) => {
                             if why != "no tunnel"
                                 || tried_local.is_empty() && tried_nodes.is_empty()
@@ -544,7 +578,10 @@ impl Handler for TunnelForwarder {
                     Ok(Err(e)) => {
                         tracing::debug!(connector = name, error = %e, "tunnel session failed");
                         match node {
-                            Some(node) => tried_nodes.push(node),
+                            Some(node) => {
+                                self.tunnels.shun(&node);
+                                tried_nodes.push(node);
+                            }
                             None => tried_local.push(link.id()),
                         }
                         failure = Outcome::refused(Refusal::BadGateway, "tunnel error");
@@ -907,5 +944,42 @@ impl rustls::client::danger::ServerCertVerifier for NodeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holders(t: &Tunnels) {
+        t.set_remote(
+            "me",
+            [
+                ("lab".to_owned(), "a".to_owned(), "10.0.0.1:9743".to_owned()),
+                ("lab".to_owned(), "b".to_owned(), "10.0.0.2:9743".to_owned()),
+                ("lab".to_owned(), "me".to_owned(), "10.0.0.3:9743".to_owned()),
+            ],
+        );
+    }
+
+    #[tokio::test]
+    async fn relays_take_turns_skip_what_was_tried_and_pass_over_a_holder_that_failed() {
+        let t = Tunnels::default();
+        holders(&t);
+        // Never this node itself; both others in turn.
+        let mut seen: Vec<String> = (0..4).map(|_| t.pick_remote("lab").unwrap().0).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, ["a", "b"]);
+        assert_eq!(t.pick_remote_except("lab", &["a".into()]).unwrap().0, "b");
+        assert!(t.pick_remote_except("lab", &["a".into(), "b".into()]).is_none());
+        // A holder that just failed is passed over while another is there...
+        t.shun("a");
+        for _ in 0..4 {
+            assert_eq!(t.pick_remote("lab").unwrap().0, "b");
+        }
+        // ... and taken when it is the only one left.
+        assert_eq!(t.pick_remote_except("lab", &["b".into()]).unwrap().0, "a");
+        assert!(t.pick_remote("other").is_none());
     }
 }
