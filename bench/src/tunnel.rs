@@ -80,8 +80,9 @@
 //!
 //! Usage: tunnel [--latency 1000] [--secs 5] [--rounds 3] [--connectors 200]
 //!               [--sessions 2000] [--tests latency,bulk,mtu,scale,failover] [--threads 1]
-//!               [--connector-mtu 1452] [--failover-rounds N] [--failover-age 31]
-//!               [--failover-held 0] [--failover-signal KILL|STOP] [--json FILE]
+//!               [--connector-mtu 1452] [--connector-transport auto|quic|tcp]
+//!               [--failover-rounds N] [--failover-age 31] [--failover-held 0]
+//!               [--failover-signal KILL|STOP] [--json FILE]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -134,6 +135,9 @@ struct Opts {
     /// Max UDP payload of the in-bench connectors (1452: quinn's default, as `ztpctl
     /// connector run` has it).
     connector_mtu: u16,
+    /// `ztpctl connector run --transport` for the `latency` and `bulk` tests' connector
+    /// (auto, quic or tcp).
+    connector_transport: String,
     /// Rounds of the `failover` test (default: `rounds`).
     failover_rounds: usize,
     /// The least age of the tunnel whose replica is killed, seconds.
@@ -163,6 +167,7 @@ fn opts() -> Opts {
         tests: vec!["latency".into(), "bulk".into(), "scale".into()],
         threads: 1,
         connector_mtu: 1452,
+        connector_transport: "auto".into(),
         failover_rounds: 0,
         failover_age: 31.0,
         failover_held: 0,
@@ -182,6 +187,7 @@ fn opts() -> Opts {
             "--tests" => o.tests = v.split(',').map(str::to_owned).collect(),
             "--threads" => o.threads = v.parse().expect("--threads N"),
             "--connector-mtu" => o.connector_mtu = v.parse().expect("--connector-mtu BYTES"),
+            "--connector-transport" => o.connector_transport = v.to_owned(),
             "--failover-rounds" => o.failover_rounds = v.parse().expect("--failover-rounds N"),
             "--failover-age" => o.failover_age = v.parse().expect("--failover-age SECONDS"),
             "--failover-held" => o.failover_held = v.parse().expect("--failover-held N"),
@@ -949,7 +955,9 @@ async fn run(o: &Opts, ports: (u16, u16, u16), backend_pid: u32) -> Report {
                 .expect("write an in-bench connector's certificate");
         }
         let mut cmd = Command::new(bin("ztpctl"));
-        cmd.args(["connector", "run", "--tunnels", "1", "--via"])
+        cmd.args(["connector", "run", "--tunnels", "1", "--transport"])
+            .arg(&o.connector_transport)
+            .arg("--via")
             .arg(format!("localhost:{}", a.addr().port()))
             .arg("--cert")
             .arg(env.files.join("lab.pem"))

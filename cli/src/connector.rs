@@ -42,6 +42,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(30);
 /// Under `--transport auto`, how long QUIC has alone before TCP is tried beside it.
 const TCP_AFTER: Duration = Duration::from_millis(500);
+/// Between the first dials of a connector's tunnels (jittered).
+const STAGGER: Duration = Duration::from_millis(100);
 /// How often a tunnel checks that its replica is still among the best placed.
 const REPLACE_EVERY: Duration = Duration::from_secs(1);
 /// A replica that could not be reached is passed over this long.
@@ -394,6 +396,11 @@ impl Placement {
 /// cannot be made, to the next (so that a replica that died is replaced by another at
 /// once, not dialled again and again).
 async fn hold(slot: usize, placement: Arc<Placement>, dialer: Arc<Dialer>) {
+    // Staggered: the tunnels of a connector (and of connectors started together) do not
+    // all dial at once.
+    if slot > 0 {
+        sleep_jittered(STAGGER * slot as u32).await;
+    }
     let mut backoff = BACKOFF_MIN;
     let mut next: Option<(String, Carrier)> = None;
     loop {
