@@ -289,6 +289,11 @@ impl Placement {
     /// `--tunnels` best (where a tunnel on `via` should move), if any.
     fn better_than(&self, via: &str) -> Option<String> {
         let st = self.lock();
+        // Before the data planes say where the replicas are, `--via` is all there is:
+        // nothing to move to.
+        if st.learnt.is_empty() {
+            return None;
+        }
         let ranked = self.ranked(&st);
         let best: Vec<&String> = ranked
             .iter()
@@ -360,7 +365,10 @@ impl Placement {
             return via.to_owned();
         }
         let mut st = self.lock();
-        if st.held.contains(me) {
+        // Only an address of the replica set: placement ranks those (a data plane whose
+        // control plane sends no set would otherwise have its tunnel moved between its
+        // two names).
+        if st.held.contains(me) || !st.learnt.iter().any(|r| r == me) {
             return via.to_owned();
         }
         st.held.remove(via);
@@ -896,11 +904,11 @@ async fn read_assignments(
                     a.version,
                     names.join(", ")
                 );
+                placement.learn(a.replicas, a.replicas_at_ms, &via);
                 {
                     let mut l = label.lock().unwrap_or_else(|p| p.into_inner());
                     *l = placement.relabel(&l, &a.replica);
                 }
-                placement.learn(a.replicas, a.replicas_at_ms, &via);
                 let mut map = assigned.lock().unwrap_or_else(|p| p.into_inner());
                 map.clear();
                 for s in a.services {
@@ -1200,6 +1208,16 @@ mod tests {
         );
         let (first, _) = q.take().unwrap();
         let (second, _) = q.take().unwrap();
+        assert!(
+            q.better_than(&first).is_none(),
+            "nothing learnt, nothing to move to"
+        );
+        assert_eq!(
+            q.relabel(&first, "10.0.0.9:1"),
+            first,
+            "not in a learnt set"
+        );
+        q.learn(vec!["10.0.0.8:1".into(), "10.0.0.9:1".into()], 1, &first);
         assert_eq!(q.relabel(&first, "10.0.0.9:1"), "10.0.0.9:1");
         assert!(q.lock().held.contains("10.0.0.9:1") && !q.lock().held.contains(&first));
         assert_eq!(q.relabel(&second, "10.0.0.9:1"), second);

@@ -957,7 +957,11 @@ mod tests {
             [
                 ("lab".to_owned(), "a".to_owned(), "10.0.0.1:9743".to_owned()),
                 ("lab".to_owned(), "b".to_owned(), "10.0.0.2:9743".to_owned()),
-                ("lab".to_owned(), "me".to_owned(), "10.0.0.3:9743".to_owned()),
+                (
+                    "lab".to_owned(),
+                    "me".to_owned(),
+                    "10.0.0.3:9743".to_owned(),
+                ),
             ],
         );
     }
@@ -972,7 +976,9 @@ mod tests {
         seen.dedup();
         assert_eq!(seen, ["a", "b"]);
         assert_eq!(t.pick_remote_except("lab", &["a".into()]).unwrap().0, "b");
-        assert!(t.pick_remote_except("lab", &["a".into(), "b".into()]).is_none());
+        assert!(t
+            .pick_remote_except("lab", &["a".into(), "b".into()])
+            .is_none());
         // A holder that just failed is passed over while another is there...
         t.shun("a");
         for _ in 0..4 {
