@@ -678,7 +678,7 @@ enum Incoming {
 async fn tunnel(
     dialled: &str,
     mut carrier: Carrier,
-    placement: &Placement,
+    placement: &Arc<Placement>,
     dialer: &Dialer,
 ) -> End {
     // The tunnel's name: as dialled, then the replica's own address once it says it.
@@ -705,16 +705,15 @@ async fn tunnel(
     say!("ztpctl: connector: tunnel up to {dialled} ({transport})");
     // Everything of the tunnel lives in this future (the control stream, the sessions):
     // when it ends or is dropped, nothing keeps the connection open.
-    let mut reading: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-        match control.take() {
-            Some(io) => Box::pin(read_assignments(
-                io,
-                assigned.clone(),
-                placement,
-                label.clone(),
-            )),
-            None => Box::pin(std::future::pending()),
-        };
+    let mut reading: Reading = match control.take() {
+        Some(io) => Box::pin(read_assignments(
+            io,
+            assigned.clone(),
+            placement.clone(),
+            label.clone(),
+        )),
+        None => Box::pin(std::future::pending()),
+    };
     let mut have_control = matches!(carrier, Carrier::Quic(_));
     let mut sessions = tokio::task::JoinSet::new();
     type Dialling<'a> =
@@ -755,7 +754,7 @@ async fn tunnel(
                         break "a second control stream".to_owned();
                     }
                     have_control = true;
-                    reading = Box::pin(read_assignments(io, assigned.clone(), placement, label.clone()));
+                    reading = Box::pin(read_assignments(io, assigned.clone(), placement.clone(), label.clone()));
                 }
                 Err(e) => break e,
             },
@@ -802,10 +801,18 @@ async fn tunnel(
                     }
                     Ok(new) if urgent => {
                         // The sessions it carries end with it (or go on, if the replica
-                        // lives): they linger in the background, the slot moves on.
+                        // lives): they linger in the background, with the control stream
+                        // still read, and the slot moves on.
                         let via = name();
-                        placement.give_back(&via);
-                        tokio::spawn(linger(carrier, sessions, assigned.clone()));
+                        // `via` stays held while it lingers: no other tunnel goes there.
+                        tokio::spawn(linger(
+                            carrier,
+                            sessions,
+                            assigned.clone(),
+                            reading,
+                            placement.clone(),
+                            via.clone(),
+                        ));
                         return End::Moved(to, new, via);
                     }
                     // A session came meanwhile: stay (the new tunnel is dropped).
@@ -828,7 +835,14 @@ async fn tunnel(
 
 /// A tunnel replaced while it carried sessions: it serves them (and any new one) until
 /// it carries none, or ends.
-async fn linger(mut carrier: Carrier, mut sessions: tokio::task::JoinSet<()>, assigned: Assigned) {
+async fn linger(
+    mut carrier: Carrier,
+    mut sessions: tokio::task::JoinSet<()>,
+    assigned: Assigned,
+    mut reading: Reading,
+    placement: Arc<Placement>,
+    via: String,
+) {
     let mut check = tokio::time::interval(REPLACE_EVERY);
     loop {
         let next = async {
@@ -855,6 +869,7 @@ async fn linger(mut carrier: Carrier, mut sessions: tokio::task::JoinSet<()>, as
                 None => break,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            () = &mut reading => break,
             _ = check.tick() => {
                 if sessions.is_empty() {
                     break;
@@ -863,7 +878,11 @@ async fn linger(mut carrier: Carrier, mut sessions: tokio::task::JoinSet<()>, as
         }
     }
     close(&mut carrier);
+    placement.give_back(&via);
 }
+
+/// A tunnel's control stream being read.
+type Reading = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 fn close(carrier: &mut Carrier) {
     match carrier {
@@ -877,7 +896,7 @@ fn close(carrier: &mut Carrier) {
 async fn read_assignments(
     mut recv: BoxSession,
     assigned: Assigned,
-    placement: &Placement,
+    placement: Arc<Placement>,
     label: Arc<Mutex<String>>,
 ) {
     let via = label.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -332,7 +332,13 @@ pub struct ConfigServer {
     /// The live subscription of each node: a new one ends the old, so a node holds one
     /// stream however often it reconnects.
     live: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>>,
+    /// Until then the replica set is not published: after a start, the nodes are still
+    /// reconnecting, and a partial set would read as replicas that left.
+    replicas_from: tokio::time::Instant,
 }
+
+/// How long after its start the control plane publishes no replica set.
+const REPLICAS_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl ConfigServer {
     pub fn new(
@@ -346,6 +352,7 @@ impl ConfigServer {
             cache: Arc::default(),
             stop,
             live: Arc::default(),
+            replicas_from: tokio::time::Instant::now() + REPLICAS_GRACE,
         }
     }
 
@@ -369,10 +376,13 @@ impl ConfigServer {
         let nodes = self.nodes.clone();
         let mut changes = nodes.tunnel_changes();
         let mut stop = self.stop.clone();
+        let replicas_from = self.replicas_from;
         tokio::spawn(async move {
             tracing::debug!(node.id = %peer.id, "tunnel map subscribed");
             loop {
                 changes.borrow_and_update();
+                // Empty means unknown: the nodes keep the set they had.
+                let known = tokio::time::Instant::now() >= replicas_from;
                 let map = pb::TunnelMap {
                     holders: nodes
                         .holders()
@@ -383,7 +393,7 @@ impl ConfigServer {
                             address,
                         })
                         .collect(),
-                    replicas: nodes.replicas(),
+                    replicas: if known { nodes.replicas() } else { Vec::new() },
                     replicas_at_ms: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_millis() as u64),
@@ -396,6 +406,8 @@ impl ConfigServer {
                     r = changes.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                     _ = stop.wait_for(|s| *s) => return,
+                    // The set becomes known.
+                    _ = tokio::time::sleep_until(replicas_from), if !known => {}
                 }
                 // A change goes out at once; a burst of them becomes one message each
                 // 100 ms (well within the second the replicas have to learn where tunnels

@@ -244,6 +244,15 @@ async fn serve_tunnel(
     rec: &mut Record,
 ) {
     let chain: Vec<_> = tls::peer_chain(&client).to_vec();
+    // A resumed session's chain is verified again (the tunnel's config issues no
+    // tickets, but one another config issued could be offered).
+    let verifier = ctx.state.borrow().tls.verifier.clone();
+    if tls::recheck_chain(&client, &verifier, false).is_err() {
+        rec.code = Some(Refusal::Forbidden.code());
+        rec.deny("certificate refused on re-check");
+        refusal::deliver(&mut client, Refusal::Forbidden).await;
+        return;
+    }
     if let Err(e) = ztp_infra::mux::tcp_liveness(client.get_ref().0) {
         tracing::debug!(error = %e, "tcp keepalive");
     }

@@ -36,6 +36,9 @@ pub enum Link {
 /// A tunnel over TCP: its HTTP/2 opener, and the task that drives the connection.
 #[derive(Debug)]
 pub struct TcpLink {
+    /// Distinct from every other link's id while both live (QUIC's are addresses, far
+    /// below these).
+    id: usize,
     opener: H2Opener,
     remote: std::net::SocketAddr,
     /// True once the connection ended (or was closed).
@@ -62,7 +65,9 @@ impl TcpLink {
             tracing::debug!(why, "tunnel over tcp ended");
             ended_tx.send_replace(true);
         });
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         Arc::new(TcpLink {
+            id: usize::MAX / 2 + NEXT.fetch_add(1, Ordering::Relaxed),
             opener,
             remote,
             ended,
@@ -76,7 +81,7 @@ impl Link {
     pub fn id(&self) -> usize {
         match self {
             Link::Quic(c) => c.stable_id(),
-            Link::Tcp(t) => Arc::as_ptr(t) as usize,
+            Link::Tcp(t) => t.id,
         }
     }
 
@@ -401,11 +406,8 @@ impl Tunnels {
     pub fn set_replicas(&self, mut replicas: Vec<String>, at_ms: u64) {
         replicas.sort();
         replicas.dedup();
-        // A relay to a replica that left the set (it stopped, or died: its stream to the
-        // control plane broke) is closed: a session being opened on it fails now and goes
-        // to another holder, rather than waiting for the dead connection to idle out. A
-        // draining replica stays in the set until it exits, so the sessions relayed to it
-        // go on.
+        // A relay to a replica that left the set (it stopped, died, or lost the control
+        // plane) takes no new session; the sessions on it go on.
         if let (Some(relayer), false) = (self.relayer.get(), replicas.is_empty()) {
             relayer.keep_only(&replicas);
         }
@@ -848,18 +850,14 @@ impl Relayer {
         Ok(conn)
     }
 
-    /// Closes the relays to replicas whose address is not in `replicas`.
+    /// Forgets the relays to replicas whose address is not in `replicas`: new sessions
+    /// do not go there, and the sessions on them go on (a replica that only lost the
+    /// control plane still carries them; a dead one's end with its connection).
     pub fn keep_only(&self, replicas: &[String]) {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (addr, c)| {
-                let keep = replicas.contains(addr);
-                if !keep {
-                    c.close(VarInt::from_u32(0), b"replica gone");
-                }
-                keep
-            });
+            .retain(|_, (addr, _)| replicas.contains(addr));
     }
 
     fn still_trusted(&self, c: &Connection) -> bool {

@@ -453,6 +453,16 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
     let mut after = vec![ids[survivor].to_owned(), ids[free].to_owned()];
     after.sort();
 
+    // The connector knows the three replicas (the control plane publishes the set once
+    // its nodes had time to reconnect after its start).
+    connector
+        .wait_for_line(
+            Stream::Stderr,
+            |l| l.contains("the data planes are at") && l.matches(", ").count() == 2,
+            STEP,
+        )
+        .await;
+
     // A steady stream of new sessions through the holder that stays.
     let opts = p.opts(LAB, &p.alice);
     let b = p.replicas[survivor].addr();
