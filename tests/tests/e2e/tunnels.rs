@@ -121,6 +121,44 @@ async fn lab_via(
     }
 }
 
+/// Waits (within `STEP`) until a session through the data plane at `addr` gets the echo
+/// of `payload`: the tunnel (or the relay to it) may not be known there yet.
+async fn lab_echoes_via(
+    addr: std::net::SocketAddr,
+    opts: &ztp_tests::ClientOptions,
+    payload: &[u8],
+    connector: &Process,
+) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match lab_via(addr, opts, payload).await {
+            Ok(d) => {
+                assert_eq!(d, payload);
+                return;
+            }
+            Err(code) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "through {addr}: {code}; {}",
+                    connector.output_text()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Connector `lab`'s rendezvous weight for the replica listening at `addr` (advertised as
+/// `127.0.0.1:PORT`), as `ztpctl connector run` computes it: the highest ranks first.
+fn rank_score(addr: std::net::SocketAddr) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"spiffe://ztp.internal/connector/lab");
+    h.update([0u8]);
+    h.update(format!("127.0.0.1:{}", addr.port()).as_bytes());
+    u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+}
+
 /// What a TCP client of `LAB` gets: the echo of `payload`, or the refusal code.
 async fn try_lab(fx: &Fixture, alice: &TestCert, payload: &[u8]) -> Result<Vec<u8>, u16> {
     let mut s = fx.connect(LAB, alice).await.expect("the handshake");
@@ -347,23 +385,7 @@ async fn a_replica_without_the_tunnel_relays_to_one_with_it() {
 
     // Through B, which holds no tunnel: relayed to A (once B has heard where it is).
     let opts = p.opts(LAB, &p.alice);
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        match lab_via(b.addr(), &opts, b"relayed").await {
-            Ok(d) => {
-                assert_eq!(d, b"relayed");
-                break;
-            }
-            Err(code) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "through B: {code}; {}",
-                    connector.output_text()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    lab_echoes_via(b.addr(), &opts, b"relayed", &connector).await;
     let event = b
         .wait_for_log(
             |v| {
@@ -441,20 +463,9 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
         on.sort();
         on
     };
-    let items = wait_items(&p.control, "/v1/connectors", "two tunnels", |items| {
-        tunnels_on(items).len() == 2
-    })
-    .await;
-    let ids = ["fo-a", "fo-b", "fo-c"];
-    let holders = tunnels_on(&items);
-    let index = |id: &str| ids.iter().position(|i| *i == id).expect("a replica's id");
-    let (victim, survivor) = (index(&holders[0]), index(&holders[1]));
-    let free = (0..3).find(|i| *i != victim && *i != survivor).unwrap();
-    let mut after = vec![ids[survivor].to_owned(), ids[free].to_owned()];
-    after.sort();
-
     // The connector knows the three replicas (the control plane publishes the set once
-    // its nodes had time to reconnect after its start).
+    // its nodes had time to reconnect after its start), and its tunnels settle on the two
+    // that rank first for it.
     connector
         .wait_for_line(
             Stream::Stderr,
@@ -462,6 +473,24 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
             STEP,
         )
         .await;
+    let ids = ["fo-a", "fo-b", "fo-c"];
+    let mut ranked: Vec<usize> = (0..3).collect();
+    ranked.sort_by_key(|i| std::cmp::Reverse(rank_score(p.replicas[*i].addr())));
+    let mut best = vec![ids[ranked[0]].to_owned(), ids[ranked[1]].to_owned()];
+    best.sort();
+    let items = wait_items(
+        &p.control,
+        "/v1/connectors",
+        "two tunnels, placed",
+        |items| tunnels_on(items) == best,
+    )
+    .await;
+    let holders = tunnels_on(&items);
+    let index = |id: &str| ids.iter().position(|i| *i == id).expect("a replica's id");
+    let (victim, survivor) = (index(&holders[0]), index(&holders[1]));
+    let free = (0..3).find(|i| *i != victim && *i != survivor).unwrap();
+    let mut after = vec![ids[survivor].to_owned(), ids[free].to_owned()];
+    after.sort();
 
     // A steady stream of new sessions through the holder that stays.
     let opts = p.opts(LAB, &p.alice);
@@ -527,18 +556,11 @@ async fn killing_a_replica_moves_its_tunnel_and_no_session_through_another_fails
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_moves_its_idle_tunnel_to_the_replica_that_ranks_first() {
     use crate::plane::{wait_items, Plane};
-    use sha2::{Digest, Sha256};
 
     let p = Plane::start(&["rank-a", "rank-b"], &[]).await;
     let backend = EchoBackend::start().await;
     let (files, cert) = lab_on_plane(&p, &backend, "connector-rank").await;
-    let score = |addr: std::net::SocketAddr| {
-        let mut h = Sha256::new();
-        h.update(b"spiffe://ztp.internal/connector/lab");
-        h.update([0u8]);
-        h.update(format!("127.0.0.1:{}", addr.port()).as_bytes());
-        u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
-    };
+    let score = rank_score;
     let (a, b) = (p.replicas[0].addr(), p.replicas[1].addr());
     let (low, high, high_id) = if score(a) > score(b) {
         (b, a, "rank-a")
@@ -564,23 +586,7 @@ async fn a_connector_moves_its_idle_tunnel_to_the_replica_that_ranks_first() {
     assert_eq!(items[0]["tunnels"][0]["replica"], high_id, "{items:?}");
     let opts = p.opts(LAB, &p.alice);
     for via in [high, low] {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            match lab_via(via, &opts, b"placed").await {
-                Ok(d) => {
-                    assert_eq!(d, b"placed");
-                    break;
-                }
-                Err(code) => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "through {via}: {code}; {}",
-                        connector.output_text()
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        lab_echoes_via(via, &opts, b"placed", &connector).await;
     }
     connector.kill();
 }
@@ -638,23 +644,7 @@ async fn with_udp_blocked_the_tunnel_falls_back_to_tcp() {
 
     let opts = p.opts(LAB, &p.alice);
     let addr = p.replicas[0].addr();
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        match lab_via(addr, &opts, b"over tcp").await {
-            Ok(d) => {
-                assert_eq!(d, b"over tcp");
-                break;
-            }
-            Err(code) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "through the tcp tunnel: {code}; {}",
-                    connector.output_text()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    lab_echoes_via(addr, &opts, b"over tcp", &connector).await;
     // 4 MiB up and its echo down: more than every window, byte-exact.
     let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
     let (_, s) = crate::plane::dial(addr, &opts).await;
