@@ -63,8 +63,14 @@ async fn resumed_session_is_rechecked_against_the_new_snapshot() {
                 panic!("canary connect after SIGHUP failed: {e}");
             }
         };
-        assert_eq!(echo_roundtrip(s, b"canary").await, b"canary");
-        if fx.echo.connections() > before {
+        let answer = echo_roundtrip(s, b"canary").await;
+        // A session that began on the wildcard service is cut when the reload retargets
+        // it ("service retargeted"): that ends it early and empty, and is tried again.
+        assert!(
+            answer == b"canary" || answer.is_empty(),
+            "the canary came back altered: {answer:?}"
+        );
+        if answer == b"canary" && fx.echo.connections() > before {
             break;
         }
         assert!(
