@@ -25,6 +25,7 @@ mod record;
 mod v1;
 mod v2;
 mod v3;
+mod v4;
 
 /// Tree names and key formats of the current schema ([`LATEST`]), for the store. Each
 /// must equal its frozen copy in the latest `vN` module (tested).
@@ -46,58 +47,13 @@ pub mod layout {
     /// Big-endian end time (ms) + sequence → JSON connection record from a data plane
     /// (bounded retention; since schema 2, created on first use).
     pub const CONN_AUDIT: &str = "conn_audit";
-    /// Identity key → user name (since schema 2).
-    pub const IDENTITIES: &str = "identities";
-    /// `group \0 kind \0 name` → empty, kind `s` (service) or `u` (user) (since schema 2).
-    pub const GROUP_REFS: &str = "group_refs";
     /// Connector name → JSON `Connector` (since schema 3).
     pub const CONNECTORS: &str = "connectors";
-    /// `connector \0 service key` → empty: the service is served through the connector
-    /// (since schema 3).
-    pub const CONNECTOR_REFS: &str = "connector_refs";
 
     /// META keys.
     pub const SCHEMA_VERSION: &[u8] = b"schema_version";
     pub const CONFIG_VERSION: &[u8] = b"config_version";
     pub const AUDIT_SEQ: &[u8] = b"audit_seq";
-
-    /// The reverse-index key recording that `name` (of `kind`) refers to `group`.
-    pub fn group_ref(group: &str, kind: u8, name: &str) -> Vec<u8> {
-        let mut k = Vec::with_capacity(group.len() + name.len() + 3);
-        k.extend_from_slice(group.as_bytes());
-        k.push(0);
-        k.push(kind);
-        k.push(0);
-        k.extend_from_slice(name.as_bytes());
-        k
-    }
-
-    /// Prefix of every reverse-index key of `group`.
-    pub fn group_ref_prefix(group: &str) -> Vec<u8> {
-        let mut k = group.as_bytes().to_vec();
-        k.push(0);
-        k
-    }
-
-    pub const REF_SERVICE: u8 = b's';
-    pub const REF_USER: u8 = b'u';
-
-    /// The reverse-index key recording that the service stored under `service` (its
-    /// key) is served through `connector`.
-    pub fn connector_ref(connector: &str, service: &str) -> Vec<u8> {
-        let mut k = Vec::with_capacity(connector.len() + service.len() + 1);
-        k.extend_from_slice(connector.as_bytes());
-        k.push(0);
-        k.extend_from_slice(service.as_bytes());
-        k
-    }
-
-    /// Prefix of every reverse-index key of `connector`.
-    pub fn connector_ref_prefix(connector: &str) -> Vec<u8> {
-        let mut k = connector.as_bytes().to_vec();
-        k.push(0);
-        k
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,10 +99,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "connector registry",
         up: connector_registry,
     },
+    Migration {
+        version: 4,
+        name: "reverse indexes dropped",
+        up: reverse_indexes_dropped,
+    },
 ];
 
 /// The schema version this build writes.
-pub const LATEST: u32 = 3;
+pub const LATEST: u32 = 4;
 
 /// The store's schema version; 0 for a new, empty store.
 pub fn schema_version(db: &sled::Db) -> Result<u32, MigrationError> {
@@ -291,6 +252,22 @@ fn connector_registry(db: &sled::Db) -> Result<(), MigrationError> {
     db.open_tree(v3::CONNECTORS)?;
     // Idempotent: nothing else writes the index before the version moves to 3.
     db.open_tree(v3::CONNECTOR_REFS)?.clear()?;
+    Ok(())
+}
+
+/// Schema 4: the reverse indexes of schemas 2 and 3 (`identities`, `group_refs`,
+/// `connector_refs`) are removed; the records are left exactly as they are. The store now
+/// checks its integrity rules (an identity maps to one user, a group in use cannot be
+/// deleted, nor a connector a service names) on the configuration it keeps in memory, so
+/// nothing maintains these trees any more. The bump itself matters as much as the drops:
+/// a ztp-control of schema 3 must refuse a store written since ("written by a newer
+/// ZTP") rather than trust indexes that no longer follow the records.
+fn reverse_indexes_dropped(db: &sled::Db) -> Result<(), MigrationError> {
+    // Idempotent: sled's `drop_tree` of a tree that is not there (never made, or dropped
+    // before a crash that came before the version moved) does nothing and returns false.
+    for t in [v2::IDENTITIES, v2::GROUP_REFS, v3::CONNECTOR_REFS] {
+        db.drop_tree(t)?;
+    }
     Ok(())
 }
 

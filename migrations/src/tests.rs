@@ -1,7 +1,7 @@
 //! Stores of past schemas, written as raw bytes from literal fixtures, are upgraded to
-//! exactly the next schema's bytes; a record that cannot be read is named and changes
-//! nothing; a newer store is refused. Today's model types appear only as the consumer of
-//! a migrated store.
+//! exactly the next schema's bytes (`run_to` stops at the schema a test is about); a
+//! record that cannot be read is named and changes nothing; a newer store is refused.
+//! Today's model types appear only as the consumer of a migrated store.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -120,6 +120,27 @@ fn to_schema_3(mut d: Dump) -> Dump {
     d
 }
 
+/// `dump` of a schema-3 store after migration 4: the same records (every other tree
+/// byte for byte), no reverse index, schema 4.
+fn to_schema_4(mut d: Dump) -> Dump {
+    for index in ["identities", "group_refs", "connector_refs"] {
+        assert!(d.remove(index).is_some(), "a schema-3 store has {index}");
+    }
+    d.get_mut("meta")
+        .unwrap()
+        .insert("schema_version".into(), show(b"\0\0\0\x04"));
+    d
+}
+
+/// The trees of `db` (sled's own left out).
+fn tree_names(db: &sled::Db) -> BTreeSet<String> {
+    db.tree_names()
+        .into_iter()
+        .filter(|n| n.as_ref() != b"__sled__default")
+        .map(|n| show(&n))
+        .collect()
+}
+
 #[test]
 fn a_schema_1_store_becomes_exactly_the_schema_2_bytes() {
     let store = TempStore::new();
@@ -151,7 +172,40 @@ fn a_schema_1_store_goes_through_every_migration_to_the_latest() {
             to: LATEST
         }
     );
+    assert_eq!(schema_version(&db).unwrap(), 4);
+    let migrated = to_schema_4(to_schema_3(schema_1_migrated()));
+    assert_eq!(dump(&db), migrated);
+    let mut records = expect(fixtures::SCHEMA_1);
+    records.extend(expect(&[("connectors", &[])]));
+    records
+        .get_mut("meta")
+        .unwrap()
+        .insert("schema_version".into(), show(b"\0\0\0\x04"));
+    assert_eq!(
+        migrated, records,
+        "schema 1's records, byte for byte, and an empty connector registry"
+    );
+
+    // Durable (the dropped trees stay dropped), and running again changes nothing.
+    drop(db);
+    let db = store.open();
+    assert_eq!(dump(&db), migrated);
+    assert_eq!(run(&db).unwrap(), Applied { from: 4, to: 4 });
+    assert_eq!(dump(&db), migrated);
+}
+
+#[test]
+fn a_schema_1_store_passes_each_schema_on_its_way() {
+    // Step by step, each migration leaves exactly the next schema; the last one drops
+    // the indexes migrations 2 and 3 made.
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_1);
+    assert_eq!(run_to(&db, 2).unwrap(), Applied { from: 1, to: 2 });
+    assert_eq!(dump(&db), schema_1_migrated());
+    assert_eq!(run_to(&db, 3).unwrap(), Applied { from: 2, to: 3 });
     assert_eq!(dump(&db), to_schema_3(schema_1_migrated()));
+    assert_eq!(run_to(&db, 4).unwrap(), Applied { from: 3, to: 4 });
+    assert_eq!(dump(&db), to_schema_4(to_schema_3(schema_1_migrated())));
 }
 
 #[test]
@@ -178,10 +232,42 @@ fn a_rerun_after_a_crash_rebuilds_the_indexes_exactly() {
 }
 
 #[test]
-fn a_new_store_gets_the_schema_3_layout() {
+fn a_new_store_gets_the_schema_4_layout() {
     let store = TempStore::new();
     let db = store.open();
-    assert_eq!(run(&db).unwrap(), Applied { from: 0, to: 3 });
+    assert_eq!(run(&db).unwrap(), Applied { from: 0, to: 4 });
+    let empty: &[(&[u8], &[u8])] = &[];
+    let layout = expect(&[
+        (
+            "meta",
+            &[
+                (b"schema_version", b"\0\0\0\x04"),
+                (b"config_version", b"\0\0\0\0\0\0\0\0"),
+            ],
+        ),
+        ("services", empty),
+        ("users", empty),
+        ("groups", empty),
+        ("revoked", empty),
+        ("tokens", empty),
+        ("audit", empty),
+        ("connectors", empty),
+    ]);
+    assert_eq!(dump(&db), layout, "no reverse index");
+
+    // Durable, and running again changes nothing.
+    drop(db);
+    let db = store.open();
+    assert_eq!(dump(&db), layout);
+    assert_eq!(run(&db).unwrap(), Applied { from: 4, to: 4 });
+    assert_eq!(dump(&db), layout);
+}
+
+#[test]
+fn a_new_store_run_to_schema_3_gets_the_schema_3_layout() {
+    let store = TempStore::new();
+    let db = store.open();
+    assert_eq!(run_to(&db, 3).unwrap(), Applied { from: 0, to: 3 });
     let empty: &[(&[u8], &[u8])] = &[];
     assert_eq!(
         dump(&db),
@@ -211,15 +297,19 @@ fn a_new_store_gets_the_schema_3_layout() {
 fn a_schema_2_store_gains_an_empty_connector_registry() {
     let store = TempStore::new();
     let db = store_of(&store, fixtures::SCHEMA_2);
-    assert_eq!(run(&db).unwrap(), Applied { from: 2, to: 3 });
+    assert_eq!(run_to(&db, 3).unwrap(), Applied { from: 2, to: 3 });
     let migrated = to_schema_3(expect(fixtures::SCHEMA_2));
     assert_eq!(dump(&db), migrated);
 
     // Durable, and running again changes nothing.
     drop(db);
     let db = store.open();
-    assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 3 });
+    assert_eq!(run_to(&db, 3).unwrap(), Applied { from: 3, to: 3 });
     assert_eq!(dump(&db), migrated);
+
+    // Then on to the latest: the indexes go, the registry stays.
+    assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 4 });
+    assert_eq!(dump(&db), to_schema_4(migrated));
 }
 
 #[test]
@@ -232,66 +322,159 @@ fn a_rerun_of_migration_3_after_a_crash_leaves_the_index_empty() {
         &db,
         &[("connector_refs", &[(b"ghost\0x.svc.internal", b"")])],
     );
-    assert_eq!(run(&db).unwrap(), Applied { from: 2, to: 3 });
+    assert_eq!(run_to(&db, 3).unwrap(), Applied { from: 2, to: 3 });
     assert_eq!(dump(&db), to_schema_3(expect(fixtures::SCHEMA_2)));
 }
 
 #[test]
-fn a_schema_3_store_is_left_as_it_is() {
+fn a_schema_3_store_is_left_as_it_is_by_run_to_3() {
     let store = TempStore::new();
     let db = store_of(&store, fixtures::SCHEMA_3);
-    assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 3 });
+    assert_eq!(run_to(&db, 3).unwrap(), Applied { from: 3, to: 3 });
     assert_eq!(dump(&db), expect(fixtures::SCHEMA_3));
 }
 
+#[test]
+fn the_schema_3_fixture_holds_the_indexes_schema_3_wrote() {
+    // What migration 4 drops is what schema 3 kept: the fixture's indexes are those of
+    // its records, in the frozen key formats.
+    let d = expect(fixtures::SCHEMA_3);
+    let index = |keys: &[(Vec<u8>, &[u8])]| -> BTreeMap<String, String> {
+        keys.iter().map(|(k, v)| (show(k), show(v))).collect()
+    };
+    assert_eq!(
+        d["identities"],
+        index(&[(v2::identity_key("Alice@Example.com").into_bytes(), b"alice")])
+    );
+    assert_eq!(
+        d["group_refs"],
+        index(&[
+            (
+                v2::group_ref("ops", v2::REF_SERVICE, b"db.svc.internal"),
+                b""
+            ),
+            (v2::group_ref("ops", v2::REF_USER, b"alice"), b""),
+        ])
+    );
+    assert_eq!(
+        d["connector_refs"],
+        index(&[(v3::connector_ref("lab", b"db.svc.internal"), b"")])
+    );
+}
+
+#[test]
+fn a_schema_3_store_becomes_schema_4_with_the_same_records_and_no_index() {
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_3);
+    assert_eq!(
+        tree_names(&db),
+        ["identities", "group_refs", "connector_refs"]
+            .into_iter()
+            .map(String::from)
+            .chain(v4::TREES.iter().map(|t| t.to_string()))
+            .collect(),
+        "the fixture holds every schema-3 tree"
+    );
+    assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 4 });
+    let migrated = to_schema_4(expect(fixtures::SCHEMA_3));
+    assert_eq!(dump(&db), migrated);
+    let mut records = expect(fixtures::SCHEMA_3);
+    let mut now = dump(&db);
+    for d in [&mut records, &mut now] {
+        d.remove("meta");
+    }
+    for index in ["identities", "group_refs", "connector_refs"] {
+        assert!(records.remove(index).is_some());
+    }
+    assert_eq!(now, records, "every record byte for byte");
+    assert_eq!(
+        tree_names(&db),
+        v4::TREES.iter().map(|t| t.to_string()).collect()
+    );
+
+    // Durable (the dropped trees do not come back), and running again changes nothing.
+    drop(db);
+    let db = store.open();
+    assert_eq!(dump(&db), migrated);
+    assert_eq!(run(&db).unwrap(), Applied { from: 4, to: 4 });
+    assert_eq!(dump(&db), migrated);
+}
+
+#[test]
+fn a_rerun_of_migration_4_after_a_crash_drops_what_is_left() {
+    // A crash before the version moved to 4: after none, some or all of the drops (a
+    // drop not yet flushed is one not made).
+    let dropped_before: &[&[&str]] = &[
+        &[],
+        &["identities"],
+        &["group_refs", "connector_refs"],
+        &["identities", "group_refs", "connector_refs"],
+    ];
+    for dropped in dropped_before {
+        let store = TempStore::new();
+        let db = store_of(&store, fixtures::SCHEMA_3);
+        for t in *dropped {
+            assert!(db.drop_tree(t).unwrap(), "{t}");
+        }
+        db.flush().unwrap();
+        drop(db);
+        let db = store.open();
+        assert_eq!(schema_version(&db).unwrap(), 3);
+        assert_eq!(run(&db).unwrap(), Applied { from: 3, to: 4 }, "{dropped:?}");
+        assert_eq!(
+            dump(&db),
+            to_schema_4(expect(fixtures::SCHEMA_3)),
+            "{dropped:?}"
+        );
+    }
+
+    // The migration itself, run twice in a row, drops nothing the second time.
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_3);
+    reverse_indexes_dropped(&db).unwrap();
+    let once = dump(&db);
+    reverse_indexes_dropped(&db).unwrap();
+    assert_eq!(dump(&db), once);
+    assert_eq!(
+        schema_version(&db).unwrap(),
+        3,
+        "the version is run's to move"
+    );
+}
+
 /// Decodes every record of a store at [`LATEST`] with today's model, as the control
-/// plane's store does, and checks the indexes against today's key rules.
+/// plane's store does, and checks that the store holds only today's trees and that its
+/// records keep the integrity rules the store checks on them (in memory, since schema 4):
+/// an identity maps to one user, a group or connector a record names exists.
 fn assert_readable_today(db: &sled::Db) {
     use ztp_proto::names::identity_key;
     use ztp_proto::{Connector, Group, Service, User};
 
     assert_eq!(schema_version(db).unwrap(), LATEST);
-    let identities = db.open_tree(layout::IDENTITIES).unwrap();
-    let refs = db.open_tree(layout::GROUP_REFS).unwrap();
+    let today: BTreeSet<String> = [
+        layout::META,
+        layout::SERVICES,
+        layout::USERS,
+        layout::GROUPS,
+        layout::REVOKED,
+        layout::TOKENS,
+        layout::AUDIT,
+        layout::CONN_AUDIT,
+        layout::CONNECTORS,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let stray: Vec<_> = tree_names(db).difference(&today).cloned().collect();
+    assert!(stray.is_empty(), "trees no one reads: {stray:?}");
+
+    let groups = db.open_tree(layout::GROUPS).unwrap();
     let connectors = db.open_tree(layout::CONNECTORS).unwrap();
-    let connector_refs = db.open_tree(layout::CONNECTOR_REFS).unwrap();
-    let (mut n_ids, mut n_refs, mut n_connector_refs) = (BTreeSet::new(), 0, 0);
-    for kv in db.open_tree(layout::USERS).unwrap().iter() {
+    for kv in groups.iter() {
         let (k, v) = kv.unwrap();
-        let u: User =
-            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("user {}: {e}", show(&k)));
-        assert_eq!(k.as_ref(), u.name.as_bytes());
-        for id in &u.identities {
-            let owner = identities.get(identity_key(id)).unwrap();
-            assert_eq!(owner.as_deref(), Some(u.name.as_bytes()), "{id}");
-            n_ids.insert(identity_key(id));
-        }
-        for g in &u.groups {
-            let r = layout::group_ref(g, layout::REF_USER, &u.name);
-            assert!(refs.contains_key(r).unwrap(), "{g} ← user {}", u.name);
-            n_refs += 1;
-        }
-    }
-    for kv in db.open_tree(layout::SERVICES).unwrap().iter() {
-        let (k, v) = kv.unwrap();
-        let s: Service =
-            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("service {}: {e}", show(&k)));
-        assert_eq!(k.as_ref(), s.name.as_bytes());
-        for g in &s.groups {
-            let r = layout::group_ref(g, layout::REF_SERVICE, &s.name);
-            assert!(refs.contains_key(r).unwrap(), "{g} ← service {}", s.name);
-            n_refs += 1;
-        }
-        if let Some(c) = &s.connector {
-            assert!(
-                connectors.contains_key(c).unwrap(),
-                "{c} of service {}",
-                s.name
-            );
-            let r = layout::connector_ref(c, &s.name);
-            assert!(connector_refs.contains_key(r).unwrap(), "{c} ← {}", s.name);
-            n_connector_refs += 1;
-        }
+        let g: Group =
+            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("group {}: {e}", show(&k)));
+        assert_eq!(k.as_ref(), g.name.as_bytes());
     }
     for kv in connectors.iter() {
         let (k, v) = kv.unwrap();
@@ -300,19 +483,36 @@ fn assert_readable_today(db: &sled::Db) {
         assert_eq!(k.as_ref(), c.name.as_bytes());
         c.validate().unwrap();
     }
-    assert_eq!(
-        connector_refs.len(),
-        n_connector_refs,
-        "no stray connector reference"
-    );
-    for kv in db.open_tree(layout::GROUPS).unwrap().iter() {
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    for kv in db.open_tree(layout::USERS).unwrap().iter() {
         let (k, v) = kv.unwrap();
-        let g: Group =
-            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("group {}: {e}", show(&k)));
-        assert_eq!(k.as_ref(), g.name.as_bytes());
+        let u: User =
+            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("user {}: {e}", show(&k)));
+        assert_eq!(k.as_ref(), u.name.as_bytes());
+        for id in &u.identities {
+            let owner = owners.entry(identity_key(id)).or_insert(u.name.clone());
+            assert_eq!(*owner, u.name, "{id} of two users");
+        }
+        for g in &u.groups {
+            assert!(groups.contains_key(g).unwrap(), "{g} of user {}", u.name);
+        }
     }
-    assert_eq!(identities.len(), n_ids.len(), "no stray identity");
-    assert_eq!(refs.len(), n_refs, "no stray group reference");
+    for kv in db.open_tree(layout::SERVICES).unwrap().iter() {
+        let (k, v) = kv.unwrap();
+        let s: Service =
+            serde_json::from_slice(&v).unwrap_or_else(|e| panic!("service {}: {e}", show(&k)));
+        assert_eq!(k.as_ref(), s.name.as_bytes());
+        for g in &s.groups {
+            assert!(groups.contains_key(g).unwrap(), "{g} of service {}", s.name);
+        }
+        if let Some(c) = &s.connector {
+            assert!(
+                connectors.contains_key(c).unwrap(),
+                "{c} of service {}",
+                s.name
+            );
+        }
+    }
 }
 
 #[test]
@@ -383,53 +583,45 @@ fn a_schema_3_store_reads_with_todays_model() {
 }
 
 #[test]
-fn the_current_layout_is_the_frozen_schema_3() {
+fn the_current_layout_is_the_frozen_schema_4() {
     // When LATEST moves on, compare with the newest frozen module instead.
-    assert_eq!(LATEST, 3);
-    for (now, frozen) in [
-        (layout::META, v1::META),
-        (layout::SERVICES, v1::SERVICES),
-        (layout::USERS, v1::USERS),
-        (layout::GROUPS, v1::GROUPS),
-        (layout::REVOKED, v1::REVOKED),
-        (layout::TOKENS, v1::TOKENS),
-        (layout::AUDIT, v1::AUDIT),
-        (layout::IDENTITIES, v2::IDENTITIES),
-        (layout::GROUP_REFS, v2::GROUP_REFS),
-        (layout::CONNECTORS, v3::CONNECTORS),
-        (layout::CONNECTOR_REFS, v3::CONNECTOR_REFS),
-    ] {
-        assert_eq!(now, frozen);
-    }
+    assert_eq!(LATEST, 4);
     assert_eq!(
-        layout::connector_ref("lab", "*.a.internal"),
-        v3::connector_ref("lab", b"*.a.internal")
+        [
+            layout::META,
+            layout::SERVICES,
+            layout::USERS,
+            layout::GROUPS,
+            layout::REVOKED,
+            layout::TOKENS,
+            layout::AUDIT,
+            layout::CONN_AUDIT,
+            layout::CONNECTORS,
+        ],
+        v4::TREES
     );
-    assert!(layout::connector_ref("lab", "x").starts_with(&layout::connector_ref_prefix("lab")));
     assert_eq!(layout::CONFIG_VERSION, v1::CONFIG_VERSION);
-    for kind in [layout::REF_SERVICE, layout::REF_USER] {
-        assert_eq!(
-            layout::group_ref("ops", kind, "*.a.internal"),
-            v2::group_ref("ops", kind, b"*.a.internal")
-        );
-    }
     assert_eq!(
-        (layout::REF_SERVICE, layout::REF_USER),
-        (v2::REF_SERVICE, v2::REF_USER)
+        (layout::SCHEMA_VERSION, layout::AUDIT_SEQ),
+        (&b"schema_version"[..], &b"audit_seq"[..])
     );
-    for id in [
-        "Alice@Example.COM",
-        "spiffe://corp/Carol@Build",
-        "Carol-CI",
-        "mailto:Bob@X.org",
-        "a:b@C",
-        "1a:b@C",
+
+    // Schema 4 is schema 3's record trees under the names the frozen modules gave them,
+    // and none of the indexes migration 4 drops.
+    for (frozen, in_v4) in [
+        (v1::META, true),
+        (v1::SERVICES, true),
+        (v1::USERS, true),
+        (v1::GROUPS, true),
+        (v1::REVOKED, true),
+        (v1::TOKENS, true),
+        (v1::AUDIT, true),
+        (v3::CONNECTORS, true),
+        (v2::IDENTITIES, false),
+        (v2::GROUP_REFS, false),
+        (v3::CONNECTOR_REFS, false),
     ] {
-        assert_eq!(
-            ztp_proto::names::identity_key(id),
-            v2::identity_key(id),
-            "{id}"
-        );
+        assert_eq!(v4::TREES.contains(&frozen), in_v4, "{frozen}");
     }
 }
 
@@ -568,6 +760,31 @@ fn a_newer_store_is_refused() {
     assert!(matches!(err, MigrationError::TooNew { .. }), "{err}");
     assert!(err.to_string().contains("newer"));
     assert_eq!(dump(&db), before);
+}
+
+#[test]
+fn a_schema_5_store_is_refused_as_too_new() {
+    // A migrated store of schema 4 that a later ZTP moved on (with whatever it added).
+    let store = TempStore::new();
+    let db = store_of(&store, fixtures::SCHEMA_3);
+    run(&db).unwrap();
+    write(
+        &db,
+        &[
+            ("meta", &[(b"schema_version", b"\0\0\0\x05")]),
+            ("identities", &[(b"alice@example.com", b"alice")]),
+        ],
+    );
+    let before = dump(&db);
+    for target in [LATEST, 3] {
+        let err = run_to(&db, target).unwrap_err();
+        assert!(
+            matches!(err, MigrationError::TooNew { found: 5, known: 4 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("written by a newer ZTP"), "{err}");
+        assert_eq!(dump(&db), before, "nothing dropped nor written");
+    }
 }
 
 /// Opens the sled store at `dir`, waiting (up to 10 s) for a previous handle's threads to
