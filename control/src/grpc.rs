@@ -518,7 +518,7 @@ impl ConfigServer {
                     })) => {
                         let record = connection_record(&id, r, crate::store::now_ms());
                         nodes.seen(&id);
-                        if let Err(e) = store.append_connections(&[record]) {
+                        if let Err(e) = store.append_connections(vec![record]).await {
                             tracing::error!(error = %e, "cannot keep a connection record");
                         }
                     }

@@ -137,7 +137,13 @@ async fn bootstrap_token(store: &Store, dir: &Path) -> anyhow::Result<()> {
     let (token, info) = Store::mint_token("admin")?;
     write_private(&tmp, format!("{}\n", token.token).as_bytes())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    store.save_token(info, &Actor::system()).await?;
+    // Of several instances starting together on an empty shared store, one stores its
+    // token; the others write none.
+    if !store.save_first_token(info, &Actor::system()).await? {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::info!("another instance initialized the store; no admin token written here");
+        return Ok(());
+    }
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     tracing::info!(path = %path.display(), "admin token written");
     Ok(())

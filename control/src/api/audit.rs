@@ -58,10 +58,7 @@ pub async fn audit(
         until_ms: p.until,
         limit,
     };
-    // A scan of up to 200,000 records: off the async workers.
-    let items = tokio::task::spawn_blocking(move || store.query_connections(&query))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let items = store.query_connections(query).await?;
     Ok(Json(List { items, next: None }))
 }
 
@@ -90,7 +87,7 @@ pub async fn admin_audit(
         ));
     }
     Ok(Json(List {
-        items: s.store.audit(limit)?,
+        items: s.store.audit(limit).await?,
         next: None,
     }))
 }

@@ -36,6 +36,9 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("{0}")]
     Unsupported(String),
+    /// The store cannot be reached now (etcd without a quorum): try again.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,6 +86,7 @@ impl From<StoreError> for ApiError {
                 errors: inv.0,
             },
             StoreError::Conflict { detail, errors } => ApiError::Conflict { detail, errors },
+            StoreError::Unavailable(m) => ApiError::Unavailable(m),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -1481,7 +1481,7 @@ async fn import_replaces_everything_as_one_version() {
         "revoked": ["01"],
     }))
     .await;
-    let audit_before = api.store.audit(100).unwrap().len();
+    let audit_before = api.store.audit(100).await.unwrap().len();
 
     // JSON, with a version of its own that is ignored.
     let mut doc = base_config();
@@ -1501,7 +1501,7 @@ async fn import_replaces_everything_as_one_version() {
     expected.version = v + 1;
     expected.revoked = vec!["0a1b".into(), "ff".into()];
     assert_eq!(snap, expected);
-    let audit = api.store.audit(100).unwrap();
+    let audit = api.store.audit(100).await.unwrap();
     assert_eq!(
         audit.len(),
         audit_before + 1,
@@ -1883,7 +1883,7 @@ async fn every_write_is_audited_with_its_token_and_version() {
     api.get("/v1/snapshot").await.ok(OK);
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 
-    let audit = api.store.audit(10).unwrap();
+    let audit = api.store.audit(10).await.unwrap();
     // Newest first; the oldest is the setup's token, made by the process itself.
     assert_eq!(audit.len(), versions.len() + 1, "{audit:?}");
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
@@ -2331,6 +2331,7 @@ async fn connector_writes_honour_if_match_and_are_audited() {
     let actions: Vec<String> = api
         .store
         .audit(3)
+        .await
         .unwrap()
         .into_iter()
         .map(|r| format!("{} {} {}", r.action, r.target, r.actor.token_name))
@@ -2388,7 +2389,7 @@ async fn operators_write_connectors_and_viewers_read_them() {
         .await
         .expect(NO_CONTENT);
     assert_eq!(api.version(), v + 3);
-    let audit = api.store.audit(1).unwrap();
+    let audit = api.store.audit(1).await.unwrap();
     assert_eq!(
         (audit[0].action.as_str(), audit[0].actor.token_name.as_str()),
         ("connector.delete", "operator")

@@ -1,35 +1,44 @@
-//! The store: the system of record, and the only module that touches sled.
+//! The store: the system of record, its rules, and the configuration in memory.
 //!
-//! Every write is checked (each record's rules, referential integrity through the reverse
-//! indexes), applied as one sled transaction across trees that also bumps the global
-//! config version and appends an audit record, and acknowledged only after sled has
-//! flushed it to disk. Writes are serialized by one lock, which also gives readers of the
-//! whole configuration (snapshots) a consistent view.
+//! Where records live is a [`Backend`] (sled in `--data-dir`, or etcd shared by several
+//! `ztp-control` instances); what they mean is here, once. The whole configuration
+//! (services, users, groups, connectors, revoked serials) and the tokens are kept in
+//! memory with the config version and the write sequence they are at. Every write:
 //!
-//! Services, users, groups, connectors and revoked serials are also kept in memory with
-//! the version they are at, updated under one mutex as each commit applies: a reader of
-//! records and their version (the admin API's bodies and `ETag`s) takes both from there,
-//! one state, without waiting for writes.
+//! 1. is validated on its own, then, under the write lock, checked against `If-Match`
+//!    and the rules that need the rest of the configuration (an identity maps to one
+//!    user, a group in use stays, a service names only groups and connectors that
+//!    exist, the last admin token stays), all on the configuration in memory;
+//! 2. is one [`Commit`] that the backend applies only if its write sequence is still the
+//!    one that configuration was read at (another instance may have written meanwhile:
+//!    then the configuration catches up and the write is decided again);
+//! 3. is applied to the configuration in memory, announced, and acknowledged once the
+//!    backend has made it durable.
+//!
+//! Commits made by other instances reach the configuration in memory through
+//! [`Backend::updates`]; a reader of records and their version (the admin API's bodies
+//! and `ETag`s) takes both from one state, without waiting for writes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
-use tokio::sync::Mutex;
-use ztp_migrations::layout;
 use ztp_proto::names::{identity_key, Serial, ServiceName};
 use ztp_proto::{Connector, FieldError, Group, Invalid, Service, Snapshot, User};
 
+pub mod backend;
 mod conn_audit;
+pub mod sled;
 mod tokens;
 
+pub use backend::{Backend, BackendError, Kind, Op};
 pub use conn_audit::{AuditQuery, ConnectionRecord};
 pub use tokens::{NewToken, Role, TokenInfo};
+
+use backend::{Commit, Loaded, Update};
 
 /// Who made a change (a token, with the role it had), for the audit trail. Records
 /// from before roles carry none: admin, as every token was then.
@@ -52,7 +61,7 @@ impl Actor {
     }
 }
 
-/// One admin change, as kept in the audit tree.
+/// One admin change, as kept in the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: u64,
@@ -82,16 +91,24 @@ pub enum StoreError {
         detail: String,
         errors: Vec<FieldError>,
     },
-    #[error("cannot open the store at {path}: {reason}")]
-    Open { path: PathBuf, reason: String },
-    #[error("store record {key:?} in {tree} is damaged: {reason}")]
-    Damaged {
-        tree: &'static str,
-        key: String,
-        reason: String,
-    },
-    #[error("store I/O failed: {0}")]
-    Sled(#[from] sled::Error),
+    /// The backend could not be reached or did not answer in time: the write may or may
+    /// not have landed (re-read before retrying).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Backend(BackendError),
+}
+
+impl From<BackendError> for StoreError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Unavailable(m) => StoreError::Unavailable(format!(
+                "the store is unavailable: {m}; the change may or may not have been made: \
+                 re-read before retrying"
+            )),
+            other => StoreError::Backend(other),
+        }
+    }
 }
 
 impl StoreError {
@@ -103,45 +120,6 @@ impl StoreError {
     }
 }
 
-/// A file in the store's folder that says the store was set up.
-const MARKER: &str = "ZTP-STORE";
-
-/// The trees, in the order of [`T`].
-const TREES: [&str; 12] = [
-    layout::META,
-    layout::SERVICES,
-    layout::USERS,
-    layout::GROUPS,
-    layout::REVOKED,
-    layout::TOKENS,
-    layout::AUDIT,
-    layout::IDENTITIES,
-    layout::GROUP_REFS,
-    layout::CONN_AUDIT,
-    layout::CONNECTORS,
-    layout::CONNECTOR_REFS,
-];
-
-/// Index of a tree in [`TREES`].
-#[derive(Debug, Clone, Copy)]
-enum T {
-    Meta = 0,
-    Services,
-    Users,
-    Groups,
-    Revoked,
-    Tokens,
-    Audit,
-    Identities,
-    GroupRefs,
-    ConnAudit,
-    Connectors,
-    ConnectorRefs,
-}
-
-/// One write of a transaction: insert (`Some`) or remove (`None`).
-type Op = (T, Vec<u8>, Option<Vec<u8>>);
-
 /// A page of a listing.
 #[derive(Debug, Clone)]
 pub struct Page<V> {
@@ -150,105 +128,336 @@ pub struct Page<V> {
     pub next: Option<String>,
 }
 
-pub struct Store {
-    db: sled::Db,
-    trees: Vec<sled::Tree>,
-    write: Mutex<()>,
-    path: PathBuf,
-    /// The config version, published after each acknowledged change.
-    versions: tokio::sync::watch::Sender<u64>,
-    /// Connection records kept and the next sequence number.
-    conn_audit: std::sync::Mutex<(u64, u64)>,
-    /// Most connection records kept; older ones are dropped.
-    conn_audit_cap: std::sync::atomic::AtomicU64,
-    /// Moves (under the write lock) with every change to services, users, groups or
-    /// connectors: a reader that saw it unchanged needs only the version and the revoked
-    /// serials.
-    config_gen: std::sync::atomic::AtomicU64,
-    /// The configuration in memory with its version, kept in step by every commit
-    /// (`None` until first read, or after a commit that could not be applied to it).
-    config: std::sync::Mutex<Option<ConfigCache>>,
+/// The configuration and the tokens as a backend holds them, at one write sequence.
+#[derive(Default)]
+struct State {
+    /// The write sequence: moved by every commit.
+    seq: u64,
+    /// The config version: moved by every commit that changes the configuration.
+    version: u64,
+    /// Moves with every change to services, users, groups or connectors: a reader that
+    /// saw it unchanged needs only the version and the revoked serials.
+    generation: u64,
+    services: BTreeMap<String, Service>,
+    users: BTreeMap<String, User>,
+    groups: BTreeMap<String, Group>,
+    connectors: BTreeMap<String, Connector>,
+    /// Revoked serials, normalized hex.
+    revoked: BTreeSet<String>,
+    tokens: BTreeMap<String, TokenInfo>,
+    /// Identity key → the user that claims it.
+    identities: HashMap<String, String>,
+    /// A commit's outcome is unknown (the backend failed mid-write, or the writer went
+    /// away during it): read everything again before it is trusted.
+    unsure: bool,
 }
 
-/// Announces a committed version to the config stream when dropped: after the flush, or
-/// when the commit's future is dropped during it.
+fn decode<V: for<'de> Deserialize<'de>>(kind: Kind, key: &str, v: &[u8]) -> Result<V, StoreError> {
+    serde_json::from_slice(v).map_err(|e| {
+        StoreError::Backend(BackendError::Damaged {
+            collection: kind.as_str(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+impl State {
+    fn from_loaded(loaded: Loaded) -> Result<State, StoreError> {
+        let mut st = State::default();
+        let ops: Vec<Op> = loaded
+            .records
+            .into_iter()
+            .map(|(kind, key, value)| Op {
+                kind,
+                key,
+                value: Some(value),
+            })
+            .collect();
+        st.apply(loaded.seq, loaded.version, &ops)?;
+        Ok(st)
+    }
+
+    /// Applies a commit's writes, in order, and the sequence and version it made.
+    fn apply(&mut self, seq: u64, version: u64, ops: &[Op]) -> Result<(), StoreError> {
+        fn put<V: for<'de> Deserialize<'de>>(
+            map: &mut BTreeMap<String, V>,
+            op: &Op,
+        ) -> Result<Option<V>, StoreError> {
+            Ok(match &op.value {
+                Some(v) => map.insert(op.key.clone(), decode(op.kind, &op.key, v)?),
+                None => map.remove(&op.key),
+            })
+        }
+        for op in ops {
+            match op.kind {
+                Kind::Service => drop(put(&mut self.services, op)?),
+                Kind::Group => drop(put(&mut self.groups, op)?),
+                Kind::Connector => drop(put(&mut self.connectors, op)?),
+                Kind::Token => drop(put(&mut self.tokens, op)?),
+                Kind::User => {
+                    if let Some(old) = put(&mut self.users, op)? {
+                        for id in &old.identities {
+                            let k = identity_key(id);
+                            if self.identities.get(&k) == Some(&old.name) {
+                                self.identities.remove(&k);
+                            }
+                        }
+                    }
+                    if let Some(user) = self.users.get(&op.key) {
+                        for id in &user.identities {
+                            self.identities.insert(identity_key(id), user.name.clone());
+                        }
+                    }
+                }
+                Kind::Revoked => {
+                    if op.value.is_some() {
+                        self.revoked.insert(op.key.clone());
+                    } else {
+                        self.revoked.remove(&op.key);
+                    }
+                }
+            }
+        }
+        if ops.iter().any(|op| op.kind.is_config_record()) {
+            self.generation += 1;
+        }
+        self.seq = seq;
+        self.version = version;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: self.version,
+            services: self.services.values().cloned().collect(),
+            users: self.users.values().cloned().collect(),
+            groups: self.groups.values().cloned().collect(),
+            revoked: self.revoked.iter().cloned().collect(),
+            connectors: self.connectors.values().cloned().collect(),
+        }
+    }
+}
+
+/// What a write does: its records, whether it changes the configuration, and its audit
+/// line.
+struct Plan {
+    ops: Vec<Op>,
+    bump: bool,
+    action: String,
+    target: String,
+}
+
+impl Plan {
+    fn config(ops: Vec<Op>, action: &str, target: &str) -> Plan {
+        Plan {
+            ops,
+            bump: true,
+            action: action.to_owned(),
+            target: target.to_owned(),
+        }
+    }
+}
+
+fn put_op<V: Serialize>(kind: Kind, key: &str, v: &V) -> Op {
+    Op {
+        kind,
+        key: key.to_owned(),
+        value: Some(json(v)),
+    }
+}
+
+fn del_op(kind: Kind, key: &str) -> Op {
+    Op {
+        kind,
+        key: key.to_owned(),
+        value: None,
+    }
+}
+
+/// How long a write that lost a race waits for the configuration to catch up, and how
+/// often it tries again, before it reports the store busy.
+const CATCH_UP: Duration = Duration::from_secs(5);
+const MAX_ATTEMPTS: usize = 32;
+
+/// The configuration in memory and what moves it, shared with the task that follows
+/// other instances' commits.
+struct Shared {
+    backend: Arc<dyn Backend>,
+    state: Mutex<State>,
+    /// The write sequence, published as the state moves.
+    seqs: tokio::sync::watch::Sender<u64>,
+    /// The config version, published after each acknowledged change.
+    versions: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    /// The state; a panic while it was held (none is known) leaves it to be read again
+    /// from the backend rather than trusted.
+    fn state(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                guard.unsure = true;
+                self.state.clear_poison();
+                guard
+            }
+        }
+    }
+
+    fn publish(&self, seq: u64, version: u64) {
+        self.seqs
+            .send_if_modified(|s| std::mem::replace(s, seq) != seq);
+        self.versions
+            .send_if_modified(|v| std::mem::replace(v, version) != version);
+    }
+
+    /// Replaces the state with everything the backend holds.
+    async fn reload(&self) -> Result<(), StoreError> {
+        let loaded = self.backend.load().await?;
+        let fresh = State::from_loaded(loaded)?;
+        let (seq, version) = (fresh.seq, fresh.version);
+        {
+            let mut st = self.state();
+            // Generations only grow: a reader that saw one must not see it again for
+            // other records.
+            let generation = st.generation + 1;
+            *st = fresh;
+            st.generation = generation;
+        }
+        self.publish(seq, version);
+        Ok(())
+    }
+
+    /// Applies one update from another instance.
+    async fn update(&self, u: Update) -> Result<(), StoreError> {
+        match u {
+            Update::Commit { seq, version, ops } => {
+                let gap = {
+                    let mut st = self.state();
+                    if seq <= st.seq {
+                        return Ok(());
+                    }
+                    if seq == st.seq + 1 && !st.unsure {
+                        if let Err(e) = st.apply(seq, version, &ops) {
+                            st.unsure = true;
+                            return Err(e);
+                        }
+                        false
+                    } else {
+                        true
+                    }
+                };
+                if gap {
+                    return self.reload().await;
+                }
+                self.publish(seq, version);
+                Ok(())
+            }
+            Update::Reset(loaded) => {
+                if loaded.seq < self.state().seq {
+                    return Ok(());
+                }
+                let fresh = State::from_loaded(loaded)?;
+                let (seq, version) = (fresh.seq, fresh.version);
+                {
+                    let mut st = self.state();
+                    let generation = st.generation + 1;
+                    *st = fresh;
+                    st.generation = generation;
+                }
+                self.publish(seq, version);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Follows other instances' commits for as long as the store lives.
+async fn follow(shared: std::sync::Weak<Shared>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let from = s.state().seq;
+        let stream = s.backend.updates(from).await;
+        drop(s);
+        let mut rx = match stream {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow the store's changes; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        while let Some(u) = rx.recv().await {
+            let Some(s) = shared.upgrade() else { return };
+            let result = match u {
+                Ok(u) => s.update(u).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "lost track of the store's changes; reading it again");
+                if let Err(e) = s.reload().await {
+                    tracing::warn!(error = %e, "cannot read the store");
+                }
+                break;
+            }
+            pause = Duration::from_millis(100);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+pub struct Store {
+    shared: Arc<Shared>,
+    write: tokio::sync::Mutex<()>,
+    follower: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(f) = &self.follower {
+            f.abort();
+        }
+    }
+}
+
+/// Announces a committed version to the config stream when dropped: after the backend
+/// made it durable, or when the commit's future is dropped while it does.
 struct Announce<'a> {
-    versions: &'a tokio::sync::watch::Sender<u64>,
-    version: Option<u64>,
+    shared: &'a Shared,
+    at: (u64, u64),
 }
 
 impl Drop for Announce<'_> {
     fn drop(&mut self) {
-        if let Some(v) = self.version {
-            self.versions.send_replace(v);
-        }
+        self.shared.publish(self.at.0, self.at.1);
     }
 }
 
-/// The configuration's records by their store keys, in the store's order, and the config
-/// version they are at: one state, as a commit left it.
-#[derive(Default)]
-struct ConfigCache {
-    version: u64,
-    services: BTreeMap<Vec<u8>, Service>,
-    users: BTreeMap<Vec<u8>, User>,
-    groups: BTreeMap<Vec<u8>, Group>,
-    connectors: BTreeMap<Vec<u8>, Connector>,
-    /// Revoked serials, normalized hex.
-    revoked: BTreeSet<String>,
-}
+/// Marks the state unsure when dropped armed: a commit whose outcome is unknown.
+struct Unsure<'a>(Option<&'a Shared>);
 
-impl ConfigCache {
-    /// Applies a commit's writes, in order, and the version it made.
-    fn apply(&mut self, ops: &[Op], version: u64) -> Result<(), StoreError> {
-        fn put<V: for<'de> Deserialize<'de>>(
-            map: &mut BTreeMap<Vec<u8>, V>,
-            t: T,
-            k: &[u8],
-            v: &Option<Vec<u8>>,
-        ) -> Result<(), StoreError> {
-            match v {
-                Some(v) => {
-                    map.insert(k.to_vec(), Store::decode(t, k, v)?);
-                }
-                None => {
-                    map.remove(k);
-                }
-            }
-            Ok(())
+impl Drop for Unsure<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0 {
+            s.state().unsure = true;
         }
-        for (t, k, v) in ops {
-            match t {
-                T::Services => put(&mut self.services, *t, k, v)?,
-                T::Users => put(&mut self.users, *t, k, v)?,
-                T::Groups => put(&mut self.groups, *t, k, v)?,
-                T::Connectors => put(&mut self.connectors, *t, k, v)?,
-                T::Revoked => {
-                    let serial = String::from_utf8_lossy(k).into_owned();
-                    if v.is_some() {
-                        self.revoked.insert(serial);
-                    } else {
-                        self.revoked.remove(&serial);
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.version = version;
-        Ok(())
     }
 }
 
 /// A page of `map` after `cursor` (a key).
-fn page_in<V: Clone>(map: &BTreeMap<Vec<u8>, V>, cursor: Option<&str>, limit: usize) -> Page<V> {
-    let start = cursor.map_or(Bound::Unbounded, |c| Bound::Excluded(c.as_bytes()));
-    let entries = map.range::<[u8], _>((start, Bound::Unbounded));
-    page_of(entries.map(|(k, v)| (k.as_slice(), v)), limit)
+fn page_in<V: Clone>(map: &BTreeMap<String, V>, cursor: Option<&str>, limit: usize) -> Page<V> {
+    let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+    let entries = map.range::<str, _>((start, Bound::Unbounded));
+    page_of(entries.map(|(k, v)| (k.as_str(), v)), limit)
 }
 
 /// A page of at most `limit` of `entries` (keys and values, in key order).
 fn page_of<'a, V: Clone + 'a>(
-    mut entries: impl Iterator<Item = (&'a [u8], &'a V)>,
+    mut entries: impl Iterator<Item = (&'a str, &'a V)>,
     limit: usize,
 ) -> Page<V> {
     let mut items = Vec::new();
@@ -260,9 +469,7 @@ fn page_of<'a, V: Clone + 'a>(
     let more = entries.next().is_some();
     Page {
         items,
-        next: last
-            .filter(|_| more)
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        next: last.filter(|_| more).map(str::to_owned),
     }
 }
 
@@ -286,300 +493,154 @@ fn service_key(name: &str) -> Result<String, StoreError> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` and brings its schema up to date. A
+    /// Opens (or creates) the sled store in `dir` and brings its schema up to date. A
     /// damaged store, or one of a newer schema, is refused with a message, never
     /// half-read and never a panic.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let open_err = |reason: String| StoreError::Open {
-            path: dir.to_owned(),
-            reason,
-        };
-        // sled 0.34 can panic on a damaged file instead of returning an error.
-        let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            sled::Config::new()
-                .path(dir)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-        }));
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) if e.to_string().contains("could not acquire lock") => {
-                return Err(open_err(
-                    "another process (a running ztp-control?) holds this store's lock".into(),
-                ))
-            }
-            Ok(Err(e)) => return Err(open_err(e.to_string())),
-            Err(_) => {
-                return Err(open_err(
-                    "the store is damaged (sled panicked reading it)".into(),
-                ))
-            }
-        };
-        // sled treats unreadable log segments as the end of the log, so a damaged store
-        // can open as an empty one. The marker, written once the store was first set up,
-        // tells an empty store from a lost one.
-        let marker = dir.join(MARKER);
-        if marker.exists() {
-            match ztp_migrations::schema_version(&db) {
-                Ok(v) if v > 0 => {}
-                Ok(_) => {
-                    return Err(open_err(format!(
-                        "the store is damaged: {} says it was set up, but it holds no schema; \
-                         restore it from a backup",
-                        marker.display()
-                    )))
-                }
-                Err(e) => return Err(open_err(e.to_string())),
-            }
-        }
-        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| ztp_migrations::run(&db)));
-        match applied {
-            Ok(Ok(a)) if a.from != a.to => {
-                tracing::info!(from = a.from, to = a.to, "store schema upgraded")
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(open_err(e.to_string())),
-            Err(_) => {
-                return Err(open_err(
-                    "the store is damaged (sled panicked reading it)".into(),
-                ))
-            }
-        }
-        if !marker.exists() {
-            std::fs::write(&marker, b"ztp control-plane store\n")
-                .map_err(|e| open_err(format!("cannot write {}: {e}", marker.display())))?;
-        }
-        let trees = TREES
-            .iter()
-            .map(|t| db.open_tree(t))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut store = Store {
-            db,
-            trees,
-            write: Mutex::new(()),
-            path: dir.to_owned(),
-            versions: tokio::sync::watch::Sender::new(0),
-            conn_audit: std::sync::Mutex::new((0, 0)),
-            conn_audit_cap: std::sync::atomic::AtomicU64::new(conn_audit::DEFAULT_CAP),
-            config_gen: std::sync::atomic::AtomicU64::new(0),
-            config: std::sync::Mutex::new(None),
-        };
-        store.init_conn_audit()?;
-        store.versions = tokio::sync::watch::Sender::new(store.version()?);
+        let backend = sled::SledBackend::open(dir)?;
         // Read every record once: a damaged record is found now, not on a request.
-        store.snapshot_unlocked()?;
-        Ok(store)
+        let loaded = backend.load_now()?;
+        Store::with_state(Arc::new(backend), State::from_loaded(loaded)?, false)
+    }
+
+    /// A store on `backend`, read whole; a shared backend is followed for other
+    /// instances' commits (which needs a tokio runtime).
+    pub async fn connect(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
+        let loaded = backend.load().await?;
+        let shared = backend.is_shared();
+        Store::with_state(backend, State::from_loaded(loaded)?, shared)
+    }
+
+    fn with_state(
+        backend: Arc<dyn Backend>,
+        state: State,
+        follow_it: bool,
+    ) -> Result<Store, StoreError> {
+        let (seq, version) = (state.seq, state.version);
+        let shared = Arc::new(Shared {
+            backend,
+            state: Mutex::new(state),
+            seqs: tokio::sync::watch::Sender::new(seq),
+            versions: tokio::sync::watch::Sender::new(version),
+        });
+        let follower = follow_it.then(|| tokio::spawn(follow(Arc::downgrade(&shared))));
+        Ok(Store {
+            shared,
+            write: tokio::sync::Mutex::new(()),
+            follower,
+        })
+    }
+
+    /// The backend's name (`sled`, `etcd`) and where it keeps the records.
+    pub fn describe(&self) -> (&'static str, String) {
+        (self.shared.backend.name(), self.shared.backend.location())
     }
 
     /// The config version now and after every acknowledged change.
     pub fn watch_version(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.versions.subscribe()
-    }
-
-    /// Where the store lives.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn tree(&self, t: T) -> &sled::Tree {
-        &self.trees[t as usize]
-    }
-
-    fn meta_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
-        Ok(self
-            .tree(T::Meta)
-            .get(key)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes))
+        self.shared.versions.subscribe()
     }
 
     /// The current config version.
     pub fn version(&self) -> Result<u64, StoreError> {
-        self.meta_u64(layout::CONFIG_VERSION)
+        Ok(self.shared.state().version)
     }
 
-    fn decode<V: for<'de> Deserialize<'de>>(
-        tree: T,
-        key: &[u8],
-        v: &[u8],
-    ) -> Result<V, StoreError> {
-        serde_json::from_slice(v).map_err(|e| StoreError::Damaged {
-            tree: TREES[tree as usize],
-            key: String::from_utf8_lossy(key).into_owned(),
-            reason: e.to_string(),
-        })
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state()
     }
 
-    fn get<V: for<'de> Deserialize<'de>>(&self, t: T, key: &str) -> Result<Option<V>, StoreError> {
-        match self.tree(t).get(key)? {
-            None => Ok(None),
-            Some(v) => Self::decode(t, key.as_bytes(), &v).map(Some),
-        }
-    }
-
-    fn list<V: for<'de> Deserialize<'de>>(
-        &self,
-        t: T,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<Page<V>, StoreError> {
-        self.page(t, cursor, limit, |k, v| Self::decode(t, k, v))
-    }
-
-    /// A page of `t` after `cursor` (a key), each entry made by `item`.
-    fn page<V>(
-        &self,
-        t: T,
-        cursor: Option<&str>,
-        limit: usize,
-        item: impl Fn(&[u8], &[u8]) -> Result<V, StoreError>,
-    ) -> Result<Page<V>, StoreError> {
-        let start = match cursor {
-            Some(c) => Bound::Excluded(c.as_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut items = Vec::new();
-        let mut last = None;
-        let mut iter = self.tree(t).range::<Vec<u8>, _>((start, Bound::Unbounded));
-        for kv in iter.by_ref().take(limit) {
-            let (k, v) = kv?;
-            items.push(item(&k, &v)?);
-            last = Some(String::from_utf8_lossy(&k).into_owned());
-        }
-        let more = iter.next().is_some();
-        Ok(Page {
-            items,
-            next: if more { last } else { None },
-        })
-    }
-
-    /// Applies `ops` atomically with a version bump (when `bump`) and an audit record,
-    /// then flushes. Returns the config version after the change. The caller holds the
-    /// write lock. `expect` (an `If-Match`) is checked against the version inside the
-    /// same transaction: a write never lands on a version it did not expect.
-    async fn commit(
-        &self,
-        ops: Vec<Op>,
-        bump: bool,
-        expect: Option<u64>,
-        actor: &Actor,
-        action: &str,
-        target: &str,
-    ) -> Result<u64, StoreError> {
-        let time_ms = now_ms();
-        let result = self.trees.as_slice().transaction(|tx| {
-            let meta = &tx[T::Meta as usize];
-            let read = |k: &[u8]| -> Result<u64, ConflictableTransactionError<u64>> {
-                Ok(meta
-                    .get(k)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map_or(0, u64::from_be_bytes))
-            };
-            let mut version = read(layout::CONFIG_VERSION)?;
-            if expect.is_some_and(|want| want != version) {
-                return Err(ConflictableTransactionError::Abort(version));
-            }
-            if bump {
-                version += 1;
-                meta.insert(layout::CONFIG_VERSION, &version.to_be_bytes())?;
-            }
-            for (t, k, v) in &ops {
-                match v {
-                    Some(v) => tx[*t as usize].insert(k.as_slice(), v.as_slice())?,
-                    None => tx[*t as usize].remove(k.as_slice())?,
-                };
-            }
-            let seq = read(layout::AUDIT_SEQ)? + 1;
-            meta.insert(layout::AUDIT_SEQ, &seq.to_be_bytes())?;
-            let record = AuditRecord {
-                seq,
-                time_ms,
-                actor: actor.clone(),
-                action: action.to_owned(),
-                target: target.to_owned(),
-                version,
-            };
-            tx[T::Audit as usize].insert(&seq.to_be_bytes(), json(&record))?;
-            Ok(version)
-        });
-        let version = match result {
-            Ok(v) => v,
-            Err(TransactionError::Storage(e)) => {
-                // Whatever sled kept, the copy in memory is read again from it.
-                *self.config_cache() = None;
-                return Err(e.into());
-            }
-            Err(TransactionError::Abort(current)) => return Err(StoreError::Stale { current }),
-        };
-        if ops
-            .iter()
-            .any(|(t, _, _)| matches!(t, T::Services | T::Users | T::Groups | T::Connectors))
-        {
-            self.config_gen
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        {
-            // Records and version move together: a reader sees this commit whole or not
-            // at all.
-            let mut cache = self.config_cache();
-            if let Some(c) = cache.as_mut() {
-                if let Err(e) = c.apply(&ops, version) {
-                    tracing::warn!(error = %e, "configuration cache dropped; it is read again");
-                    *cache = None;
-                }
-            }
-        }
-        // Acknowledged only once it is on disk. The version is announced to the nodes
-        // even if this future is dropped while flushing (a client that went away): the
-        // change is committed and readable, and sled flushes it in the background.
-        let announce = Announce {
-            versions: &self.versions,
-            version: bump.then_some(version),
-        };
-        self.db.flush_async().await?;
-        drop(announce);
-        Ok(version)
-    }
-
-    /// Refuses a stale `expect` before any work, and before other refusals; [`commit`]
-    /// checks it again inside the write's transaction.
-    ///
-    /// [`commit`]: Store::commit
-    fn check_expected(&self, expect: Option<u64>) -> Result<(), StoreError> {
-        if let Some(want) = expect {
-            let current = self.version()?;
-            if current != want {
-                return Err(StoreError::Stale { current });
-            }
+    /// Reads everything again if a commit's outcome is unknown; the caller holds the
+    /// write lock.
+    async fn settle(&self) -> Result<(), StoreError> {
+        if self.state().unsure {
+            self.shared.reload().await?;
         }
         Ok(())
     }
 
-    fn check_groups_exist(&self, groups: &[String]) -> Result<(), StoreError> {
-        let errors: Vec<FieldError> = groups
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| !matches!(self.tree(T::Groups).contains_key(g.as_str()), Ok(true)))
-            .map(|(k, g)| FieldError {
-                field: format!("groups[{k}]"),
-                message: format!("unknown group {g:?}"),
-            })
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(StoreError::Invalid(Invalid(errors)))
+    /// Decides and commits one write: `plan` runs on the configuration in memory, after
+    /// the `If-Match` check, and again if another instance's commit landed first.
+    /// Returns the config version after the change.
+    async fn write(
+        &self,
+        expect: Option<u64>,
+        actor: &Actor,
+        plan: impl Fn(&State) -> Result<Plan, StoreError>,
+    ) -> Result<u64, StoreError> {
+        let _w = self.write.lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            self.settle().await?;
+            let commit = {
+                let st = self.state();
+                if let Some(want) = expect {
+                    if want != st.version {
+                        return Err(StoreError::Stale {
+                            current: st.version,
+                        });
+                    }
+                }
+                let plan = plan(&st)?;
+                let version = st.version + u64::from(plan.bump);
+                Commit {
+                    expect_seq: st.seq,
+                    version,
+                    bump: plan.bump,
+                    audit: AuditRecord {
+                        seq: st.seq + 1,
+                        time_ms: now_ms(),
+                        actor: actor.clone(),
+                        action: plan.action,
+                        target: plan.target,
+                        version,
+                    },
+                    ops: plan.ops,
+                }
+            };
+            let mut unsure = Unsure(Some(&self.shared));
+            match self.shared.backend.commit(commit.clone()).await {
+                Ok(()) => {
+                    unsure.0 = None;
+                    let (seq, version) = (commit.seq(), commit.version);
+                    {
+                        let mut st = self.state();
+                        if st.seq < seq {
+                            if let Err(e) = st.apply(seq, version, &commit.ops) {
+                                tracing::warn!(error = %e, "configuration in memory dropped; it is read again");
+                                st.unsure = true;
+                            }
+                        }
+                    }
+                    // Acknowledged only once durable. The version is announced to the
+                    // nodes even if this future is dropped meanwhile (a client that went
+                    // away): the change is committed and readable.
+                    let announce = Announce {
+                        shared: &self.shared,
+                        at: (seq, version),
+                    };
+                    self.shared.backend.sync().await?;
+                    drop(announce);
+                    return Ok(version);
+                }
+                Err(BackendError::Moved) => {
+                    unsure.0 = None;
+                    self.catch_up(commit.expect_seq).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(StoreError::Unavailable(
+            "the store is busy with other writers; retry".into(),
+        ))
     }
 
-    /// A service may name only a registered connector (400 naming `connector`).
-    fn check_connector_exists(&self, connector: Option<&str>) -> Result<(), StoreError> {
-        match connector {
-            Some(c) if !self.tree(T::Connectors).contains_key(c)? => Err(StoreError::invalid(
-                "connector",
-                format!("unknown connector {c:?}"),
-            )),
-            _ => Ok(()),
+    /// Waits until the configuration in memory is past `seq` (another instance's
+    /// commit); when it does not come in time, reads everything again.
+    async fn catch_up(&self, seq: u64) {
+        let mut seqs = self.shared.seqs.subscribe();
+        let moved = tokio::time::timeout(CATCH_UP, seqs.wait_for(|s| *s > seq)).await;
+        if !matches!(moved, Ok(Ok(_))) {
+            self.state().unsure = true;
         }
     }
 
@@ -593,13 +654,8 @@ impl Store {
             name: name.into(),
         };
         let key = service_key(name).map_err(|_| not_found())?;
-        self.read_config(|c| {
-            c.services
-                .get(key.as_bytes())
-                .cloned()
-                .ok_or_else(not_found)
-        })
-        .await
+        self.read_config(|c| c.services.get(&key).cloned().ok_or_else(not_found))
+            .await
     }
 
     /// A page of services after `cursor`, and the config version it is at.
@@ -610,19 +666,6 @@ impl Store {
     ) -> Result<(Page<Service>, u64), StoreError> {
         self.read_config(|c| Ok(page_in(&c.services, cursor, limit)))
             .await
-    }
-
-    /// A service as sled holds it, for a write (which holds the write lock).
-    fn get_service(&self, name: &str) -> Result<Service, StoreError> {
-        let key = service_key(name).map_err(|_| StoreError::NotFound {
-            kind: "service",
-            name: name.into(),
-        })?;
-        self.get(T::Services, &key)?
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "service",
-                name: name.into(),
-            })
     }
 
     /// Creates (`create`) or replaces a service. Replacing one that does not exist is
@@ -636,24 +679,22 @@ impl Store {
     ) -> Result<u64, StoreError> {
         svc.validate().map_err(StoreError::Invalid)?;
         let key = service_key(&svc.name)?;
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        let old: Option<Service> = self.get(T::Services, &key)?;
-        check_presence("service", &svc.name, old.is_some(), create)?;
-        self.check_groups_exist(&svc.groups)?;
-        self.check_connector_exists(svc.connector.as_deref())?;
-        let mut ops: Vec<Op> = Vec::new();
-        if let Some(old) = &old {
-            ops.extend(service_index_ops(old, &key, false));
-        }
-        ops.extend(service_index_ops(&svc, &key, true));
-        ops.push((T::Services, key.clone().into_bytes(), Some(json(&svc))));
-        let action = if create {
-            "service.create"
-        } else {
-            "service.replace"
-        };
-        self.commit(ops, true, expect, actor, action, &key).await
+        self.write(expect, actor, |st| {
+            check_presence("service", &svc.name, st.services.contains_key(&key), create)?;
+            check_groups_exist(st, &svc.groups)?;
+            check_connector_exists(st, svc.connector.as_deref())?;
+            let action = if create {
+                "service.create"
+            } else {
+                "service.replace"
+            };
+            Ok(Plan::config(
+                vec![put_op(Kind::Service, &key, &svc)],
+                action,
+                &key,
+            ))
+        })
+        .await
     }
 
     pub async fn delete_service(
@@ -662,14 +703,22 @@ impl Store {
         expect: Option<u64>,
         actor: &Actor,
     ) -> Result<u64, StoreError> {
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        let old = self.get_service(name)?;
-        let key = service_key(&old.name)?;
-        let mut ops = service_index_ops(&old, &key, false);
-        ops.push((T::Services, key.clone().into_bytes(), None));
-        self.commit(ops, true, expect, actor, "service.delete", &key)
-            .await
+        let not_found = || StoreError::NotFound {
+            kind: "service",
+            name: name.into(),
+        };
+        self.write(expect, actor, |st| {
+            let key = service_key(name).map_err(|_| not_found())?;
+            if !st.services.contains_key(&key) {
+                return Err(not_found());
+            }
+            Ok(Plan::config(
+                vec![del_op(Kind::Service, &key)],
+                "service.delete",
+                &key,
+            ))
+        })
+        .await
     }
 
     // ----- users -----
@@ -678,7 +727,7 @@ impl Store {
     pub async fn user(&self, name: &str) -> Result<(User, u64), StoreError> {
         self.read_config(|c| {
             c.users
-                .get(name.as_bytes())
+                .get(name)
                 .cloned()
                 .ok_or_else(|| StoreError::NotFound {
                     kind: "user",
@@ -698,15 +747,6 @@ impl Store {
             .await
     }
 
-    /// A user as sled holds it, for a write (which holds the write lock).
-    fn get_user(&self, name: &str) -> Result<User, StoreError> {
-        self.get(T::Users, name)?
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "user",
-                name: name.into(),
-            })
-    }
-
     /// Creates or replaces a user; its identities must not be claimed by another user.
     pub async fn put_user(
         &self,
@@ -716,44 +756,44 @@ impl Store {
         actor: &Actor,
     ) -> Result<u64, StoreError> {
         user.validate().map_err(StoreError::Invalid)?;
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        let old: Option<User> = self.get(T::Users, &user.name)?;
-        check_presence("user", &user.name, old.is_some(), create)?;
-        self.check_groups_exist(&user.groups)?;
-        let mut conflicts = Vec::new();
-        for (k, id) in user.identities.iter().enumerate() {
-            if let Some(owner) = self.tree(T::Identities).get(identity_key(id))? {
-                if owner.as_ref() != user.name.as_bytes() {
-                    conflicts.push(FieldError {
+        self.write(expect, actor, |st| {
+            check_presence(
+                "user",
+                &user.name,
+                st.users.contains_key(&user.name),
+                create,
+            )?;
+            check_groups_exist(st, &user.groups)?;
+            let conflicts: Vec<FieldError> = user
+                .identities
+                .iter()
+                .enumerate()
+                .filter_map(|(k, id)| {
+                    let owner = st.identities.get(&identity_key(id))?;
+                    (owner != &user.name).then(|| FieldError {
                         field: format!("identities[{k}]"),
-                        message: format!(
-                            "identity {id:?} is already claimed by user {:?}",
-                            String::from_utf8_lossy(&owner)
-                        ),
-                    });
-                }
+                        message: format!("identity {id:?} is already claimed by user {owner:?}"),
+                    })
+                })
+                .collect();
+            if !conflicts.is_empty() {
+                return Err(StoreError::Conflict {
+                    detail: "an identity maps to at most one user".into(),
+                    errors: conflicts,
+                });
             }
-        }
-        if !conflicts.is_empty() {
-            return Err(StoreError::Conflict {
-                detail: "an identity maps to at most one user".into(),
-                errors: conflicts,
-            });
-        }
-        let mut ops = Vec::new();
-        if let Some(old) = &old {
-            ops.extend(user_index_ops(old, false));
-        }
-        ops.extend(user_index_ops(&user, true));
-        ops.push((T::Users, user.name.clone().into_bytes(), Some(json(&user))));
-        let action = if create {
-            "user.create"
-        } else {
-            "user.replace"
-        };
-        self.commit(ops, true, expect, actor, action, &user.name)
-            .await
+            let action = if create {
+                "user.create"
+            } else {
+                "user.replace"
+            };
+            Ok(Plan::config(
+                vec![put_op(Kind::User, &user.name, &user)],
+                action,
+                &user.name,
+            ))
+        })
+        .await
     }
 
     pub async fn delete_user(
@@ -762,13 +802,20 @@ impl Store {
         expect: Option<u64>,
         actor: &Actor,
     ) -> Result<u64, StoreError> {
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        let old = self.get_user(name)?;
-        let mut ops = user_index_ops(&old, false);
-        ops.push((T::Users, name.as_bytes().to_vec(), None));
-        self.commit(ops, true, expect, actor, "user.delete", name)
-            .await
+        self.write(expect, actor, |st| {
+            if !st.users.contains_key(name) {
+                return Err(StoreError::NotFound {
+                    kind: "user",
+                    name: name.into(),
+                });
+            }
+            Ok(Plan::config(
+                vec![del_op(Kind::User, name)],
+                "user.delete",
+                name,
+            ))
+        })
+        .await
     }
 
     // ----- groups -----
@@ -777,7 +824,7 @@ impl Store {
     pub async fn group(&self, name: &str) -> Result<(Group, u64), StoreError> {
         self.read_config(|c| {
             c.groups
-                .get(name.as_bytes())
+                .get(name)
                 .cloned()
                 .ok_or_else(|| StoreError::NotFound {
                     kind: "group",
@@ -797,15 +844,6 @@ impl Store {
             .await
     }
 
-    /// A group as sled holds it, for a write (which holds the write lock).
-    fn get_group(&self, name: &str) -> Result<Group, StoreError> {
-        self.get(T::Groups, name)?
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "group",
-                name: name.into(),
-            })
-    }
-
     pub async fn create_group(
         &self,
         group: Group,
@@ -813,21 +851,20 @@ impl Store {
         actor: &Actor,
     ) -> Result<u64, StoreError> {
         group.validate().map_err(StoreError::Invalid)?;
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        if self.tree(T::Groups).contains_key(&group.name)? {
-            return Err(StoreError::Exists {
-                kind: "group",
-                name: group.name,
-            });
-        }
-        let ops = vec![(
-            T::Groups,
-            group.name.clone().into_bytes(),
-            Some(json(&group)),
-        )];
-        self.commit(ops, true, expect, actor, "group.create", &group.name)
-            .await
+        self.write(expect, actor, |st| {
+            if st.groups.contains_key(&group.name) {
+                return Err(StoreError::Exists {
+                    kind: "group",
+                    name: group.name.clone(),
+                });
+            }
+            Ok(Plan::config(
+                vec![put_op(Kind::Group, &group.name, &group)],
+                "group.create",
+                &group.name,
+            ))
+        })
+        .await
     }
 
     /// Replaces a group: a group is only its name, so this checks that it exists and
@@ -839,16 +876,20 @@ impl Store {
         actor: &Actor,
     ) -> Result<u64, StoreError> {
         group.validate().map_err(StoreError::Invalid)?;
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        self.get_group(&group.name)?;
-        let ops = vec![(
-            T::Groups,
-            group.name.clone().into_bytes(),
-            Some(json(&group)),
-        )];
-        self.commit(ops, true, expect, actor, "group.replace", &group.name)
-            .await
+        self.write(expect, actor, |st| {
+            if !st.groups.contains_key(&group.name) {
+                return Err(StoreError::NotFound {
+                    kind: "group",
+                    name: group.name.clone(),
+                });
+            }
+            Ok(Plan::config(
+                vec![put_op(Kind::Group, &group.name, &group)],
+                "group.replace",
+                &group.name,
+            ))
+        })
+        .await
     }
 
     /// Deletes a group. In use, it is refused unless `cascade`, which removes it from
@@ -861,80 +902,73 @@ impl Store {
         expect: Option<u64>,
         actor: &Actor,
     ) -> Result<u64, StoreError> {
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        self.get_group(name)?;
-        let mut referrers: Vec<(u8, String)> = Vec::new();
-        for kv in self
-            .tree(T::GroupRefs)
-            .scan_prefix(layout::group_ref_prefix(name))
-        {
-            let (k, _) = kv?;
-            let rest = &k[name.len() + 1..];
-            if rest.len() >= 2 {
-                referrers.push((rest[0], String::from_utf8_lossy(&rest[2..]).into_owned()));
+        self.write(expect, actor, |st| {
+            if !st.groups.contains_key(name) {
+                return Err(StoreError::NotFound {
+                    kind: "group",
+                    name: name.into(),
+                });
             }
-        }
-        let describe = |(kind, n): &(u8, String)| FieldError {
-            field: if *kind == layout::REF_SERVICE {
-                format!("services/{n}")
-            } else {
-                format!("users/{n}")
-            },
-            message: format!("refers to group {name:?}"),
-        };
-        if !referrers.is_empty() && !cascade {
-            return Err(StoreError::Conflict {
-                detail: format!(
-                    "group {name:?} is in use; remove the references or delete with cascade=true"
-                ),
-                errors: referrers.iter().map(describe).collect(),
-            });
-        }
-        let mut ops: Vec<Op> = Vec::new();
-        let mut widening = Vec::new();
-        for (kind, n) in &referrers {
-            ops.push((T::GroupRefs, layout::group_ref(name, *kind, n), None));
-            if *kind == layout::REF_SERVICE {
-                let mut svc: Service =
-                    self.get(T::Services, n)?
-                        .ok_or_else(|| StoreError::Damaged {
-                            tree: layout::GROUP_REFS,
-                            key: n.clone(),
-                            reason: "refers to a missing service".into(),
-                        })?;
+            let names = |groups: &[String]| groups.iter().any(|g| g == name);
+            let services: Vec<(&String, &Service)> = st
+                .services
+                .iter()
+                .filter(|(_, s)| names(&s.groups))
+                .collect();
+            let users: Vec<&User> = st.users.values().filter(|u| names(&u.groups)).collect();
+            let refers = |field: String| FieldError {
+                field,
+                message: format!("refers to group {name:?}"),
+            };
+            let in_use = !(services.is_empty() && users.is_empty());
+            if in_use && !cascade {
+                return Err(StoreError::Conflict {
+                    detail: format!(
+                        "group {name:?} is in use; remove the references or delete with \
+                         cascade=true"
+                    ),
+                    errors: services
+                        .iter()
+                        .map(|(k, _)| refers(format!("services/{k}")))
+                        .chain(users.iter().map(|u| refers(format!("users/{}", u.name))))
+                        .collect(),
+                });
+            }
+            let mut ops = Vec::new();
+            let mut widening = Vec::new();
+            for (key, svc) in &services {
+                let mut svc = (*svc).clone();
                 svc.groups.retain(|g| g != name);
                 if svc.groups.is_empty() {
                     widening.push(FieldError {
-                        field: format!("services/{n}"),
-                        message: "would be left with no groups (open to every user); change its groups first"
+                        field: format!("services/{key}"),
+                        message: "would be left with no groups (open to every user); change \
+                                  its groups first"
                             .into(),
                     });
                 }
-                ops.push((T::Services, n.clone().into_bytes(), Some(json(&svc))));
-            } else {
-                let mut user: User = self.get(T::Users, n)?.ok_or_else(|| StoreError::Damaged {
-                    tree: layout::GROUP_REFS,
-                    key: n.clone(),
-                    reason: "refers to a missing user".into(),
-                })?;
-                user.groups.retain(|g| g != name);
-                ops.push((T::Users, n.clone().into_bytes(), Some(json(&user))));
+                ops.push(put_op(Kind::Service, key, &svc));
             }
-        }
-        if !widening.is_empty() {
-            return Err(StoreError::Conflict {
-                detail: format!("deleting group {name:?} would widen access"),
-                errors: widening,
-            });
-        }
-        ops.push((T::Groups, name.as_bytes().to_vec(), None));
-        let action = if cascade && !referrers.is_empty() {
-            "group.delete.cascade"
-        } else {
-            "group.delete"
-        };
-        self.commit(ops, true, expect, actor, action, name).await
+            if !widening.is_empty() {
+                return Err(StoreError::Conflict {
+                    detail: format!("deleting group {name:?} would widen access"),
+                    errors: widening,
+                });
+            }
+            for u in &users {
+                let mut user = (*u).clone();
+                user.groups.retain(|g| g != name);
+                ops.push(put_op(Kind::User, &user.name, &user));
+            }
+            let action = if ops.is_empty() {
+                "group.delete"
+            } else {
+                "group.delete.cascade"
+            };
+            ops.push(del_op(Kind::Group, name));
+            Ok(Plan::config(ops, action, name))
+        })
+        .await
     }
 
     // ----- connectors -----
@@ -943,7 +977,7 @@ impl Store {
     pub async fn connector(&self, name: &str) -> Result<(Connector, u64), StoreError> {
         self.read_config(|c| {
             c.connectors
-                .get(name.as_bytes())
+                .get(name)
                 .cloned()
                 .ok_or_else(|| StoreError::NotFound {
                     kind: "connector",
@@ -974,22 +1008,21 @@ impl Store {
         actor: &Actor,
     ) -> Result<u64, StoreError> {
         connector.validate().map_err(StoreError::Invalid)?;
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        let exists = self.tree(T::Connectors).contains_key(&connector.name)?;
-        check_presence("connector", &connector.name, exists, create)?;
-        let ops = vec![(
-            T::Connectors,
-            connector.name.clone().into_bytes(),
-            Some(json(&connector)),
-        )];
-        let action = if create {
-            "connector.create"
-        } else {
-            "connector.replace"
-        };
-        self.commit(ops, true, expect, actor, action, &connector.name)
-            .await
+        self.write(expect, actor, |st| {
+            let exists = st.connectors.contains_key(&connector.name);
+            check_presence("connector", &connector.name, exists, create)?;
+            let action = if create {
+                "connector.create"
+            } else {
+                "connector.replace"
+            };
+            Ok(Plan::config(
+                vec![put_op(Kind::Connector, &connector.name, &connector)],
+                action,
+                &connector.name,
+            ))
+        })
+        .await
     }
 
     /// Deletes a connector. One that a service names is refused (409 naming the
@@ -1002,48 +1035,49 @@ impl Store {
         expect: Option<u64>,
         actor: &Actor,
     ) -> Result<u64, StoreError> {
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        if !self.tree(T::Connectors).contains_key(name)? {
-            return Err(StoreError::NotFound {
-                kind: "connector",
-                name: name.into(),
-            });
-        }
-        let prefix = layout::connector_ref_prefix(name);
-        let mut errors = Vec::new();
-        for kv in self.tree(T::ConnectorRefs).scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let service = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            errors.push(FieldError {
-                field: format!("services/{service}"),
-                message: format!(
-                    "is served through connector {name:?}; remove the service, or change its \
-                     connector, first"
-                ),
-            });
-        }
-        if !errors.is_empty() {
-            return Err(StoreError::Conflict {
-                detail: format!(
-                    "connector {name:?} serves {} service(s); remove them, or change their \
-                     connector, first",
-                    errors.len()
-                ),
-                errors,
-            });
-        }
-        let ops: Vec<Op> = vec![(T::Connectors, name.as_bytes().to_vec(), None)];
-        self.commit(ops, true, expect, actor, "connector.delete", name)
-            .await
+        self.write(expect, actor, |st| {
+            if !st.connectors.contains_key(name) {
+                return Err(StoreError::NotFound {
+                    kind: "connector",
+                    name: name.into(),
+                });
+            }
+            let errors: Vec<FieldError> = st
+                .services
+                .iter()
+                .filter(|(_, s)| s.connector.as_deref() == Some(name))
+                .map(|(key, _)| FieldError {
+                    field: format!("services/{key}"),
+                    message: format!(
+                        "is served through connector {name:?}; remove the service, or change \
+                         its connector, first"
+                    ),
+                })
+                .collect();
+            if !errors.is_empty() {
+                return Err(StoreError::Conflict {
+                    detail: format!(
+                        "connector {name:?} serves {} service(s); remove them, or change their \
+                         connector, first",
+                        errors.len()
+                    ),
+                    errors,
+                });
+            }
+            Ok(Plan::config(
+                vec![del_op(Kind::Connector, name)],
+                "connector.delete",
+                name,
+            ))
+        })
+        .await
     }
 
     // ----- whole configuration -----
 
     /// The whole configuration as one snapshot, at one version.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let _w = self.write.lock().await;
-        self.snapshot_unlocked()
+        Ok(self.read_config(|c| Ok(c.snapshot())).await?.0)
     }
 
     /// The configuration at one version, for a reader that last read its services,
@@ -1055,116 +1089,39 @@ impl Store {
         &self,
         seen: Option<u64>,
     ) -> Result<(Snapshot, u64, bool), StoreError> {
-        let _w = self.write.lock().await;
-        let generation = self.config_gen.load(std::sync::atomic::Ordering::SeqCst);
-        if seen == Some(generation) {
-            let snap = Snapshot {
-                version: self.version()?,
-                services: vec![],
-                users: vec![],
-                groups: vec![],
-                revoked: self.revoked_unlocked()?,
-                connectors: vec![],
-            };
-            return Ok((snap, generation, false));
-        }
-        Ok((self.snapshot_unlocked()?, generation, true))
-    }
-
-    fn revoked_unlocked(&self) -> Result<Vec<String>, StoreError> {
-        self.tree(T::Revoked)
-            .iter()
-            .keys()
-            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
-            .collect()
-    }
-
-    /// The whole configuration; the caller holds the write lock (or opens the store).
-    fn snapshot_unlocked(&self) -> Result<Snapshot, StoreError> {
-        let mut cache = self.config_cache();
-        let c = self.filled(&mut cache)?;
-        Ok(Snapshot {
-            version: c.version,
-            services: c.services.values().cloned().collect(),
-            users: c.users.values().cloned().collect(),
-            groups: c.groups.values().cloned().collect(),
-            revoked: c.revoked.iter().cloned().collect(),
-            connectors: c.connectors.values().cloned().collect(),
-        })
-    }
-
-    /// The configuration in memory, read from sled first if it is not there; the caller
-    /// holds the write lock (or opens the store), so that no commit is under way.
-    fn filled<'a>(
-        &self,
-        cache: &'a mut Option<ConfigCache>,
-    ) -> Result<&'a ConfigCache, StoreError> {
-        let c = match cache.take() {
-            Some(c) => c,
-            None => self.config_from_disk()?,
-        };
-        Ok(cache.insert(c))
+        let (answer, _) = self
+            .read_config(|c| {
+                Ok(if seen == Some(c.generation) {
+                    let snap = Snapshot {
+                        version: c.version,
+                        services: vec![],
+                        users: vec![],
+                        groups: vec![],
+                        revoked: c.revoked.iter().cloned().collect(),
+                        connectors: vec![],
+                    };
+                    (snap, c.generation, false)
+                } else {
+                    (c.snapshot(), c.generation, true)
+                })
+            })
+            .await?;
+        Ok(answer)
     }
 
     /// Runs `read` on the configuration in memory; returns its answer and the version
-    /// that configuration is at, both from one state (a commit updates them together).
-    /// Waits for no write, unless the configuration must be read from sled again.
+    /// that configuration is at, both from one state. Waits for no write, unless the
+    /// configuration must be read from the backend again.
     async fn read_config<R>(
         &self,
-        read: impl FnOnce(&ConfigCache) -> Result<R, StoreError>,
+        read: impl FnOnce(&State) -> Result<R, StoreError>,
     ) -> Result<(R, u64), StoreError> {
-        {
-            let cache = self.config_cache();
-            if let Some(c) = cache.as_ref() {
-                return Ok((read(c)?, c.version));
-            }
+        if self.state().unsure {
+            let _w = self.write.lock().await;
+            self.settle().await?;
         }
-        // Dropped after a commit that could not be applied to it: read it again from
-        // sled, with no commit under way.
-        let _w = self.write.lock().await;
-        let mut cache = self.config_cache();
-        let c = self.filled(&mut cache)?;
-        Ok((read(c)?, c.version))
-    }
-
-    /// The in-memory configuration; a panic while it was held (none is known) leaves it
-    /// to be read again from sled rather than trusted.
-    fn config_cache(&self) -> std::sync::MutexGuard<'_, Option<ConfigCache>> {
-        match self.config.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => {
-                let mut guard = poisoned.into_inner();
-                *guard = None;
-                self.config.clear_poison();
-                guard
-            }
-        }
-    }
-
-    /// The configuration as sled holds it; the caller holds the write lock (or opens the
-    /// store), so that it is one version's.
-    fn config_from_disk(&self) -> Result<ConfigCache, StoreError> {
-        fn all<V: for<'de> Deserialize<'de>>(
-            store: &Store,
-            t: T,
-        ) -> Result<BTreeMap<Vec<u8>, V>, StoreError> {
-            store
-                .tree(t)
-                .iter()
-                .map(|kv| {
-                    let (k, v) = kv?;
-                    Ok((k.to_vec(), Store::decode(t, &k, &v)?))
-                })
-                .collect()
-        }
-        Ok(ConfigCache {
-            version: self.version()?,
-            services: all(self, T::Services)?,
-            users: all(self, T::Users)?,
-            groups: all(self, T::Groups)?,
-            connectors: all(self, T::Connectors)?,
-            revoked: self.revoked_unlocked()?.into_iter().collect(),
-        })
+        let st = self.state();
+        Ok((read(&st)?, st.version))
     }
 
     /// Replaces the whole configuration with `snap` as one new version (its own
@@ -1176,46 +1133,30 @@ impl Store {
         actor: &Actor,
     ) -> Result<u64, StoreError> {
         snap.validate().map_err(StoreError::Invalid)?;
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        let mut ops: Vec<Op> = Vec::new();
-        for t in [
-            T::Services,
-            T::Users,
-            T::Groups,
-            T::Revoked,
-            T::Identities,
-            T::GroupRefs,
-            T::Connectors,
-            T::ConnectorRefs,
-        ] {
-            for k in self.tree(t).iter().keys() {
-                ops.push((t, k?.to_vec(), None));
-            }
-        }
-        // Later inserts of the same key win over the removals above.
-        for g in &snap.groups {
-            ops.push((T::Groups, g.name.clone().into_bytes(), Some(json(g))));
-        }
-        for c in &snap.connectors {
-            ops.push((T::Connectors, c.name.clone().into_bytes(), Some(json(c))));
-        }
-        for s in &snap.services {
-            let key = service_key(&s.name)?;
-            ops.extend(service_index_ops(s, &key, true));
-            ops.push((T::Services, key.into_bytes(), Some(json(s))));
-        }
-        for u in &snap.users {
-            ops.extend(user_index_ops(u, true));
-            ops.push((T::Users, u.name.clone().into_bytes(), Some(json(u))));
-        }
         let mut serials = BTreeSet::new();
         for r in &snap.revoked {
             let s = Serial::parse_hex(r).map_err(|e| StoreError::invalid("revoked", e))?;
             serials.insert(s.to_string());
         }
-        for s in serials {
-            ops.push((T::Revoked, s.into_bytes(), Some(vec![])));
+        let mut new: Vec<Op> = Vec::new();
+        for g in &snap.groups {
+            new.push(put_op(Kind::Group, &g.name, g));
+        }
+        for c in &snap.connectors {
+            new.push(put_op(Kind::Connector, &c.name, c));
+        }
+        for s in &snap.services {
+            new.push(put_op(Kind::Service, &service_key(&s.name)?, s));
+        }
+        for u in &snap.users {
+            new.push(put_op(Kind::User, &u.name, u));
+        }
+        for s in &serials {
+            new.push(Op {
+                kind: Kind::Revoked,
+                key: s.clone(),
+                value: Some(vec![]),
+            });
         }
         let target = format!(
             "{} services, {} users, {} groups, {} connectors",
@@ -1224,8 +1165,27 @@ impl Store {
             snap.groups.len(),
             snap.connectors.len()
         );
-        self.commit(ops, true, expect, actor, "import", &target)
-            .await
+        self.write(expect, actor, |st| {
+            // Removals of what the import does not keep, then its records.
+            let keep: BTreeSet<(Kind, &str)> =
+                new.iter().map(|o| (o.kind, o.key.as_str())).collect();
+            let mut ops: Vec<Op> = Vec::new();
+            let gone = |kind: Kind, keys: &mut dyn Iterator<Item = &String>, ops: &mut Vec<Op>| {
+                for k in keys {
+                    if !keep.contains(&(kind, k.as_str())) {
+                        ops.push(del_op(kind, k));
+                    }
+                }
+            };
+            gone(Kind::Service, &mut st.services.keys(), &mut ops);
+            gone(Kind::User, &mut st.users.keys(), &mut ops);
+            gone(Kind::Group, &mut st.groups.keys(), &mut ops);
+            gone(Kind::Connector, &mut st.connectors.keys(), &mut ops);
+            gone(Kind::Revoked, &mut st.revoked.iter(), &mut ops);
+            ops.extend(new.iter().cloned());
+            Ok(Plan::config(ops, "import", &target))
+        })
+        .await
     }
 
     // ----- revoked certificates -----
@@ -1240,7 +1200,7 @@ impl Store {
         self.read_config(|c| {
             let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
             let entries = c.revoked.range::<str, _>((start, Bound::Unbounded));
-            Ok(page_of(entries.map(|s| (s.as_bytes(), s)), limit))
+            Ok(page_of(entries.map(|s| (s.as_str(), s)), limit))
         })
         .await
     }
@@ -1275,15 +1235,19 @@ impl Store {
                 "at least one serial is needed",
             ));
         }
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
         let target = parsed.iter().cloned().collect::<Vec<_>>().join(",");
-        let ops: Vec<Op> = parsed
-            .into_iter()
-            .map(|s| (T::Revoked, s.into_bytes(), Some(vec![])))
-            .collect();
-        self.commit(ops, true, expect, actor, "revoke", &target)
-            .await
+        self.write(expect, actor, |_| {
+            let ops = parsed
+                .iter()
+                .map(|s| Op {
+                    kind: Kind::Revoked,
+                    key: s.clone(),
+                    value: Some(vec![]),
+                })
+                .collect();
+            Ok(Plan::config(ops, "revoke", &target))
+        })
+        .await
     }
 
     /// Lifts a revocation (for mistakes).
@@ -1296,16 +1260,20 @@ impl Store {
         let s = Serial::parse_hex(serial)
             .map_err(|e| StoreError::invalid("serial", e))?
             .to_string();
-        let _w = self.write.lock().await;
-        self.check_expected(expect)?;
-        if !self.tree(T::Revoked).contains_key(&s)? {
-            return Err(StoreError::NotFound {
-                kind: "revoked serial",
-                name: s,
-            });
-        }
-        let ops: Vec<Op> = vec![(T::Revoked, s.clone().into_bytes(), None)];
-        self.commit(ops, true, expect, actor, "unrevoke", &s).await
+        self.write(expect, actor, |st| {
+            if !st.revoked.contains(&s) {
+                return Err(StoreError::NotFound {
+                    kind: "revoked serial",
+                    name: s.clone(),
+                });
+            }
+            Ok(Plan::config(
+                vec![del_op(Kind::Revoked, &s)],
+                "unrevoke",
+                &s,
+            ))
+        })
+        .await
     }
 
     /// Audits an admin action that changes nothing in the store (the node registry is
@@ -1316,23 +1284,44 @@ impl Store {
         action: &str,
         target: &str,
     ) -> Result<(), StoreError> {
-        let _w = self.write.lock().await;
-        self.commit(vec![], false, None, actor, action, target)
-            .await?;
+        self.write(None, actor, |_| {
+            Ok(Plan {
+                ops: vec![],
+                bump: false,
+                action: action.to_owned(),
+                target: target.to_owned(),
+            })
+        })
+        .await?;
         Ok(())
     }
 
     /// The newest admin audit records, newest first.
-    pub fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        self.tree(T::Audit)
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Self::decode(T::Audit, &k, &v)
-            })
-            .collect()
+    pub async fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(self.shared.backend.audit(limit).await?)
+    }
+
+    // ----- connection audit -----
+
+    /// Sets how many connection records are kept.
+    pub fn set_conn_audit_cap(&self, cap: u64) {
+        self.shared.backend.set_conn_audit_cap(cap);
+    }
+
+    /// Appends connection records, dropping the oldest beyond the retention.
+    pub async fn append_connections(
+        &self,
+        records: Vec<ConnectionRecord>,
+    ) -> Result<(), StoreError> {
+        Ok(self.shared.backend.append_connections(records).await?)
+    }
+
+    /// Connection records matching `q`, newest first.
+    pub async fn query_connections(
+        &self,
+        q: AuditQuery,
+    ) -> Result<Vec<ConnectionRecord>, StoreError> {
+        Ok(self.shared.backend.query_connections(q).await?)
     }
 }
 
@@ -1356,45 +1345,32 @@ fn check_presence(
     }
 }
 
-/// Index entries of a service stored under `key`: its group references and its
-/// connector's.
-fn service_index_ops(svc: &Service, key: &str, insert: bool) -> Vec<Op> {
-    let mut ops: Vec<Op> = svc
-        .groups
+fn check_groups_exist(st: &State, groups: &[String]) -> Result<(), StoreError> {
+    let errors: Vec<FieldError> = groups
         .iter()
-        .map(|g| {
-            (
-                T::GroupRefs,
-                layout::group_ref(g, layout::REF_SERVICE, key),
-                insert.then(Vec::new),
-            )
+        .enumerate()
+        .filter(|(_, g)| !st.groups.contains_key(g.as_str()))
+        .map(|(k, g)| FieldError {
+            field: format!("groups[{k}]"),
+            message: format!("unknown group {g:?}"),
         })
         .collect();
-    if let Some(c) = &svc.connector {
-        ops.push((
-            T::ConnectorRefs,
-            layout::connector_ref(c, key),
-            insert.then(Vec::new),
-        ));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(Invalid(errors)))
     }
-    ops
 }
 
-/// Index entries of a user: identities → name, and group references.
-fn user_index_ops(user: &User, insert: bool) -> Vec<Op> {
-    let mut ops = Vec::new();
-    for id in &user.identities {
-        let v = insert.then(|| user.name.clone().into_bytes());
-        ops.push((T::Identities, identity_key(id).into_bytes(), v));
+/// A service may name only a registered connector (400 naming `connector`).
+fn check_connector_exists(st: &State, connector: Option<&str>) -> Result<(), StoreError> {
+    match connector {
+        Some(c) if !st.connectors.contains_key(c) => Err(StoreError::invalid(
+            "connector",
+            format!("unknown connector {c:?}"),
+        )),
+        _ => Ok(()),
     }
-    for g in &user.groups {
-        ops.push((
-            T::GroupRefs,
-            layout::group_ref(g, layout::REF_USER, &user.name),
-            insert.then(Vec::new),
-        ));
-    }
-    ops
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
-//! The store against a real sled database in a temporary folder.
+//! The store's shared suite: every case runs against each backend (sled in a temporary
+//! folder here; etcd on a real cluster in `tests/etcd_store.rs`), through [`Place`].
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::backend::Commit;
 use super::*;
 use ztp_proto::Protocol;
 
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let p = std::env::temp_dir().join(format!(
             "ztp-store-{}-{}",
             std::process::id(),
@@ -24,6 +29,81 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Where a case's store lives; opened again, it is the same records.
+pub trait Place: Send + Sync {
+    /// A store on the place's records (the previous one must be dropped first where the
+    /// backend allows one process only).
+    fn open(&self) -> BoxFuture<'_, Store>;
+    /// The backend the place's stores share, to plant records as another writer (or an
+    /// older ZTP) would.
+    fn backend(&self) -> BoxFuture<'_, Arc<dyn Backend>>;
+    /// Forgets the backend: the next store reads the records afresh (drop the stores
+    /// first).
+    fn restart(&self);
+    /// The files that hold the records, where there are any.
+    fn files(&self) -> Vec<PathBuf>;
+}
+
+use super::backend::BoxFuture;
+
+/// sled in a temporary folder.
+pub struct SledPlace {
+    dir: TempDir,
+    backend: std::sync::Mutex<Option<Arc<dyn Backend>>>,
+}
+
+impl SledPlace {
+    pub fn new() -> Self {
+        SledPlace {
+            dir: TempDir::new(),
+            backend: Default::default(),
+        }
+    }
+}
+
+impl Place for SledPlace {
+    fn open(&self) -> BoxFuture<'_, Store> {
+        Box::pin(async move { Store::connect(self.backend().await).await.unwrap() })
+    }
+    fn backend(&self) -> BoxFuture<'_, Arc<dyn Backend>> {
+        Box::pin(async move {
+            let mut b = self.backend.lock().unwrap();
+            b.get_or_insert_with(|| Arc::new(super::sled::SledBackend::open(&self.dir.0).unwrap()))
+                .clone()
+        })
+    }
+    fn restart(&self) {
+        *self.backend.lock().unwrap() = None;
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        walk(&self.dir.0)
+    }
+}
+
+/// Commits `ops` straight to the backend, as another instance (or an older ZTP) would:
+/// the store that has the place open learns of it only from the backend.
+pub async fn plant(backend: &dyn Backend, ops: Vec<Op>, bump: bool) -> (u64, u64) {
+    let loaded = backend.load().await.unwrap();
+    let version = loaded.version + u64::from(bump);
+    let commit = Commit {
+        expect_seq: loaded.seq,
+        version,
+        bump,
+        audit: AuditRecord {
+            seq: loaded.seq + 1,
+            time_ms: now_ms(),
+            actor: Actor::system(),
+            action: "planted".into(),
+            target: String::new(),
+            version,
+        },
+        ops,
+    };
+    backend.commit(commit).await.unwrap();
+    backend.sync().await.unwrap();
+    (loaded.seq + 1, version)
 }
 
 fn svc(name: &str, groups: &[&str]) -> Service {
@@ -76,12 +156,10 @@ fn fields(e: &StoreError) -> Vec<String> {
     }
 }
 
-#[tokio::test]
-async fn writes_bump_the_version_and_survive_reopen() {
-    let dir = TempDir::new();
+pub async fn writes_bump_the_version_and_survive_reopen(p: &dyn Place) {
     let a = Actor::system();
     {
-        let store = Store::open(&dir.0).unwrap();
+        let store = p.open().await;
         assert_eq!(store.version().unwrap(), 0);
         assert_eq!(
             store.create_group(group("admins"), None, &a).await.unwrap(),
@@ -107,21 +185,24 @@ async fn writes_bump_the_version_and_survive_reopen() {
             3
         );
     }
-    let store = Store::open(&dir.0).unwrap();
+    let store = {
+        p.restart();
+        p.open().await
+    };
     assert_eq!(store.version().unwrap(), 3);
     assert_eq!(
-        store.get_service("ssh.svc.internal").unwrap().groups,
+        store.service("ssh.svc.internal").await.unwrap().0.groups,
         ["admins"]
     );
     assert_eq!(
-        store.get_user("alice").unwrap().identities,
+        store.user("alice").await.unwrap().0.identities,
         ["alice@example.com"]
     );
     let snap = store.snapshot().await.unwrap();
     assert_eq!(snap.version, 3);
     snap.validate().unwrap();
     // Every change is audited with who, what and the version.
-    let audit = store.audit(10).unwrap();
+    let audit = store.audit(10).await.unwrap();
     assert_eq!(audit.len(), 3);
     assert_eq!(audit[0].action, "user.create");
     assert_eq!(audit[0].target, "alice");
@@ -129,10 +210,8 @@ async fn writes_bump_the_version_and_survive_reopen() {
     assert_eq!(audit[2].actor, a);
 }
 
-#[tokio::test]
-async fn integrity_is_enforced() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn integrity_is_enforced(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let e = store
         .put_service(svc("a.svc", &["nope"]), true, None, &a)
@@ -200,10 +279,8 @@ async fn integrity_is_enforced() {
     );
 }
 
-#[tokio::test]
-async fn group_delete_in_use_and_cascade() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn group_delete_in_use_and_cascade(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     for g in ["admins", "ops"] {
         store.create_group(group(g), None, &a).await.unwrap();
@@ -239,9 +316,9 @@ async fn group_delete_in_use_and_cascade() {
 
     store.delete_service("only.svc", None, &a).await.unwrap();
     store.delete_group("admins", true, None, &a).await.unwrap();
-    assert_eq!(store.get_service("both.svc").unwrap().groups, ["ops"]);
-    assert_eq!(store.get_user("alice").unwrap().groups, ["ops"]);
-    assert!(store.get_group("admins").is_err());
+    assert_eq!(store.service("both.svc").await.unwrap().0.groups, ["ops"]);
+    assert_eq!(store.user("alice").await.unwrap().0.groups, ["ops"]);
+    assert!(store.group("admins").await.is_err());
     store.snapshot().await.unwrap().validate().unwrap();
     // Unused now: plain delete works.
     store.delete_service("both.svc", None, &a).await.unwrap();
@@ -252,10 +329,8 @@ async fn group_delete_in_use_and_cascade() {
     store.delete_group("ops", false, None, &a).await.unwrap();
 }
 
-#[tokio::test]
-async fn stale_writes_are_refused() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn stale_writes_are_refused(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     store.create_group(group("g"), Some(0), &a).await.unwrap();
     let e = store
@@ -266,10 +341,8 @@ async fn stale_writes_are_refused() {
     store.create_group(group("h"), Some(1), &a).await.unwrap();
 }
 
-#[tokio::test]
-async fn import_replaces_everything_as_one_version() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn import_replaces_everything_as_one_version(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     store.create_group(group("old"), None, &a).await.unwrap();
     store
@@ -311,10 +384,8 @@ async fn import_replaces_everything_as_one_version() {
     );
 }
 
-#[tokio::test]
-async fn tokens_keep_only_hashes() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn tokens_keep_only_hashes(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let t = store.create_token("ci", &a).await.unwrap();
     let actor = store.verify_token(&t.token).unwrap();
@@ -322,10 +393,17 @@ async fn tokens_keep_only_hashes() {
     assert!(store.verify_token(&t.token.replace('a', "b")).is_none() || !t.token.contains('a'));
     assert!(store.verify_token("ztp_nope").is_none());
     assert_eq!(store.version().unwrap(), 0, "tokens are not configuration");
-    // The secret is nowhere in the store's files.
+    // The secret is nowhere in the store's records, nor in its files.
     drop(store);
     let secret = t.token.rsplit('_').next().unwrap().to_owned();
-    for entry in walk(&dir.0) {
+    let loaded = p.backend().await.load().await.unwrap();
+    for (kind, key, v) in &loaded.records {
+        assert!(
+            !v.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret found in {kind:?} {key}"
+        );
+    }
+    for entry in p.files() {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
             !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
@@ -333,7 +411,10 @@ async fn tokens_keep_only_hashes() {
             entry.display()
         );
     }
-    let store = Store::open(&dir.0).unwrap();
+    let store = {
+        p.restart();
+        p.open().await
+    };
     let e = store.revoke_token(&t.info.id, &a).await.unwrap_err();
     assert!(matches!(e, StoreError::Conflict { .. }), "last token kept");
     let t2 = store.create_token("second", &a).await.unwrap();
@@ -400,12 +481,12 @@ fn damaged_store_is_refused_without_panic() {
 fn newer_schema_is_refused() {
     let dir = TempDir::new();
     {
-        let db = sled::open(&dir.0).unwrap();
+        let db = ::sled::open(&dir.0).unwrap();
         ztp_migrations::run(&db).unwrap();
-        db.open_tree(layout::META)
+        db.open_tree(ztp_migrations::layout::META)
             .unwrap()
             .insert(
-                layout::SCHEMA_VERSION,
+                ztp_migrations::layout::SCHEMA_VERSION,
                 &(ztp_migrations::LATEST + 1).to_be_bytes(),
             )
             .unwrap();
@@ -415,10 +496,8 @@ fn newer_schema_is_refused() {
     assert!(e.to_string().contains("newer"), "{e}");
 }
 
-#[tokio::test]
-async fn revocations_are_versions_and_normalized() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn revocations_are_versions_and_normalized(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let v = store
         .revoke(&["00:0A:1B".into(), "0x0a1b".into(), "ff".into()], None, &a)
@@ -442,48 +521,21 @@ async fn revocations_are_versions_and_normalized() {
 
 /// The in-memory configuration stays what sled holds through every kind of write:
 /// creates, replaces, deletes, a cascading group delete, an import, a revocation.
-#[tokio::test]
-async fn the_configuration_in_memory_follows_every_write() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn the_configuration_in_memory_follows_every_write(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
-    let check = |store: &Store, step: &str| {
-        let cached = store.snapshot_unlocked().unwrap();
-        let disk = store.config_from_disk().unwrap();
-        type Config = (
-            u64,
-            Vec<Service>,
-            Vec<User>,
-            Vec<Group>,
-            Vec<String>,
-            Vec<Connector>,
-        );
-        let disk: Config = (
-            disk.version,
-            disk.services.into_values().collect(),
-            disk.users.into_values().collect(),
-            disk.groups.into_values().collect(),
-            disk.revoked.into_iter().collect(),
-            disk.connectors.into_values().collect(),
-        );
-        assert_eq!(disk.0, store.version().unwrap(), "after {step}");
-        assert_eq!(
-            (
-                cached.version,
-                cached.services,
-                cached.users,
-                cached.groups,
-                cached.revoked,
-                cached.connectors,
-            ),
-            disk,
-            "after {step}"
-        );
-    };
-    check(&store, "open");
+    let backend = p.backend().await;
+    async fn check(store: &Store, backend: &dyn Backend, step: &str) {
+        let cached = store.state().snapshot();
+        let loaded = backend.load().await.unwrap();
+        let disk = State::from_loaded(loaded).unwrap().snapshot();
+        assert_eq!(disk.version, store.version().unwrap(), "after {step}");
+        assert_eq!(cached, disk, "after {step}");
+    }
+    check(&store, &*backend, "open").await;
     store.create_group(group("ops"), None, &a).await.unwrap();
     store.create_group(group("dev"), None, &a).await.unwrap();
-    check(&store, "groups created");
+    check(&store, &*backend, "groups created").await;
     store
         .put_service(svc("a.svc.internal", &["ops"]), true, None, &a)
         .await
@@ -500,7 +552,7 @@ async fn the_configuration_in_memory_follows_every_write() {
         .put_user(user("bob", &["bob@x"], &["dev"]), true, None, &a)
         .await
         .unwrap();
-    check(&store, "services and users created");
+    check(&store, &*backend, "services and users created").await;
     store
         .put_user(
             user("bob", &["bob@x", "robert@x"], &["ops"]),
@@ -514,17 +566,17 @@ async fn the_configuration_in_memory_follows_every_write() {
         .put_service(svc("a.svc.internal", &["dev", "ops"]), false, None, &a)
         .await
         .unwrap();
-    check(&store, "replaced");
+    check(&store, &*backend, "replaced").await;
     store
         .delete_service("b.svc.internal", None, &a)
         .await
         .unwrap();
     store.delete_user("alice", None, &a).await.unwrap();
-    check(&store, "deleted");
+    check(&store, &*backend, "deleted").await;
     store.delete_group("dev", true, None, &a).await.unwrap();
-    check(&store, "a cascading group delete");
+    check(&store, &*backend, "a cascading group delete").await;
     store.revoke(&["0a".into()], None, &a).await.unwrap();
-    check(&store, "a revocation");
+    check(&store, &*backend, "a revocation").await;
     store
         .put_connector(connector("lab", ""), true, None, &a)
         .await
@@ -537,13 +589,13 @@ async fn the_configuration_in_memory_follows_every_write() {
         .put_service(dark("d.svc.internal", "lab"), true, None, &a)
         .await
         .unwrap();
-    check(&store, "a connector and its service");
+    check(&store, &*backend, "a connector and its service").await;
     store
         .delete_service("d.svc.internal", None, &a)
         .await
         .unwrap();
     store.delete_connector("lab", None, &a).await.unwrap();
-    check(&store, "a connector deleted");
+    check(&store, &*backend, "a connector deleted").await;
     let imported = Snapshot {
         version: 0,
         services: vec![
@@ -556,27 +608,26 @@ async fn the_configuration_in_memory_follows_every_write() {
         connectors: vec![connector("edge", "")],
     };
     store.import(imported, None, &a).await.unwrap();
-    check(&store, "an import");
+    check(&store, &*backend, "an import").await;
     let snap = store.snapshot().await.unwrap();
     assert_eq!(snap.users.len(), 1);
     assert_eq!(snap.users[0].name, "carol");
     assert!(snap.revoked.is_empty());
     store.create_token("t", &a).await.unwrap();
-    check(&store, "a token (no new version)");
+    check(&store, &*backend, "a token (no new version)").await;
 
-    // Dropped (as after a commit it could not apply), it is read again, version included.
-    *store.config_cache() = None;
+    // Unsure (as after a commit whose outcome is unknown), it is read again, version
+    // included.
+    store.state().unsure = true;
     let (carol, version) = store.user("carol").await.unwrap();
     assert_eq!((carol.name.as_str(), version), ("carol", snap.version));
-    check(&store, "read again");
+    check(&store, &*backend, "read again").await;
 }
 
 /// Records and their version are read together (issue 14): each read answers with the
 /// version the record is at, through every kind of write.
-#[tokio::test]
-async fn records_are_read_with_the_version_they_are_at() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn records_are_read_with_the_version_they_are_at(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let v = store.create_group(group("ops"), None, &a).await.unwrap();
     assert_eq!(store.group("ops").await.unwrap(), (group("ops"), v));
@@ -614,35 +665,68 @@ async fn records_are_read_with_the_version_they_are_at() {
     }
 }
 
-/// `If-Match` is checked inside the write's transaction, not only before it: a commit
-/// that expects a version the store has moved past stores nothing.
-#[tokio::test]
-async fn a_stale_expectation_is_refused_inside_the_transaction() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+/// A write decided on a configuration that another writer has since moved is not
+/// stored: the backend refuses it (the write sequence moved), the store catches up and
+/// decides again, so `If-Match` is checked against the newest version and a create of a
+/// name the other writer took is a 409, never an overwrite.
+pub async fn a_write_that_lost_a_race_is_decided_again(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let v = store.create_group(group("ops"), None, &a).await.unwrap();
-    let audited = store.audit(100).unwrap().len();
-    let ops: Vec<Op> = vec![(T::Groups, b"dev".to_vec(), Some(json(&group("dev"))))];
-    // Straight to the commit, as a write that skipped the early check would.
+    let backend = p.backend().await;
+    // Straight to the backend with a stale sequence, as a writer that lost a race.
+    let loaded = backend.load().await.unwrap();
+    let stale = Commit {
+        expect_seq: loaded.seq - 1,
+        version: v + 1,
+        bump: true,
+        audit: AuditRecord {
+            seq: loaded.seq,
+            time_ms: 0,
+            actor: a.clone(),
+            action: "group.create".into(),
+            target: "dev".into(),
+            version: v + 1,
+        },
+        ops: vec![put_op(Kind::Group, "dev", &group("dev"))],
+    };
+    assert!(matches!(
+        backend.commit(stale).await.unwrap_err(),
+        BackendError::Moved
+    ));
+    assert_eq!(backend.load().await.unwrap().version, v, "nothing stored");
+
+    // Another writer creates `dev` behind the store's back.
+    let (_, theirs) = plant(
+        &*backend,
+        vec![put_op(Kind::Group, "dev", &group("dev"))],
+        true,
+    )
+    .await;
+    assert_eq!(theirs, v + 1);
     let e = store
-        .commit(ops.clone(), true, Some(v - 1), &a, "group.create", "dev")
+        .create_group(group("qa"), Some(v), &a)
         .await
         .unwrap_err();
     assert!(
-        matches!(e, StoreError::Stale { current } if current == v),
-        "{e}"
+        matches!(e, StoreError::Stale { current } if current == theirs),
+        "If-Match is checked against the newest version: {e}"
     );
-    assert_eq!(store.version().unwrap(), v);
-    assert_eq!(store.audit(100).unwrap().len(), audited);
-    assert!(store.get_group("dev").is_err());
-    assert!(store.group("dev").await.is_err());
-    let next = store
-        .commit(ops, true, Some(v), &a, "group.create", "dev")
+    let e = store
+        .create_group(group("dev"), None, &a)
         .await
-        .unwrap();
-    assert_eq!(next, v + 1);
-    assert_eq!(store.group("dev").await.unwrap(), (group("dev"), v + 1));
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Exists { .. }), "{e}");
+    assert_eq!(store.group("dev").await.unwrap(), (group("dev"), theirs));
+    let next = store.create_group(group("qa"), None, &a).await.unwrap();
+    assert_eq!(next, theirs + 1);
+    let audit = store.audit(3).await.unwrap();
+    let seqs: Vec<u64> = audit.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        [seqs[0], seqs[0] - 1, seqs[0] - 2],
+        "one audit record per commit"
+    );
 }
 
 /// A write whose caller goes away while it flushes is still announced to the config
@@ -650,8 +734,8 @@ async fn a_stale_expectation_is_refused_inside_the_transaction() {
 /// to hear of it.
 #[tokio::test]
 async fn a_write_dropped_while_flushing_is_still_announced() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let p = SledPlace::new();
+    let store = p.open().await;
     let a = Actor::system();
     let mut versions = store.watch_version();
     let before = *versions.borrow_and_update();
@@ -671,10 +755,8 @@ async fn a_write_dropped_while_flushing_is_still_announced() {
     assert_eq!(announced, 20, "every committed version is announced");
 }
 
-#[tokio::test]
-async fn a_token_stored_before_roles_is_admin() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn a_token_stored_before_roles_is_admin(p: &dyn Place) {
+    let store = p.open().await;
     let id = "0123456789abcdef";
     let secret = "ab".repeat(32);
     let hash: String = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes())
@@ -685,7 +767,21 @@ async fn a_token_stored_before_roles_is_admin() {
     // The record exactly as stores written before roles existed hold it.
     let old =
         format!(r#"{{"id":"{id}","name":"legacy","created_ms":1763798400000,"hash":"{hash}"}}"#);
-    store.tree(T::Tokens).insert(id, old.as_bytes()).unwrap();
+    drop(store);
+    plant(
+        &*p.backend().await,
+        vec![Op {
+            kind: Kind::Token,
+            key: id.into(),
+            value: Some(old.into_bytes()),
+        }],
+        false,
+    )
+    .await;
+    let store = {
+        p.restart();
+        p.open().await
+    };
     let actor = store.verify_token(&format!("ztp_{id}_{secret}")).unwrap();
     assert_eq!(actor.token_name, "legacy");
     assert_eq!(actor.role, Role::Admin);
@@ -698,7 +794,7 @@ async fn a_token_stored_before_roles_is_admin() {
         .unwrap();
     assert_eq!(v.info.role, Role::Viewer);
     assert_eq!(store.verify_token(&v.token).unwrap().role, Role::Viewer);
-    let audit = store.audit(10).unwrap();
+    let audit = store.audit(10).await.unwrap();
     assert_eq!(audit[0].action, "token.create");
     assert_eq!(audit[0].actor, actor);
     assert_eq!(audit[0].actor.role, Role::Admin);
@@ -712,10 +808,8 @@ async fn a_token_stored_before_roles_is_admin() {
 
 /// The last admin token cannot be revoked even while operator or viewer tokens remain:
 /// they cannot make tokens, so nobody could ever manage tokens again.
-#[tokio::test]
-async fn the_last_admin_token_stays_whatever_other_tokens_remain() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn the_last_admin_token_stays_whatever_other_tokens_remain(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let admin = store
         .create_token_with_role("admin", Role::Admin, &a)
@@ -750,12 +844,10 @@ async fn the_last_admin_token_stays_whatever_other_tokens_remain() {
 /// The registry: create (a version each, audited), 409 on a name taken, 404 on a replace
 /// of a name not there, 400 naming the field; listed in name order with the version; in
 /// the snapshot; kept across a reopen.
-#[tokio::test]
-async fn connectors_are_created_listed_replaced_and_deleted() {
-    let dir = TempDir::new();
+pub async fn connectors_are_created_listed_replaced_and_deleted(p: &dyn Place) {
     let a = Actor::system();
     {
-        let store = Store::open(&dir.0).unwrap();
+        let store = p.open().await;
         let v = store
             .put_connector(connector("lab", "the lab's rack"), true, None, &a)
             .await
@@ -813,6 +905,7 @@ async fn connectors_are_created_listed_replaced_and_deleted() {
         ));
         let actions: Vec<String> = store
             .audit(3)
+            .await
             .unwrap()
             .into_iter()
             .map(|r| format!("{} {} {}", r.action, r.target, r.version))
@@ -826,7 +919,10 @@ async fn connectors_are_created_listed_replaced_and_deleted() {
             ]
         );
     }
-    let store = Store::open(&dir.0).unwrap();
+    let store = {
+        p.restart();
+        p.open().await
+    };
     let snap = store.snapshot().await.unwrap();
     assert_eq!(snap.version, 6);
     assert_eq!(
@@ -843,10 +939,8 @@ async fn connectors_are_created_listed_replaced_and_deleted() {
 /// A service names only a registered connector (400 naming `connector`); a connector
 /// that serves a service is not deleted (409 naming every such service, no cascade);
 /// replacing or deleting the service frees it.
-#[tokio::test]
-async fn a_service_holds_its_connector() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn a_service_holds_its_connector(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     let e = store
         .put_service(dark("db.svc.internal", "lab"), true, None, &a)
@@ -926,8 +1020,10 @@ async fn a_service_holds_its_connector() {
     store.delete_group("ops", true, None, &a).await.unwrap();
     assert_eq!(
         store
-            .get_service("both.svc.internal")
+            .service("both.svc.internal")
+            .await
             .unwrap()
+            .0
             .connector
             .as_deref(),
         Some("lab")
@@ -938,10 +1034,8 @@ async fn a_service_holds_its_connector() {
 
 /// An import carries the registry: it replaces the connectors, rebuilds which service
 /// each serves, and refuses a service naming a connector the document does not hold.
-#[tokio::test]
-async fn import_replaces_the_connectors_and_their_references() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+pub async fn import_replaces_the_connectors_and_their_references(p: &dyn Place) {
+    let store = p.open().await;
     let a = Actor::system();
     store
         .put_connector(connector("old", ""), true, None, &a)
@@ -964,7 +1058,7 @@ async fn import_replaces_the_connectors_and_their_references() {
     );
     assert_eq!(got.services[0].connector.as_deref(), Some("lab"));
     assert_eq!(
-        store.audit(1).unwrap()[0].target,
+        store.audit(1).await.unwrap()[0].target,
         "1 services, 0 users, 0 groups, 2 connectors"
     );
     // The old connector and its reference are gone; the new one is held.
@@ -987,4 +1081,198 @@ async fn import_replaces_the_connectors_and_their_references() {
         1,
         "nothing changed"
     );
+}
+
+// ----- connection audit -----
+
+fn rec(t: u64, id: &str, svc: &str, decision: &str) -> ConnectionRecord {
+    ConnectionRecord {
+        time_ms: t,
+        node: "n1".into(),
+        peer: "127.0.0.1:1".into(),
+        sni: svc.into(),
+        identity: id.into(),
+        identity_unverified: false,
+        user: String::new(),
+        service: svc.into(),
+        decision: decision.into(),
+        reason: "closed".into(),
+        code: 0,
+        bytes_up: 1,
+        transport: "tcp".into(),
+        connector: String::new(),
+        bytes_down: 2,
+        duration_ms: 3,
+    }
+}
+
+async fn times(store: &Store) -> Vec<u64> {
+    store
+        .query_connections(AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.time_ms)
+        .collect()
+}
+
+pub async fn connection_records_filter_order_and_retention(p: &dyn Place) {
+    let store = p.open().await;
+    store.set_conn_audit_cap(5);
+    let recs = vec![
+        rec(10, "a@x", "s1", "allow"),
+        rec(20, "b@x", "s1", "deny"),
+        rec(30, "a@x", "s2", "allow"),
+    ];
+    store.append_connections(recs).await.unwrap();
+    let all = |q: AuditQuery| store.query_connections(AuditQuery { limit: 100, ..q });
+    assert_eq!(times(&store).await, [30, 20, 10]);
+    let by_identity = all(AuditQuery {
+        identity: Some("A@X".into()),
+        ..Default::default()
+    });
+    assert_eq!(by_identity.await.unwrap().len(), 2);
+    let denied = all(AuditQuery {
+        decision: Some("deny".into()),
+        ..Default::default()
+    });
+    assert_eq!(denied.await.unwrap()[0].identity, "b@x");
+    let by_service = all(AuditQuery {
+        service: Some("s2".into()),
+        ..Default::default()
+    });
+    assert_eq!(by_service.await.unwrap().len(), 1);
+    let window = all(AuditQuery {
+        since_ms: Some(15),
+        until_ms: Some(25),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(window.len(), 1);
+    assert_eq!(window[0].time_ms, 20);
+    let limited = store
+        .query_connections(AuditQuery {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(limited.len(), 2);
+    // Retention: 5 kept, the oldest dropped.
+    store
+        .append_connections((40..45).map(|t| rec(t, "c@x", "s3", "allow")).collect())
+        .await
+        .unwrap();
+    let kept = times(&store).await;
+    assert_eq!(kept.len(), 5);
+    assert_eq!(kept.last(), Some(&40));
+    assert_eq!(store.version().unwrap(), 0, "records are not configuration");
+}
+
+pub async fn connection_retention_holds_in_every_view(p: &dyn Place) {
+    let store = Arc::new(p.open().await);
+    store.set_conn_audit_cap(3);
+    let recs = |ts: &[u64]| -> Vec<ConnectionRecord> {
+        ts.iter().map(|t| rec(*t, "a@x", "s", "allow")).collect()
+    };
+    store.append_connections(recs(&[50, 60])).await.unwrap();
+    // A node whose clock is behind: its old record is the one dropped.
+    store.append_connections(recs(&[10, 70, 80])).await.unwrap();
+    assert_eq!(times(&store).await, [80, 70, 60]);
+    // More at once than are kept.
+    store
+        .append_connections(recs(&[91, 92, 93, 94, 95, 96]))
+        .await
+        .unwrap();
+    assert_eq!(times(&store).await, [96, 95, 94]);
+    // A reader never sees more than the retention while records arrive.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for t in 100..200 {
+                store.append_connections(recs(&[t])).await.unwrap();
+            }
+        })
+    };
+    while !writer.is_finished() {
+        let n = times(&store).await.len();
+        assert!(n <= 3, "a query saw {n} records with a retention of 3");
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    assert_eq!(times(&store).await, [199, 198, 197]);
+}
+
+/// Of several stores starting together on an empty backend, exactly one stores its
+/// first token; a store that already holds a token stores no other.
+pub async fn the_first_token_is_stored_once(p: &dyn Place) {
+    let a = Actor::system();
+    let stores: Vec<Arc<Store>> = vec![Arc::new(p.open().await), Arc::new(p.open().await)];
+    let mut tasks = Vec::new();
+    for store in &stores {
+        for _ in 0..3 {
+            let store = store.clone();
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move {
+                let (_, info) = Store::mint_token("admin").unwrap();
+                store.save_first_token(info, &a).await.unwrap()
+            }));
+        }
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1, "exactly one first token");
+    for store in &stores {
+        store.settle().await.unwrap();
+    }
+    let loaded = p.backend().await.load().await.unwrap();
+    let tokens = loaded.records.iter().filter(|r| r.0 == Kind::Token).count();
+    assert_eq!(tokens, 1);
+}
+
+/// Runs every case of the shared suite on places made by `place`.
+#[macro_export]
+macro_rules! store_suite {
+    ($place:expr) => {
+        store_suite!(@cases $place;
+            writes_bump_the_version_and_survive_reopen,
+            integrity_is_enforced,
+            group_delete_in_use_and_cascade,
+            stale_writes_are_refused,
+            import_replaces_everything_as_one_version,
+            tokens_keep_only_hashes,
+            revocations_are_versions_and_normalized,
+            the_configuration_in_memory_follows_every_write,
+            records_are_read_with_the_version_they_are_at,
+            a_write_that_lost_a_race_is_decided_again,
+            a_token_stored_before_roles_is_admin,
+            the_last_admin_token_stays_whatever_other_tokens_remain,
+            connectors_are_created_listed_replaced_and_deleted,
+            a_service_holds_its_connector,
+            import_replaces_the_connectors_and_their_references,
+            connection_records_filter_order_and_retention,
+            connection_retention_holds_in_every_view,
+            the_first_token_is_stored_once
+        );
+    };
+    (@cases $place:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let place = $place;
+                $crate::store::tests::$case(&place).await;
+            }
+        )*
+    };
+}
+
+mod on_sled {
+    use super::SledPlace;
+    store_suite!(SledPlace::new());
 }

@@ -8,7 +8,7 @@
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
-use super::{json, now_ms, Actor, Op, Page, Store, StoreError, T};
+use super::{json, now_ms, page_in, Actor, Kind, Op, Page, Plan, Store, StoreError};
 
 /// What a token may do (DESIGN.md "REST conventions"). Ordered: each role may do what
 /// the ones before it may.
@@ -102,10 +102,7 @@ fn random_hex(bytes: usize) -> Result<String, StoreError> {
     let mut buf = vec![0u8; bytes];
     ring::rand::SystemRandom::new()
         .fill(&mut buf)
-        .map_err(|_| StoreError::Open {
-            path: Default::default(),
-            reason: "no system randomness".into(),
-        })?;
+        .map_err(|_| StoreError::Unavailable("no system randomness".into()))?;
     Ok(hex(&buf))
 }
 
@@ -178,13 +175,34 @@ impl Store {
 
     /// Stores a minted token (its hash).
     pub async fn save_token(&self, info: TokenInfo, actor: &Actor) -> Result<(), StoreError> {
-        let _w = self.write.lock().await;
-        let id = info.id.clone();
-        let ops: Vec<Op> = vec![(T::Tokens, id.clone().into_bytes(), Some(json(&info)))];
-        // Tokens are not configuration: no version bump, but audited.
-        self.commit(ops, false, None, actor, "token.create", &id)
-            .await?;
+        self.write(None, actor, |_| Ok(token_plan(&info))).await?;
         Ok(())
+    }
+
+    /// Stores a minted token only if the store holds none yet: of several instances
+    /// starting together on an empty store, exactly one stores its first token (and
+    /// gets `true`).
+    pub async fn save_first_token(
+        &self,
+        info: TokenInfo,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .write(None, actor, |st| {
+                if !st.tokens.is_empty() {
+                    return Err(StoreError::Exists {
+                        kind: "token",
+                        name: "the first".into(),
+                    });
+                }
+                Ok(token_plan(&info))
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(StoreError::Exists { kind: "token", .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn list_tokens(
@@ -192,58 +210,73 @@ impl Store {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<Page<TokenInfo>, StoreError> {
-        let mut page: Page<TokenInfo> = self.list(T::Tokens, cursor, limit)?;
+        let st = self.state();
+        let mut page = page_in(&st.tokens, cursor, limit);
         page.items = page.items.iter().map(TokenInfo::public).collect();
         Ok(page)
     }
 
     pub fn token_count(&self) -> usize {
-        self.tree(T::Tokens).len()
+        self.state().tokens.len()
     }
 
-    /// Revokes a token. The last one cannot be revoked: that would lock every operator
-    /// out.
+    /// Revokes a token. The last admin token cannot be revoked: without one, no token
+    /// could ever be made or revoked again (operators and viewers cannot manage tokens).
     pub async fn revoke_token(&self, id: &str, actor: &Actor) -> Result<(), StoreError> {
-        let _w = self.write.lock().await;
-        if !self.tree(T::Tokens).contains_key(id)? {
-            return Err(StoreError::NotFound {
-                kind: "token",
-                name: id.into(),
-            });
-        }
-        // The last admin token cannot go: without one, no token could ever be made or
-        // revoked again (operators and viewers cannot manage tokens).
-        let target: Option<TokenInfo> = self.get(T::Tokens, id)?;
-        let admins = self
-            .tree(T::Tokens)
-            .iter()
-            .values()
-            .filter_map(|v| v.ok())
-            .filter_map(|v| serde_json::from_slice::<TokenInfo>(&v).ok())
-            .filter(|t| t.role == Role::Admin)
-            .count();
-        if target.is_some_and(|t| t.role == Role::Admin) && admins <= 1 {
-            return Err(StoreError::Conflict {
-                detail: "the last admin token cannot be revoked; create another first".into(),
-                errors: vec![],
-            });
-        }
-        let ops: Vec<Op> = vec![(T::Tokens, id.as_bytes().to_vec(), None)];
-        self.commit(ops, false, None, actor, "token.revoke", id)
-            .await?;
+        self.write(None, actor, |st| {
+            let Some(target) = st.tokens.get(id) else {
+                return Err(StoreError::NotFound {
+                    kind: "token",
+                    name: id.into(),
+                });
+            };
+            let admins = st.tokens.values().filter(|t| t.role == Role::Admin).count();
+            if target.role == Role::Admin && admins <= 1 {
+                return Err(StoreError::Conflict {
+                    detail: "the last admin token cannot be revoked; create another first".into(),
+                    errors: vec![],
+                });
+            }
+            // Tokens are not configuration: no version bump, but audited.
+            Ok(Plan {
+                ops: vec![Op {
+                    kind: Kind::Token,
+                    key: id.to_owned(),
+                    value: None,
+                }],
+                bump: false,
+                action: "token.revoke".into(),
+                target: id.to_owned(),
+            })
+        })
+        .await?;
         Ok(())
     }
 
     /// The actor (with its role) a presented token belongs to, if it is valid.
     pub fn verify_token(&self, presented: &str) -> Option<Actor> {
         let (id, secret) = parse(presented)?;
-        let info: TokenInfo = self.get(T::Tokens, id).ok()??;
+        let info = self.state().tokens.get(id)?.clone();
         let presented = hash_secret(secret);
         constant_time_eq(presented.as_bytes(), info.hash.as_bytes()).then_some(Actor {
             token_id: info.id,
             token_name: info.name,
             role: info.role,
         })
+    }
+}
+
+/// Stores a token: not configuration (no version bump), but audited.
+fn token_plan(info: &TokenInfo) -> Plan {
+    Plan {
+        ops: vec![Op {
+            kind: Kind::Token,
+            key: info.id.clone(),
+            value: Some(json(info)),
+        }],
+        bump: false,
+        action: "token.create".into(),
+        target: info.id.clone(),
     }
 }
 
