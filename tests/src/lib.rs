@@ -20,6 +20,8 @@
 //! - [`control`]: a guard around the real `ztp-control` binary (fresh or given store,
 //!   gRPC stream with the test PKI, admin token, SIGKILL and restart on the same store and
 //!   ports), a REST helper and the `ztpctl` runner.
+//! - [`etcd`]: a real etcd cluster on loopback (plain or with client-certificate TLS),
+//!   its leader, and faults by PID: kill, freeze / thaw, restart on the same data.
 //! - [`http`]: a minimal HTTP/1.1 client for the admin APIs.
 //! - [`process`]: outside programs (found on `PATH` or in sbin; skipped with a visible
 //!   `SKIPPED` line, or failed under `ZTP_REQUIRE_TOOLS=1`, when missing), free loopback ports, a guard around a
@@ -40,6 +42,7 @@ pub mod bins;
 pub mod client;
 pub mod control;
 pub mod dataplane;
+pub mod etcd;
 pub mod http;
 pub mod pki;
 pub mod process;
