@@ -1154,7 +1154,7 @@ mod tests {
         let echo = svc(&store, ECHO_SVC.name).await;
         assert_eq!(echo, ECHO_SVC.service(local(4001)));
         assert_eq!(store.version().unwrap(), v1 + 1);
-        let last = store.audit(1).unwrap();
+        let last = store.audit(1).await.unwrap();
         assert_eq!(last[0].actor, up_actor());
         assert_eq!(last[0].target, ECHO_SVC.name);
         let given = read_record(&record).unwrap().unwrap();

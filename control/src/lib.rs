@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod etcd;
 pub mod grpc;
 pub mod nodes;
 pub mod server;

@@ -18,9 +18,35 @@ const EX_USAGE: u8 = 64;
 #[command(name = "ztp-control", version, about, max_term_width = 100)]
 struct Args {
     /// Folder of the store (created if missing; mode 0700). On first start an admin
-    /// token is written to DIR/admin-token.
+    /// token is written to DIR/admin-token (with --store etcd: by the one instance that
+    /// initializes the store).
     #[arg(long, value_name = "DIR")]
     data_dir: PathBuf,
+
+    /// Where the records live: sled in --data-dir, or an etcd cluster shared by any
+    /// number of ztp-control instances.
+    #[arg(long, default_value = "sled", value_parser = ["sled", "etcd"], value_name = "BACKEND")]
+    store: String,
+
+    /// With --store etcd: the cluster's client URLs (http:// or https://).
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+
+    /// With --store etcd: CA certificates (PEM) etcd's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+
+    /// With --store etcd: client certificate (PEM) presented to etcd.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+
+    /// With --store etcd: every key ZTP writes is under this prefix.
+    #[arg(long, default_value = "/ztp/", value_name = "PREFIX")]
+    etcd_prefix: String,
 
     /// Address of the REST admin API (plain HTTP unless --api-cert is given).
     #[arg(long, default_value = "127.0.0.1:9780", value_name = "ADDR")]
@@ -121,7 +147,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         audit_retention: args.audit_retention,
     };
-    let store = server::open_store(&opts.data_dir).await?;
+    let backend = match args.store.as_str() {
+        "etcd" => {
+            if args.etcd_endpoints.is_empty() {
+                anyhow::bail!("--store etcd needs --etcd-endpoints URL[,URL...]");
+            }
+            let mut client = ztp_control::etcd::EtcdConfig::new(args.etcd_endpoints.clone());
+            client.ca = args.etcd_ca.clone();
+            client.cert = args.etcd_cert.clone();
+            client.key = args.etcd_key.clone();
+            server::StoreBackend::Etcd(ztp_control::store::etcd::EtcdOptions {
+                client,
+                prefix: args.etcd_prefix.clone(),
+            })
+        }
+        _ => {
+            if !args.etcd_endpoints.is_empty() || args.etcd_ca.is_some() || args.etcd_cert.is_some()
+            {
+                anyhow::bail!("--etcd-* options need --store etcd");
+            }
+            server::StoreBackend::Sled
+        }
+    };
+    let store = server::open_store_on(&opts.data_dir, backend).await?;
     server::serve(store, &opts, async {
         let sig = ztp_infra::signal::stop().await;
         tracing::info!(signal = sig, "stopping");

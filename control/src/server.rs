@@ -36,16 +36,39 @@ pub struct GrpcOptions {
     pub trust_domain: String,
 }
 
-/// Opens (or creates) the store in `dir`, with private file modes; on first start writes
-/// the admin token to `dir/admin-token`.
+/// Where the store's records live.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// sled in the data folder.
+    Sled,
+    /// An etcd cluster, shared with other instances.
+    Etcd(crate::store::etcd::EtcdOptions),
+}
+
+/// Opens (or creates) the sled store in `dir`, with private file modes; on first start
+/// writes the admin token to `dir/admin-token`.
 pub async fn open_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
+    open_store_on(dir, StoreBackend::Sled).await
+}
+
+/// Opens the store on `backend`; `dir` holds the sled store (with sled) and the first
+/// admin token (written by the one instance that initializes the store).
+pub async fn open_store_on(dir: &Path, backend: StoreBackend) -> anyhow::Result<Arc<Store>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let store = Store::open(dir)?;
+    let store = match backend {
+        StoreBackend::Sled => Store::open(dir)?,
+        StoreBackend::Etcd(opts) => {
+            let backend = crate::store::etcd::EtcdBackend::connect(opts).await?;
+            Store::connect(Arc::new(backend)).await?
+        }
+    };
     restrict_modes(dir).with_context(|| format!("cannot set modes under {}", dir.display()))?;
     let store = Arc::new(store);
     bootstrap_token(&store, dir).await?;
+    let (backend, location) = store.describe();
     tracing::info!(
-        path = %dir.display(),
+        backend,
+        location = %location,
         config.version = store.version()?,
         "store open"
     );

@@ -31,6 +31,7 @@ use ztp_proto::{Connector, FieldError, Group, Invalid, Service, Snapshot, User};
 
 pub mod backend;
 mod conn_audit;
+pub mod etcd;
 pub mod sled;
 mod tokens;
 
@@ -637,6 +638,11 @@ impl Store {
     /// Waits until the configuration in memory is past `seq` (another instance's
     /// commit); when it does not come in time, reads everything again.
     async fn catch_up(&self, seq: u64) {
+        if !self.shared.backend.is_shared() {
+            // Nothing reports the other writer's commit: read everything again.
+            self.state().unsure = true;
+            return;
+        }
         let mut seqs = self.shared.seqs.subscribe();
         let moved = tokio::time::timeout(CATCH_UP, seqs.wait_for(|s| *s > seq)).await;
         if !matches!(moved, Ok(Ok(_))) {

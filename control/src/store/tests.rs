@@ -1236,11 +1236,10 @@ pub async fn the_first_token_is_stored_once(p: &dyn Place) {
     assert_eq!(tokens, 1);
 }
 
-/// Runs every case of the shared suite on places made by `place`.
-#[macro_export]
-macro_rules! store_suite {
-    ($place:expr) => {
-        store_suite!(@cases $place;
+/// Calls `$then!` with every case of the shared suite.
+macro_rules! with_cases {
+    ($then:ident) => {
+        $then!(
             writes_bump_the_version_and_survive_reopen,
             integrity_is_enforced,
             group_delete_in_use_and_cascade,
@@ -1261,18 +1260,88 @@ macro_rules! store_suite {
             the_first_token_is_stored_once
         );
     };
-    (@cases $place:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let place = $place;
-                $crate::store::tests::$case(&place).await;
-            }
-        )*
+}
+
+/// One `#[tokio::test]` per case, on sled.
+macro_rules! sled_tests {
+    ($($case:ident),* $(,)?) => {
+        mod on_sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&super::SledPlace::new()).await;
+                }
+            )*
+        }
     };
 }
 
-mod on_sled {
-    use super::SledPlace;
-    store_suite!(SledPlace::new());
+with_cases!(sled_tests);
+
+/// etcd: one test runs every case in turn on one real 3-member cluster on loopback,
+/// each case under its own prefix (and its own stores: one instance, or several).
+macro_rules! etcd_test {
+    ($($case:ident),* $(,)?) => {
+        mod on_etcd {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_shared_suite_on_a_three_member_etcd_cluster() {
+                let Some(cluster) =
+                    ztp_tests::etcd::EtcdCluster::start("store suite on etcd", 3).await
+                else {
+                    return;
+                };
+                $(
+                    eprintln!("case {}", stringify!($case));
+                    let place = super::EtcdPlace::new(cluster.endpoints(), stringify!($case));
+                    super::$case(&place).await;
+                )*
+            }
+        }
+    };
+}
+
+with_cases!(etcd_test);
+
+/// A prefix in an etcd cluster; every store opened is another instance on it.
+pub struct EtcdPlace {
+    endpoints: Vec<String>,
+    prefix: String,
+    backend: std::sync::Mutex<Option<Arc<dyn Backend>>>,
+}
+
+impl EtcdPlace {
+    pub fn new(endpoints: Vec<String>, case: &str) -> Self {
+        EtcdPlace {
+            endpoints,
+            prefix: format!("/ztp-test/{case}/"),
+            backend: Default::default(),
+        }
+    }
+
+    async fn connect(&self) -> Arc<dyn Backend> {
+        let opts = super::etcd::EtcdOptions {
+            client: crate::etcd::EtcdConfig::new(self.endpoints.clone()),
+            prefix: self.prefix.clone(),
+        };
+        Arc::new(super::etcd::EtcdBackend::connect(opts).await.unwrap())
+    }
+}
+
+impl Place for EtcdPlace {
+    fn open(&self) -> BoxFuture<'_, Store> {
+        Box::pin(async move { Store::connect(self.connect().await).await.unwrap() })
+    }
+    fn backend(&self) -> BoxFuture<'_, Arc<dyn Backend>> {
+        Box::pin(async move {
+            if let Some(b) = self.backend.lock().unwrap().clone() {
+                return b;
+            }
+            let b = self.connect().await;
+            self.backend.lock().unwrap().get_or_insert(b).clone()
+        })
+    }
+    fn restart(&self) {}
+    fn files(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }

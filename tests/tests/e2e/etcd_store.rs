@@ -1,0 +1,292 @@
+//! The control plane on etcd (DESIGN.md "Control plane on an existing distributed
+//! store"): several real `ztp-control` instances on a real 3-member etcd cluster on
+//! loopback. Any instance takes any write and every instance sees it; the first admin
+//! token is written once, also when the instances start together; two instances writing
+//! the same record concurrently never overwrite silently; writes go on when an etcd
+//! member dies, and resume after the leader dies.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use ztp_tests::bins::Bin;
+use ztp_tests::control::{Control, ControlOptions};
+use ztp_tests::etcd::EtcdCluster;
+use ztp_tests::process::{Process, Stream};
+use ztp_tests::tempdir::TempDir;
+use ztp_tests::TestPki;
+
+/// `--store etcd` flags for `cluster` under `prefix`.
+fn etcd_args(cluster: &EtcdCluster, prefix: &str) -> Vec<String> {
+    vec![
+        "--store".into(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        cluster.endpoints().join(","),
+        "--etcd-prefix".into(),
+        prefix.into(),
+    ]
+}
+
+/// Starts `n` instances at once (API only, their own data folders) and waits until each
+/// serves; returns them with their data folders and API addresses.
+async fn start_together(
+    cluster: &EtcdCluster,
+    prefix: &str,
+    n: usize,
+    root: &TempDir,
+) -> Vec<(Process, PathBuf, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let dir = root.join(format!("data{i}"));
+        let mut cmd = Command::new(Bin::Control.path());
+        cmd.arg("--data-dir")
+            .arg(&dir)
+            .arg("--api-listen")
+            .arg("127.0.0.1:0")
+            .arg("--log-format")
+            .arg("json")
+            .args(etcd_args(cluster, prefix))
+            .env_remove("RUST_LOG");
+        out.push((Process::spawn(&format!("ztp-control {i}"), cmd), dir));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = Vec::new();
+    for (p, dir) in out {
+        let addr = loop {
+            let found = p
+                .lines(Stream::Stderr)
+                .into_iter()
+                .chain(p.lines(Stream::Stdout))
+                .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+                .find(|v| v["message"] == "api listening")
+                .and_then(|v| v["addr"].as_str().map(str::to_owned));
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "an instance did not start on etcd: {:?}",
+                p.lines(Stream::Stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        ready.push((p, dir, addr));
+    }
+    ready
+}
+
+async fn call(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![("Authorization", auth.as_str())];
+    let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+    if bytes.is_some() {
+        headers.push(("Content-Type", "application/json"));
+    }
+    let r = ztp_tests::http::request(
+        addr.parse().unwrap(),
+        method,
+        path,
+        &headers,
+        bytes.as_deref(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
+    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    (r.status, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_one_etcd_share_every_write_and_write_the_first_token_once() {
+    let Some(cluster) = EtcdCluster::start("instances on one etcd", 3).await else {
+        return;
+    };
+    let root = TempDir::new("etcd-instances");
+    let instances = start_together(&cluster, "/ztp-e2e/", 3, &root).await;
+    let tokens: Vec<String> = instances
+        .iter()
+        .filter_map(|(_, dir, _)| std::fs::read_to_string(dir.join("admin-token")).ok())
+        .collect();
+    assert_eq!(
+        tokens.len(),
+        1,
+        "exactly one of three instances started together writes the admin token"
+    );
+    let token = tokens[0].trim().to_owned();
+    for (_, dir, _) in &instances {
+        assert!(
+            !dir.join("admin-token.tmp").exists(),
+            "a losing instance left its unused token behind"
+        );
+    }
+
+    // A write on any instance is read on every instance, with the same version.
+    let (s, _) = call(
+        &instances[0].2,
+        &token,
+        "POST",
+        "/v1/groups",
+        Some(&json!({"name": "ops"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _) = call(
+        &instances[1].2,
+        &token,
+        "POST",
+        "/v1/services",
+        Some(&json!({"name": "ssh.svc.internal", "address": "10.0.0.1:22", "groups": ["ops"]})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (_, _, addr) in &instances {
+        loop {
+            let (s, v) = call(addr, &token, "GET", "/v1/services/ssh.svc.internal", None).await;
+            if s == 200 {
+                assert_eq!(v["groups"], json!(["ops"]));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} never saw the service ({s} {v})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The group in use is refused on a third instance (the rules see every write).
+    let (s, v) = call(&instances[2].2, &token, "DELETE", "/v1/groups/ops", None).await;
+    assert_eq!(s, 409, "{v}");
+
+    // Two instances creating the same record at once: one 201, the other 409.
+    for round in 0..5 {
+        let name = format!("race{round}");
+        let body = json!({"name": name});
+        let (a, b) = tokio::join!(
+            call(&instances[0].2, &token, "POST", "/v1/groups", Some(&body)),
+            call(&instances[1].2, &token, "POST", "/v1/groups", Some(&body)),
+        );
+        let mut codes = [a.0, b.0];
+        codes.sort();
+        assert_eq!(codes, [201, 409], "round {round}: {a:?} {b:?}");
+    }
+    // Two instances replacing a record on the same If-Match: one wins, the other 412.
+    for round in 0..5 {
+        let (_, list) = call(&instances[2].2, &token, "GET", "/v1/groups", None).await;
+        let _ = list;
+        let r = ztp_tests::http::request(
+            instances[2].2.parse().unwrap(),
+            "GET",
+            "/v1/services/ssh.svc.internal",
+            &[("Authorization", &format!("Bearer {token}"))],
+            None,
+        )
+        .await
+        .unwrap();
+        let version = r.etag_version().expect("an ETag");
+        let put = |addr: String, address: &'static str| {
+            let token = token.clone();
+            async move {
+                let body = serde_json::to_vec(
+                    &json!({"name": "ssh.svc.internal", "address": address, "groups": ["ops"]}),
+                )
+                .unwrap();
+                let auth = format!("Bearer {token}");
+                let etag = format!("\"{version}\"");
+                ztp_tests::http::request(
+                    addr.parse().unwrap(),
+                    "PUT",
+                    "/v1/services/ssh.svc.internal",
+                    &[
+                        ("Authorization", auth.as_str()),
+                        ("Content-Type", "application/json"),
+                        ("If-Match", etag.as_str()),
+                    ],
+                    Some(&body),
+                )
+                .await
+                .unwrap()
+                .status
+            }
+        };
+        let (a, b) = tokio::join!(
+            put(instances[0].2.clone(), "10.0.0.2:22"),
+            put(instances[1].2.clone(), "10.0.0.3:22"),
+        );
+        let mut codes = [a, b];
+        codes.sort();
+        assert_eq!(codes, [200, 412], "round {round}: If-Match {version}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_when_an_etcd_member_dies_and_resume_after_the_leader_dies() {
+    let Some(mut cluster) = EtcdCluster::start("etcd member loss", 3).await else {
+        return;
+    };
+    let args = etcd_args(&cluster, "/ztp-e2e/");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pki = TestPki::new();
+    let control = Control::start_with(
+        &pki,
+        ControlOptions {
+            no_grpc: true,
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let write = |i: u32| {
+        let body = json!({"name": format!("g{i}")});
+        let control = &control;
+        async move { control.api("POST", "/v1/groups", Some(&body)).await.status }
+    };
+    assert_eq!(write(0).await, 201);
+
+    // The leader dies: writes fail (503, never a silent loss) until etcd has a new
+    // leader, then succeed again.
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let killed = Instant::now();
+    let mut i = 1;
+    let back = loop {
+        let status = write(i).await;
+        if status == 201 {
+            break killed.elapsed();
+        }
+        assert_eq!(
+            status, 503,
+            "a write while etcd has no leader is refused as unavailable"
+        );
+        // A refused write may have landed after all: the next one is another record.
+        i += 1;
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "writes did not resume"
+        );
+    };
+    eprintln!("writes resumed {back:?} after the leader was killed");
+    cluster.restart(leader).await;
+
+    // One follower of three dies: every write still succeeds at once.
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    cluster.kill(follower);
+    for _ in 0..10 {
+        i += 1;
+        assert_eq!(write(i).await, 201, "a write with one member of three down");
+    }
+    let groups = control.list_all("groups").await;
+    assert!(
+        groups.len() >= 12,
+        "every acknowledged write is kept: {}",
+        groups.len()
+    );
+}
