@@ -1236,6 +1236,75 @@ pub async fn the_first_token_is_stored_once(p: &dyn Place) {
     assert_eq!(tokens, 1);
 }
 
+/// A write larger than one backend transaction (3,000 users: etcd takes 128 operations
+/// in one) is still one version, seen whole by a store that was following and by one
+/// opened after it; writes go on after it.
+pub async fn a_large_import_is_one_version_everywhere(p: &dyn Place) {
+    let a = Actor::system();
+    // A second store on one backend follows the first only where instances share it.
+    let shared = p.backend().await.is_shared();
+    let writer = Arc::new(p.open().await);
+    let follower = if shared {
+        Arc::new(p.open().await)
+    } else {
+        writer.clone()
+    };
+    writer.create_group(group("old"), None, &a).await.unwrap();
+    let users: Vec<User> = (0..3000)
+        .map(|i| {
+            user(
+                &format!("user{i:04}"),
+                &[&format!("user{i}@example.com")],
+                &["staff"],
+            )
+        })
+        .collect();
+    let snap = Snapshot {
+        version: 0,
+        services: vec![svc("big.svc.internal", &["staff"])],
+        users,
+        groups: vec![group("staff")],
+        revoked: vec!["0a".into()],
+        connectors: vec![],
+    };
+    let v = writer.import(snap, None, &a).await.unwrap();
+    let audit = writer.audit(2).await.unwrap();
+    assert_eq!(audit[0].action, "import");
+    assert_eq!(audit[0].version, v);
+    assert_eq!(audit[1].version, v - 1, "one version, one audit record");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while follower.version().unwrap() != v {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never saw the import"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = p.open().await;
+    for (who, store) in [("follower", &*follower), ("opened after", &opened)] {
+        let got = store.snapshot().await.unwrap();
+        assert_eq!(got.version, v, "{who}");
+        assert_eq!(got.users.len(), 3000, "{who}");
+        assert_eq!(got.groups, [group("staff")], "{who}");
+        assert_eq!(got.revoked, ["0a"], "{who}");
+    }
+    // The identities of the import are claimed; writes go on, on any store.
+    let e = opened
+        .put_user(user("eve", &["USER7@example.com"], &[]), true, None, &a)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+    let next = follower
+        .create_group(group("after"), None, &a)
+        .await
+        .unwrap();
+    assert_eq!(next, v + 1);
+    let loaded = p.backend().await.load().await.unwrap();
+    assert_eq!(loaded.version, v + 1);
+    let users = loaded.records.iter().filter(|r| r.0 == Kind::User).count();
+    assert_eq!(users, 3000, "every record written out");
+}
+
 /// Calls `$then!` with every case of the shared suite.
 macro_rules! with_cases {
     ($then:ident) => {
@@ -1257,7 +1326,8 @@ macro_rules! with_cases {
             import_replaces_the_connectors_and_their_references,
             connection_records_filter_order_and_retention,
             connection_retention_holds_in_every_view,
-            the_first_token_is_stored_once
+            the_first_token_is_stored_once,
+            a_large_import_is_one_version_everywhere
         );
     };
 }
