@@ -139,7 +139,11 @@ pub(crate) fn tls_error(status: &Status) -> Option<String> {
             if io.kind() == std::io::ErrorKind::InvalidData
                 && text.starts_with("received fatal alert")
             {
-                return Some(text);
+                return Some(format!(
+                    "{text} (the member ended the connection after the handshake: does it \
+                     require a client certificate (--etcd-cert, --etcd-key) from a CA it \
+                     trusts?)"
+                ));
             }
         }
         source = err.source();
@@ -169,7 +173,8 @@ pub(crate) fn describe(status: &Status) -> String {
     let mut source = status.source();
     while let Some(err) = source {
         let part = err.to_string();
-        if !part.is_empty() && !text.contains(&part) {
+        // tonic's transport error says only "transport error"; its source says what.
+        if !err.is::<tonic::transport::Error>() && !part.is_empty() && !text.contains(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }
