@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process runs), `/readyz` (it holds a snapshot and
-//! accepts connections) and `/metrics` (Prometheus).
+//! accepts connections; with `--control`, a second line names the control-plane
+//! instance in use: `control: URL (subscribed|connecting)`) and `/metrics` (Prometheus).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,12 +49,21 @@ async fn metrics(State(s): State<AdminState>) -> impl axum::response::IntoRespon
     )
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    if s.ready.get() {
-        (StatusCode::OK, "ready\n")
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    let (status, mut body) = if s.ready.get() {
+        (StatusCode::OK, String::from("ready\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready\n"))
+    };
+    if let Some((url, subscribed)) = s.ready.control() {
+        let state = if subscribed {
+            "subscribed"
+        } else {
+            "connecting"
+        };
+        body.push_str(&format!("control: {url} ({state})\n"));
     }
+    (status, body)
 }
 
 /// Serves the admin port until `shutdown`, within `ztp_infra::http`'s limits on

@@ -62,8 +62,10 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with = "control")]
     pub snapshot: Option<PathBuf>,
 
-    /// The control plane's config stream, https://HOST:9781 (or --snapshot).
-    #[arg(long, value_name = "URL", requires_all = ["node_cert", "node_key", "control_ca"])]
+    /// The control plane's config stream, https://HOST:9781 (or --snapshot). Several
+    /// instances, comma-separated, are tried in order: on loss the node moves to the next
+    /// one and resumes from the version it applied.
+    #[arg(long, value_name = "URL[,URL…]", requires_all = ["node_cert", "node_key", "control_ca"])]
     pub control: Option<String>,
 
     /// This node's certificate (PEM), carrying spiffe://DOMAIN/node/ID.
@@ -201,7 +203,11 @@ impl Args {
         let source = match (self.snapshot, self.control) {
             (Some(path), None) => Source::File(path),
             (None, Some(url)) => Source::Control(ControlSource {
-                url,
+                // Every entry checked before anything starts (the subscriber parses the
+                // list again).
+                url: crate::snapshot::grpc::parse_control_urls(&url)
+                    .map(|_| url)
+                    .map_err(|e| e.to_string())?,
                 node_cert: need(self.node_cert, "--node-cert")?,
                 node_key: need(self.node_key, "--node-key")?,
                 control_ca: need(self.control_ca, "--control-ca")?,
@@ -270,5 +276,50 @@ impl Args {
             drain_timeout: self.drain_timeout,
             threads,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(control: &str) -> Result<Config, String> {
+        let args = Args::try_parse_from([
+            "ztp-dataplane",
+            "--cert",
+            "s.pem",
+            "--key",
+            "s.key",
+            "--client-ca",
+            "ca.pem",
+            "--node-cert",
+            "n.pem",
+            "--node-key",
+            "n.key",
+            "--control-ca",
+            "ca.pem",
+            "--control",
+            control,
+        ])
+        .map_err(|e| e.to_string())?;
+        args.into_config()
+    }
+
+    #[test]
+    fn control_takes_a_list_and_names_a_bad_entry() {
+        let c = config("https://a.example:9781, https://b.example:9782").unwrap();
+        match c.source {
+            Source::Control(s) => {
+                assert_eq!(s.url, "https://a.example:9781, https://b.example:9782");
+            }
+            Source::File(_) => panic!("not a control source"),
+        }
+        let e = config("https://a.example:9781,http://b.example:9782").unwrap_err();
+        assert!(e.contains("\"http://b.example:9782\""), "{e}");
+        assert!(e.contains("https://HOST:PORT"), "{e}");
+        let e = config("https://a.example:9781,,https://b.example:1").unwrap_err();
+        assert!(e.contains("empty entry"), "{e}");
+        let e = config("https://a.example:9781,https://A.example").unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
     }
 }

@@ -6,11 +6,41 @@
 //! swapped in, and acked — or nacked with the reason, keeping the last good one. When
 //! the control plane is away the node keeps serving what it has and reconnects with
 //! jittered exponential backoff.
+//!
+//! # Several instances (`--control URL[,URL…]`)
+//!
+//! The node subscribes to one instance at a time, the first of the list at start. When
+//! the stream is lost, or an instance cannot be reached (connect, TLS, the subscription
+//! itself), the node moves to the next instance of the list (wrapping), at once: a
+//! backoff (jittered, exponential, as with one instance) comes only after every instance
+//! of the list failed in a row. An instance that works stays in use: the node never moves
+//! back to the first by itself. The tunnel map (`Tunnels`) comes from the instance in
+//! use, over the same connection.
+//!
+//! On every instance the `Hello` carries the version the node applied, so an instance at
+//! that version sends nothing until the version moves, and one at another version sends
+//! its snapshot. Instances sharing one store have the same versions, so a snapshot
+//! *older* than the applied version means that instance lags behind the store (its watch
+//! has not caught up), not that the configuration went back; applying it would undo
+//! changes for a while (a revocation, say). The rule:
+//!
+//! - a snapshot at the applied version or newer is applied;
+//! - an older one is refused (nacked, with the applied version in the reason; the node
+//!   keeps what it has) and the instance gets [`LAG_GRACE`] to catch up on the same
+//!   stream; if it does not, the node moves on to the next instance;
+//! - only when a whole round of the list (every instance in a row) ended without an
+//!   instance at the applied version or newer, and at least one of them was reached and
+//!   was behind, is an older snapshot taken, from the next instance that offers one,
+//!   with a warning: the store itself went back (restored from a backup, say), and the
+//!   instances all agree on it.
+//!
+//! A dead instance is noticed by HTTP/2 keepalive (a ping after 1 s without frames, 2 s
+//! for the answer, also while idle): a frozen process is left within about 3 s.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::sign::SingleCertAndKey;
@@ -32,7 +62,8 @@ use pb::node_message::Kind;
 /// Where and how to reach the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlSource {
-    /// `https://HOST:PORT`.
+    /// `https://HOST:PORT`, or several instances separated by commas (see
+    /// [`parse_control_urls`]).
     pub url: String,
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
@@ -48,6 +79,10 @@ pub struct ControlSource {
 pub enum SourceError {
     #[error("--control {0:?}: expected https://HOST:PORT")]
     BadUrl(String),
+    #[error("--control {0:?}: an empty entry (expected https://HOST:PORT[,https://HOST:PORT…])")]
+    EmptyUrl(String),
+    #[error("--control {0:?}: the same instance as {1:?} (listed twice)")]
+    DuplicateUrl(String, String),
     #[error(transparent)]
     Material(#[from] ztp_infra::tls::TlsError),
     #[error("{0}: the node certificate carries no node URI (spiffe://DOMAIN/node/ID) in trust domain {1}")]
@@ -56,11 +91,87 @@ pub enum SourceError {
     Tls(String),
 }
 
+/// One control-plane instance of `--control`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    /// As given (spaces around it removed).
+    pub url: String,
+    /// Without brackets for an IPv6 address: the name the TLS handshake checks.
+    pub host: String,
+    pub port: u16,
+}
+
+/// The port of `https://HOST` without one.
+pub const DEFAULT_CONTROL_PORT: u16 = 9781;
+
+/// Parses `--control`: `https://HOST:PORT`, or several separated by commas (spaces around
+/// an entry are ignored), in the order the node tries them. An entry that is not such a
+/// URL (another scheme, a path, a query, user info, no host, port 0), an empty entry, or
+/// one naming the host and port of an earlier entry is refused with a message naming it.
+/// The port defaults to [`DEFAULT_CONTROL_PORT`].
+pub fn parse_control_urls(list: &str) -> Result<Vec<ControlUrl>, SourceError> {
+    let mut out: Vec<ControlUrl> = Vec::new();
+    for entry in list.split(',') {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Err(SourceError::EmptyUrl(list.to_owned()));
+        }
+        let url = parse_control_url(entry)?;
+        if let Some(earlier) = out
+            .iter()
+            .find(|o| o.port == url.port && o.host.eq_ignore_ascii_case(&url.host))
+        {
+            return Err(SourceError::DuplicateUrl(url.url, earlier.url.clone()));
+        }
+        out.push(url);
+    }
+    Ok(out)
+}
+
+fn parse_control_url(entry: &str) -> Result<ControlUrl, SourceError> {
+    let bad = || SourceError::BadUrl(entry.to_owned());
+    let uri: Uri = entry.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad());
+    }
+    let authority = uri.authority().ok_or_else(bad)?.as_str();
+    if authority.contains('@') || !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad());
+    }
+    let host = uri
+        .host()
+        .ok_or_else(bad)?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    // From the authority's text: `Uri::port` takes an out-of-range port for none.
+    let after_host = match authority.rfind(']') {
+        Some(i) => &authority[i + 1..],
+        None => authority.rfind(':').map_or("", |i| &authority[i..]),
+    };
+    let port = match after_host.strip_prefix(':') {
+        None if after_host.is_empty() => DEFAULT_CONTROL_PORT,
+        None => return Err(bad()),
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(bad()),
+            Ok(p) => p,
+        },
+    };
+    if host.is_empty() || ServerName::try_from(host.clone()).is_err() {
+        return Err(bad());
+    }
+    Ok(ControlUrl {
+        url: entry.to_owned(),
+        host,
+        port,
+    })
+}
+
 /// A connected-and-checked setup: the TLS client config and the node's identity.
 pub struct Subscriber {
     source: ControlSource,
-    host: String,
-    port: u16,
+    /// The instances of `--control`, in order (at least one).
+    instances: Vec<ControlUrl>,
     tls: Arc<rustls::ClientConfig>,
     node_id: String,
     publisher: Arc<Mutex<Publisher>>,
@@ -78,6 +189,30 @@ pub struct Subscriber {
 /// Connection records a node keeps for the control plane while it is away.
 pub const AUDIT_QUEUE: usize = 10_000;
 
+/// Time an instance has to reach the applied version after it offered an older one,
+/// before the node moves to the next instance.
+pub const LAG_GRACE: Duration = Duration::from_secs(5);
+
+/// TCP connect and TLS handshake with an instance.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// From the TLS handshake to the streams' answers.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 keepalive: a ping after this long without a frame from the instance…
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// …and this long for its answer before the connection is taken for dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A subscription that lasted this long was healthy even if no snapshot came (the
+/// instance was at the node's version).
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// The first backoff after a whole round of the list failed, and its bound.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 impl Subscriber {
     /// Loads the node's certificate, key and the control plane's CA; checks the URL.
     pub fn new(
@@ -87,20 +222,7 @@ impl Subscriber {
         ready: Arc<Readiness>,
         audit: mpsc::Receiver<pb::ConnectionRecord>,
     ) -> Result<Self, SourceError> {
-        let uri: Uri = source
-            .url
-            .parse()
-            .map_err(|_| SourceError::BadUrl(source.url.clone()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(SourceError::BadUrl(source.url.clone()));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| SourceError::BadUrl(source.url.clone()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(9781);
+        let instances = parse_control_urls(&source.url)?;
 
         // The node's key enters as a signer (`SigningKey`), as the servers' do.
         let provider = ztp_infra::tls::provider();
@@ -121,8 +243,7 @@ impl Subscriber {
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Subscriber {
             source,
-            host,
-            port,
+            instances,
             tls: Arc::new(tls),
             node_id,
             publisher,
@@ -143,31 +264,55 @@ impl Subscriber {
         &self.node_id
     }
 
-    /// Subscribes until the process ends, reconnecting with jittered backoff.
+    /// Subscribes until the process ends, moving through the instances of the list and
+    /// backing off (jittered) after a whole round of them failed (see the module docs).
     pub async fn run(self) {
         let mut applied = 0u64;
-        let mut backoff = Duration::from_millis(100);
+        let mut rotation = Rotation::new(self.instances.len());
         loop {
-            let before = applied;
-            let result = self.session(&mut applied).await;
+            let target = &self.instances[rotation.current()];
+            self.ready.set_control(&target.url, false);
+            let mut progress = Progress::default();
+            let result = self
+                .session(target, &mut applied, rotation.accept_older(), &mut progress)
+                .await;
             self.ready.lost_contact();
-            match result {
-                Ok(()) => tracing::warn!("control plane closed the config stream"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "config stream failed; serving the last good snapshot")
-                }
+            let outcome = match &result {
+                Err(SessionError::Behind { .. }) => Outcome::Behind,
+                _ if progress.healthy() => Outcome::Healthy,
+                _ => Outcome::Failed,
+            };
+            let error = match &result {
+                Ok(()) => "the control plane closed the config stream".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            let wait = match rotation.advance(outcome) {
+                d if d.is_zero() => d,
+                d => jitter(d),
+            };
+            let retry_in_ms = wait.as_millis() as u64;
+            let next = &self.instances[rotation.current()];
+            if next.url != target.url {
+                tracing::warn!(
+                    error = %error,
+                    control.from = %target.url,
+                    control.to = %next.url,
+                    retry_in_ms,
+                    "control plane lost; moving to {}",
+                    next.url
+                );
+            } else {
+                tracing::warn!(
+                    error = %error,
+                    control = %target.url,
+                    retry_in_ms,
+                    "config stream failed; serving the last good snapshot and reconnecting"
+                );
             }
-            // A session that delivered a snapshot was healthy: start the backoff afresh.
-            if applied != before {
-                backoff = Duration::from_millis(100);
+            self.ready.set_control(&next.url, false);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
-            let wait = jitter(backoff);
-            tracing::info!(
-                retry_in_ms = wait.as_millis() as u64,
-                "reconnecting to the control plane"
-            );
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -181,9 +326,17 @@ impl Subscriber {
         self.advertise = advertise;
     }
 
-    async fn session(&self, applied: &mut u64) -> Result<(), SessionError> {
+    /// One subscription to `target`, until it ends; `applied` follows what the node
+    /// applies. An older snapshot than `applied` is taken only with `accept_older`.
+    async fn session(
+        &self,
+        target: &ControlUrl,
+        applied: &mut u64,
+        accept_older: bool,
+        progress: &mut Progress,
+    ) -> Result<(), SessionError> {
         let tls = TlsConnector::from(self.tls.clone());
-        let (host, port) = (self.host.clone(), self.port);
+        let (host, port) = (target.host.clone(), target.port);
         let connector = tower::service_fn(move |_: Uri| {
             let (tls, host) = (tls.clone(), host.clone());
             async move {
@@ -195,13 +348,15 @@ impl Subscriber {
                 Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         });
-        // The scheme is http because the connector does TLS itself.
+        // The scheme is http because the connector does TLS itself. The connect timeout
+        // bounds the connector as a whole (TCP and TLS): a frozen instance accepts TCP
+        // connections (the kernel does) but never finishes a handshake.
         let channel =
-            Endpoint::from_shared(format!("http://{}:{}", bracket(&self.host), self.port))
+            Endpoint::from_shared(format!("http://{}:{}", bracket(&target.host), target.port))
                 .map_err(|e| SessionError::Connect(e.to_string()))?
-                .connect_timeout(Duration::from_secs(5))
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(10))
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true)
                 .connect_with_connector(connector)
                 .await
@@ -219,27 +374,40 @@ impl Subscriber {
             advertise: self.advertise.clone(),
         };
         let _ = tx.send(msg(Kind::Hello(hello))).await;
-        client
-            .ready()
+        let subscribe = async {
+            client
+                .ready()
+                .await
+                .map_err(|e| SessionError::Connect(e.to_string()))?;
+            client
+                .streaming(
+                    tonic::Request::new(ReceiverStream::new(rx)),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(
+                        "/ztp.config.v1.ConfigService/Subscribe",
+                    ),
+                    ztp_proto::wire::NodeCodec,
+                )
+                .await
+                .map_err(SessionError::Status)
+        };
+        let mut stream = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe)
             .await
-            .map_err(|e| SessionError::Connect(e.to_string()))?;
-        let mut stream = client
-            .streaming(
-                tonic::Request::new(ReceiverStream::new(rx)),
-                tonic::codegen::http::uri::PathAndQuery::from_static(
-                    "/ztp.config.v1.ConfigService/Subscribe",
-                ),
-                ztp_proto::wire::NodeCodec,
-            )
-            .await
-            .map_err(SessionError::Status)?
+            .map_err(|_| SessionError::Connect("no answer to the subscription".into()))??
             .into_inner();
-        tracing::info!(node.id = %self.node_id, url = %self.source.url, "subscribed to the control plane");
+        tracing::info!(
+            node.id = %self.node_id,
+            url = %target.url,
+            applied = *applied,
+            "subscribed to the control plane"
+        );
+        progress.subscribed = Some(Instant::now());
         self.ready.in_contact();
+        self.ready.set_control(&target.url, true);
         // Where the connectors' tunnels are, cluster-wide (a control plane without the
         // call serves no relays: this node then serves its own tunnels only).
-        let mut holders = match client.ready().await {
-            Ok(()) => client
+        let tunnel_map = async {
+            client.ready().await.ok()?;
+            client
                 .server_streaming(
                     tonic::Request::new(pb::TunnelsRequest {}),
                     tonic::codegen::http::uri::PathAndQuery::from_static(
@@ -250,13 +418,19 @@ impl Subscriber {
                 .await
                 .map(|r| r.into_inner())
                 .map_err(|e| tracing::debug!(error = %e, "no tunnel map from the control plane"))
-                .ok(),
-            Err(_) => None,
+                .ok()
         };
+        let mut holders = tokio::time::timeout(SUBSCRIBE_TIMEOUT, tunnel_map)
+            .await
+            .ok()
+            .flatten();
         let mut audit = self.audit.lock().await;
         // The tunnels this node holds, now and on every change.
         let mut tunnels = self.registry.tunnels().changes();
         tunnels.mark_changed();
+        // While this instance offers a version older than the applied one: until when
+        // it may catch up, and what it offered.
+        let mut behind: Option<(tokio::time::Instant, u64)> = None;
         loop {
             let raw = tokio::select! {
                 m = stream.message() => match m.map_err(SessionError::Status)? {
@@ -304,7 +478,56 @@ impl Subscriber {
                     }
                     continue;
                 }
+                () = async move {
+                    match behind {
+                        Some((until, _)) => tokio::time::sleep_until(until).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let version = behind.map_or(0, |(_, v)| v);
+                    return Err(SessionError::Behind { version, applied: *applied });
+                }
             };
+            // Versions only move forward, unless every instance agrees they went back
+            // (see the module docs).
+            if let Some(version) = wire_version(&raw) {
+                match version_decision(version, *applied, accept_older) {
+                    VersionDecision::Apply => behind = None,
+                    VersionDecision::ApplyOlder => tracing::warn!(
+                        snapshot.version = version,
+                        applied = *applied,
+                        control = %target.url,
+                        "no control plane instance reached the applied version in a whole \
+                         round of the list; taking this older version as the configuration"
+                    ),
+                    VersionDecision::Wait => {
+                        let until = match behind {
+                            Some((until, _)) => until,
+                            None => {
+                                tracing::warn!(
+                                    snapshot.version = version,
+                                    applied = *applied,
+                                    control = %target.url,
+                                    grace_ms = LAG_GRACE.as_millis() as u64,
+                                    "this control plane is behind the applied version; \
+                                     waiting for it to catch up"
+                                );
+                                tokio::time::Instant::now() + LAG_GRACE
+                            }
+                        };
+                        behind = Some((until, version));
+                        let reason = format!(
+                            "version {version} is older than the applied version {}; \
+                             waiting for this control plane to catch up",
+                            *applied
+                        );
+                        if tx.send(msg(nack(version, reason))).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
             let schema = self.source.schema;
             let registry = self.registry.clone();
             // Decoding, conversion, validation, indexing, publishing and dropping the
@@ -318,6 +541,7 @@ impl Subscriber {
             let reply = match applied_result {
                 Ok((services, users)) => {
                     *applied = version;
+                    progress.applied = true;
                     self.ready.set(true);
                     tracing::info!(
                         snapshot.version = version,
@@ -334,6 +558,128 @@ impl Subscriber {
             }
         }
         Ok(())
+    }
+}
+
+/// What one session achieved, for [`Rotation::advance`].
+#[derive(Debug, Default)]
+struct Progress {
+    /// When the subscription was answered.
+    subscribed: Option<Instant>,
+    /// A snapshot was applied.
+    applied: bool,
+}
+
+impl Progress {
+    /// The instance worked: it delivered a snapshot, or kept the stream up for
+    /// [`HEALTHY_AFTER`] (it was at the node's version and had nothing to send).
+    fn healthy(&self) -> bool {
+        self.applied
+            || self
+                .subscribed
+                .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
+    }
+}
+
+/// How a session with one instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It worked for a while (see [`Progress::healthy`]) and then was lost.
+    Healthy,
+    /// No connection, no subscription, or a stream that ended before it was healthy.
+    Failed,
+    /// It was reached but stayed behind the applied version for [`LAG_GRACE`].
+    Behind,
+}
+
+/// The order in which the node tries the instances of the list, and when it waits.
+#[derive(Debug)]
+struct Rotation {
+    len: usize,
+    current: usize,
+    /// Sessions in a row that ended `Failed` or `Behind`, since the last healthy one.
+    streak: usize,
+    /// The same since the last healthy session or the last backoff: a round.
+    round: usize,
+    /// Some instance of the streak was reached and was behind.
+    behind: bool,
+    /// The next backoff (before jitter).
+    backoff: Duration,
+}
+
+impl Rotation {
+    fn new(len: usize) -> Rotation {
+        Rotation {
+            len: len.max(1),
+            current: 0,
+            streak: 0,
+            round: 0,
+            behind: false,
+            backoff: BACKOFF_FIRST,
+        }
+    }
+
+    /// The index of the instance to use.
+    fn current(&self) -> usize {
+        self.current
+    }
+
+    /// Whether the next session may take a snapshot older than the applied version:
+    /// every instance of the list, in a row, failed or stayed behind, and at least one
+    /// of them was reached and was behind.
+    fn accept_older(&self) -> bool {
+        self.behind && self.streak >= self.len
+    }
+
+    /// The session on the current instance ended with `outcome`: moves to the next
+    /// instance (wrapping) and returns how long to wait before trying it (before
+    /// jitter): nothing for the first try of another instance, the backoff (doubling
+    /// up to [`BACKOFF_MAX`]) once a whole round failed; with one instance, at least
+    /// [`BACKOFF_FIRST`] between two tries.
+    fn advance(&mut self, outcome: Outcome) -> Duration {
+        self.current = (self.current + 1) % self.len;
+        if outcome == Outcome::Healthy {
+            self.streak = 0;
+            self.round = 0;
+            self.behind = false;
+            self.backoff = BACKOFF_FIRST;
+            return if self.len == 1 {
+                BACKOFF_FIRST
+            } else {
+                Duration::ZERO
+            };
+        }
+        self.streak += 1;
+        self.round += 1;
+        self.behind |= outcome == Outcome::Behind;
+        if self.round < self.len {
+            return Duration::ZERO;
+        }
+        self.round = 0;
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
+/// What to do with a snapshot at `version` when `applied` is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VersionDecision {
+    /// The applied version or newer.
+    Apply,
+    /// Older, and a whole round found nothing newer: the store went back.
+    ApplyOlder,
+    /// Older: refuse it and give the instance time to catch up.
+    Wait,
+}
+
+fn version_decision(version: u64, applied: u64, accept_older: bool) -> VersionDecision {
+    if version >= applied {
+        VersionDecision::Apply
+    } else if accept_older {
+        VersionDecision::ApplyOlder
+    } else {
+        VersionDecision::Wait
     }
 }
 
@@ -403,18 +749,6 @@ fn apply(
 /// registry is fixed for the process today; were it reloadable, it would have to enter
 /// the digest.
 pub fn config_digest(raw: &[u8]) -> Option<[u8; 32]> {
-    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(*i)?;
-            *i += 1;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                return Some(v);
-            }
-        }
-        None
-    }
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut i = 0;
     while i < raw.len() {
@@ -438,6 +772,47 @@ pub fn config_digest(raw: &[u8]) -> Option<[u8; 32]> {
         }
     }
     ctx.finish().as_ref().try_into().ok()
+}
+
+/// A protobuf varint at `b[*i..]`, moving `i` past it.
+fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The `version` (field 2) of a wire snapshot, read without decoding the rest: the last
+/// occurrence, as a decoder takes it, or 0 when absent; `None` if the bytes are not a
+/// well-formed protobuf message at the top level (the full decode then refuses it).
+fn wire_version(raw: &[u8]) -> Option<u64> {
+    let mut version = 0;
+    let mut i = 0;
+    while i < raw.len() {
+        let key = varint(raw, &mut i)?;
+        match key & 7 {
+            0 => {
+                let v = varint(raw, &mut i)?;
+                if key >> 3 == 2 {
+                    version = v;
+                }
+            }
+            1 => i = i.checked_add(8)?,
+            2 => {
+                let len = usize::try_from(varint(raw, &mut i)?).ok()?;
+                i = i.checked_add(len)?;
+            }
+            5 => i = i.checked_add(4)?,
+            _ => return None,
+        }
+    }
+    (i == raw.len()).then_some(version)
 }
 
 fn nack(version: u64, reason: String) -> Kind {
@@ -483,6 +858,8 @@ enum SessionError {
     Connect(String),
     #[error("{0}")]
     Status(tonic::Status),
+    #[error("the control plane stayed at version {version}, older than the applied version {applied}, for {LAG_GRACE:?}")]
+    Behind { version: u64, applied: u64 },
 }
 
 #[cfg(test)]
@@ -594,6 +971,178 @@ mod tests {
         assert_eq!(v, 5);
         assert!(r.is_err());
         assert_eq!(current().version, 4);
+    }
+
+    #[test]
+    fn control_urls_parse_in_order_and_refuse_bad_entries_by_name() {
+        let urls = parse_control_urls(
+            "https://a.example:9781, https://10.0.0.2:7000 ,https://[::1]:9,https://c.example",
+        )
+        .unwrap();
+        let got: Vec<(&str, &str, u16)> = urls
+            .iter()
+            .map(|u| (u.url.as_str(), u.host.as_str(), u.port))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("https://a.example:9781", "a.example", 9781),
+                ("https://10.0.0.2:7000", "10.0.0.2", 7000),
+                ("https://[::1]:9", "::1", 9),
+                ("https://c.example", "c.example", DEFAULT_CONTROL_PORT),
+            ]
+        );
+        assert_eq!(parse_control_urls("https://a:1/").unwrap()[0].port, 1);
+
+        for bad in [
+            "http://a:1",
+            "a:1",
+            "https://",
+            "https://a:0",
+            "https://a:99999",
+            "https://a:",
+            "https://a:1/path",
+            "https://a:1?x=1",
+            "https://user@a:1",
+            "https://a b:1",
+        ] {
+            let list = format!("https://ok.example:1,{bad}");
+            match parse_control_urls(&list) {
+                Err(SourceError::BadUrl(u)) => assert_eq!(u, bad.trim(), "{list}"),
+                other => panic!("{list}: {other:?}"),
+            }
+            let e = parse_control_urls(&list).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        for empty in [
+            "",
+            " ",
+            "https://a:1,",
+            ",https://a:1",
+            "https://a:1,,https://b:1",
+        ] {
+            assert!(
+                matches!(parse_control_urls(empty), Err(SourceError::EmptyUrl(_))),
+                "{empty:?}"
+            );
+        }
+        // The same host and port twice, however written, is refused, naming both.
+        for (list, dup) in [
+            ("https://a:1,https://a:1", "https://a:1"),
+            ("https://a:9781,https://A", "https://A"),
+            ("https://b:2,https://a:1,https://a:1/", "https://a:1/"),
+        ] {
+            match parse_control_urls(list) {
+                Err(SourceError::DuplicateUrl(u, _)) => assert_eq!(u, dup, "{list}"),
+                other => panic!("{list}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            parse_control_urls("https://a:1,https://a:2").unwrap().len(),
+            2
+        );
+    }
+
+    #[test]
+    fn rotation_moves_on_at_once_and_backs_off_after_a_whole_round() {
+        use Outcome::*;
+        let zero = Duration::ZERO;
+        let mut r = Rotation::new(3);
+        assert_eq!(r.current(), 0);
+        // The first instance fails: the two others are tried at once, then a backoff
+        // that doubles with every whole round.
+        assert_eq!((r.advance(Failed), r.current()), (zero, 1));
+        assert_eq!((r.advance(Failed), r.current()), (zero, 2));
+        assert_eq!((r.advance(Failed), r.current()), (BACKOFF_FIRST, 0));
+        assert_eq!((r.advance(Failed), r.current()), (zero, 1));
+        assert_eq!((r.advance(Failed), r.current()), (zero, 2));
+        assert_eq!((r.advance(Failed), r.current()), (BACKOFF_FIRST * 2, 0));
+        // The first works, then is lost: the next one at once, and the backoff afresh.
+        assert_eq!((r.advance(Healthy), r.current()), (zero, 1));
+        assert_eq!((r.advance(Failed), r.current()), (zero, 2));
+        // A healthy instance stays in use: the node leaves it only when it is lost, for
+        // the next one (never back to the first by itself).
+        assert_eq!((r.advance(Healthy), r.current()), (zero, 0));
+        assert_eq!((r.advance(Failed), r.current()), (zero, 1));
+        assert_eq!((r.advance(Failed), r.current()), (zero, 2));
+        assert_eq!((r.advance(Failed), r.current()), (BACKOFF_FIRST, 0));
+        // Bounded.
+        for _ in 0..100 {
+            r.advance(Failed);
+        }
+        assert!(r.backoff <= BACKOFF_MAX);
+        assert_eq!(r.backoff, BACKOFF_MAX);
+
+        // One instance: every failure is a whole round, and even after a healthy
+        // session a short wait before the same instance again (as before lists).
+        let mut one = Rotation::new(1);
+        assert_eq!((one.advance(Failed), one.current()), (BACKOFF_FIRST, 0));
+        assert_eq!((one.advance(Failed), one.current()), (BACKOFF_FIRST * 2, 0));
+        assert_eq!((one.advance(Healthy), one.current()), (BACKOFF_FIRST, 0));
+        assert_eq!((one.advance(Failed), one.current()), (BACKOFF_FIRST, 0));
+    }
+
+    #[test]
+    fn an_older_version_is_taken_only_after_a_whole_round_found_nothing_newer() {
+        use Outcome::*;
+        assert_eq!(version_decision(7, 7, false), VersionDecision::Apply);
+        assert_eq!(version_decision(8, 7, false), VersionDecision::Apply);
+        assert_eq!(version_decision(6, 7, false), VersionDecision::Wait);
+        assert_eq!(version_decision(6, 7, true), VersionDecision::ApplyOlder);
+        assert_eq!(version_decision(9, 7, true), VersionDecision::Apply);
+
+        // A (dead) and B (behind): B is behind, A fails: a whole round, so B's older
+        // version is taken on the next try.
+        let mut r = Rotation::new(2);
+        assert_eq!(r.advance(Healthy), Duration::ZERO); // A lost; to B
+        assert!(!r.accept_older());
+        assert_eq!(r.advance(Behind), Duration::ZERO); // B behind; to A
+        assert!(!r.accept_older(), "A has not been tried yet");
+        assert_eq!(r.advance(Failed), BACKOFF_FIRST); // A unreachable; to B
+        assert!(r.accept_older());
+        assert_eq!(r.current(), 1);
+        // Having taken it, B is healthy: the slate is clean.
+        r.advance(Healthy);
+        assert!(!r.accept_older());
+
+        // Only failures (nobody reached): nothing older is ever taken.
+        let mut r = Rotation::new(2);
+        for _ in 0..6 {
+            r.advance(Failed);
+            assert!(!r.accept_older());
+        }
+        // Behind once, then a healthy instance (at the applied version or newer):
+        // forgotten.
+        let mut r = Rotation::new(3);
+        r.advance(Behind);
+        r.advance(Healthy);
+        r.advance(Failed);
+        r.advance(Failed);
+        assert!(!r.accept_older());
+        r.advance(Behind);
+        assert!(r.accept_older(), "three in a row, one behind");
+
+        // One instance that stays behind: its version is taken on the next try.
+        let mut one = Rotation::new(1);
+        one.advance(Behind);
+        assert!(one.accept_older());
+    }
+
+    #[test]
+    fn wire_version_reads_the_version_without_decoding() {
+        let raw = wire(42, &["alice"], &["0a"]);
+        assert_eq!(wire_version(&raw), Some(42));
+        assert_eq!(wire_version(&wire(0, &["alice"], &[])), Some(0));
+        assert_eq!(wire_version(&[]), Some(0));
+        // The last occurrence wins, as for a decoder.
+        let mut twice = raw.to_vec();
+        twice.extend_from_slice(&[0x10, 0x07]);
+        assert_eq!(wire_version(&twice), Some(7));
+        assert_eq!(pb::Snapshot::decode(&twice[..]).unwrap().version, 7);
+        // Not a message: no version.
+        assert_eq!(wire_version(&[0x1a, 0x05, 0x01]), None);
+        assert_eq!(wire_version(&[0x10]), None);
+        assert_eq!(wire_version(&[0x1b]), None);
     }
 
     #[test]

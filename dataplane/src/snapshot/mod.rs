@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::crypto::CryptoProvider;
@@ -120,6 +120,9 @@ pub struct Readiness {
     /// one; 0 while in contact (or when no control plane is used).
     lost_at: AtomicU64,
     base: Instant,
+    /// With `--control`: the instance in use (or being tried) and whether its config
+    /// stream is up.
+    control: Mutex<Option<(String, bool)>>,
 }
 
 impl Default for Readiness {
@@ -135,7 +138,26 @@ impl Readiness {
             max_age,
             lost_at: AtomicU64::new(0),
             base: Instant::now(),
+            control: Mutex::new(None),
         }
+    }
+
+    /// The control-plane instance in use (or being tried), and whether its config stream
+    /// is up.
+    pub fn set_control(&self, url: &str, subscribed: bool) {
+        let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        match c.as_mut() {
+            Some((u, s)) if u == url => *s = subscribed,
+            _ => *c = Some((url.to_owned(), subscribed)),
+        }
+    }
+
+    /// What [`Readiness::set_control`] set last; `None` without a control plane.
+    pub fn control(&self) -> Option<(String, bool)> {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set(&self, ready: bool) {
