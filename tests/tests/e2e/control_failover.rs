@@ -18,9 +18,9 @@ use ztp_tests::{connect_with, ClientOptions, Control, Dataplane, EchoBackend, Te
 
 use crate::common::{assert_cert_refused, STEP};
 
-const ECHO: &str = "echo.svc.internal";
-const LATER: &str = "later.svc.internal";
-const NODE: &str = "edge-1";
+pub(crate) const ECHO: &str = "echo.svc.internal";
+pub(crate) const LATER: &str = "later.svc.internal";
+pub(crate) const NODE: &str = "edge-1";
 
 /// Bound on the move to B after A was killed (measured: well under a second).
 const MOVE_AFTER_KILL: Duration = Duration::from_secs(5);
@@ -41,7 +41,7 @@ struct Pair {
 
 /// The configuration: [`ECHO`] (and [`LATER`] if `later`) open to every user, user
 /// alice, the `revoked` serials.
-fn config_yaml(echo: SocketAddr, later: Option<SocketAddr>, revoked: &[&str]) -> String {
+pub(crate) fn config_yaml(echo: SocketAddr, later: Option<SocketAddr>, revoked: &[&str]) -> String {
     let mut services = format!("  - name: {ECHO}\n    protocol: tcp\n    address: \"{echo}\"\n");
     if let Some(addr) = later {
         services.push_str(&format!(
@@ -60,7 +60,7 @@ fn config_yaml(echo: SocketAddr, later: Option<SocketAddr>, revoked: &[&str]) ->
 }
 
 /// `POST /v1/import` of `yaml`: the new version.
-async fn import(control: &Control, yaml: &str) -> u64 {
+pub(crate) async fn import(control: &Control, yaml: &str) -> u64 {
     let r = control
         .request(
             "POST",
@@ -75,12 +75,12 @@ async fn import(control: &Control, yaml: &str) -> u64 {
 }
 
 /// The node's entry in `GET /v1/nodes` of `control`.
-async fn node_on(control: &Control) -> Option<Value> {
+pub(crate) async fn node_on(control: &Control) -> Option<Value> {
     control.nodes().await.into_iter().find(|n| n["id"] == NODE)
 }
 
 /// Polls (every 20 ms, bounded by `bound`) until `check` gives `Some`.
-async fn wait_for<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -99,12 +99,12 @@ where
 }
 
 /// The data plane's log lines from index `from` on.
-fn logs_from(dp: &Dataplane, from: usize) -> Vec<Value> {
+pub(crate) fn logs_from(dp: &Dataplane, from: usize) -> Vec<Value> {
     dp.logs().into_iter().skip(from).collect()
 }
 
 /// Whether the line says the node subscribed to `url`.
-fn subscribed_to(v: &Value, url: &str) -> bool {
+pub(crate) fn subscribed_to(v: &Value, url: &str) -> bool {
     v["message"] == "subscribed to the control plane" && v["url"] == url
 }
 
@@ -117,7 +117,7 @@ async fn readyz_body(dp: &Dataplane) -> String {
 }
 
 /// One echo round trip to `sni` as `cert` (2 s bound): whether it came back whole.
-async fn echo_ok(addr: SocketAddr, opts: &ClientOptions) -> bool {
+pub(crate) async fn echo_ok(addr: SocketAddr, opts: &ClientOptions) -> bool {
     let Ok(mut s) = connect_with(addr, opts).await else {
         return false;
     };

@@ -15,7 +15,12 @@ use ztp_tests::control::{Control, ControlOptions};
 use ztp_tests::etcd::EtcdCluster;
 use ztp_tests::process::{Process, Stream};
 use ztp_tests::tempdir::TempDir;
-use ztp_tests::TestPki;
+use ztp_tests::{ClientOptions, Dataplane, EchoBackend, TestPki};
+
+use crate::common::STEP;
+use crate::control_failover::{
+    config_yaml, echo_ok, import, logs_from, node_on, subscribed_to, wait_for, ECHO, LATER, NODE,
+};
 
 /// `--store etcd` flags for `cluster` under `prefix`.
 fn etcd_args(cluster: &EtcdCluster, prefix: &str) -> Vec<String> {
@@ -288,5 +293,135 @@ async fn writes_go_on_when_an_etcd_member_dies_and_resume_after_the_leader_dies(
         groups.len() >= 12,
         "every acknowledged write is kept: {}",
         groups.len()
+    );
+}
+
+/// A `ztp-control` instance killed -9 while a data plane is subscribed to it: the node
+/// moves to another instance on the same etcd, resumes there at the version it applied
+/// (no snapshot sent again), and keeps receiving versions written on any instance;
+/// nothing acknowledged before the kill is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_hands_its_nodes_to_another_on_the_same_etcd() {
+    let Some(cluster) = EtcdCluster::start("control instance loss", 3).await else {
+        return;
+    };
+    let args = etcd_args(&cluster, "/ztp-e2e/");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pki = TestPki::new();
+    let alice = pki.client_email("alice@example.com");
+    let mut a = Control::start_with(
+        &pki,
+        ControlOptions {
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    // B joins the store A initialized: it writes no token of its own; the test gives it
+    // A's to read.
+    let root = TempDir::new("etcd-b");
+    let dir_b = root.join("data");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    std::fs::copy(a.data_dir().join("admin-token"), dir_b.join("admin-token")).unwrap();
+    let b = Control::start_with(
+        &pki,
+        ControlOptions {
+            data_dir: Some(&dir_b),
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let echo = EchoBackend::start().await;
+    let later = EchoBackend::start().await;
+    let v = import(&a, &config_yaml(echo.addr(), None, &[])).await;
+    let opts = |sni: &str| {
+        ClientOptions::new(&pki.ca_pem)
+            .sni(sni)
+            .cert(&alice)
+            .timeout(Duration::from_secs(5))
+    };
+
+    let list = format!("{},{}", a.grpc_url(), b.grpc_url());
+    let mut dp = Dataplane::start_control(&pki, &list, NODE, &[]).await;
+    assert!(dp.wait_ready(STEP).await, "the node did not become ready");
+    wait_for("the node acks on A", STEP, || async {
+        node_on(&a)
+            .await
+            .filter(|n| n["connected"] == true && n["applied"].as_u64() == Some(v))
+    })
+    .await;
+    assert!(
+        echo_ok(dp.addr(), &opts(ECHO)).await,
+        "{ECHO} is not served"
+    );
+    let snapshots = |dp: &Dataplane| {
+        dp.logs()
+            .iter()
+            .filter(|l| l["message"] == "snapshot applied")
+            .count()
+    };
+    let applied_on_a = snapshots(&dp);
+
+    // A write acknowledged by A just before it dies is kept.
+    let (s, _) = call(
+        &a.api_addr().to_string(),
+        a.token(),
+        "POST",
+        "/v1/groups",
+        Some(&json!({"name": "acked-before-the-kill"})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let v = v + 1;
+    let mark = dp.raw_logs().len();
+    let killed = Instant::now();
+    a.kill9();
+    let b_url = b.grpc_url();
+    wait_for("the node subscribes to B", STEP, || async {
+        logs_from(&dp, mark)
+            .iter()
+            .any(|l| subscribed_to(l, &b_url))
+            .then_some(())
+    })
+    .await;
+    eprintln!(
+        "measured: kill -9 of an instance -> its node on another in {:?}",
+        killed.elapsed()
+    );
+    let on_b = wait_for("the node on B", STEP, || async {
+        node_on(&b).await.filter(|n| n["connected"] == true)
+    })
+    .await;
+    assert_eq!(
+        on_b["applied"].as_u64(),
+        Some(v),
+        "resumed at its version: {on_b}"
+    );
+    assert_eq!(
+        snapshots(&dp),
+        applied_on_a + 1,
+        "no snapshot sent again on B: only the version before the kill"
+    );
+    let (s, _) = call(
+        &b.api_addr().to_string(),
+        b.token(),
+        "GET",
+        "/v1/groups/acked-before-the-kill",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "a write acknowledged before the kill was lost");
+
+    // The next version, written on B, reaches the node.
+    let changed = Instant::now();
+    import(&b, &config_yaml(echo.addr(), Some(later.addr()), &[])).await;
+    wait_for(&format!("{LATER} served"), STEP, || async {
+        echo_ok(dp.addr(), &opts(LATER)).await.then_some(())
+    })
+    .await;
+    eprintln!(
+        "measured: a version written on B served {:?} after the write",
+        changed.elapsed()
     );
 }
