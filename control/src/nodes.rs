@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::now_ms;
 
 /// One replica as `/v1/nodes` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct NodeInfo {
     pub id: String,
     /// Where the node's gRPC connection comes from.
@@ -42,7 +42,7 @@ pub struct NodeInfo {
     pub connected: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Nack {
     pub version: u64,
     pub reason: String,
@@ -271,6 +271,38 @@ impl Nodes {
         })
     }
 
+    /// Every node as recorded (a connected one with the time it connected), to publish
+    /// to other instances: it changes only when something about the node does.
+    pub fn recorded(&self) -> Vec<NodeInfo> {
+        self.with(|m| m.values().cloned().collect())
+    }
+
+    /// This instance's nodes and those other instances published (`others`), one entry
+    /// per node: a node subscribed here is as this instance sees it; of the others' a
+    /// connected entry wins over a disconnected one, then the one seen last. A
+    /// connected node is seen now.
+    pub fn list_with(&self, others: impl IntoIterator<Item = NodeInfo>) -> Vec<NodeInfo> {
+        let now = now_ms();
+        let mut all: BTreeMap<String, NodeInfo> =
+            self.list().into_iter().map(|n| (n.id.clone(), n)).collect();
+        for n in others {
+            let keep_ours = all.get(&n.id).is_some_and(|ours| {
+                ours.connected || !n.connected && ours.last_seen_ms >= n.last_seen_ms
+            });
+            if !keep_ours {
+                let seen = if n.connected { now } else { n.last_seen_ms };
+                all.insert(
+                    n.id.clone(),
+                    NodeInfo {
+                        last_seen_ms: seen,
+                        ..n
+                    },
+                );
+            }
+        }
+        all.into_values().collect()
+    }
+
     /// Forgets a node that is gone for good. A connected node is not removed: it would
     /// only come back, and its removal would hide a live replica.
     pub fn remove(&self, id: &str) -> Result<(), RemoveError> {
@@ -297,6 +329,51 @@ pub enum RemoveError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(id: &str, connected: bool, last_seen_ms: u64, applied: u64) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            peer: "127.0.0.1:1".into(),
+            listen: "127.0.0.1:9743".into(),
+            advertise: String::new(),
+            applied,
+            schema: 3,
+            last_nack: None,
+            last_seen_ms,
+            connected,
+        }
+    }
+
+    #[test]
+    fn other_instances_nodes_join_the_list_once_each() {
+        let nodes = Nodes::default();
+        nodes.connected("here", "p".into(), "l".into(), 5, 3);
+        nodes.connected("moved", "p".into(), "l".into(), 7, 3);
+        nodes.disconnected("moved");
+        let list = nodes.list_with([
+            // Another instance still shows the node that is subscribed here: ours wins.
+            info("here", true, 1, 4),
+            // The node that left here is connected there now: theirs wins, seen now.
+            info("moved", true, 1, 8),
+            // A node only there.
+            info("there", false, 42, 9),
+        ]);
+        let view: Vec<(&str, bool, u64)> = list
+            .iter()
+            .map(|n| (n.id.as_str(), n.connected, n.applied))
+            .collect();
+        assert_eq!(
+            view,
+            [("here", true, 5), ("moved", true, 8), ("there", false, 9)]
+        );
+        assert!(list[1].last_seen_ms > 1, "a connected node is seen now");
+        assert_eq!(list[2].last_seen_ms, 42);
+        // Of two disconnected entries, the one seen last.
+        nodes.disconnected("here");
+        let seen_here = nodes.list()[0].last_seen_ms;
+        let list = nodes.list_with([info("here", false, seen_here + 1000, 6)]);
+        assert_eq!(list[0].applied, 6);
+    }
 
     #[test]
     fn the_replica_set_is_every_connected_node_that_advertises_and_moves_the_map() {

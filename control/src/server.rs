@@ -114,6 +114,25 @@ pub async fn serve(
         }
     };
 
+    // This instance's nodes, for the node lists of the other instances sharing the store:
+    // offered each second (the backend writes only what changed, and everything again
+    // if its lease for them was lost).
+    let publisher = {
+        let (store, nodes) = (store.clone(), nodes.clone());
+        tokio::spawn(async move {
+            loop {
+                let now: Vec<(String, Vec<u8>)> = nodes
+                    .recorded()
+                    .into_iter()
+                    .map(|n| (n.id.clone(), serde_json::to_vec(&n).unwrap_or_default()))
+                    .collect();
+                if let Err(e) = store.publish_nodes(now).await {
+                    tracing::debug!(error = %e, "cannot publish this instance's nodes");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        })
+    };
     let state = AppState::with_nodes(store, nodes);
     let app = api::router(state);
     let tcp = tokio::net::TcpListener::bind(opts.api_listen)
@@ -137,6 +156,7 @@ pub async fn serve(
             http::serve(tcp, http::Plain, app, limits, shutdown).await;
         }
     }
+    publisher.abort();
     if let Some(t) = grpc_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }

@@ -190,6 +190,17 @@ pub trait Backend: Send + Sync + 'static {
 
     /// How many connection records are kept.
     fn set_conn_audit_cap(&self, cap: u64);
+
+    /// Publishes the data-plane nodes subscribed to this instance (each its id and
+    /// JSON), replacing what it published before, for the other instances' node lists.
+    /// A backend with one instance has no one to tell.
+    fn publish_nodes(
+        &self,
+        nodes: Vec<(String, Vec<u8>)>,
+    ) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// The nodes the other instances published (JSON each).
+    fn cluster_nodes(&self) -> BoxFuture<'_, Result<Vec<Vec<u8>>, BackendError>>;
 }
 
 /// Updates as they come; `None` at the end.

@@ -73,6 +73,9 @@ pub struct EtcdBackend {
     conn_cap: Arc<AtomicU64>,
     /// Connection records waiting to be written, with who waits for them.
     conn_tx: mpsc::Sender<ConnBatch>,
+    /// This instance's lease for what lives only while it does (its nodes), and what it
+    /// published under it.
+    presence: tokio::sync::Mutex<Presence>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -82,6 +85,16 @@ impl Drop for EtcdBackend {
             t.abort();
         }
     }
+}
+
+/// How long an instance's published nodes outlive it.
+const PRESENCE_TTL: i64 = 10;
+
+#[derive(Default)]
+struct Presence {
+    lease: Option<client::KeepAlive>,
+    /// Node id → the JSON published for it.
+    published: BTreeMap<String, Vec<u8>>,
 }
 
 /// Connection records to write, and who waits for them.
@@ -610,6 +623,7 @@ impl EtcdBackend {
             instance,
             conn_cap,
             conn_tx,
+            presence: Default::default(),
             tasks: Vec::new(),
         };
         let writer = ConnWriter {
@@ -902,5 +916,59 @@ impl Backend for EtcdBackend {
 
     fn set_conn_audit_cap(&self, cap: u64) {
         self.conn_cap.store(cap.max(1), Ordering::Relaxed);
+    }
+
+    fn publish_nodes(
+        &self,
+        nodes: Vec<(String, Vec<u8>)>,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut presence = self.presence.lock().await;
+            let lease = match presence.lease.as_ref().filter(|l| l.is_alive()) {
+                Some(l) => l.id(),
+                None => {
+                    // A new lease (the first, or the old one expired with its keys):
+                    // everything is published again under it.
+                    let id = self.etcd.grant(PRESENCE_TTL).await?;
+                    presence.lease = Some(self.etcd.keep_alive(id).await?);
+                    presence.published.clear();
+                    id
+                }
+            };
+            let dir = format!("nodes/{}/", self.instance);
+            let wanted: BTreeMap<String, Vec<u8>> = nodes.into_iter().collect();
+            let mut ops = Vec::new();
+            for (id, json) in &wanted {
+                if presence.published.get(id) != Some(json) {
+                    ops.push(client::Op::put_with_lease(
+                        self.key(&format!("{dir}{id}")),
+                        json.clone(),
+                        lease,
+                    ));
+                }
+            }
+            for id in presence.published.keys() {
+                if !wanted.contains_key(id) {
+                    ops.push(client::Op::delete(self.key(&format!("{dir}{id}"))));
+                }
+            }
+            for chunk in ops.chunks(MAX_DIRECT_OPS) {
+                self.etcd.txn(Txn::new().and_then(chunk.to_vec())).await?;
+            }
+            presence.published = wanted;
+            Ok(())
+        })
+    }
+
+    fn cluster_nodes(&self) -> BoxFuture<'_, Result<Vec<Vec<u8>>, BackendError>> {
+        Box::pin(async move {
+            let own = self.key(&format!("nodes/{}/", self.instance));
+            let r = self.etcd.range(Range::prefix(self.key("nodes/"))).await?;
+            Ok(r.kvs
+                .into_iter()
+                .filter(|kv| !kv.key.starts_with(&own))
+                .map(|kv| kv.value)
+                .collect())
+        })
     }
 }

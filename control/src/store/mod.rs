@@ -1322,6 +1322,16 @@ impl Store {
         Ok(self.shared.backend.append_connections(records).await?)
     }
 
+    /// Publishes this instance's nodes (id and JSON each) to the other instances.
+    pub async fn publish_nodes(&self, nodes: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
+        Ok(self.shared.backend.publish_nodes(nodes).await?)
+    }
+
+    /// The nodes other instances published (JSON each).
+    pub async fn cluster_nodes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self.shared.backend.cluster_nodes().await?)
+    }
+
     /// Connection records matching `q`, newest first.
     pub async fn query_connections(
         &self,

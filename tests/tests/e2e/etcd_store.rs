@@ -363,6 +363,14 @@ async fn a_killed_instance_hands_its_nodes_to_another_on_the_same_etcd() {
     };
     let applied_on_a = snapshots(&dp);
 
+    // B lists the node subscribed to A (DESIGN: every instance lists every node).
+    wait_for("B lists A's node", STEP, || async {
+        node_on(&b)
+            .await
+            .filter(|n| n["connected"] == true && n["applied"].as_u64() == Some(v))
+    })
+    .await;
+
     // A write acknowledged by A just before it dies is kept.
     let (s, _) = call(
         &a.api_addr().to_string(),
