@@ -486,8 +486,14 @@ impl Space {
                 };
                 let batch = match batch {
                     Ok(b) => b,
-                    Err(EtcdError::Compacted { .. }) => {
+                    Err(EtcdError::Compacted { compact_revision }) => {
                         // Resumed below the compaction: read everything again.
+                        tracing::info!(
+                            from = revision + 1,
+                            compacted = compact_revision,
+                            "etcd's history was compacted past this instance's watch; reading \
+                             everything again"
+                        );
                         match self.load_at().await {
                             Ok((loaded, rev)) => {
                                 revision = rev;

@@ -1415,3 +1415,111 @@ impl Place for EtcdPlace {
         Vec::new()
     }
 }
+
+/// A member frozen (SIGSTOP) under an instance: its watch goes silent and is dropped; the
+/// other instance keeps writing and compacts etcd's history past where the first one's
+/// watch was; the first resumes below the compaction, reads everything again and ends
+/// up exactly where the writer is. Its own writes meanwhile succeed or say 503 (never
+/// anything else), and go on once the client has moved off the frozen member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_and_a_watch_resumed_below_the_compaction() {
+    let Some(cluster) = ztp_tests::etcd::EtcdCluster::start("frozen member, compaction", 3).await
+    else {
+        return;
+    };
+    let a = Actor::system();
+    let eps = cluster.endpoints();
+    let backend = |endpoints: Vec<String>| async move {
+        let opts = super::etcd::EtcdOptions {
+            client: crate::etcd::EtcdConfig::new(endpoints),
+            prefix: "/ztp-frozen/".into(),
+        };
+        let b: Arc<dyn Backend> = Arc::new(super::etcd::EtcdBackend::connect(opts).await.unwrap());
+        b
+    };
+    // The follower starts on member 0 (its watch is there); the writer never uses it.
+    let follower = Store::connect(backend(eps.clone()).await).await.unwrap();
+    let writer = Store::connect(backend(eps[1..].to_vec()).await)
+        .await
+        .unwrap();
+    writer
+        .create_group(group("before"), None, &a)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while follower.version().unwrap() != writer.version().unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower does not follow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    cluster.freeze(0);
+    for i in 0..20 {
+        writer
+            .create_group(group(&format!("while-frozen-{i}")), None, &a)
+            .await
+            .unwrap();
+    }
+    let raw = crate::etcd::Etcd::connect(crate::etcd::EtcdConfig::new(eps[1..].to_vec()))
+        .await
+        .unwrap();
+    let now = raw
+        .range(crate::etcd::Range::key("/ztp-frozen/meta/seq"))
+        .await
+        .unwrap();
+    raw.compact(now.revision).await.unwrap();
+    // The follower's own writes: accepted, or refused as unavailable, nothing else.
+    let mut accepted = 0;
+    for i in 0..5 {
+        match follower
+            .create_group(group(&format!("by-follower-{i}")), None, &a)
+            .await
+        {
+            Ok(_) => accepted += 1,
+            Err(StoreError::Unavailable(_)) => {}
+            Err(e) => panic!("a write on the frozen member's instance: {e}"),
+        }
+    }
+    // Caught up (the watch resumed below the compaction: a full read).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (f, w) = (
+            follower.snapshot().await.unwrap(),
+            writer.snapshot().await.unwrap(),
+        );
+        if f == w && f.groups.len() >= 21 + accepted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never caught up: {} vs {} groups, versions {} and {}",
+            f.groups.len(),
+            w.groups.len(),
+            f.version,
+            w.version
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.thaw(0);
+    cluster.wait_healthy().await;
+    // After the thaw both write, and both see everything.
+    let v = follower
+        .create_group(group("after-thaw"), None, &a)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while writer.version().unwrap() < v {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer missed the follower's write"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        follower.snapshot().await.unwrap(),
+        writer.snapshot().await.unwrap()
+    );
+    eprintln!("writes on the frozen member's instance accepted: {accepted} of 5");
+}
