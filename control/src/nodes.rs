@@ -49,7 +49,7 @@ pub struct Nack {
 }
 
 /// A connector's live tunnel to one replica, as that replica reports it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Tunnel {
     /// The replica (node id) the tunnel ends at.
     pub replica: String,
@@ -65,9 +65,20 @@ const MAX_NODES: usize = 10_000;
 /// Most tunnels one replica's report may hold.
 const MAX_TUNNELS_PER_NODE: usize = 100_000;
 
+/// A node as one instance publishes it to the others sharing the store: what it knows of
+/// the node, and the connectors' tunnels the node reported.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Published {
+    pub node: NodeInfo,
+    #[serde(default)]
+    pub tunnels: Vec<(String, Tunnel)>,
+}
+
 #[derive(Debug)]
 pub struct Nodes {
     map: Mutex<BTreeMap<String, NodeInfo>>,
+    /// Nodes subscribed to other instances, as they published them.
+    remote: Mutex<Vec<Published>>,
     /// Per node id: the tunnels it last reported, each with its connector's name.
     tunnels: Mutex<BTreeMap<String, Vec<(String, Tunnel)>>>,
     /// Moves whenever where the tunnels are may have changed (a report, a node's
@@ -79,6 +90,7 @@ impl Default for Nodes {
     fn default() -> Self {
         Nodes {
             map: Mutex::default(),
+            remote: Mutex::default(),
             tunnels: Mutex::default(),
             tunnel_changes: tokio::sync::watch::Sender::new(0),
         }
@@ -181,6 +193,12 @@ impl Nodes {
                 .map(|n| n.advertise.clone())
                 .collect()
         });
+        out.extend(
+            self.remote()
+                .iter()
+                .filter(|p| p.node.connected && !p.node.advertise.is_empty())
+                .map(|p| p.node.advertise.clone()),
+        );
         out.sort();
         out.dedup();
         out
@@ -204,9 +222,39 @@ impl Nodes {
                     .map(move |(c, _)| (c.clone(), id.clone(), addr.clone()))
             })
             .collect();
+        // Replicas subscribed to other instances (a node subscribed here is as seen here).
+        for p in self.remote().iter() {
+            if p.node.connected && !p.node.advertise.is_empty() && !listen.contains_key(&p.node.id)
+            {
+                out.extend(
+                    p.tunnels
+                        .iter()
+                        .map(|(c, _)| (c.clone(), p.node.id.clone(), p.node.advertise.clone())),
+                );
+            }
+        }
         out.sort();
         out.dedup();
         out
+    }
+
+    fn remote(&self) -> std::sync::MutexGuard<'_, Vec<Published>> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces what the other instances published; the replicas are told if where the
+    /// replicas or tunnels are changed.
+    pub fn set_remote(&self, mut list: Vec<Published>) {
+        list.sort_by(|a, b| a.node.id.cmp(&b.node.id));
+        let changed = {
+            let mut remote = self.remote();
+            let changed = *remote != list;
+            *remote = list;
+            changed
+        };
+        if changed {
+            self.tunnel_changes.send_modify(|n| *n += 1);
+        }
     }
 
     fn tunnels_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<(String, Tunnel)>>> {
@@ -247,19 +295,37 @@ impl Nodes {
     /// The live tunnels of connector `name`, by replica then age (empty until the data
     /// planes report tunnels).
     pub fn tunnels(&self, name: &str) -> Vec<Tunnel> {
-        let map = self.tunnels_map();
-        let mut out: Vec<Tunnel> = map
+        let local: Vec<(String, Tunnel)> = self
+            .tunnels_map()
             .values()
             .flatten()
             .filter(|(c, _)| c == name)
-            .map(|(_, t)| t.clone())
+            .cloned()
             .collect();
+        let here: std::collections::BTreeSet<String> =
+            local.iter().map(|(_, t)| t.replica.clone()).collect();
+        let mut out: Vec<Tunnel> = local.into_iter().map(|(_, t)| t).collect();
+        for p in self.remote().iter().filter(|p| p.node.connected) {
+            out.extend(
+                p.tunnels
+                    .iter()
+                    .filter(|(c, t)| c == name && !here.contains(&t.replica))
+                    .map(|(_, t)| t.clone()),
+            );
+        }
         out.sort_by(|a, b| (&a.replica, a.since_ms).cmp(&(&b.replica, b.since_ms)));
+        out.dedup();
         out
     }
 
-    /// Every node; a connected one is seen now.
+    /// Every node of the cluster: this instance's and those other instances published.
     pub fn list(&self) -> Vec<NodeInfo> {
+        let others: Vec<NodeInfo> = self.remote().iter().map(|p| p.node.clone()).collect();
+        self.list_with(others)
+    }
+
+    /// This instance's nodes; a connected one is seen now.
+    pub fn local(&self) -> Vec<NodeInfo> {
         let now = now_ms();
         self.with(|m| {
             m.values()
@@ -271,10 +337,19 @@ impl Nodes {
         })
     }
 
-    /// Every node as recorded (a connected one with the time it connected), to publish
-    /// to other instances: it changes only when something about the node does.
-    pub fn recorded(&self) -> Vec<NodeInfo> {
-        self.with(|m| m.values().cloned().collect())
+    /// This instance's nodes as recorded (a connected one with the time it connected)
+    /// and their tunnels, to publish to other instances: it changes only when something
+    /// about them does.
+    pub fn recorded(&self) -> Vec<Published> {
+        let nodes: Vec<NodeInfo> = self.with(|m| m.values().cloned().collect());
+        let tunnels = self.tunnels_map();
+        nodes
+            .into_iter()
+            .map(|node| Published {
+                tunnels: tunnels.get(&node.id).cloned().unwrap_or_default(),
+                node,
+            })
+            .collect()
     }
 
     /// This instance's nodes and those other instances published (`others`), one entry
@@ -283,8 +358,11 @@ impl Nodes {
     /// connected node is seen now.
     pub fn list_with(&self, others: impl IntoIterator<Item = NodeInfo>) -> Vec<NodeInfo> {
         let now = now_ms();
-        let mut all: BTreeMap<String, NodeInfo> =
-            self.list().into_iter().map(|n| (n.id.clone(), n)).collect();
+        let mut all: BTreeMap<String, NodeInfo> = self
+            .local()
+            .into_iter()
+            .map(|n| (n.id.clone(), n))
+            .collect();
         for n in others {
             let keep_ours = all.get(&n.id).is_some_and(|ours| {
                 ours.connected || !n.connected && ours.last_seen_ms >= n.last_seen_ms
@@ -342,6 +420,71 @@ mod tests {
             last_seen_ms,
             connected,
         }
+    }
+
+    #[test]
+    fn replicas_and_tunnels_of_other_instances_count_for_connectors() {
+        let nodes = Nodes::default();
+        nodes.connected_at("a", "p".into(), "l".into(), "10.0.0.1:9743".into(), 1, 3);
+        let tunnel = |replica: &str| Tunnel {
+            replica: replica.into(),
+            transport: "quic".into(),
+            since_ms: 5,
+        };
+        nodes.set_tunnels("a", [("lab".to_string(), tunnel("a"))]);
+        let mut changes = nodes.tunnel_changes();
+        changes.borrow_and_update();
+        let mut far = info("b", true, 1, 1);
+        far.advertise = "10.0.0.2:9743".into();
+        let mut gone = info("c", false, 1, 1);
+        gone.advertise = "10.0.0.3:9743".into();
+        nodes.set_remote(vec![
+            Published {
+                node: far,
+                tunnels: vec![("lab".into(), tunnel("b")), ("edge".into(), tunnel("b"))],
+            },
+            Published {
+                node: gone,
+                tunnels: vec![("lab".into(), tunnel("c"))],
+            },
+        ]);
+        assert!(changes.has_changed().unwrap(), "the replicas are told");
+        assert_eq!(nodes.replicas(), ["10.0.0.1:9743", "10.0.0.2:9743"]);
+        assert_eq!(
+            nodes.holders(),
+            [
+                (
+                    "edge".to_string(),
+                    "b".to_string(),
+                    "10.0.0.2:9743".to_string()
+                ),
+                (
+                    "lab".to_string(),
+                    "a".to_string(),
+                    "10.0.0.1:9743".to_string()
+                ),
+                (
+                    "lab".to_string(),
+                    "b".to_string(),
+                    "10.0.0.2:9743".to_string()
+                ),
+            ]
+        );
+        let lab: Vec<String> = nodes
+            .tunnels("lab")
+            .into_iter()
+            .map(|t| t.replica)
+            .collect();
+        assert_eq!(lab, ["a", "b"]);
+        // The same again tells no one.
+        changes.borrow_and_update();
+        let same = nodes.remote().clone();
+        nodes.set_remote(same);
+        assert!(!changes.has_changed().unwrap());
+        // What this instance publishes carries its own tunnels.
+        let published = nodes.recorded();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].tunnels[0].0, "lab");
     }
 
     #[test]

@@ -114,25 +114,43 @@ pub async fn serve(
         }
     };
 
-    // This instance's nodes, for the node lists of the other instances sharing the store:
-    // offered each second (the backend writes only what changed, and everything again
-    // if its lease for them was lost).
-    let publisher = {
+    // Nodes (and their connectors' tunnels) shared with the other instances on the same
+    // store: this instance's offered on every change and each second (the backend writes
+    // only what changed, and everything again if its lease for them was lost); the
+    // others' read twice a second. A store of one instance has no one to tell.
+    let sharing = store.is_shared().then(|| {
         let (store, nodes) = (store.clone(), nodes.clone());
         tokio::spawn(async move {
+            let mut changes = nodes.tunnel_changes();
+            let mut read = tokio::time::interval(std::time::Duration::from_millis(500));
+            let mut offer = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
+                tokio::select! {
+                    _ = offer.tick() => {}
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = read.tick() => {
+                        match store.cluster_nodes().await {
+                            Ok(list) => nodes.set_remote(
+                                list.iter()
+                                    .filter_map(|j| serde_json::from_slice(j).ok())
+                                    .collect(),
+                            ),
+                            Err(e) => tracing::debug!(error = %e, "cannot read the other instances' nodes"),
+                        }
+                        continue;
+                    }
+                }
                 let now: Vec<(String, Vec<u8>)> = nodes
                     .recorded()
                     .into_iter()
-                    .map(|n| (n.id.clone(), serde_json::to_vec(&n).unwrap_or_default()))
+                    .map(|p| (p.node.id.clone(), serde_json::to_vec(&p).unwrap_or_default()))
                     .collect();
                 if let Err(e) = store.publish_nodes(now).await {
                     tracing::debug!(error = %e, "cannot publish this instance's nodes");
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         })
-    };
+    });
     let state = AppState::with_nodes(store, nodes);
     let app = api::router(state);
     let tcp = tokio::net::TcpListener::bind(opts.api_listen)
@@ -156,7 +174,9 @@ pub async fn serve(
             http::serve(tcp, http::Plain, app, limits, shutdown).await;
         }
     }
-    publisher.abort();
+    if let Some(t) = sharing {
+        t.abort();
+    }
     if let Some(t) = grpc_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }

@@ -28,21 +28,9 @@ pub struct NodeView {
     responses((status = 200, body = List<NodeView>)), security(("token" = [])))]
 pub async fn list_nodes(State(s): State<AppState>) -> Result<Json<List<NodeView>>, ApiError> {
     let current = s.store.version()?;
-    // Nodes subscribed to other instances sharing the store, as they published them; a
-    // store that cannot be read now leaves this instance's own.
-    let others = match s.store.cluster_nodes().await {
-        Ok(v) => v
-            .iter()
-            .filter_map(|j| serde_json::from_slice::<NodeInfo>(j).ok())
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the other instances' nodes");
-            Vec::new()
-        }
-    };
     let items = s
         .nodes
-        .list_with(others)
+        .list()
         .into_iter()
         .map(|node| NodeView {
             lag: current.saturating_sub(node.applied),

@@ -532,6 +532,11 @@ impl Store {
         })
     }
 
+    /// Whether other instances share the backend.
+    pub fn is_shared(&self) -> bool {
+        self.shared.backend.is_shared()
+    }
+
     /// The backend's name (`sled`, `etcd`) and where it keeps the records.
     pub fn describe(&self) -> (&'static str, String) {
         (self.shared.backend.name(), self.shared.backend.location())

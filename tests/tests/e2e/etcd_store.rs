@@ -433,3 +433,107 @@ async fn a_killed_instance_hands_its_nodes_to_another_on_the_same_etcd() {
         changed.elapsed()
     );
 }
+
+/// Connectors across instances: a replica subscribed to instance A and one subscribed to
+/// instance B (same etcd) know each other as replicas and know where the connector's
+/// tunnel is, so a session through either reaches the service behind the connector
+/// (directly, or relayed to the replica holding the tunnel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_two_instances_share_the_connectors_tunnels() {
+    use crate::tunnels::{lab_echoes_via, run_connector_to, LAB};
+    use ztp_tests::process::Stream;
+
+    let Some(cluster) = EtcdCluster::start("connectors across instances", 3).await else {
+        return;
+    };
+    let args = etcd_args(&cluster, "/ztp-e2e/");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pki = TestPki::new();
+    let alice = pki.client_email("alice@example.com");
+    let a = Control::start_with(
+        &pki,
+        ControlOptions {
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let root = TempDir::new("etcd-b");
+    let dir_b = root.join("data");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    std::fs::copy(a.data_dir().join("admin-token"), dir_b.join("admin-token")).unwrap();
+    let b = Control::start_with(
+        &pki,
+        ControlOptions {
+            data_dir: Some(&dir_b),
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let backend = EchoBackend::start().await;
+    let addr = backend.addr().to_string();
+    a.ztpctl_ok(["group", "add", "admins"]).await;
+    a.ztpctl_ok([
+        "user",
+        "add",
+        "alice",
+        "--identity",
+        "alice@example.com",
+        "--group",
+        "admins",
+    ])
+    .await;
+    a.ztpctl_ok(["connector", "add", "lab"]).await;
+    a.ztpctl_ok([
+        "service",
+        "add",
+        LAB,
+        "--proto",
+        "tcp",
+        "--addr",
+        &addr,
+        "--connector",
+        "lab",
+        "--group",
+        "admins",
+    ])
+    .await;
+    let mut r1 = Dataplane::start_control(&pki, &a.grpc_url(), "r1", &[]).await;
+    let mut r2 = Dataplane::start_control(&pki, &b.grpc_url(), "r2", &[]).await;
+    assert!(
+        r1.wait_ready(STEP).await && r2.wait_ready(STEP).await,
+        "replicas not ready"
+    );
+
+    let files = TempDir::new("connector-two-instances");
+    std::fs::write(files.join("ca.pem"), &pki.ca_pem).unwrap();
+    let cert = pki
+        .builder()
+        .uri("spiffe://ztp.internal/connector/lab")
+        .issue();
+    let mut connector = run_connector_to(r1.addr().port(), &files, &cert, "lab");
+    connector
+        .wait_for_line(Stream::Stderr, |l| l.contains("serving 1 service"), STEP)
+        .await;
+    let opts = ClientOptions::new(&pki.ca_pem)
+        .sni(LAB)
+        .cert(&alice)
+        .timeout(Duration::from_secs(5));
+    // One of the two holds the tunnel; through the other the session is relayed to it.
+    lab_echoes_via(r1.addr(), &opts, b"via r1", &connector).await;
+    lab_echoes_via(r2.addr(), &opts, b"via r2", &connector).await;
+    // Both instances list both replicas, and the tunnel.
+    for c in [&a, &b] {
+        let ids: Vec<String> = c
+            .nodes()
+            .await
+            .iter()
+            .filter(|n| n["connected"] == true)
+            .map(|n| n["id"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(ids, ["r1", "r2"], "{}", c.api_url());
+        let lab = c.get_json("/v1/connectors/lab").await;
+        assert_eq!(lab["tunnels"].as_array().map(Vec::len), Some(1), "{lab}");
+    }
+}

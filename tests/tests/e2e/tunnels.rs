@@ -14,7 +14,7 @@ use ztp_tests::{Bin, EchoBackend, TempDir, TestCert, TestPki};
 
 use crate::common::{echo_step, standard_snapshot, Extra, Fixture, STEP};
 
-const LAB: &str = "lab.svc.internal";
+pub(crate) const LAB: &str = "lab.svc.internal";
 
 /// The standard snapshot with connector `lab` serving `lab.svc.internal` at `backend`.
 fn snapshot(fx: &Fixture, version: u64, backend: &EchoBackend, revoked: &[String]) -> String {
@@ -44,7 +44,7 @@ fn run_connector(fx: &Fixture, files: &TempDir, cert: &TestCert, name: &str) -> 
 
 /// `ztpctl connector run` with `cert` (files in `files`, beside its `ca.pem`), to the
 /// data plane on loopback `port`.
-fn run_connector_to(port: u16, files: &TempDir, cert: &TestCert, name: &str) -> Process {
+pub(crate) fn run_connector_to(port: u16, files: &TempDir, cert: &TestCert, name: &str) -> Process {
     cert.write(files.path(), name)
         .expect("write the connector's files");
     let mut cmd = Command::new(Bin::Ztpctl.path());
@@ -98,7 +98,7 @@ async fn lab_on_plane(
 
 /// What a TCP client of `LAB` through the data plane at `addr` gets: the echo of
 /// `payload`, or the refusal code.
-async fn lab_via(
+pub(crate) async fn lab_via(
     addr: std::net::SocketAddr,
     opts: &ztp_tests::ClientOptions,
     payload: &[u8],
@@ -123,7 +123,7 @@ async fn lab_via(
 
 /// Waits (within `STEP`) until a session through the data plane at `addr` gets the echo
 /// of `payload`: the tunnel (or the relay to it) may not be known there yet.
-async fn lab_echoes_via(
+pub(crate) async fn lab_echoes_via(
     addr: std::net::SocketAddr,
     opts: &ztp_tests::ClientOptions,
     payload: &[u8],
