@@ -666,6 +666,9 @@ struct ConnWriter {
 impl ConnWriter {
     async fn run(self, mut rx: mpsc::Receiver<ConnBatch>) {
         let mut n: u64 = 0;
+        // Counting the records walks etcd's index: at most once a second (a query never
+        // returns more than the retention meanwhile).
+        let mut trimmed: Option<tokio::time::Instant> = None;
         while let Some(first) = rx.recv().await {
             let mut waiting = vec![first];
             while waiting.iter().map(|w| w.0.len()).sum::<usize>() < MAX_DIRECT_OPS {
@@ -692,7 +695,9 @@ impl ConnWriter {
                     break;
                 }
             }
-            if result.is_ok() {
+            let due = trimmed.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if result.is_ok() && due {
+                trimmed = Some(tokio::time::Instant::now());
                 if let Err(e) =
                     trim(&self.etcd, &self.prefix, self.cap.load(Ordering::Relaxed)).await
                 {
