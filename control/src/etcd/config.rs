@@ -52,7 +52,7 @@ impl EtcdConfig {
             cert: None,
             key: None,
             connect_timeout: Duration::from_secs(1),
-            attempt_timeout: Duration::from_millis(1500),
+            attempt_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(6),
         }
     }

@@ -96,6 +96,11 @@ pub(crate) fn fate(status: &Status) -> Fate {
     if status.source().is_some() {
         return Fate::Unknown;
     }
+    // The request's deadline ran out inside etcd (passed through with another code, as
+    // grpc-go does for a handler that returns its context's error).
+    if message.contains("context deadline exceeded") || message.contains("context canceled") {
+        return Fate::Unknown;
+    }
     match status.code() {
         // etcd's "request timed out…", "server stopped"; a stream reset.
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Fate::Unknown,
@@ -213,6 +218,11 @@ mod tests {
         }
         assert_eq!(
             fate(&Status::deadline_exceeded("context deadline exceeded")),
+            Fate::Unknown
+        );
+        // As etcd 3.4 answered a write whose deadline ran out during an election.
+        assert_eq!(
+            fate(&Status::unknown("context deadline exceeded")),
             Fate::Unknown
         );
     }

@@ -318,20 +318,27 @@ impl Space {
             let result = match self.etcd.txn(txn).await {
                 Ok(r) => r,
                 Err(EtcdError::Indeterminate(m)) => {
-                    // The answer was lost: the audit record under the new sequence tells
-                    // whether this commit is the one that landed.
-                    return match self.etcd.get(self.audit_key(c.seq())).await? {
+                    // The answer was lost (a member that lost its leader, a timeout). Once
+                    // a linearizable read is served again (by a leader that has committed
+                    // in its term, so whatever it holds of this commit is applied), the
+                    // audit record under the new sequence tells: this commit landed,
+                    // another did, or none did and it is sent again.
+                    tracing::debug!(reason = %m, "a commit's answer was lost; finding out");
+                    match self.etcd.get(self.audit_key(c.seq())).await? {
                         Some((v, _)) if v == json(&c.audit) => {
                             if let Some(p) = staged {
                                 self.roll_forward(&p).await?;
                             }
-                            Ok(())
+                            return Ok(());
                         }
-                        Some(_) => Err(BackendError::Moved),
-                        None => Err(BackendError::Unavailable(format!(
-                            "etcd: the commit's outcome is unknown ({m})"
-                        ))),
-                    };
+                        Some(_) => return Err(BackendError::Moved),
+                        None => {
+                            if let Some(p) = &staged {
+                                self.drop_staged(p).await;
+                            }
+                            continue;
+                        }
+                    }
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -342,13 +349,7 @@ impl Space {
                 return Ok(());
             }
             if let Some(p) = &staged {
-                let _ = self
-                    .etcd
-                    .delete_range(
-                        self.key(&format!("staged/{}/", p.id)),
-                        prefix_end(&self.key(&format!("staged/{}/", p.id))),
-                    )
-                    .await;
+                self.drop_staged(p).await;
             }
             let mut seq_now = 0;
             let mut pending = None;
@@ -374,6 +375,12 @@ impl Space {
         Err(BackendError::Unavailable(
             "etcd: a large commit of another instance is still being written".into(),
         ))
+    }
+
+    /// Removes the staged writes of a commit that did not land.
+    async fn drop_staged(&self, p: &Pending) {
+        let dir = self.key(&format!("staged/{}/", p.id));
+        let _ = self.etcd.delete_range(dir.clone(), prefix_end(&dir)).await;
     }
 
     /// Writes a large commit's records to `staged/`, in chunks that fit a request.
