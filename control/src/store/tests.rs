@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::backend::Commit;
+use super::backend::{Commit, Update};
 use super::*;
 use ztp_proto::Protocol;
 
@@ -1305,6 +1305,69 @@ pub async fn a_large_import_is_one_version_everywhere(p: &dyn Place) {
     assert_eq!(users, 3000, "every record written out");
 }
 
+/// The backend's updates from a write sequence: a shared backend reports the commits of
+/// other writers after it, in order, each with its sequence, version and writes; asked
+/// from a sequence it is no longer at, it reports the gap with everything (a reset).
+/// A backend one process writes reports nothing.
+pub async fn updates_follow_from_a_sequence_and_report_a_gap(p: &dyn Place) {
+    let a = Actor::system();
+    let backend = p.backend().await;
+    let writer = p.open().await;
+    writer.create_group(group("first"), None, &a).await.unwrap();
+    let from = backend.load().await.unwrap().seq;
+    let mut rx = backend.updates(from).await.unwrap();
+    if !backend.is_shared() {
+        writer
+            .create_group(group("second"), None, &a)
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        assert!(
+            matches!(next, Ok(None) | Err(_)),
+            "a backend one process writes reports nothing"
+        );
+        return;
+    }
+    let v2 = writer
+        .create_group(group("second"), None, &a)
+        .await
+        .unwrap();
+    let v3 = writer.revoke(&["0b".into()], None, &a).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let u = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an update within 5 s")
+            .expect("the stream goes on")
+            .unwrap();
+        match u {
+            Update::Commit { seq, version, ops } => seen.push((seq, version, ops)),
+            Update::Reset(_) => panic!("a reset where the stream was current"),
+        }
+    }
+    assert_eq!(seen[0].0, from + 1);
+    assert_eq!(seen[1].0, from + 2);
+    assert_eq!((seen[0].1, seen[1].1), (v2, v3));
+    assert_eq!(seen[0].2, [put_op(Kind::Group, "second", &group("second"))]);
+    assert_eq!(
+        seen[1].2,
+        [Op {
+            kind: Kind::Revoked,
+            key: "0b".into(),
+            value: Some(vec![]),
+        }]
+    );
+    // From a sequence the backend has moved past: everything, once.
+    let mut rx = backend.updates(from).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        Ok(Some(Ok(Update::Reset(loaded)))) => {
+            assert_eq!(loaded.seq, from + 2);
+            assert_eq!(loaded.version, v3);
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
 /// Calls `$then!` with every case of the shared suite.
 macro_rules! with_cases {
     ($then:ident) => {
@@ -1327,7 +1390,8 @@ macro_rules! with_cases {
             connection_records_filter_order_and_retention,
             connection_retention_holds_in_every_view,
             the_first_token_is_stored_once,
-            a_large_import_is_one_version_everywhere
+            a_large_import_is_one_version_everywhere,
+            updates_follow_from_a_sequence_and_report_a_gap
         );
     };
 }
