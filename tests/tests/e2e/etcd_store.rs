@@ -170,6 +170,26 @@ async fn instances_on_one_etcd_share_every_write_and_write_the_first_token_once(
     let (s, v) = call(&instances[2].2, &token, "DELETE", "/v1/groups/ops", None).await;
     assert_eq!(s, 409, "{v}");
 
+    // The store's chores (trimming, compaction) go to exactly one instance at a time; when
+    // it dies, another takes them over once its lease lapses.
+    let chores = |p: &Process| {
+        p.lines(Stream::Stderr)
+            .iter()
+            .chain(p.lines(Stream::Stdout).iter())
+            .filter(|l| l.contains("this instance does the store's chores"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let holder = loop {
+        let holding: Vec<usize> = (0..3).filter(|i| chores(&instances[*i].0) > 0).collect();
+        if !holding.is_empty() {
+            assert_eq!(holding.len(), 1, "two instances do the chores at once");
+            break holding[0];
+        }
+        assert!(Instant::now() < deadline, "no instance took the chores");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
     // Two instances creating the same record at once: one 201, the other 409.
     for round in 0..5 {
         let name = format!("race{round}");
@@ -228,6 +248,24 @@ async fn instances_on_one_etcd_share_every_write_and_write_the_first_token_once(
         let mut codes = [a, b];
         codes.sort();
         assert_eq!(codes, [200, 412], "round {round}: If-Match {version}");
+    }
+
+    let mut instances = instances;
+    instances[holder].0.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holding: Vec<usize> = (0..3)
+            .filter(|i| *i != holder && chores(&instances[*i].0) > 0)
+            .collect();
+        if !holding.is_empty() {
+            assert_eq!(holding.len(), 1, "two survivors do the chores at once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no survivor took the chores over after the holder died"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -536,4 +574,73 @@ async fn replicas_on_two_instances_share_the_connectors_tunnels() {
         let lab = c.get_json("/v1/connectors/lab").await;
         assert_eq!(lab["tunnels"].as_array().map(Vec::len), Some(1), "{lab}");
     }
+}
+
+/// TLS to etcd: with `--etcd-ca`, `--etcd-cert` and `--etcd-key` the control plane works
+/// on a cluster that requires client certificates; without the client certificate it
+/// does not start, and says which flags are missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_etcd_with_a_client_certificate() {
+    let Some(cluster) = EtcdCluster::start_tls("etcd over TLS", 3).await else {
+        return;
+    };
+    let tls = cluster.tls_files().expect("TLS files");
+    let mut args = etcd_args(&cluster, "/ztp-tls/");
+    assert!(args[3].starts_with("https://"), "{args:?}");
+    let ca = tls.ca.to_string_lossy().into_owned();
+
+    // Without a client certificate: refused at start, with the flags named.
+    let root = TempDir::new("etcd-tls");
+    let mut bare = vec![
+        "--data-dir".to_owned(),
+        root.join("bare").to_string_lossy().into_owned(),
+        "--api-listen".into(),
+        "127.0.0.1:0".into(),
+        "--etcd-ca".into(),
+        ca.clone(),
+    ];
+    bare.extend(args.iter().cloned());
+    let out = ztp_tests::bins::run_bounded_with(Bin::Control, &bare, &[], Duration::from_secs(30));
+    assert!(
+        !out.status.success(),
+        "started without a client certificate"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--etcd-cert") && err.contains("--etcd-key"),
+        "the refusal does not name the flags: {err}"
+    );
+    assert!(
+        !root.join("bare").join("admin-token").exists(),
+        "a token was written by an instance that never reached the store"
+    );
+
+    // With it: the store works.
+    args.extend([
+        "--etcd-ca".into(),
+        ca,
+        "--etcd-cert".into(),
+        tls.cert.to_string_lossy().into_owned(),
+        "--etcd-key".into(),
+        tls.key.to_string_lossy().into_owned(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pki = TestPki::new();
+    let control = Control::start_with(
+        &pki,
+        ControlOptions {
+            no_grpc: true,
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = control
+        .api("POST", "/v1/groups", Some(&json!({"name": "over-tls"})))
+        .await;
+    assert_eq!(r.status, 201, "{r}");
+    assert_eq!(
+        control.get_json("/v1/groups/over-tls").await["name"],
+        "over-tls"
+    );
 }
