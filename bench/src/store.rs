@@ -26,9 +26,19 @@
 //!    the same prefix is spawned and timed until it logs `api listening` and until
 //!    `GET /v1/users?limit=1` answers at the imported version. The same on sled (a new
 //!    process on the data folder of the instance that imported) for reference.
+//! 4. `instance`: two instances A and B (gRPC config stream on) on one etcd cluster and
+//!    REPLICAS data planes with `--control A,B`. Each of INSTANCE_ROUNDS rounds: all
+//!    replicas are subscribed to instance X; X is killed with SIGKILL and a new version
+//!    is written at once through the other instance Y (`POST /v1/groups`); each replica's
+//!    JSON log is polled every 5 ms for its subscription to Y and for `snapshot applied`
+//!    at the written version, both timed from the kill. X is then restarted (same data
+//!    folder and ports) and the next round kills Y (the replicas stay where they are).
+//!    The target: a killed instance's replicas apply the next version from another
+//!    instance within 1 s at p99.
 //!
 //! Usage: store [--writes 1000] [--clients 8] [--rounds 10] [--users 100000] [--starts 3]
-//!              [--parts writes,failover,startup]
+//!              [--replicas 3] [--instance-rounds 20]
+//!              [--parts writes,failover,startup,instance]
 //!
 //! Figures are measured on this machine, never asserted; the 1-minute load average at
 //! start and end is printed because other work on the machine moves them.
@@ -45,7 +55,7 @@ use ztp_tests::bins::Bin;
 use ztp_tests::etcd::EtcdCluster;
 use ztp_tests::process::{Process, Stream};
 use ztp_tests::tempdir::TempDir;
-use ztp_tests::{Control, ControlOptions, HttpResponse, TestPki};
+use ztp_tests::{Control, ControlOptions, Dataplane, HttpResponse, TestPki};
 
 mod common;
 use common::*;
@@ -56,6 +66,8 @@ struct Opts {
     rounds: usize,
     users: usize,
     starts: usize,
+    replicas: usize,
+    instance_rounds: usize,
     parts: Vec<String>,
 }
 
@@ -66,7 +78,14 @@ fn opts() -> Opts {
         rounds: 10,
         users: 100_000,
         starts: 3,
-        parts: vec!["writes".into(), "failover".into(), "startup".into()],
+        replicas: 3,
+        instance_rounds: 20,
+        parts: vec![
+            "writes".into(),
+            "failover".into(),
+            "startup".into(),
+            "instance".into(),
+        ],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -77,12 +96,14 @@ fn opts() -> Opts {
             "--rounds" => o.rounds = v.parse().expect("--rounds R"),
             "--users" => o.users = v.parse().expect("--users N"),
             "--starts" => o.starts = v.parse().expect("--starts N"),
+            "--replicas" => o.replicas = v.parse().expect("--replicas N"),
+            "--instance-rounds" => o.instance_rounds = v.parse().expect("--instance-rounds R"),
             "--parts" => {
                 o.parts = v.split(',').map(str::to_owned).collect();
                 for p in &o.parts {
                     assert!(
-                        ["writes", "failover", "startup"].contains(&p.as_str()),
-                        "--parts takes writes,failover,startup; not {p:?}"
+                        ["writes", "failover", "startup", "instance"].contains(&p.as_str()),
+                        "--parts takes writes,failover,startup,instance; not {p:?}"
                     );
                 }
             }
@@ -90,6 +111,7 @@ fn opts() -> Opts {
         }
     }
     assert!(o.writes > 0 && o.clients > 0, "--writes and --clients > 0");
+    assert!(o.replicas > 0, "--replicas > 0");
     o
 }
 
@@ -139,6 +161,9 @@ fn main() {
     }
     if part("startup") {
         sections.push(rt.block_on(bench_startup(&o)));
+    }
+    if part("instance") {
+        sections.push(rt.block_on(bench_instance(&o)));
     }
     header.push(format!(
         "load average at end: {}; total run time {:.0} s",
@@ -877,6 +902,475 @@ fn starts_table(starts: &[Result<Start, String>], version: u64) -> String {
         );
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------
+// Part 4: loss of a ztp-control instance, its replicas moving to another one.
+
+/// One replica in one round, times from the kill (as seen by polling its log every 5 ms).
+#[derive(Default)]
+struct Move {
+    /// → its log says it subscribed to the other instance.
+    subscribed: Option<Duration>,
+    /// The version it resumed at (the `applied` of that line, which its Hello carried).
+    resumed_at: Option<u64>,
+    /// Every `snapshot applied` after the kill: version, and when it was seen.
+    snapshots: Vec<(u64, Duration)>,
+    /// Its WARN and ERROR lines after the kill other than the expected "control plane
+    /// lost; moving to …", verbatim.
+    unexpected: Vec<String>,
+}
+
+impl Move {
+    /// → a snapshot at `version` or later was applied.
+    fn applied(&self, version: u64) -> Option<Duration> {
+        self.snapshots
+            .iter()
+            .find(|(v, _)| *v >= version)
+            .map(|&(_, t)| t)
+    }
+
+    /// Snapshots applied after the kill below `version` (the version it had, sent again).
+    fn resent(&self, version: u64) -> usize {
+        self.snapshots.iter().filter(|(v, _)| *v < version).count()
+    }
+}
+
+struct InstanceRound {
+    killed: &'static str,
+    /// The version every replica had applied before the kill.
+    before: u64,
+    /// The write through the other instance: its version, or its answer verbatim.
+    written: Result<u64, String>,
+    /// Kill → the write acknowledged.
+    write_took: Duration,
+    /// `None`: the replica was not on the killed instance at the version before (left
+    /// out of the figures).
+    replicas: Vec<Option<Move>>,
+    /// The other instance's ERROR lines during the round, verbatim.
+    errors_logged: Vec<String>,
+    /// The killed instance's restart, if it failed.
+    restart: Option<String>,
+}
+
+async fn bench_instance(o: &Opts) -> String {
+    const NAMES: [&str; 2] = ["A", "B"];
+    eprintln!("[instance] starting a 3-member etcd cluster");
+    let cluster = EtcdCluster::start("store bench instance", 3)
+        .await
+        .expect("etcd is needed (apt-get install etcd-server, or set ZTP_ETCD_BIN)");
+    let pki = TestPki::new();
+    let args = etcd_args(&cluster, "/ztp-bench-instance/");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Control::start_with(
+        &pki,
+        ControlOptions {
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    // B joins the store A initialized and writes no admin token: it gets A's.
+    let root = TempDir::new("store-bench-instance");
+    let dir_b = root.join("data-b");
+    std::fs::create_dir_all(&dir_b).expect("create B's data folder");
+    std::fs::copy(a.data_dir().join("admin-token"), dir_b.join("admin-token"))
+        .expect("copy A's admin token");
+    let b = Control::start_with(
+        &pki,
+        ControlOptions {
+            data_dir: Some(&dir_b),
+            args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut inst = [a, b];
+    let urls = [inst[0].grpc_url(), inst[1].grpc_url()];
+    let list = urls.join(",");
+    let _ = post_group(inst[0].api_addr(), inst[0].token(), "instance-setup").await;
+
+    eprintln!("[instance] starting {} replicas on {list}", o.replicas);
+    let mut replicas = Vec::new();
+    for i in 0..o.replicas {
+        let mut dp = Dataplane::start_control(&pki, &list, &format!("replica-{i}"), &[]).await;
+        assert!(
+            dp.wait_ready(Duration::from_secs(30)).await,
+            "replica-{i} got no snapshot within 30 s"
+        );
+        replicas.push(dp);
+    }
+
+    let mut rounds = Vec::new();
+    let mut seen_lines = [inst[0].raw_logs().len(), inst[1].raw_logs().len()];
+    // The replicas start on A, the first of their list.
+    let mut x = 0;
+    for round in 0..o.instance_rounds {
+        let y = 1 - x;
+        // Every replica on X at X's version (bounded: a replica that is not is left out).
+        let before = version_of(inst[x].api_addr(), inst[x].token())
+            .await
+            .unwrap_or(0);
+        let mut on_x = vec![false; replicas.len()];
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(15) {
+            for (i, dp) in replicas.iter().enumerate() {
+                on_x[i] = replica_state(dp) == (Some(urls[x].clone()), Some(before));
+            }
+            if on_x.iter().all(|&b| b) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = error_lines(&inst[y], &mut seen_lines[y]);
+        let marks: Vec<usize> = replicas.iter().map(|d| d.raw_logs().len()).collect();
+
+        let t_kill = Instant::now();
+        inst[x].kill9();
+        let (api, token) = (inst[y].api_addr(), inst[y].token().to_owned());
+        let name = format!("instance-round-{}", round + 1);
+        let mut write = Some(tokio::spawn(async move {
+            let body = json!({ "name": name }).to_string();
+            let r = call(api, &token, "POST", "/v1/groups", Some(body.as_bytes())).await;
+            (r, Instant::now())
+        }));
+        let mut written: Option<Result<u64, String>> = None;
+        let mut write_took = Duration::ZERO;
+        let mut moves: Vec<Move> = replicas.iter().map(|_| Move::default()).collect();
+        let mut scanned = marks.clone();
+        while t_kill.elapsed() < Duration::from_secs(30) {
+            if write.as_ref().is_some_and(|w| w.is_finished()) {
+                let (r, done) = write.take().unwrap().await.expect("the write task");
+                write_took = done - t_kill;
+                written = Some(match r {
+                    Ok(r) if r.status == 201 => r
+                        .etag_version()
+                        .ok_or_else(|| format!("HTTP 201 without a numeric ETag: {r}")),
+                    Ok(r) => Err(format!("HTTP {}: {}", r.status, r.text().trim())),
+                    Err(e) => Err(format!("no answer: {e}")),
+                });
+            }
+            let now = Instant::now();
+            for (i, dp) in replicas.iter().enumerate() {
+                let lines = dp.raw_logs();
+                let m = &mut moves[i];
+                for l in lines.get(scanned[i]..).unwrap_or_default() {
+                    let Ok(v) = serde_json::from_str::<Value>(l) else {
+                        continue;
+                    };
+                    let msg = v["message"].as_str().unwrap_or("");
+                    if msg == "subscribed to the control plane" && v["url"] == urls[y] {
+                        m.subscribed.get_or_insert(now - t_kill);
+                        m.resumed_at = m.resumed_at.or(v["applied"].as_u64());
+                    } else if msg == "snapshot applied" {
+                        if let Some(version) = v["snapshot.version"].as_u64() {
+                            m.snapshots.push((version, now - t_kill));
+                        }
+                    } else if matches!(v["level"].as_str(), Some("WARN" | "ERROR"))
+                        && !msg.starts_with("control plane lost; moving to")
+                    {
+                        m.unexpected.push(l.clone());
+                    }
+                }
+                scanned[i] = lines.len();
+            }
+            let done = match &written {
+                None => false,
+                Some(Ok(version)) => moves.iter().zip(&on_x).all(|(m, &on)| {
+                    !on || (m.subscribed.is_some() && m.applied(*version).is_some())
+                }),
+                Some(Err(_)) => moves
+                    .iter()
+                    .zip(&on_x)
+                    .all(|(m, &on)| !on || m.subscribed.is_some()),
+            };
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(w) = write.take() {
+            w.abort();
+        }
+        let written = written.unwrap_or_else(|| Err("no answer within 30 s".into()));
+        let r = InstanceRound {
+            killed: NAMES[x],
+            before,
+            written,
+            write_took,
+            replicas: moves
+                .into_iter()
+                .zip(&on_x)
+                .map(|(m, &on)| on.then_some(m))
+                .collect(),
+            errors_logged: error_lines(&inst[y], &mut seen_lines[y]),
+            restart: None,
+        };
+        let max_of = |f: &dyn Fn(&Move) -> Option<Duration>| {
+            r.replicas
+                .iter()
+                .flatten()
+                .map(f)
+                .collect::<Option<Vec<_>>>()
+                .and_then(|v| v.into_iter().max())
+        };
+        eprintln!(
+            "[instance] round {}: killed {}, write {}, moved (max) {}, applied (max) {}",
+            round + 1,
+            r.killed,
+            r.written
+                .as_ref()
+                .map_or_else(|e| e.clone(), |v| format!("v{v}")),
+            opt_ms(max_of(&|m| m.subscribed)),
+            opt_ms(
+                r.written
+                    .as_ref()
+                    .ok()
+                    .and_then(|&v| max_of(&|m| m.applied(v)))
+            )
+        );
+        rounds.push(r);
+
+        // X back on the same data folder and ports, at the current version; the replicas
+        // stay on Y, which the next round kills.
+        let restarted = async {
+            inst[x].restart().await;
+            let want = version_of(inst[y].api_addr(), inst[y].token())
+                .await
+                .unwrap_or(0);
+            let t = Instant::now();
+            loop {
+                let v = version_of(inst[x].api_addr(), inst[x].token()).await;
+                if v.is_some_and(|v| v >= want) {
+                    return Ok(());
+                }
+                if t.elapsed() > Duration::from_secs(15) {
+                    return Err(format!(
+                        "restarted {} answered version {v:?}, not {want}, after 15 s",
+                        NAMES[x]
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if let Err(e) = restarted.await {
+            rounds.last_mut().unwrap().restart = Some(e);
+        }
+        seen_lines[x] = inst[x].raw_logs().len();
+        x = y;
+    }
+    drop(replicas);
+    drop(inst);
+    drop(cluster);
+
+    let mut s = format!(
+        "4. ztp-control instance loss: instances A and B on one etcd cluster (3 members), {} \
+         replicas with --control A,B, {} rounds.\n   Each round: all replicas on instance X; \
+         kill -9 of X, at once POST /v1/groups through the other instance Y; each replica's \
+         log polled\n   every 5 ms (times are from the kill to the poll that saw the line): \
+         moved = `subscribed to the control plane` on Y;\n   applied = `snapshot applied` \
+         at the version written on Y. X is then restarted; the next round kills Y.\n   \
+         Target: the replicas apply the next version from another instance within 1 s at \
+         p99.\n",
+        o.replicas, o.instance_rounds
+    );
+    s += &format!(
+        "   {:>5} {:>6} {:>9} {:>10} {:>12} {:>14} {:>20} {:>18}\n",
+        "round",
+        "killed",
+        "versions",
+        "write ack",
+        "moved (max)",
+        "applied (max)",
+        "on the move",
+        "new version as"
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        let on: Vec<&Move> = r.replicas.iter().flatten().collect();
+        let moved = on
+            .iter()
+            .map(|m| m.subscribed)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|v| v.into_iter().max());
+        let applied = r.written.as_ref().ok().and_then(|&v| {
+            on.iter()
+                .map(|m| m.applied(v))
+                .collect::<Option<Vec<_>>>()
+                .and_then(|v| v.into_iter().max())
+        });
+        let version = r.written.as_ref().ok().copied().unwrap_or(u64::MAX);
+        let resent = on.iter().filter(|m| m.resent(version) > 0).count();
+        let full_new = on.iter().filter(|m| m.applied(version).is_some()).count();
+        s += &format!(
+            "   {:>5} {:>6} {:>9} {:>10} {:>12} {:>14} {:>20} {:>18}\n",
+            i + 1,
+            r.killed,
+            match &r.written {
+                Ok(v) => format!("{}→{v}", r.before),
+                Err(_) => format!("{}→?", r.before),
+            },
+            opt_ms(Some(r.write_took)),
+            opt_ms(moved),
+            opt_ms(applied),
+            format!("nothing ×{}, full ×{resent}", on.len() - resent),
+            format!("full snapshot ×{full_new}"),
+        );
+    }
+    let all = || rounds.iter().flat_map(|r| r.replicas.iter().flatten());
+    let moved: Vec<f64> = all().filter_map(|m| m.subscribed).map(secs).collect();
+    let applied: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| Some((r.written.as_ref().ok().copied()?, r)))
+        .flat_map(|(v, r)| {
+            r.replicas
+                .iter()
+                .flatten()
+                .filter_map(move |m| m.applied(v))
+        })
+        .map(secs)
+        .collect();
+    let writes: Vec<f64> = rounds
+        .iter()
+        .filter(|r| r.written.is_ok())
+        .map(|r| secs(r.write_took))
+        .collect();
+    let samples = all().count();
+    s += &format!(
+        "   {:<57} {:>8} {:>8} {:>8}   (n)\n",
+        "", "p50", "p99", "max"
+    );
+    for (name, v) in [
+        ("kill → subscribed to the other instance", &moved),
+        (
+            "kill → applied the version written on it after the kill",
+            &applied,
+        ),
+        ("kill → that write acknowledged (per round)", &writes),
+    ] {
+        let (p50, p99, max) = fstats(v);
+        s += &format!(
+            "   {:<57} {:>8} {:>8} {:>8}   ({})\n",
+            name,
+            signed_ms(p50),
+            signed_ms(p99),
+            signed_ms(max),
+            v.len()
+        );
+    }
+    // Against the target, a sample that never applied counts as later than any other.
+    let over = applied.iter().filter(|&&t| t > 1.0).count();
+    let missing = samples - applied.len();
+    let mut padded = applied.clone();
+    padded.resize(samples, f64::INFINITY);
+    let (_, p99, _) = fstats(&padded);
+    s += &format!(
+        "   target (applied within 1 s at p99): {} (p99 {} over {samples} replica×round \
+         samples; {over} over 1 s, {missing} not applied within 30 s)\n",
+        if p99 <= 1.0 { "met" } else { "NOT MET" },
+        if p99.is_infinite() {
+            "-".into()
+        } else {
+            signed_ms(p99)
+        },
+    );
+    let resent: usize = rounds
+        .iter()
+        .map(|r| {
+            let v = r.written.as_ref().ok().copied().unwrap_or(u64::MAX);
+            r.replicas
+                .iter()
+                .flatten()
+                .filter(|m| m.resent(v) > 0)
+                .count()
+        })
+        .sum();
+    let resumed = all().filter(|m| m.resumed_at.is_some()).count();
+    s += &format!(
+        "   on the move: {resent} of {samples} moves got the version they had sent again as a \
+         full snapshot, the others nothing\n   (each resumed at its applied version: \
+         {resumed} subscriptions carried it); the new version reached every replica as \
+         one full snapshot\n   (deltas are not built yet: every version is sent whole)\n"
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        if let Err(e) = &r.written {
+            s += &format!(
+                "   FINDING: round {}: the write through the other instance failed: {e}\n",
+                i + 1
+            );
+        }
+        for (k, m) in r.replicas.iter().enumerate() {
+            let Some(m) = m else {
+                s += &format!(
+                    "   FINDING: round {}: replica-{k} was not on {} at version {} before the \
+                     kill (left out)\n",
+                    i + 1,
+                    r.killed,
+                    r.before
+                );
+                continue;
+            };
+            if m.subscribed.is_none() {
+                s += &format!(
+                    "   FINDING: round {}: replica-{k} did not subscribe to the other \
+                     instance within 30 s\n",
+                    i + 1
+                );
+            }
+            if let Ok(v) = &r.written {
+                if m.applied(*v).is_none() {
+                    s += &format!(
+                        "   FINDING: round {}: replica-{k} did not apply version {v} within \
+                         30 s\n",
+                        i + 1
+                    );
+                }
+            }
+            if m.resumed_at.is_some_and(|a| a != r.before) {
+                s += &format!(
+                    "   FINDING: round {}: replica-{k} resumed at version {:?}, not {}\n",
+                    i + 1,
+                    m.resumed_at,
+                    r.before
+                );
+            }
+            for l in m.unexpected.iter().take(2) {
+                s += &format!("   round {}: replica-{k} logged: {l}\n", i + 1);
+            }
+        }
+        for l in r.errors_logged.iter().take(3) {
+            s += &format!("   round {}: the other instance logged: {l}\n", i + 1);
+        }
+        if let Some(e) = &r.restart {
+            s += &format!("   FINDING: round {}: {e}\n", i + 1);
+        }
+    }
+    s += "   (ms; write ack: kill → the write acknowledged by the other instance; versions: \
+          before → written;\n    on the move: what a replica was sent on subscribing to the \
+          other instance besides the new version)\n";
+    s
+}
+
+/// The config version `api` answers with (`GET /v1/groups?limit=1`'s ETag), if it does.
+async fn version_of(api: SocketAddr, token: &str) -> Option<u64> {
+    match call(api, token, "GET", "/v1/groups?limit=1", None).await {
+        Ok(r) if r.status == 200 => r.etag_version(),
+        _ => None,
+    }
+}
+
+/// The URL of the replica's last subscription and the version of its last applied
+/// snapshot, from its log.
+fn replica_state(dp: &Dataplane) -> (Option<String>, Option<u64>) {
+    let (mut url, mut version) = (None, None);
+    for v in dp.logs() {
+        if v["message"] == "subscribed to the control plane" {
+            url = v["url"].as_str().map(str::to_owned);
+        } else if v["message"] == "snapshot applied" {
+            version = v["snapshot.version"].as_u64();
+        }
+    }
+    (url, version)
 }
 
 // ---------------------------------------------------------------------------------------
