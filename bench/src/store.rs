@@ -970,16 +970,11 @@ async fn bench_instance(o: &Opts) -> String {
         },
     )
     .await;
-    // B joins the store A initialized and writes no admin token: it gets A's.
-    let root = TempDir::new("store-bench-instance");
-    let dir_b = root.join("data-b");
-    std::fs::create_dir_all(&dir_b).expect("create B's data folder");
-    std::fs::copy(a.data_dir().join("admin-token"), dir_b.join("admin-token"))
-        .expect("copy A's admin token");
+    // B joins the store A initialized: it writes no admin token of its own.
     let b = Control::start_with(
         &pki,
         ControlOptions {
-            data_dir: Some(&dir_b),
+            admin_token: Some(a.token()),
             args: &args,
             ..Default::default()
         },

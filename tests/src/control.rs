@@ -47,6 +47,9 @@ pub struct ControlOptions<'a> {
     /// Extra flags. `--api-listen` and `--grpc-listen` given here replace the harness's
     /// `127.0.0.1:0`.
     pub args: &'a [&'a str],
+    /// An admin token put in the data folder before the start: an instance joining a
+    /// shared store (`--store etcd`) that another initialized writes none of its own.
+    pub admin_token: Option<&'a str>,
 }
 
 /// A running `ztp-control` on loopback, killed (by its `Child`) on drop.
@@ -130,6 +133,11 @@ impl Control {
             .data_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| root.join("data"));
+        if let Some(token) = opts.admin_token {
+            std::fs::create_dir_all(&data_dir).expect("create the data folder");
+            std::fs::write(data_dir.join("admin-token"), format!("{token}\n"))
+                .expect("write the admin token");
+        }
         let mut control = Control {
             child: None,
             root,

@@ -317,6 +317,11 @@ impl Shared {
     /// Replaces the state with everything the backend holds.
     async fn reload(&self) -> Result<(), StoreError> {
         let loaded = self.backend.load().await?;
+        self.replace(loaded)
+    }
+
+    /// Replaces the state with `loaded`, and announces it.
+    fn replace(&self, loaded: Loaded) -> Result<(), StoreError> {
         let fresh = State::from_loaded(loaded)?;
         let (seq, version) = (fresh.seq, fresh.version);
         {
@@ -360,16 +365,7 @@ impl Shared {
                 if loaded.seq < self.state().seq {
                     return Ok(());
                 }
-                let fresh = State::from_loaded(loaded)?;
-                let (seq, version) = (fresh.seq, fresh.version);
-                {
-                    let mut st = self.state();
-                    let generation = st.generation + 1;
-                    *st = fresh;
-                    st.generation = generation;
-                }
-                self.publish(seq, version);
-                Ok(())
+                self.replace(loaded)
             }
         }
     }

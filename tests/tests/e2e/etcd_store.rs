@@ -355,16 +355,11 @@ async fn a_killed_instance_hands_its_nodes_to_another_on_the_same_etcd() {
         },
     )
     .await;
-    // B joins the store A initialized: it writes no token of its own; the test gives it
-    // A's to read.
-    let root = TempDir::new("etcd-b");
-    let dir_b = root.join("data");
-    std::fs::create_dir_all(&dir_b).unwrap();
-    std::fs::copy(a.data_dir().join("admin-token"), dir_b.join("admin-token")).unwrap();
+    // B joins the store A initialized: it writes no admin token of its own.
     let b = Control::start_with(
         &pki,
         ControlOptions {
-            data_dir: Some(&dir_b),
+            admin_token: Some(a.token()),
             args: &args,
             ..Default::default()
         },
@@ -496,14 +491,11 @@ async fn replicas_on_two_instances_share_the_connectors_tunnels() {
         },
     )
     .await;
-    let root = TempDir::new("etcd-b");
-    let dir_b = root.join("data");
-    std::fs::create_dir_all(&dir_b).unwrap();
-    std::fs::copy(a.data_dir().join("admin-token"), dir_b.join("admin-token")).unwrap();
+    // B joins the store A initialized: it writes no admin token of its own.
     let b = Control::start_with(
         &pki,
         ControlOptions {
-            data_dir: Some(&dir_b),
+            admin_token: Some(a.token()),
             args: &args,
             ..Default::default()
         },
