@@ -4,9 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use super::backend::{Commit, Update};
+use super::commit::put_op;
+use super::state::State;
 use super::*;
 use ztp_proto::Protocol;
+use ztp_proto::{Connector, Group, Invalid, Service, Snapshot, User};
 
 pub(crate) struct TempDir(pub(crate) PathBuf);
 

@@ -8,7 +8,9 @@
 use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
-use super::{json, now_ms, page_in, Actor, Kind, Op, Page, Plan, Store, StoreError};
+use super::commit::Plan;
+use super::state::page_in;
+use super::{json, now_ms, Actor, Kind, Op, Page, Store, StoreError};
 
 /// What a token may do (DESIGN.md "REST conventions"). Ordered: each role may do what
 /// the ones before it may.
