@@ -45,6 +45,7 @@ mod tokens;
 
 pub use backend::{Backend, BackendError, Kind, Op};
 pub use conn_audit::{AuditQuery, ConnectionRecord};
+pub use state::Change;
 pub use tokens::{NewToken, Role, TokenInfo};
 
 use commit::{follow, Shared};
@@ -208,6 +209,14 @@ impl Store {
             write: tokio::sync::Mutex::new(()),
             follower,
         })
+    }
+
+    /// What every version after `version` changed, oldest first, and the version they
+    /// lead to, from one state; `None` when the change log does not reach back to
+    /// `version` (too old, or from before a full read of the store).
+    pub fn changes_since(&self, version: u64) -> (Option<Vec<Change>>, u64) {
+        let st = self.state();
+        (st.changes_since(version), st.version)
     }
 
     /// Whether other instances share the backend.

@@ -1,7 +1,7 @@
 //! The configuration and the tokens in memory, as the backend holds them at one write
 //! sequence, and how a commit's writes apply to them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 
 use serde::Deserialize;
@@ -33,7 +33,28 @@ pub(super) struct State {
     /// A commit's outcome is unknown (the backend failed mid-write, or the writer went
     /// away during it): read everything again before it is trusted.
     pub(super) unsure: bool,
+    /// What the latest versions changed, oldest first, without a gap: each the commit
+    /// that made it (its own and other instances' alike). Empty after a full read: then
+    /// nothing before the current version can be told.
+    pub(super) log: VecDeque<Change>,
+    /// The operations the log holds, bounded by [`LOG_OPS`].
+    log_ops: usize,
 }
+
+/// What one config version changed from the one before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub version: u64,
+    pub previous_version: u64,
+    /// The records written (`Some`, the JSON) or removed, in order: services, users,
+    /// groups, connectors and revoked serials (tokens are not configuration).
+    pub ops: Vec<Op>,
+}
+
+/// Versions the change log keeps at most, and operations (an import of 100,000 users is
+/// one version of 100,000 operations: it alone may fill the log).
+pub(super) const LOG_VERSIONS: usize = 4096;
+pub(super) const LOG_OPS: usize = 200_000;
 
 fn decode<V: for<'de> Deserialize<'de>>(kind: Kind, key: &str, v: &[u8]) -> Result<V, StoreError> {
     serde_json::from_slice(v).map_err(|e| {
@@ -58,6 +79,9 @@ impl State {
             })
             .collect();
         st.apply(loaded.seq, loaded.version, &ops)?;
+        // Everything read at once: no version before this one can be told apart.
+        st.log.clear();
+        st.log_ops = 0;
         Ok(st)
     }
 
@@ -105,9 +129,44 @@ impl State {
         if ops.iter().any(|op| op.kind.is_config_record()) {
             self.generation += 1;
         }
+        if version > self.version {
+            self.log_change(Change {
+                version,
+                previous_version: self.version,
+                ops: ops
+                    .iter()
+                    .filter(|o| o.kind != Kind::Token)
+                    .cloned()
+                    .collect(),
+            });
+        }
         self.seq = seq;
         self.version = version;
         Ok(())
+    }
+
+    fn log_change(&mut self, change: Change) {
+        self.log_ops += change.ops.len();
+        self.log.push_back(change);
+        while self.log.len() > LOG_VERSIONS || (self.log_ops > LOG_OPS && self.log.len() > 1) {
+            if let Some(old) = self.log.pop_front() {
+                self.log_ops -= old.ops.len();
+            }
+        }
+    }
+
+    /// The changes after `version`, oldest first, if the log reaches back to it (`Some`
+    /// and empty at the current version); `None` when it does not: then only the whole
+    /// configuration says what changed.
+    pub(super) fn changes_since(&self, version: u64) -> Option<Vec<Change>> {
+        if version == self.version {
+            return Some(Vec::new());
+        }
+        let start = self
+            .log
+            .iter()
+            .position(|c| c.previous_version == version)?;
+        Some(self.log.iter().skip(start).cloned().collect())
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {
@@ -148,5 +207,42 @@ pub(super) fn page_of<'a, V: Clone + 'a>(
     Page {
         items,
         next: last.filter(|_| more).map(str::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revoke(serial: &str) -> Op {
+        Op {
+            kind: Kind::Revoked,
+            key: serial.into(),
+            value: Some(vec![]),
+        }
+    }
+
+    #[test]
+    fn the_change_log_is_bounded_by_versions_and_by_operations() {
+        let mut st = State::default();
+        for v in 1..=(LOG_VERSIONS as u64 + 10) {
+            st.apply(v, v, &[revoke(&format!("{v:x}"))]).unwrap();
+        }
+        assert_eq!(st.log.len(), LOG_VERSIONS);
+        assert_eq!(st.changes_since(9), None, "older than the log");
+        assert_eq!(st.changes_since(10).map(|c| c.len()), Some(LOG_VERSIONS));
+        // One version larger than the whole bound is kept alone: the newest is always
+        // told.
+        let v = st.version + 1;
+        let big: Vec<Op> = (0..LOG_OPS + 1)
+            .map(|i| revoke(&format!("{i:x}")))
+            .collect();
+        st.apply(v, v, &big).unwrap();
+        assert_eq!(st.log.len(), 1);
+        assert_eq!(st.changes_since(v - 1).map(|c| c.len()), Some(1));
+        assert_eq!(st.changes_since(v - 2), None);
+        // Commits that do not move the version (tokens, audit-only) add nothing.
+        st.apply(v + 1, v, &[]).unwrap();
+        assert_eq!(st.log.len(), 1);
     }
 }

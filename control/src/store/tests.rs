@@ -1373,6 +1373,92 @@ pub async fn updates_follow_from_a_sequence_and_report_a_gap(p: &dyn Place) {
     }
 }
 
+/// The change log: what each version changed (every kind of write, a cascade, an
+/// import, a revocation), on the writer and on a store following it; tokens are not in
+/// it; a version it does not reach back to, or one before a full read, is `None`.
+pub async fn the_change_log_says_what_each_version_changed(p: &dyn Place) {
+    let a = Actor::system();
+    let shared = p.backend().await.is_shared();
+    let writer = Arc::new(p.open().await);
+    let follower = if shared {
+        Arc::new(p.open().await)
+    } else {
+        writer.clone()
+    };
+    let v0 = writer.version().unwrap();
+    writer.create_group(group("ops"), None, &a).await.unwrap();
+    writer
+        .put_service(svc("a.svc.internal", &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    writer
+        .put_user(user("alice", &["alice@x"], &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    writer.create_token("not-config", &a).await.unwrap();
+    writer.create_group(group("dev"), None, &a).await.unwrap();
+    writer
+        .put_service(svc("a.svc.internal", &["ops", "dev"]), false, None, &a)
+        .await
+        .unwrap();
+    let cascade = writer.delete_group("ops", true, None, &a).await.unwrap();
+    let revoked = writer.revoke(&["0c".into()], None, &a).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while follower.version().unwrap() != revoked {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for store in [&*writer, &*follower] {
+        let (changes, at) = store.changes_since(v0);
+        let changes = changes.expect("the log reaches back to the first version");
+        assert_eq!(at, revoked);
+        let versions: Vec<(u64, u64)> = changes
+            .iter()
+            .map(|c| (c.previous_version, c.version))
+            .collect();
+        assert_eq!(
+            versions,
+            (v0..revoked).map(|v| (v, v + 1)).collect::<Vec<_>>(),
+            "one change per version, no gap, no token"
+        );
+        let keys = |c: &Change| -> Vec<(Kind, String, bool)> {
+            c.ops
+                .iter()
+                .map(|o| (o.kind, o.key.clone(), o.value.is_some()))
+                .collect()
+        };
+        let by_version = |v: u64| changes.iter().find(|c| c.version == v).unwrap();
+        let mut cascaded = keys(by_version(cascade));
+        cascaded.sort();
+        assert_eq!(
+            cascaded,
+            [
+                (Kind::Service, "a.svc.internal".to_owned(), true),
+                (Kind::User, "alice".to_owned(), true),
+                (Kind::Group, "ops".to_owned(), false),
+            ]
+        );
+        assert_eq!(
+            keys(by_version(revoked)),
+            [(Kind::Revoked, "0c".to_owned(), true)]
+        );
+        // From the middle, and at the newest version.
+        let (tail, _) = store.changes_since(cascade);
+        assert_eq!(tail.unwrap().len(), 1);
+        assert_eq!(store.changes_since(revoked).0, Some(vec![]));
+        // A version that never was (or is older than the log) is not told.
+        assert_eq!(store.changes_since(revoked + 5).0, None);
+    }
+    // After a full read nothing before the current version can be told.
+    writer.state().unsure = true;
+    writer.services(None, 1).await.unwrap();
+    assert_eq!(writer.changes_since(v0).0, None);
+    assert_eq!(writer.changes_since(revoked).0, Some(vec![]));
+}
+
 /// Calls `$then!` with every case of the shared suite.
 macro_rules! with_cases {
     ($then:ident) => {
@@ -1396,7 +1482,8 @@ macro_rules! with_cases {
             connection_retention_holds_in_every_view,
             the_first_token_is_stored_once,
             a_large_import_is_one_version_everywhere,
-            updates_follow_from_a_sequence_and_report_a_gap
+            updates_follow_from_a_sequence_and_report_a_gap,
+            the_change_log_says_what_each_version_changed
         );
     };
 }
