@@ -619,7 +619,7 @@ fn connection_record(
 
 /// The config service, written out by hand rather than generated: the generated server
 /// would encode every node's copy of a snapshot itself, where this one sends the bytes
-/// [`Cache`] encoded once per version ([`ServerCodec`]).
+/// the cache encoded once per version (`ServerCodec`).
 #[derive(Clone)]
 pub struct ConfigService(Arc<ConfigServer>);
 
