@@ -384,7 +384,9 @@ impl Nodes {
     /// Forgets a node that is gone for good. A connected node is not removed: it would
     /// only come back, and its removal would hide a live replica.
     pub fn remove(&self, id: &str) -> Result<(), RemoveError> {
+        let elsewhere = self.remote().iter().any(|p| p.node.id == id);
         self.with(|m| match m.get(id) {
+            None if elsewhere => Err(RemoveError::Elsewhere),
             None => Err(RemoveError::NotFound),
             Some(n) if n.connected => Err(RemoveError::Connected),
             Some(_) => {
@@ -402,6 +404,9 @@ pub enum RemoveError {
     NotFound,
     #[error("the node is connected")]
     Connected,
+    /// Only another control-plane instance on the same store knows the node.
+    #[error("another instance knows the node")]
+    Elsewhere,
 }
 
 #[cfg(test)]
@@ -481,6 +486,9 @@ mod tests {
         let same = nodes.remote().clone();
         nodes.set_remote(same);
         assert!(!changes.has_changed().unwrap());
+        // A node only another instance knows is not removed here.
+        assert_eq!(nodes.remove("b"), Err(RemoveError::Elsewhere));
+        assert_eq!(nodes.remove("nobody"), Err(RemoveError::NotFound));
         // What this instance publishes carries its own tunnels.
         let published = nodes.recorded();
         assert_eq!(published.len(), 1);

@@ -56,6 +56,15 @@ pub async fn remove_node(
         Err(RemoveError::NotFound) => {
             return Err(ApiError::NotFound(format!("node {id:?} not found")))
         }
+        Err(RemoveError::Elsewhere) => {
+            return Err(ApiError::Conflict {
+                detail: format!(
+                    "node {id:?} is known to another control-plane instance on this store \
+                     (subscribed there, or last seen there): remove it on that instance"
+                ),
+                errors: vec![],
+            })
+        }
         Err(RemoveError::Connected) => {
             return Err(ApiError::Conflict {
                 detail: format!(
