@@ -284,6 +284,14 @@ impl Cache {
                     groups,
                     revoked: _,
                     connectors,
+                    // A whole snapshot is no delta: these stay empty.
+                    delta: _,
+                    previous_version: _,
+                    deleted_services: _,
+                    deleted_users: _,
+                    deleted_groups: _,
+                    deleted_connectors: _,
+                    unrevoked: _,
                 } = pb::Snapshot::from(&snap);
                 let config = pb::Snapshot {
                     services,
@@ -452,11 +460,16 @@ impl ConfigServer {
             hello.schema,
         );
 
-        // Outbound: the current snapshot when behind, then each new version.
+        // Outbound: the current snapshot when behind, then each new version: as a delta
+        // from the version the node has, when it takes deltas and the store's change log
+        // reaches back to it; whole otherwise, and after the node refused a delta.
         let (tx, rx) = mpsc::channel(1);
         let (store, cache) = (self.store.clone(), self.cache.clone());
         let mut versions = store.watch_version();
         let mut sent = (hello.last_version > 0).then_some(hello.last_version);
+        let takes_deltas = hello.schema >= ztp_proto::wire::DELTA_SCHEMA;
+        let refused = Arc::new(RefusedDelta::default());
+        let refused_out = refused.clone();
         let mut stop = self.stop.clone();
         let replaced = Arc::new(tokio::sync::Notify::new());
         if let Some(old) = self
@@ -469,23 +482,39 @@ impl ConfigServer {
         }
         let mine = replaced.clone();
         tokio::spawn(async move {
+            let refused = refused_out;
             loop {
+                let whole = refused.take();
+                if whole {
+                    sent = None;
+                }
                 let version = *versions.borrow_and_update();
                 if sent != Some(version) {
-                    let (version, snap) = match cache.current(&store).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
+                    let delta = match sent {
+                        Some(from) if takes_deltas && !whole => delta_since(&store, from),
+                        _ => None,
+                    };
+                    let (version, message) = match delta {
+                        Some((version, bytes)) => {
+                            refused.sent_delta(version);
+                            (version, [bytes, bytes::Bytes::new()])
                         }
+                        None => match cache.current(&store).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        },
                     };
                     sent = Some(version);
-                    if tx.send(Ok(snap)).await.is_err() {
+                    if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
                 }
                 tokio::select! {
                     r = versions.changed() => if r.is_err() { return },
+                    _ = refused.wake.notified() => {}
                     _ = tx.closed() => return,
                     _ = stop.wait_for(|s| *s) => return,
                     _ = replaced.notified() => return,
@@ -511,6 +540,8 @@ impl ConfigServer {
                     })) => {
                         let reason: String = n.reason.chars().take(1024).collect();
                         tracing::warn!(node.id = %id, version = n.version, reason = %reason, "node refused a snapshot");
+                        // A refused delta is followed by the whole configuration.
+                        refused.nacked(n.version);
                         nodes.nacked(&id, n.version, reason);
                     }
                     Ok(Some(pb::NodeMessage {
@@ -704,6 +735,81 @@ pub async fn serve(
         .await
 }
 
+/// Between a node's two streams: which version went as a delta, and whether the node
+/// refused it (then the whole configuration follows).
+#[derive(Default)]
+struct RefusedDelta {
+    /// The version last sent as a delta.
+    delta: std::sync::Mutex<Option<u64>>,
+    whole: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl RefusedDelta {
+    fn sent_delta(&self, version: u64) {
+        *self.delta.lock().unwrap_or_else(|p| p.into_inner()) = Some(version);
+    }
+
+    /// A nack of `version`: if it was a delta, the whole configuration goes next.
+    fn nacked(&self, version: u64) {
+        let was_delta = self
+            .delta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_if(|v| *v == version)
+            .is_some();
+        if was_delta {
+            self.whole.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.wake.notify_one();
+        }
+    }
+
+    fn take(&self) -> bool {
+        self.whole.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The encoded delta from version `from` to the store's current one, if the change log
+/// reaches back to `from` and there is a change (the last write of each record wins).
+fn delta_since(store: &Store, from: u64) -> Option<(u64, bytes::Bytes)> {
+    use prost::Message as _;
+    use std::collections::BTreeMap;
+
+    use crate::store::Kind;
+    let (changes, at) = store.changes_since(from);
+    let changes = changes?;
+    if at == from || changes.is_empty() {
+        return None;
+    }
+    let mut last: BTreeMap<(Kind, String), Option<Vec<u8>>> = BTreeMap::new();
+    for c in &changes {
+        for op in &c.ops {
+            last.insert((op.kind, op.key.clone()), op.value.clone());
+        }
+    }
+    let mut d = ztp_proto::wire::Delta {
+        version: at,
+        previous_version: from,
+        ..Default::default()
+    };
+    for ((kind, key), value) in last {
+        match (kind, value) {
+            (Kind::Service, Some(v)) => d.services.push(serde_json::from_slice(&v).ok()?),
+            (Kind::Service, None) => d.deleted_services.push(key),
+            (Kind::User, Some(v)) => d.users.push(serde_json::from_slice(&v).ok()?),
+            (Kind::User, None) => d.deleted_users.push(key),
+            (Kind::Group, Some(v)) => d.groups.push(serde_json::from_slice(&v).ok()?),
+            (Kind::Group, None) => d.deleted_groups.push(key),
+            (Kind::Connector, Some(v)) => d.connectors.push(serde_json::from_slice(&v).ok()?),
+            (Kind::Connector, None) => d.deleted_connectors.push(key),
+            (Kind::Revoked, Some(_)) => d.revoked.push(key),
+            (Kind::Revoked, None) => d.unrevoked.push(key),
+            (Kind::Token, _) => {}
+        }
+    }
+    Some((at, pb::Snapshot::from(&d).encode_to_vec().into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -763,6 +869,63 @@ mod tests {
             };
             assert_eq!(connection_record("n1", r, 0).transport, kept);
         }
+    }
+
+    /// A delta says what changed from the node's version (the last write of each record
+    /// wins) and, applied to the node's configuration, gives the store's; none when the
+    /// log does not reach back to the node's version or nothing changed.
+    #[tokio::test]
+    async fn a_delta_from_the_node_s_version_gives_the_store_s_configuration() {
+        use ztp_proto::wire::Delta;
+        let dir = std::env::temp_dir().join(format!("ztp-grpc-delta-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let a = Actor::system();
+        store
+            .create_group(Group { name: "g".into() }, None, &a)
+            .await
+            .unwrap();
+        store.put_user(user("alice"), true, None, &a).await.unwrap();
+        store.put_user(user("bob"), true, None, &a).await.unwrap();
+        let (base, from) = (store.snapshot().await.unwrap(), store.version().unwrap());
+        assert!(delta_since(&store, from).is_none(), "nothing changed");
+
+        store.put_user(user("carol"), true, None, &a).await.unwrap();
+        store.delete_user("bob", None, &a).await.unwrap();
+        let mut alice = user("alice");
+        alice.disabled = true;
+        store.put_user(alice, false, None, &a).await.unwrap();
+        store
+            .revoke(&["0a".into(), "0b".into()], None, &a)
+            .await
+            .unwrap();
+        store.unrevoke("0a", None, &a).await.unwrap();
+        let (to, bytes) = delta_since(&store, from).unwrap();
+        assert_eq!(to, store.version().unwrap());
+        assert!(bytes.len() < 1024, "{} bytes", bytes.len());
+        let delta = Delta::try_from(pb::Snapshot::decode(&bytes[..]).unwrap()).unwrap();
+        assert_eq!(delta.deleted_users, ["bob"]);
+        assert_eq!(delta.unrevoked, ["0a"]);
+        let applied = delta.apply_to(&base).unwrap();
+        assert_eq!(applied, store.snapshot().await.unwrap());
+        // From a version the log does not hold: none (a whole snapshot goes instead).
+        assert!(delta_since(&store, from + 1000).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_a_refused_delta_brings_the_whole_configuration() {
+        let r = RefusedDelta::default();
+        r.nacked(5);
+        assert!(!r.take(), "a refused whole snapshot is not sent again");
+        r.sent_delta(6);
+        r.nacked(5);
+        assert!(!r.take(), "another version");
+        r.nacked(6);
+        assert!(r.take());
+        assert!(!r.take(), "once");
+        r.nacked(6);
+        assert!(!r.take(), "the same refusal twice asks once");
     }
 
     #[tokio::test]

@@ -20,8 +20,13 @@ pub mod pb {
 /// data planes first. A snapshot is written with the lowest schema that carries it: 1,
 /// 2 when a service has `deny` ranges (an older node would ignore them and admit the
 /// sources they refuse, so it must refuse the snapshot instead), 3 when a service names a
-/// connector (an older node would dial its address itself).
-pub const SCHEMA: u32 = 3;
+/// connector (an older node would dial its address itself); 4 is not a snapshot's but a
+/// node's: it takes deltas ([`Delta`]), which carry schema 4 so that an older node refuses
+/// one rather than read its changes as a whole configuration.
+pub const SCHEMA: u32 = 4;
+
+/// The schema of a delta, and the lowest a node must announce to be sent deltas.
+pub const DELTA_SCHEMA: u32 = 4;
 
 /// The lowest schema that carries `s`.
 pub fn schema_of(s: &Snapshot) -> u32 {
@@ -82,7 +87,185 @@ impl From<&Snapshot> for pb::Snapshot {
                     description: c.description.clone(),
                 })
                 .collect(),
+            ..pb::Snapshot::default()
         }
+    }
+}
+
+/// What changed from one version to the next (or several later): records created or
+/// replaced, records removed (by key), serials revoked and unrevoked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub version: u64,
+    pub previous_version: u64,
+    pub services: Vec<Service>,
+    pub users: Vec<User>,
+    pub groups: Vec<Group>,
+    pub connectors: Vec<Connector>,
+    pub revoked: Vec<String>,
+    /// Service keys (lowercase names).
+    pub deleted_services: Vec<String>,
+    pub deleted_users: Vec<String>,
+    pub deleted_groups: Vec<String>,
+    pub deleted_connectors: Vec<String>,
+    pub unrevoked: Vec<String>,
+}
+
+/// Why a delta was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("delta from version {previous} does not follow the applied version {applied}; a full snapshot is needed")]
+    Gap { previous: u64, applied: u64 },
+    #[error("the configuration after the delta is invalid: {0}")]
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+}
+
+/// A service's key: its lowercase name (as the control plane's store keys it).
+fn service_key(name: &str) -> String {
+    crate::names::ServiceName::parse(name)
+        .map(|n| n.key())
+        .unwrap_or_else(|_| name.to_ascii_lowercase())
+}
+
+impl Delta {
+    /// Whether it changes nothing but the version.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.users.is_empty()
+            && self.groups.is_empty()
+            && self.connectors.is_empty()
+            && self.revoked.is_empty()
+            && self.deleted_services.is_empty()
+            && self.deleted_users.is_empty()
+            && self.deleted_groups.is_empty()
+            && self.deleted_connectors.is_empty()
+            && self.unrevoked.is_empty()
+    }
+
+    /// `base` with this delta applied, validated as a whole. Refused unless `base` is at
+    /// `previous_version`.
+    pub fn apply_to(&self, base: &Snapshot) -> Result<Snapshot, DeltaError> {
+        use std::collections::{BTreeMap, BTreeSet};
+        if base.version != self.previous_version {
+            return Err(DeltaError::Gap {
+                previous: self.previous_version,
+                applied: base.version,
+            });
+        }
+        fn merge<V: Clone>(
+            base: &[V],
+            upserts: &[V],
+            deleted: &[String],
+            key: impl Fn(&V) -> String,
+        ) -> Vec<V> {
+            let mut map: BTreeMap<String, V> = base.iter().map(|v| (key(v), v.clone())).collect();
+            for k in deleted {
+                map.remove(k);
+            }
+            for v in upserts {
+                map.insert(key(v), v.clone());
+            }
+            map.into_values().collect()
+        }
+        let mut revoked: BTreeSet<String> = base.revoked.iter().cloned().collect();
+        for s in &self.unrevoked {
+            revoked.remove(s);
+        }
+        revoked.extend(self.revoked.iter().cloned());
+        let snap = Snapshot {
+            version: self.version,
+            services: merge(
+                &base.services,
+                &self.services,
+                &self.deleted_services,
+                |s| service_key(&s.name),
+            ),
+            users: merge(&base.users, &self.users, &self.deleted_users, |u| {
+                u.name.clone()
+            }),
+            groups: merge(&base.groups, &self.groups, &self.deleted_groups, |g| {
+                g.name.clone()
+            }),
+            connectors: merge(
+                &base.connectors,
+                &self.connectors,
+                &self.deleted_connectors,
+                |c| c.name.clone(),
+            ),
+            revoked: revoked.into_iter().collect(),
+        };
+        snap.validate()?;
+        Ok(snap)
+    }
+}
+
+impl From<&Delta> for pb::Snapshot {
+    fn from(d: &Delta) -> Self {
+        let records = pb::Snapshot::from(&Snapshot {
+            version: d.version,
+            services: d.services.clone(),
+            users: d.users.clone(),
+            groups: d.groups.clone(),
+            revoked: d.revoked.clone(),
+            connectors: d.connectors.clone(),
+        });
+        pb::Snapshot {
+            schema: DELTA_SCHEMA,
+            delta: true,
+            previous_version: d.previous_version,
+            deleted_services: d.deleted_services.clone(),
+            deleted_users: d.deleted_users.clone(),
+            deleted_groups: d.deleted_groups.clone(),
+            deleted_connectors: d.deleted_connectors.clone(),
+            unrevoked: d.unrevoked.clone(),
+            ..records
+        }
+    }
+}
+
+impl TryFrom<pb::Snapshot> for Delta {
+    type Error = WireError;
+
+    /// Converts the records (they are validated with the configuration they change,
+    /// by [`Delta::apply_to`]).
+    fn try_from(mut p: pb::Snapshot) -> Result<Self, WireError> {
+        if p.schema > SCHEMA {
+            return Err(WireError::TooNew {
+                found: p.schema,
+                known: SCHEMA,
+            });
+        }
+        if !p.delta {
+            return Err(Invalid(vec![FieldError {
+                field: "delta".into(),
+                message: "a whole snapshot where a delta was expected".into(),
+            }])
+            .into());
+        }
+        let (previous_version, unrevoked) = (p.previous_version, std::mem::take(&mut p.unrevoked));
+        let deleted = (
+            std::mem::take(&mut p.deleted_services),
+            std::mem::take(&mut p.deleted_users),
+            std::mem::take(&mut p.deleted_groups),
+            std::mem::take(&mut p.deleted_connectors),
+        );
+        let records = convert(p)?;
+        Ok(Delta {
+            version: records.version,
+            previous_version,
+            services: records.services,
+            users: records.users,
+            groups: records.groups,
+            connectors: records.connectors,
+            revoked: records.revoked,
+            deleted_services: deleted.0,
+            deleted_users: deleted.1,
+            deleted_groups: deleted.2,
+            deleted_connectors: deleted.3,
+            unrevoked,
+        })
     }
 }
 
@@ -185,6 +368,22 @@ impl TryFrom<pb::Snapshot> for Snapshot {
                 known: SCHEMA,
             });
         }
+        if p.delta {
+            return Err(Invalid(vec![FieldError {
+                field: "delta".into(),
+                message: "a delta where a whole snapshot was expected".into(),
+            }])
+            .into());
+        }
+        let snap = convert(p)?;
+        snap.validate()?;
+        Ok(snap)
+    }
+}
+
+/// The records of a wire snapshot or delta in the model's types, not yet validated.
+fn convert(p: pb::Snapshot) -> Result<Snapshot, WireError> {
+    {
         let mut errors = Vec::new();
         let services = p
             .services
@@ -247,7 +446,6 @@ impl TryFrom<pb::Snapshot> for Snapshot {
                 })
                 .collect(),
         };
-        snap.validate()?;
         Ok(snap)
     }
 }
@@ -255,6 +453,75 @@ impl TryFrom<pb::Snapshot> for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn base() -> Snapshot {
+        Snapshot::from_yaml(
+            "version: 7\nservices:\n  - {name: A.svc.internal, address: ':1', groups: [ops]}\n  - {name: b.svc.internal, address: ':2'}\nusers:\n  - {name: alice, identities: [alice@x], groups: [ops]}\n  - {name: bob, identities: [bob@x]}\ngroups: [{name: ops}, {name: dev}]\nrevoked: ['0a', '0b']\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_delta_applies_to_its_base_and_nothing_else() {
+        let base = base();
+        let delta = Delta {
+            version: 9,
+            previous_version: 7,
+            services: vec![Service {
+                groups: vec!["dev".into()],
+                ..base.services[0].clone()
+            }],
+            users: vec![User {
+                name: "carol".into(),
+                identities: vec!["carol@x".into()],
+                groups: vec!["dev".into()],
+                disabled: false,
+            }],
+            deleted_services: vec!["b.svc.internal".into()],
+            deleted_users: vec!["bob".into()],
+            revoked: vec!["0c".into()],
+            unrevoked: vec!["0a".into()],
+            ..Delta::default()
+        };
+        // Over the wire and back.
+        let wire = pb::Snapshot::from(&delta);
+        assert!(wire.delta);
+        assert_eq!(wire.schema, DELTA_SCHEMA);
+        let back = Delta::try_from(wire.clone()).unwrap();
+        assert_eq!(back, delta);
+        // A delta is never read as a whole snapshot, nor a snapshot as a delta.
+        assert!(Snapshot::try_from(wire).is_err());
+        assert!(Delta::try_from(pb::Snapshot::from(&base)).is_err());
+
+        let next = delta.apply_to(&base).unwrap();
+        assert_eq!(next.version, 9);
+        let names: Vec<&str> = next.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["A.svc.internal"]);
+        assert_eq!(next.services[0].groups, ["dev"]);
+        let users: Vec<&str> = next.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(users, ["alice", "carol"]);
+        assert_eq!(next.revoked, ["0b", "0c"]);
+        // Replayed, or out of order: refused.
+        assert!(matches!(
+            delta.apply_to(&next),
+            Err(DeltaError::Gap {
+                previous: 7,
+                applied: 9
+            })
+        ));
+        // A delta that would leave the configuration invalid (a group still named).
+        let bad = Delta {
+            version: 10,
+            previous_version: 9,
+            deleted_groups: vec!["dev".into()],
+            ..Delta::default()
+        };
+        assert!(matches!(bad.apply_to(&next), Err(DeltaError::Invalid(_))));
+        // An older node (schema 3) refuses a delta as too new.
+        let mut old = pb::Snapshot::from(&delta);
+        old.schema = DELTA_SCHEMA;
+        assert!(old.schema > 3);
+    }
 
     #[test]
     fn round_trip_and_refusals() {

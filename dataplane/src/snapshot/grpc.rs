@@ -184,6 +184,8 @@ pub struct Subscriber {
     node_key: Arc<rustls::sign::CertifiedKey>,
     /// Where other replicas relay to this node.
     advertise: String,
+    /// The configuration applied last, whole: what a delta applies to.
+    last: Arc<Mutex<Option<Arc<Snapshot>>>>,
 }
 
 /// Connection records a node keeps for the control plane while it is away.
@@ -252,6 +254,7 @@ impl Subscriber {
             audit: tokio::sync::Mutex::new(audit),
             node_key: certified,
             advertise: String::new(),
+            last: Arc::default(),
         })
     }
 
@@ -534,12 +537,14 @@ impl Subscriber {
             // replaced state take a while for large snapshots: off the workers, at low
             // priority.
             let publisher = self.publisher.clone();
+            let last = self.last.clone();
+            let bytes = raw.len();
             let (version, applied_result) =
-                super::background::run(move || apply(raw, schema, &registry, &publisher))
+                super::background::run(move || apply(raw, schema, &registry, &publisher, &last))
                     .await
                     .ok_or_else(|| SessionError::Connect("snapshot worker failed".into()))?;
             let reply = match applied_result {
-                Ok((services, users)) => {
+                Ok((services, users, delta)) => {
                     *applied = version;
                     progress.applied = true;
                     self.ready.set(true);
@@ -547,6 +552,8 @@ impl Subscriber {
                         snapshot.version = version,
                         services,
                         users,
+                        delta,
+                        bytes,
                         "snapshot applied"
                     );
                     Kind::Ack(pb::Applied { version })
@@ -692,7 +699,8 @@ fn apply(
     schema: u32,
     registry: &Registry,
     publisher: &Mutex<Publisher>,
-) -> (u64, Result<(usize, usize), String>) {
+    last: &Mutex<Option<Arc<Snapshot>>>,
+) -> (u64, Result<(usize, usize, bool), String>) {
     use prost::Message as _;
     let digest = config_digest(&raw);
     let snap = match pb::Snapshot::decode(raw) {
@@ -707,26 +715,82 @@ fn apply(
         };
         return (version, Err(e.to_string()));
     }
+    let kept = |s: Option<Arc<Snapshot>>| *last.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    let base = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if snap.delta {
+        // What changed since the configuration applied last: applied to it, validated
+        // whole, compiled.
+        let next = ztp_proto::wire::Delta::try_from(snap)
+            .map_err(|e| e.to_string())
+            .and_then(|d| match &base {
+                Some(b) => d.apply_to(b).map_err(|e| e.to_string()),
+                None => Err(format!(
+                    "delta to version {} but no configuration applied yet; a full snapshot \
+                     is needed",
+                    d.version
+                )),
+            });
+        let policy = next.and_then(|next| {
+            let policy = Policy::compile_validated(&next, registry).map_err(|e| e.to_string())?;
+            Ok((next, policy))
+        });
+        return match policy {
+            Ok((next, policy)) => {
+                let counts = (policy.routes.len(), policy.users);
+                let published = publisher
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply(Some(policy), None);
+                if published.is_ok() {
+                    kept(Some(Arc::new(next)));
+                }
+                (
+                    version,
+                    published
+                        .map(|()| (counts.0, counts.1, true))
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            Err(e) => (version, Err(e)),
+        };
+    }
     let current = publisher
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .current()
         .policy
         .clone();
-    let policy = match digest {
-        Some(d) if current.config_digest == Some(d) => current
-            .with_revoked(version, &snap.revoked)
-            .map_err(|e| e.to_string()),
+    let reuse = digest.is_some() && current.config_digest == digest;
+    let policy = match (reuse, &base) {
+        (true, Some(b)) => {
+            let next = Snapshot {
+                version,
+                revoked: snap.revoked.clone(),
+                ..(**b).clone()
+            };
+            current
+                .with_revoked(version, &snap.revoked)
+                .map(|p| (next, p))
+                .map_err(|e| e.to_string())
+        }
         _ => Snapshot::try_from(snap)
             .map_err(|e| e.to_string())
             // The conversion validated it.
-            .and_then(|snap| Policy::compile_validated(&snap, registry).map_err(|e| e.to_string()))
-            .map(|p| Policy {
-                config_digest: digest,
-                ..p
+            .and_then(|snap| {
+                let p = Policy::compile_validated(&snap, registry).map_err(|e| e.to_string())?;
+                Ok((snap, p))
+            })
+            .map(|(snap, p)| {
+                (
+                    snap,
+                    Policy {
+                        config_digest: digest,
+                        ..p
+                    },
+                )
             }),
     };
-    let policy = match policy {
+    let (next, policy) = match policy {
         Ok(p) => p,
         Err(e) => return (version, Err(e)),
     };
@@ -735,9 +799,14 @@ fn apply(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .apply(Some(policy), None);
+    if published.is_ok() {
+        kept(Some(Arc::new(next)));
+    }
     (
         version,
-        published.map(|()| counts).map_err(|e| e.to_string()),
+        published
+            .map(|()| (counts.0, counts.1, false))
+            .map_err(|e| e.to_string()),
     )
 }
 
@@ -889,7 +958,7 @@ mod tests {
                 .collect(),
             groups: vec![pb::Group { name: "g".into() }],
             revoked: revoked.iter().map(|r| (*r).into()).collect(),
-            connectors: vec![],
+            ..Default::default()
         }
         .encode_to_vec()
         .into()
@@ -927,18 +996,19 @@ mod tests {
     fn a_revocation_reuses_the_compiled_configuration_and_nothing_else_does() {
         let reg = Registry::builtin();
         let p = publisher();
+        let last = Mutex::new(None);
         let current = || p.lock().unwrap().current().policy.clone();
         assert_eq!(
-            apply(wire(1, &["alice", "bob"], &[]), 2, &reg, &p),
-            (1, Ok((1, 2)))
+            apply(wire(1, &["alice", "bob"], &[]), 2, &reg, &p, &last),
+            (1, Ok((1, 2, false)))
         );
         let v1 = current();
         assert!(v1.directory.user("bob@example.com").is_some());
 
         // Only the revoked serials moved: same compiled services and users.
         assert_eq!(
-            apply(wire(2, &["alice", "bob"], &["0a"]), 2, &reg, &p),
-            (2, Ok((1, 2)))
+            apply(wire(2, &["alice", "bob"], &["0a"]), 2, &reg, &p, &last),
+            (2, Ok((1, 2, false)))
         );
         let v2 = current();
         assert_eq!(v2.version, 2);
@@ -949,15 +1019,15 @@ mod tests {
             .contains(&ztp_proto::names::Serial::parse_hex("0a").unwrap()));
 
         // A bad serial in an otherwise unchanged snapshot is refused; nothing changes.
-        let (v, r) = apply(wire(3, &["alice", "bob"], &["not hex"]), 2, &reg, &p);
+        let (v, r) = apply(wire(3, &["alice", "bob"], &["not hex"]), 2, &reg, &p, &last);
         assert_eq!(v, 3);
         assert!(r.unwrap_err().contains("revoked[0]"));
         assert_eq!(current().version, 2);
 
         // A user removed: compiled again, and the user is gone.
         assert_eq!(
-            apply(wire(4, &["alice"], &["0a"]), 2, &reg, &p),
-            (4, Ok((1, 1)))
+            apply(wire(4, &["alice"], &["0a"]), 2, &reg, &p, &last),
+            (4, Ok((1, 1, false)))
         );
         let v4 = current();
         assert!(!Arc::ptr_eq(&v2.directory, &v4.directory));
@@ -967,10 +1037,88 @@ mod tests {
         // Too new a schema is refused even when the configuration is unchanged.
         let mut newer = pb::Snapshot::decode(wire(5, &["alice"], &["0a"])).unwrap();
         newer.schema = 3;
-        let (v, r) = apply(newer.encode_to_vec().into(), 2, &reg, &p);
+        let (v, r) = apply(newer.encode_to_vec().into(), 2, &reg, &p, &last);
         assert_eq!(v, 5);
         assert!(r.is_err());
         assert_eq!(current().version, 4);
+    }
+
+    /// Deltas apply to the configuration applied last, whole or by delta (a revocation
+    /// reusing the compiled one included); a delta that does not follow it, or comes
+    /// before any configuration, is refused and changes nothing.
+    #[test]
+    fn deltas_apply_to_the_configuration_applied_last_and_nothing_else() {
+        use ztp_proto::wire::Delta;
+        let reg = Registry::builtin();
+        let p = publisher();
+        let last = Mutex::new(None);
+        let current = || p.lock().unwrap().current().policy.clone();
+        let encode = |d: &Delta| -> bytes::Bytes { pb::Snapshot::from(d).encode_to_vec().into() };
+        let user = |name: &str| ztp_proto::User {
+            name: name.into(),
+            identities: vec![format!("{name}@example.com")],
+            groups: vec!["g".into()],
+            disabled: false,
+        };
+        let d = Delta {
+            version: 2,
+            previous_version: 1,
+            users: vec![user("carol")],
+            ..Delta::default()
+        };
+        let (v, r) = apply(encode(&d), 4, &reg, &p, &last);
+        assert_eq!(v, 2);
+        assert!(r.unwrap_err().contains("no configuration applied yet"));
+
+        assert_eq!(
+            apply(wire(1, &["alice", "bob"], &[]), 4, &reg, &p, &last),
+            (1, Ok((1, 2, false)))
+        );
+        let d = Delta {
+            deleted_users: vec!["bob".into()],
+            ..d
+        };
+        assert_eq!(apply(encode(&d), 4, &reg, &p, &last), (2, Ok((1, 2, true))));
+        let v2 = current();
+        assert_eq!(v2.version, 2);
+        assert!(v2.directory.user("carol@example.com").is_some());
+        assert!(v2.directory.user("bob@example.com").is_none());
+        // Replayed: refused, nothing changes.
+        let (_, r) = apply(encode(&d), 4, &reg, &p, &last);
+        assert!(r
+            .unwrap_err()
+            .contains("does not follow the applied version 2"));
+        assert_eq!(current().version, 2);
+        // A revocation as a whole snapshot (reusing the compiled one), then a delta on it.
+        assert_eq!(
+            apply(wire(3, &["alice", "carol"], &["0a"]), 4, &reg, &p, &last),
+            (3, Ok((1, 2, false)))
+        );
+        let d = Delta {
+            version: 4,
+            previous_version: 3,
+            unrevoked: vec!["0a".into()],
+            revoked: vec!["0b".into()],
+            ..Delta::default()
+        };
+        assert_eq!(apply(encode(&d), 4, &reg, &p, &last), (4, Ok((1, 2, true))));
+        let v4 = current();
+        let serial = |s: &str| ztp_proto::names::Serial::parse_hex(s).unwrap();
+        assert!(!v4.revoked.contains(&serial("0a")) && v4.revoked.contains(&serial("0b")));
+        assert!(v4.directory.user("carol@example.com").is_some());
+        // A delta that would leave the configuration invalid: refused, nothing changes.
+        let bad = Delta {
+            version: 5,
+            previous_version: 4,
+            deleted_groups: vec!["g".into()],
+            ..Delta::default()
+        };
+        let (_, r) = apply(encode(&bad), 4, &reg, &p, &last);
+        assert!(r.is_err());
+        assert_eq!(current().version, 4);
+        // A node that announced schema 3 refuses a delta as too new.
+        let (_, r) = apply(encode(&d), 3, &reg, &p, &last);
+        assert!(r.unwrap_err().contains("newer"));
     }
 
     #[test]

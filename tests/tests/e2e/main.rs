@@ -15,6 +15,7 @@ mod common;
 mod connectors;
 mod control_failover;
 mod control_plane;
+mod deltas;
 mod dgram;
 mod drain;
 mod enforcement;
