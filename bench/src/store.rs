@@ -212,7 +212,7 @@ async fn bench_writes(o: &Opts) -> String {
     let cluster = EtcdCluster::start("store bench writes", 3)
         .await
         .expect("etcd is needed (apt-get install etcd-server, or set ZTP_ETCD_BIN)");
-    let args = etcd_args(&cluster, "/ztp-bench-writes/");
+    let args = cluster.store_args("/ztp-bench-writes/");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let etcd = Control::start_with(
         &pki,
@@ -373,7 +373,7 @@ async fn bench_failover(o: &Opts) -> String {
         .await
         .expect("etcd is needed (apt-get install etcd-server, or set ZTP_ETCD_BIN)");
     let pki = TestPki::new();
-    let args = etcd_args(&cluster, "/ztp-bench-failover/");
+    let args = cluster.store_args("/ztp-bench-failover/");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let control = Control::start_with(
         &pki,
@@ -659,7 +659,7 @@ async fn bench_startup(o: &Opts) -> String {
         .await
         .expect("etcd is needed (apt-get install etcd-server, or set ZTP_ETCD_BIN)");
     let prefix = "/ztp-bench-startup/";
-    let args = etcd_args(&cluster, prefix);
+    let args = cluster.store_args(prefix);
     let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = Control::start_with(
         &pki,
@@ -960,26 +960,9 @@ async fn bench_instance(o: &Opts) -> String {
         .await
         .expect("etcd is needed (apt-get install etcd-server, or set ZTP_ETCD_BIN)");
     let pki = TestPki::new();
-    let args = etcd_args(&cluster, "/ztp-bench-instance/");
+    let args = cluster.store_args("/ztp-bench-instance/");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let a = Control::start_with(
-        &pki,
-        ControlOptions {
-            args: &args,
-            ..Default::default()
-        },
-    )
-    .await;
-    // B joins the store A initialized: it writes no admin token of its own.
-    let b = Control::start_with(
-        &pki,
-        ControlOptions {
-            admin_token: Some(a.token()),
-            args: &args,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (a, b) = Control::start_pair(&pki, &args).await;
     let mut inst = [a, b];
     let urls = [inst[0].grpc_url(), inst[1].grpc_url()];
     let list = urls.join(",");
@@ -1389,18 +1372,6 @@ fn error_lines(control: &Control, seen: &mut usize) -> Vec<String> {
         .collect();
     *seen = lines.len();
     new
-}
-
-/// `--store etcd` flags for `cluster` under `prefix`.
-fn etcd_args(cluster: &EtcdCluster, prefix: &str) -> Vec<String> {
-    vec![
-        "--store".into(),
-        "etcd".into(),
-        "--etcd-endpoints".into(),
-        cluster.endpoints().join(","),
-        "--etcd-prefix".into(),
-        prefix.into(),
-    ]
 }
 
 /// One request with the admin token (a body as JSON), bounded by the harness.

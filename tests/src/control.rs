@@ -105,6 +105,30 @@ impl Control {
         Self::start_with(pki, ControlOptions::default()).await
     }
 
+    /// Two instances on one shared store (`args`: its `--store` flags), the gRPC stream
+    /// on: the first initializes the store and writes the admin token; the second joins
+    /// it with that token (it writes none of its own).
+    pub async fn start_pair(pki: &TestPki, args: &[&str]) -> (Control, Control) {
+        let first = Self::start_with(
+            pki,
+            ControlOptions {
+                args,
+                ..Default::default()
+            },
+        )
+        .await;
+        let second = Self::start_with(
+            pki,
+            ControlOptions {
+                args,
+                admin_token: Some(first.token()),
+                ..Default::default()
+            },
+        )
+        .await;
+        (first, second)
+    }
+
     /// A control plane with a fresh store and the REST API only (no gRPC stream).
     pub async fn start_api_only(pki: &TestPki) -> Control {
         Self::start_with(

@@ -222,6 +222,19 @@ impl EtcdCluster {
         (0..self.ports.len()).map(|i| self.endpoint(i)).collect()
     }
 
+    /// The `ztp-control` flags of a store on this cluster under `prefix` (`--store etcd
+    /// --etcd-endpoints … --etcd-prefix PREFIX`; TLS flags are the caller's).
+    pub fn store_args(&self, prefix: &str) -> Vec<String> {
+        vec![
+            "--store".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            self.endpoints().join(","),
+            "--etcd-prefix".into(),
+            prefix.into(),
+        ]
+    }
+
     /// The client URL of member `i`.
     ///
     /// # Panics

@@ -159,7 +159,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Applies a commit, or refuses it with [`BackendError::Moved`]. Returns once the
     /// commit is visible to readers; it is durable once [`Backend::sync`] returns.
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn commit<'a>(&'a self, commit: &'a Commit) -> BoxFuture<'a, Result<(), BackendError>>;
 
     /// Waits until every commit made so far is durable (a no-op where a commit is
     /// durable when it returns).

@@ -251,7 +251,7 @@ impl Store {
                 }
             };
             let mut unsure = Unsure(Some(&self.shared));
-            match self.shared.backend.commit(commit.clone()).await {
+            match self.shared.backend.commit(&commit).await {
                 Ok(()) => {
                     unsure.0 = None;
                     let (seq, version) = (commit.seq(), commit.version);

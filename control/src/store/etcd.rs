@@ -73,6 +73,9 @@ pub struct EtcdBackend {
     conn_cap: Arc<AtomicU64>,
     /// Connection records waiting to be written, with who waits for them.
     conn_tx: mpsc::Sender<ConnBatch>,
+    /// The write sequence and etcd revision of the last full read, for the watch that
+    /// follows it (taken once: a later follower reads again).
+    last_load: std::sync::Mutex<Option<(u64, i64)>>,
     /// This instance's lease for what lives only while it does (its nodes), and what it
     /// published under it.
     presence: tokio::sync::Mutex<Presence>,
@@ -289,7 +292,7 @@ impl Space {
         }
     }
 
-    async fn commit_now(&self, c: Commit) -> Result<(), BackendError> {
+    async fn commit_now(&self, c: &Commit) -> Result<(), BackendError> {
         let size: usize = c
             .ops
             .iter()
@@ -299,12 +302,12 @@ impl Space {
         // A commit pending from another writer is finished first, then this one decided
         // on (a few rounds at most: only one commit is pending at a time).
         for _ in 0..8 {
-            let mut ops = self.counter_ops(&c);
+            let mut ops = self.counter_ops(c);
             let staged = if direct {
                 ops.extend(c.ops.iter().map(|o| self.record_op(o)));
                 None
             } else {
-                let p = self.stage(&c).await?;
+                let p = self.stage(c).await?;
                 ops.push(client::Op::put(self.key("meta/pending"), json(&p)));
                 Some(p)
             };
@@ -637,6 +640,7 @@ impl EtcdBackend {
             conn_cap,
             conn_tx,
             presence: Default::default(),
+            last_load: Default::default(),
             tasks: Vec::new(),
         };
         let writer = ConnWriter {
@@ -805,10 +809,15 @@ impl Backend for EtcdBackend {
     }
 
     fn load(&self) -> BoxFuture<'_, Result<Loaded, BackendError>> {
-        Box::pin(async move { Ok(self.space.load_at().await?.0) })
+        Box::pin(async move {
+            let (loaded, revision) = self.space.load_at().await?;
+            *self.last_load.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((loaded.seq, revision));
+            Ok(loaded)
+        })
     }
 
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, Result<(), BackendError>> {
+    fn commit<'a>(&'a self, commit: &'a Commit) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(self.space.commit_now(commit))
     }
 
@@ -819,12 +828,24 @@ impl Backend for EtcdBackend {
 
     fn updates(&self, seq: u64) -> BoxFuture<'_, Result<UpdateStream, BackendError>> {
         Box::pin(async move {
-            let (loaded, revision) = self.space.load_at().await?;
             let (tx, rx) = mpsc::channel(256);
-            let from = loaded.seq;
-            if from != seq {
-                let _ = tx.send(Ok(Update::Reset(loaded))).await;
-            }
+            // Right after the full read the store was made from, the watch starts where
+            // that read was; otherwise everything is read again.
+            let last = self
+                .last_load
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            let revision = match last {
+                Some((at, revision)) if at == seq => revision,
+                _ => {
+                    let (loaded, revision) = self.space.load_at().await?;
+                    if loaded.seq != seq {
+                        let _ = tx.send(Ok(Update::Reset(loaded))).await;
+                    }
+                    revision
+                }
+            };
             tokio::spawn(self.space.clone().follow(revision, tx));
             Ok(rx)
         })

@@ -21,13 +21,28 @@ impl Store {
     /// A service and the config version it is at, from one state: the version names
     /// exactly this record (what an `ETag` needs).
     pub async fn service(&self, name: &str) -> Result<(Service, u64), StoreError> {
-        let not_found = || StoreError::NotFound {
-            kind: "service",
-            name: name.into(),
-        };
-        let key = service_key(name).map_err(|_| not_found())?;
-        self.read_config(|c| c.services.get(&key).cloned().ok_or_else(not_found))
-            .await
+        match service_key(name) {
+            Ok(key) => self.read_one("service", name, &key, |c| &c.services).await,
+            Err(_) => Err(not_found("service", name)),
+        }
+    }
+
+    /// The record of `kind` stored under `key` (asked for as `name`) and the config
+    /// version it is at, from one state.
+    async fn read_one<V: Clone>(
+        &self,
+        kind: &'static str,
+        name: &str,
+        key: &str,
+        records: impl FnOnce(&State) -> &std::collections::BTreeMap<String, V>,
+    ) -> Result<(V, u64), StoreError> {
+        self.read_config(|c| {
+            records(c)
+                .get(key)
+                .cloned()
+                .ok_or_else(|| not_found(kind, name))
+        })
+        .await
     }
 
     /// A page of services after `cursor`, and the config version it is at.
@@ -75,14 +90,10 @@ impl Store {
         expect: Option<u64>,
         actor: &Actor,
     ) -> Result<u64, StoreError> {
-        let not_found = || StoreError::NotFound {
-            kind: "service",
-            name: name.into(),
-        };
         self.write(expect, actor, |st| {
-            let key = service_key(name).map_err(|_| not_found())?;
+            let key = service_key(name).map_err(|_| not_found("service", name))?;
             if !st.services.contains_key(&key) {
-                return Err(not_found());
+                return Err(not_found("service", name));
             }
             Ok(Plan::config(
                 vec![del_op(Kind::Service, &key)],
@@ -97,16 +108,7 @@ impl Store {
 
     /// A user and the config version it is at, from one state.
     pub async fn user(&self, name: &str) -> Result<(User, u64), StoreError> {
-        self.read_config(|c| {
-            c.users
-                .get(name)
-                .cloned()
-                .ok_or_else(|| StoreError::NotFound {
-                    kind: "user",
-                    name: name.into(),
-                })
-        })
-        .await
+        self.read_one("user", name, name, |c| &c.users).await
     }
 
     /// A page of users after `cursor`, and the config version it is at.
@@ -176,10 +178,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         self.write(expect, actor, |st| {
             if !st.users.contains_key(name) {
-                return Err(StoreError::NotFound {
-                    kind: "user",
-                    name: name.into(),
-                });
+                return Err(not_found("user", name));
             }
             Ok(Plan::config(
                 vec![del_op(Kind::User, name)],
@@ -194,16 +193,7 @@ impl Store {
 
     /// A group and the config version it is at, from one state.
     pub async fn group(&self, name: &str) -> Result<(Group, u64), StoreError> {
-        self.read_config(|c| {
-            c.groups
-                .get(name)
-                .cloned()
-                .ok_or_else(|| StoreError::NotFound {
-                    kind: "group",
-                    name: name.into(),
-                })
-        })
-        .await
+        self.read_one("group", name, name, |c| &c.groups).await
     }
 
     /// A page of groups after `cursor`, and the config version it is at.
@@ -250,10 +240,7 @@ impl Store {
         group.validate().map_err(StoreError::Invalid)?;
         self.write(expect, actor, |st| {
             if !st.groups.contains_key(&group.name) {
-                return Err(StoreError::NotFound {
-                    kind: "group",
-                    name: group.name.clone(),
-                });
+                return Err(not_found("group", &group.name));
             }
             Ok(Plan::config(
                 vec![put_op(Kind::Group, &group.name, &group)],
@@ -276,10 +263,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         self.write(expect, actor, |st| {
             if !st.groups.contains_key(name) {
-                return Err(StoreError::NotFound {
-                    kind: "group",
-                    name: name.into(),
-                });
+                return Err(not_found("group", name));
             }
             let names = |groups: &[String]| groups.iter().any(|g| g == name);
             let services: Vec<(&String, &Service)> = st
@@ -347,16 +331,8 @@ impl Store {
 
     /// A connector and the config version it is at, from one state.
     pub async fn connector(&self, name: &str) -> Result<(Connector, u64), StoreError> {
-        self.read_config(|c| {
-            c.connectors
-                .get(name)
-                .cloned()
-                .ok_or_else(|| StoreError::NotFound {
-                    kind: "connector",
-                    name: name.into(),
-                })
-        })
-        .await
+        self.read_one("connector", name, name, |c| &c.connectors)
+            .await
     }
 
     /// A page of connectors after `cursor`, and the config version it is at.
@@ -409,10 +385,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         self.write(expect, actor, |st| {
             if !st.connectors.contains_key(name) {
-                return Err(StoreError::NotFound {
-                    kind: "connector",
-                    name: name.into(),
-                });
+                return Err(not_found("connector", name));
             }
             let errors: Vec<FieldError> = st
                 .services
@@ -634,10 +607,7 @@ impl Store {
             .to_string();
         self.write(expect, actor, |st| {
             if !st.revoked.contains(&s) {
-                return Err(StoreError::NotFound {
-                    kind: "revoked serial",
-                    name: s.clone(),
-                });
+                return Err(not_found("revoked serial", &s));
             }
             Ok(Plan::config(
                 vec![del_op(Kind::Revoked, &s)],
@@ -669,6 +639,13 @@ impl Store {
     }
 }
 
+fn not_found(kind: &'static str, name: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        name: name.to_owned(),
+    }
+}
+
 /// A create needs the name free; a replace needs the record there.
 fn check_presence(
     kind: &'static str,
@@ -681,10 +658,7 @@ fn check_presence(
             kind,
             name: name.to_owned(),
         }),
-        (false, false) => Err(StoreError::NotFound {
-            kind,
-            name: name.to_owned(),
-        }),
+        (false, false) => Err(not_found(kind, name)),
         _ => Ok(()),
     }
 }

@@ -303,8 +303,8 @@ impl Backend for SledBackend {
         Box::pin(async move { self.load_now() })
     }
 
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move { self.commit_now(&commit) })
+    fn commit<'a>(&'a self, commit: &'a Commit) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move { self.commit_now(commit) })
     }
 
     fn sync(&self) -> BoxFuture<'_, Result<(), BackendError>> {

@@ -87,6 +87,16 @@ impl Place for SledPlace {
     }
 }
 
+/// Waits (bounded by `secs`) until `store` is at `version` or past it: another
+/// instance's commits reach it through the backend's updates.
+async fn wait_version(store: &Store, version: u64, secs: u64, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while store.version().unwrap() < version {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Commits `ops` straight to the backend, as another instance (or an older ZTP) would:
 /// the store that has the place open learns of it only from the backend.
 pub async fn plant(backend: &dyn Backend, ops: Vec<Op>, bump: bool) -> (u64, u64) {
@@ -106,7 +116,7 @@ pub async fn plant(backend: &dyn Backend, ops: Vec<Op>, bump: bool) -> (u64, u64
         },
         ops,
     };
-    backend.commit(commit).await.unwrap();
+    backend.commit(&commit).await.unwrap();
     backend.sync().await.unwrap();
     (loaded.seq + 1, version)
 }
@@ -696,7 +706,7 @@ pub async fn a_write_that_lost_a_race_is_decided_again(p: &dyn Place) {
         ops: vec![put_op(Kind::Group, "dev", &group("dev"))],
     };
     assert!(matches!(
-        backend.commit(stale).await.unwrap_err(),
+        backend.commit(&stale).await.unwrap_err(),
         BackendError::Moved
     ));
     assert_eq!(backend.load().await.unwrap().version, v, "nothing stored");
@@ -1277,14 +1287,7 @@ pub async fn a_large_import_is_one_version_everywhere(p: &dyn Place) {
     assert_eq!(audit[0].action, "import");
     assert_eq!(audit[0].version, v);
     assert_eq!(audit[1].version, v - 1, "one version, one audit record");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while follower.version().unwrap() != v {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never saw the import"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_version(&follower, v, 10, "the follower never saw the import").await;
     let opened = p.open().await;
     for (who, store) in [("follower", &*follower), ("opened after", &opened)] {
         let got = store.snapshot().await.unwrap();
@@ -1403,14 +1406,7 @@ pub async fn the_change_log_says_what_each_version_changed(p: &dyn Place) {
         .unwrap();
     let cascade = writer.delete_group("ops", true, None, &a).await.unwrap();
     let revoked = writer.revoke(&["0c".into()], None, &a).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while follower.version().unwrap() != revoked {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never caught up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_version(&follower, revoked, 5, "the follower never caught up").await;
     for store in [&*writer, &*follower] {
         let (changes, at) = store.changes_since(v0);
         let changes = changes.expect("the log reaches back to the first version");
@@ -1602,14 +1598,13 @@ async fn a_frozen_member_and_a_watch_resumed_below_the_compaction() {
         .create_group(group("before"), None, &a)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while follower.version().unwrap() != writer.version().unwrap() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower does not follow"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_version(
+        &follower,
+        writer.version().unwrap(),
+        5,
+        "the follower does not follow",
+    )
+    .await;
 
     cluster.freeze(0);
     for i in 0..20 {
@@ -1675,14 +1670,7 @@ async fn a_frozen_member_and_a_watch_resumed_below_the_compaction() {
         .create_group(group("after-thaw"), None, &a)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while writer.version().unwrap() < v {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the writer missed the follower's write"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_version(&writer, v, 5, "the writer missed the follower's write").await;
     assert_eq!(
         follower.snapshot().await.unwrap(),
         writer.snapshot().await.unwrap()

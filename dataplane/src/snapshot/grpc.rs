@@ -715,12 +715,13 @@ fn apply(
         };
         return (version, Err(e.to_string()));
     }
-    let kept = |s: Option<Arc<Snapshot>>| *last.lock().unwrap_or_else(|p| p.into_inner()) = s;
     let base = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if snap.delta {
+    let delta = snap.delta;
+    // The configuration after this message, whole, and its compiled policy.
+    let compiled: Result<(Snapshot, Policy), String> = if delta {
         // What changed since the configuration applied last: applied to it, validated
         // whole, compiled.
-        let next = ztp_proto::wire::Delta::try_from(snap)
+        ztp_proto::wire::Delta::try_from(snap)
             .map_err(|e| e.to_string())
             .and_then(|d| match &base {
                 Some(b) => d.apply_to(b).map_err(|e| e.to_string()),
@@ -729,84 +730,64 @@ fn apply(
                      is needed",
                     d.version
                 )),
-            });
-        let policy = next.and_then(|next| {
-            let policy = Policy::compile_validated(&next, registry).map_err(|e| e.to_string())?;
-            Ok((next, policy))
-        });
-        return match policy {
-            Ok((next, policy)) => {
-                let counts = (policy.routes.len(), policy.users);
-                let published = publisher
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply(Some(policy), None);
-                if published.is_ok() {
-                    kept(Some(Arc::new(next)));
-                }
-                (
-                    version,
-                    published
-                        .map(|()| (counts.0, counts.1, true))
-                        .map_err(|e| e.to_string()),
-                )
-            }
-            Err(e) => (version, Err(e)),
-        };
-    }
-    let current = publisher
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .current()
-        .policy
-        .clone();
-    let reuse = digest.is_some() && current.config_digest == digest;
-    let policy = match (reuse, &base) {
-        (true, Some(b)) => {
-            let next = Snapshot {
-                version,
-                revoked: snap.revoked.clone(),
-                ..(**b).clone()
-            };
-            current
-                .with_revoked(version, &snap.revoked)
-                .map(|p| (next, p))
-                .map_err(|e| e.to_string())
-        }
-        _ => Snapshot::try_from(snap)
-            .map_err(|e| e.to_string())
-            // The conversion validated it.
-            .and_then(|snap| {
-                let p = Policy::compile_validated(&snap, registry).map_err(|e| e.to_string())?;
-                Ok((snap, p))
             })
-            .map(|(snap, p)| {
-                (
-                    snap,
-                    Policy {
-                        config_digest: digest,
-                        ..p
-                    },
-                )
-            }),
+            .and_then(|next| {
+                let policy =
+                    Policy::compile_validated(&next, registry).map_err(|e| e.to_string())?;
+                Ok((next, policy))
+            })
+    } else {
+        let current = publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .current()
+            .policy
+            .clone();
+        match &base {
+            // Only the version and the revoked serials moved: the compiled services and
+            // users are reused.
+            Some(b) if digest.is_some() && current.config_digest == digest => {
+                let next = Snapshot {
+                    version,
+                    revoked: snap.revoked.clone(),
+                    ..(**b).clone()
+                };
+                current
+                    .with_revoked(version, &snap.revoked)
+                    .map(|p| (next, p))
+                    .map_err(|e| e.to_string())
+            }
+            // The conversion validates it.
+            _ => Snapshot::try_from(snap)
+                .map_err(|e| e.to_string())
+                .and_then(|next| {
+                    let p =
+                        Policy::compile_validated(&next, registry).map_err(|e| e.to_string())?;
+                    Ok((
+                        next,
+                        Policy {
+                            config_digest: digest,
+                            ..p
+                        },
+                    ))
+                }),
+        }
     };
-    let (next, policy) = match policy {
-        Ok(p) => p,
+    let (next, policy) = match compiled {
+        Ok(c) => c,
         Err(e) => return (version, Err(e)),
     };
-    let counts = (policy.routes.len(), policy.users);
+    let counts = (policy.routes.len(), policy.users, delta);
     let published = publisher
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .apply(Some(policy), None);
     if published.is_ok() {
-        kept(Some(Arc::new(next)));
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(next));
     }
     (
         version,
-        published
-            .map(|()| (counts.0, counts.1, false))
-            .map_err(|e| e.to_string()),
+        published.map(|()| counts).map_err(|e| e.to_string()),
     )
 }
 

@@ -22,18 +22,6 @@ use crate::control_failover::{
     config_yaml, echo_ok, import, logs_from, node_on, subscribed_to, wait_for, ECHO, LATER, NODE,
 };
 
-/// `--store etcd` flags for `cluster` under `prefix`.
-fn etcd_args(cluster: &EtcdCluster, prefix: &str) -> Vec<String> {
-    vec![
-        "--store".into(),
-        "etcd".into(),
-        "--etcd-endpoints".into(),
-        cluster.endpoints().join(","),
-        "--etcd-prefix".into(),
-        prefix.into(),
-    ]
-}
-
 /// Starts `n` instances at once (API only, their own data folders) and waits until each
 /// serves; returns them with their data folders and API addresses.
 async fn start_together(
@@ -52,7 +40,7 @@ async fn start_together(
             .arg("127.0.0.1:0")
             .arg("--log-format")
             .arg("json")
-            .args(etcd_args(cluster, prefix))
+            .args(cluster.store_args(prefix))
             .env_remove("RUST_LOG");
         out.push((Process::spawn(&format!("ztp-control {i}"), cmd), dir));
     }
@@ -274,7 +262,7 @@ async fn writes_go_on_when_an_etcd_member_dies_and_resume_after_the_leader_dies(
     let Some(mut cluster) = EtcdCluster::start("etcd member loss", 3).await else {
         return;
     };
-    let args = etcd_args(&cluster, "/ztp-e2e/");
+    let args = cluster.store_args("/ztp-e2e/");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let pki = TestPki::new();
     let control = Control::start_with(
@@ -343,28 +331,11 @@ async fn a_killed_instance_hands_its_nodes_to_another_on_the_same_etcd() {
     let Some(cluster) = EtcdCluster::start("control instance loss", 3).await else {
         return;
     };
-    let args = etcd_args(&cluster, "/ztp-e2e/");
+    let args = cluster.store_args("/ztp-e2e/");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let pki = TestPki::new();
     let alice = pki.client_email("alice@example.com");
-    let mut a = Control::start_with(
-        &pki,
-        ControlOptions {
-            args: &args,
-            ..Default::default()
-        },
-    )
-    .await;
-    // B joins the store A initialized: it writes no admin token of its own.
-    let b = Control::start_with(
-        &pki,
-        ControlOptions {
-            admin_token: Some(a.token()),
-            args: &args,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (mut a, b) = Control::start_pair(&pki, &args).await;
     let echo = EchoBackend::start().await;
     let later = EchoBackend::start().await;
     let v = import(&a, &config_yaml(echo.addr(), None, &[])).await;
@@ -478,28 +449,11 @@ async fn replicas_on_two_instances_share_the_connectors_tunnels() {
     let Some(cluster) = EtcdCluster::start("connectors across instances", 3).await else {
         return;
     };
-    let args = etcd_args(&cluster, "/ztp-e2e/");
+    let args = cluster.store_args("/ztp-e2e/");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let pki = TestPki::new();
     let alice = pki.client_email("alice@example.com");
-    let a = Control::start_with(
-        &pki,
-        ControlOptions {
-            args: &args,
-            ..Default::default()
-        },
-    )
-    .await;
-    // B joins the store A initialized: it writes no admin token of its own.
-    let b = Control::start_with(
-        &pki,
-        ControlOptions {
-            admin_token: Some(a.token()),
-            args: &args,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (a, b) = Control::start_pair(&pki, &args).await;
     let backend = EchoBackend::start().await;
     let addr = backend.addr().to_string();
     a.ztpctl_ok(["group", "add", "admins"]).await;
@@ -581,7 +535,7 @@ async fn tls_to_etcd_with_a_client_certificate() {
         return;
     };
     let tls = cluster.tls_files().expect("TLS files");
-    let mut args = etcd_args(&cluster, "/ztp-tls/");
+    let mut args = cluster.store_args("/ztp-tls/");
     assert!(args[3].starts_with("https://"), "{args:?}");
     let ca = tls.ca.to_string_lossy().into_owned();
 
