@@ -11,6 +11,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod digest;
 mod duration;
 pub mod framing;
 mod model;

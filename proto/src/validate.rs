@@ -405,3 +405,24 @@ fn check_service_target(errs: &mut Errors, prefix: &Prefix, s: &Service) {
         None => {}
     }
 }
+
+/// One record's own rules (not those across records), its fields named under
+/// `list[index]`: for checking the records of a delta.
+pub(crate) enum One<'a> {
+    Service(&'a Service),
+    User(&'a User),
+    Group(&'a Group),
+    Connector(&'a Connector),
+}
+
+pub(crate) fn record_errors(list: &'static str, index: usize, r: One<'_>) -> Vec<FieldError> {
+    let mut errs = Errors::default();
+    let prefix = Prefix::at(list, index);
+    match r {
+        One::Service(s) => check_service(&mut errs, &prefix, s),
+        One::User(u) => check_user(&mut errs, &prefix, u),
+        One::Group(g) => check_group(&mut errs, &prefix, g),
+        One::Connector(c) => check_connector(&mut errs, &prefix, c),
+    }
+    errs.0
+}

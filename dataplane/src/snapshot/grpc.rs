@@ -556,7 +556,10 @@ impl Subscriber {
                         bytes,
                         "snapshot applied"
                     );
-                    Kind::Ack(pb::Applied { version })
+                    Kind::Ack(pb::Applied {
+                        version,
+                        digest: Vec::new(),
+                    })
                 }
                 Err(reason) => nack(version, reason),
             };
