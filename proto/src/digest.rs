@@ -208,7 +208,8 @@ mod tests {
             Digest::of(&b),
             "order, version, serial spelling"
         );
-        let changes: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
+        type Change = Box<dyn Fn(&mut Snapshot)>;
+        let changes: Vec<Change> = vec![
             Box::new(|s| s.users[0].disabled = true),
             Box::new(|s| s.users[0].identities.push("z".into())),
             Box::new(|s| s.users[0].groups.clear()),
