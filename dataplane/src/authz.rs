@@ -5,11 +5,13 @@
 //! The directory is a hash index by identity key, so the cost does not grow with the
 //! number of users.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use ztp_proto::config::{Change, Config, ParsedUser};
 use ztp_proto::names::identity_key;
 use ztp_proto::User;
+
+use crate::cowmap::CowMap;
 
 use crate::identity::ClientIdentity;
 use crate::routing::Route;
@@ -22,26 +24,69 @@ pub struct DirUser {
     pub disabled: bool,
 }
 
-/// The users of one snapshot, indexed by identity key.
-#[derive(Debug, Default)]
+impl DirUser {
+    fn of(u: &User) -> DirUser {
+        DirUser {
+            name: u.name.clone(),
+            groups: u.groups.clone(),
+            disabled: u.disabled,
+        }
+    }
+}
+
+/// The users of one configuration, indexed by identity key. Copies share their storage:
+/// a delta updates a copy at a cost that grows with the users it changes.
+#[derive(Debug, Default, Clone)]
 pub struct Directory {
-    by_identity: HashMap<String, Arc<DirUser>>,
+    by_identity: CowMap<Arc<DirUser>>,
 }
 
 impl Directory {
+    pub fn from_config(config: &Config) -> Directory {
+        let mut d = Directory::default();
+        for u in config.users() {
+            d.put(u);
+        }
+        d
+    }
+
+    /// Indexes users (cross-record rules are not checked): for tests and tools.
     pub fn compile(users: &[User]) -> Directory {
-        let mut by_identity = HashMap::with_capacity(users.len());
+        let mut d = Directory::default();
         for u in users {
-            let user = Arc::new(DirUser {
-                name: u.name.clone(),
-                groups: u.groups.clone(),
-                disabled: u.disabled,
-            });
+            let user = Arc::new(DirUser::of(u));
             for id in &u.identities {
-                by_identity.insert(identity_key(id), user.clone());
+                d.by_identity.insert(identity_key(id), user.clone());
             }
         }
-        Directory { by_identity }
+        d
+    }
+
+    /// This directory with a delta's user changes: every identity a replaced or removed
+    /// user held goes first (unless another user holds it now), then the new ones.
+    pub fn update(&self, changes: &[Change<ParsedUser>]) -> Directory {
+        let mut d = self.clone();
+        for old in changes.iter().filter_map(|c| c.old.as_ref()) {
+            for k in &old.keys {
+                if d.by_identity
+                    .get(k)
+                    .is_some_and(|u| u.name == old.spec.name)
+                {
+                    d.by_identity.remove(k);
+                }
+            }
+        }
+        for new in changes.iter().filter_map(|c| c.new.as_ref()) {
+            d.put(new);
+        }
+        d
+    }
+
+    fn put(&mut self, u: &ParsedUser) {
+        let user = Arc::new(DirUser::of(&u.spec));
+        for k in &u.keys {
+            self.by_identity.insert(k.clone(), user.clone());
+        }
     }
 
     pub fn user(&self, identity: &str) -> Option<&Arc<DirUser>> {

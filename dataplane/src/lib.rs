@@ -31,6 +31,7 @@ pub mod admission;
 pub mod authz;
 pub mod config;
 pub mod conn;
+pub mod cowmap;
 pub mod handler;
 pub mod identity;
 pub mod listener;

@@ -263,13 +263,14 @@ async fn start(
     let policy = match &config.source {
         Source::File(path) => {
             let snap = file::load(path).map_err(|e| usage(e.lines()))?;
+            let (version, users) = (snap.version, snap.users.len());
             // `file::load` validated it.
-            let policy = Policy::compile_validated(&snap, &registry)
+            let policy = Policy::compile_validated(snap, &registry)
                 .map_err(|e| usage(vec![e.to_string()]))?;
             tracing::info!(
-                snapshot.version = snap.version,
+                snapshot.version = version,
                 services = policy.routes.len(),
-                users = snap.users.len(),
+                users,
                 path = %path.display(),
                 "snapshot loaded"
             );

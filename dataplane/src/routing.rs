@@ -4,12 +4,14 @@
 //! `a.svc.internal`, not `a.b.svc.internal`. Names compare case-insensitively. Both are
 //! hash lookups, so the cost does not grow with the number of services.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use ztp_proto::names::{normalize_sni, parse_source_range, BackendAddr, ServiceName};
+use ztp_proto::config::{Change, Config, ParsedService};
+use ztp_proto::names::{normalize_sni, BackendAddr, ServiceName};
 use ztp_proto::{Invalid, Protocol, Service};
+
+use crate::cowmap::CowMap;
 
 use crate::handler::{Handler, Registry};
 
@@ -34,25 +36,20 @@ pub struct Route {
 }
 
 impl Route {
-    fn compile(s: &Service, registry: &Registry) -> Result<Route, String> {
+    /// The route of a parsed service: only the handler's name is looked up (the
+    /// registry holds every handler validation accepts).
+    fn compile(s: &ParsedService, registry: &Registry) -> Result<Route, String> {
+        let spec = &s.spec;
         Ok(Route {
-            name: s.name.clone(),
-            protocol: s.protocol,
-            backend: s.address.as_deref().map(BackendAddr::parse).transpose()?,
-            groups: s.groups.clone(),
-            allow: s
-                .allow
-                .iter()
-                .map(|r| parse_source_range(r))
-                .collect::<Result<_, _>>()?,
-            deny: s
-                .deny
-                .iter()
-                .map(|r| parse_source_range(r))
-                .collect::<Result<_, _>>()?,
-            connector: s.connector.clone(),
-            handler: match s.handler.as_deref() {
-                None if s.connector.is_some() => Some(registry.tunnel().clone()),
+            name: spec.name.clone(),
+            protocol: spec.protocol,
+            backend: s.backend.clone(),
+            groups: spec.groups.clone(),
+            allow: s.allow.clone(),
+            deny: s.deny.clone(),
+            connector: spec.connector.clone(),
+            handler: match spec.handler.as_deref() {
+                None if spec.connector.is_some() => Some(registry.tunnel().clone()),
                 None => None,
                 Some(name) => Some(
                     registry
@@ -70,32 +67,72 @@ impl Route {
     }
 }
 
-/// The routing index of one snapshot.
-#[derive(Debug, Default)]
+/// The routing index of one configuration. Copies share their storage: a delta updates
+/// a copy at a cost that grows with the services it changes.
+#[derive(Debug, Default, Clone)]
 pub struct Routes {
-    exact: HashMap<String, Arc<Route>>,
+    exact: CowMap<Arc<Route>>,
     /// Keyed by the suffix after `*.`.
-    wildcard: HashMap<String, Arc<Route>>,
+    wildcard: CowMap<Arc<Route>>,
 }
 
 impl Routes {
-    /// Indexes a validated snapshot's services.
+    /// Indexes a validated configuration's services.
+    pub fn from_config(config: &Config, registry: &Registry) -> Result<Routes, Invalid> {
+        let mut routes = Routes::default();
+        for s in config.services() {
+            routes.put(s, registry)?;
+        }
+        Ok(routes)
+    }
+
+    /// Indexes services (each parsed; cross-record rules are not checked): for tests and
+    /// tools.
     pub fn compile(services: &[Service], registry: &Registry) -> Result<Routes, Invalid> {
         let mut routes = Routes::default();
         for (i, s) in services.iter().enumerate() {
-            let fail = |message: String| {
+            let s = ParsedService::parse(s.clone()).map_err(|message| {
                 Invalid(vec![ztp_proto::FieldError {
                     field: format!("services[{i}]"),
                     message,
                 }])
-            };
-            let route = Arc::new(Route::compile(s, registry).map_err(fail)?);
-            match ServiceName::parse(&s.name).map_err(fail)? {
-                ServiceName::Exact(n) => routes.exact.insert(n, route),
-                ServiceName::Wildcard(suffix) => routes.wildcard.insert(suffix, route),
-            };
+            })?;
+            routes.put(&s, registry)?;
         }
         Ok(routes)
+    }
+
+    /// This index with a delta's service changes (removals first).
+    pub fn update(
+        &self,
+        changes: &[Change<ParsedService>],
+        registry: &Registry,
+    ) -> Result<Routes, Invalid> {
+        let mut routes = self.clone();
+        for old in changes.iter().filter_map(|c| c.old.as_ref()) {
+            match &old.name {
+                ServiceName::Exact(n) => routes.exact.remove(n),
+                ServiceName::Wildcard(suffix) => routes.wildcard.remove(suffix),
+            };
+        }
+        for new in changes.iter().filter_map(|c| c.new.as_ref()) {
+            routes.put(new, registry)?;
+        }
+        Ok(routes)
+    }
+
+    fn put(&mut self, s: &ParsedService, registry: &Registry) -> Result<(), Invalid> {
+        let route = Arc::new(Route::compile(s, registry).map_err(|message| {
+            Invalid(vec![ztp_proto::FieldError {
+                field: format!("services[{:?}]", s.spec.name),
+                message,
+            }])
+        })?);
+        match &s.name {
+            ServiceName::Exact(n) => self.exact.insert(n.clone(), route),
+            ServiceName::Wildcard(suffix) => self.wildcard.insert(suffix.clone(), route),
+        };
+        Ok(())
     }
 
     /// Finds the service an SNI names.
@@ -212,22 +249,38 @@ mod tests {
             handler: None,
             connector: None,
         };
-        let any = Route::compile(&s, &Registry::builtin()).unwrap();
+        let any = Route::compile(
+            &ParsedService::parse(s.clone()).unwrap(),
+            &Registry::builtin(),
+        )
+        .unwrap();
         assert!(any.admits_source("192.0.2.1".parse().unwrap()));
         s.allow = vec!["10.0.0.0/8".into(), "::1".into()];
-        let some = Route::compile(&s, &Registry::builtin()).unwrap();
+        let some = Route::compile(
+            &ParsedService::parse(s.clone()).unwrap(),
+            &Registry::builtin(),
+        )
+        .unwrap();
         assert!(some.admits_source("10.9.9.9".parse().unwrap()));
         assert!(some.admits_source("::1".parse().unwrap()));
         assert!(!some.admits_source("11.0.0.1".parse().unwrap()));
         s.deny = vec!["10.9.0.0/16".into()];
-        let denied = Route::compile(&s, &Registry::builtin()).unwrap();
+        let denied = Route::compile(
+            &ParsedService::parse(s.clone()).unwrap(),
+            &Registry::builtin(),
+        )
+        .unwrap();
         assert!(
             !denied.admits_source("10.9.9.9".parse().unwrap()),
             "deny wins"
         );
         assert!(denied.admits_source("10.8.9.9".parse().unwrap()));
         s.allow.clear();
-        let deny_only = Route::compile(&s, &Registry::builtin()).unwrap();
+        let deny_only = Route::compile(
+            &ParsedService::parse(s.clone()).unwrap(),
+            &Registry::builtin(),
+        )
+        .unwrap();
         assert!(!deny_only.admits_source("10.9.0.1".parse().unwrap()));
         assert!(deny_only.admits_source("192.0.2.1".parse().unwrap()));
     }

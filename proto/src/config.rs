@@ -33,8 +33,9 @@ pub struct ParsedService {
 }
 
 impl ParsedService {
-    /// Parses a service that passed its own rules (an error here means it did not).
-    fn parse(spec: Service) -> Result<ParsedService, String> {
+    /// Parses a service's fields (the first that does not parse is the error; a
+    /// service that passed its own rules parses).
+    pub fn parse(spec: Service) -> Result<ParsedService, String> {
         let name = ServiceName::parse(&spec.name)?;
         let ranges = |l: &[String]| -> Result<Vec<IpNet>, String> {
             l.iter().map(|r| parse_source_range(r)).collect()

@@ -78,7 +78,7 @@ pub fn reload(
             let snap = load(path)?;
             // `load` validated it.
             Some(
-                Policy::compile_validated(&snap, registry).map_err(|e| FileError::Invalid {
+                Policy::compile_validated(snap, registry).map_err(|e| FileError::Invalid {
                     path: path.to_owned(),
                     source: e.into(),
                 })?,

@@ -50,6 +50,8 @@ use tokio_rustls::TlsConnector;
 use tonic::codegen::http::Uri;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+use ztp_proto::config::Config;
+use ztp_proto::digest::Digest;
 use ztp_proto::wire::{pb, WireError, MAX_MESSAGE_BYTES};
 use ztp_proto::Snapshot;
 
@@ -185,7 +187,7 @@ pub struct Subscriber {
     /// Where other replicas relay to this node.
     advertise: String,
     /// The configuration applied last, whole: what a delta applies to.
-    last: Arc<Mutex<Option<Arc<Snapshot>>>>,
+    last: Arc<Mutex<Option<Config>>>,
 }
 
 /// Connection records a node keeps for the control plane while it is away.
@@ -544,7 +546,12 @@ impl Subscriber {
                     .await
                     .ok_or_else(|| SessionError::Connect("snapshot worker failed".into()))?;
             let reply = match applied_result {
-                Ok((services, users, delta)) => {
+                Ok(AppliedReport {
+                    services,
+                    users,
+                    delta,
+                    digest,
+                }) => {
                     *applied = version;
                     progress.applied = true;
                     self.ready.set(true);
@@ -554,11 +561,12 @@ impl Subscriber {
                         users,
                         delta,
                         bytes,
+                        digest = %digest,
                         "snapshot applied"
                     );
                     Kind::Ack(pb::Applied {
                         version,
-                        digest: Vec::new(),
+                        digest: digest.to_bytes().to_vec(),
                     })
                 }
                 Err(reason) => nack(version, reason),
@@ -693,19 +701,33 @@ fn version_decision(version: u64, applied: u64, accept_older: bool) -> VersionDe
     }
 }
 
-/// Decodes, converts, validates, compiles and publishes one snapshot: its version, and
-/// (services, users) or why it was refused. A snapshot that differs from the one being
-/// served only in its version, schema and revoked serials (a revocation, mostly) reuses
-/// the compiled services and users: its cost does not grow with the configuration.
+/// What [`apply`] reports of an applied snapshot or delta.
+#[derive(Debug, Clone, Copy)]
+struct AppliedReport {
+    services: usize,
+    users: usize,
+    delta: bool,
+    digest: Digest,
+}
+
+/// Decodes, converts, validates, compiles and publishes one snapshot or delta: its
+/// version, and what was applied or why it was refused.
+///
+/// A delta is checked against the configuration applied last and updates it in place;
+/// the compiled routes and directory are copies of the published ones with the delta's
+/// records changed: its cost grows with the delta. A whole snapshot that differs from
+/// the one applied only in its version and revoked serials (a revocation, mostly)
+/// reuses the compiled services and users. Anything else is validated and compiled
+/// whole. A refused message changes nothing.
 fn apply(
     raw: bytes::Bytes,
     schema: u32,
     registry: &Registry,
     publisher: &Mutex<Publisher>,
-    last: &Mutex<Option<Arc<Snapshot>>>,
-) -> (u64, Result<(usize, usize, bool), String>) {
+    last: &Mutex<Option<Config>>,
+) -> (u64, Result<AppliedReport, String>) {
     use prost::Message as _;
-    let digest = config_digest(&raw);
+    let wire_digest = config_digest(&raw);
     let snap = match pb::Snapshot::decode(raw) {
         Ok(s) => s,
         Err(e) => return (0, Err(format!("undecodable snapshot: {e}"))),
@@ -718,80 +740,88 @@ fn apply(
         };
         return (version, Err(e.to_string()));
     }
-    let base = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let delta = snap.delta;
-    // The configuration after this message, whole, and its compiled policy.
-    let compiled: Result<(Snapshot, Policy), String> = if delta {
-        // What changed since the configuration applied last: applied to it, validated
-        // whole, compiled.
-        ztp_proto::wire::Delta::try_from(snap)
-            .map_err(|e| e.to_string())
-            .and_then(|d| match &base {
-                Some(b) => d.apply_to(b).map_err(|e| e.to_string()),
-                None => Err(format!(
-                    "delta to version {} but no configuration applied yet; a full snapshot \
-                     is needed",
-                    d.version
-                )),
-            })
-            .and_then(|next| {
-                let policy =
-                    Policy::compile_validated(&next, registry).map_err(|e| e.to_string())?;
-                Ok((next, policy))
-            })
-    } else {
-        let current = publisher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .current()
-            .policy
-            .clone();
-        match &base {
-            // Only the version and the revoked serials moved: the compiled services and
-            // users are reused.
-            Some(b) if digest.is_some() && current.config_digest == digest => {
-                let next = Snapshot {
-                    version,
-                    revoked: snap.revoked.clone(),
-                    ..(**b).clone()
-                };
-                current
-                    .with_revoked(version, &snap.revoked)
-                    .map(|p| (next, p))
-                    .map_err(|e| e.to_string())
-            }
-            // The conversion validates it.
-            _ => Snapshot::try_from(snap)
-                .map_err(|e| e.to_string())
-                .and_then(|next| {
-                    let p =
-                        Policy::compile_validated(&next, registry).map_err(|e| e.to_string())?;
-                    Ok((
-                        next,
-                        Policy {
-                            config_digest: digest,
-                            ..p
-                        },
-                    ))
-                }),
-        }
-    };
-    let (next, policy) = match compiled {
-        Ok(c) => c,
-        Err(e) => return (version, Err(e)),
-    };
-    let counts = (policy.routes.len(), policy.users, delta);
-    let published = publisher
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let current = publisher
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .apply(Some(policy), None);
-    if published.is_ok() {
-        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(next));
+        .current()
+        .policy
+        .clone();
+    let policy: Result<Policy, String> = if delta {
+        let d = match ztp_proto::wire::Delta::try_from(snap) {
+            Ok(d) => d,
+            Err(e) => return (version, Err(e.to_string())),
+        };
+        match last.as_mut() {
+            None => Err(format!(
+                "delta to version {} but no configuration applied yet; a full snapshot is \
+                 needed",
+                d.version
+            )),
+            Some(config) => match config.apply(d) {
+                Err(e) => return (version, Err(e.to_string())),
+                // From here the kept configuration has moved: if the policy cannot
+                // follow, it is dropped below (the next delta is refused and the whole
+                // configuration follows).
+                Ok(applied) => current
+                    .update(config, &applied, registry)
+                    .map_err(|e| e.to_string()),
+            },
+        }
+    } else {
+        match last.as_mut() {
+            // Only the version and the revoked serials moved: the compiled services and
+            // users are reused.
+            Some(config) if wire_digest.is_some() && current.config_digest == wire_digest => {
+                match config.set_revoked(version, &snap.revoked) {
+                    Ok(()) => Ok(current.with_revoked(config)),
+                    Err(e) => return (version, Err(e.to_string())),
+                }
+            }
+            // The conversion validates it.
+            _ => {
+                let next = Snapshot::try_from(snap)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| Config::from_validated(s).map_err(|e| e.to_string()))
+                    .and_then(|config| {
+                        let p =
+                            Policy::from_config(&config, registry).map_err(|e| e.to_string())?;
+                        Ok((config, p))
+                    });
+                match next {
+                    Ok((config, p)) => {
+                        *last = Some(config);
+                        Ok(Policy {
+                            config_digest: wire_digest,
+                            ..p
+                        })
+                    }
+                    Err(e) => return (version, Err(e)),
+                }
+            }
+        }
+    };
+    let published = policy.and_then(|policy| {
+        let report = AppliedReport {
+            services: policy.routes.len(),
+            users: policy.users,
+            delta,
+            digest: policy.digest,
+        };
+        publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(Some(policy), None)
+            .map(|()| report)
+            .map_err(|e| e.to_string())
+    });
+    if published.is_err() {
+        // The kept configuration may be ahead of what is served: forget it, so that
+        // only a whole snapshot is taken next.
+        *last = None;
     }
-    (
-        version,
-        published.map(|()| counts).map_err(|e| e.to_string()),
-    )
+    (version, published)
 }
 
 /// SHA-256 over every top-level field of a wire snapshot but `schema` (1), `version` (2)
@@ -966,6 +996,18 @@ mod tests {
         assert_eq!(config_digest(&[0x1b]), None, "wire type 3");
     }
 
+    /// [`apply`], with what it applied as (services, users, delta).
+    fn run(
+        raw: bytes::Bytes,
+        schema: u32,
+        registry: &Registry,
+        publisher: &Mutex<Publisher>,
+        last: &Mutex<Option<Config>>,
+    ) -> (u64, Result<(usize, usize, bool), String>) {
+        let (v, r) = apply(raw, schema, registry, publisher, last);
+        (v, r.map(|a| (a.services, a.users, a.delta)))
+    }
+
     fn publisher() -> Mutex<Publisher> {
         let (p, _rx) = Publisher::new(
             Policy::empty(),
@@ -983,7 +1025,7 @@ mod tests {
         let last = Mutex::new(None);
         let current = || p.lock().unwrap().current().policy.clone();
         assert_eq!(
-            apply(wire(1, &["alice", "bob"], &[]), 2, &reg, &p, &last),
+            run(wire(1, &["alice", "bob"], &[]), 2, &reg, &p, &last),
             (1, Ok((1, 2, false)))
         );
         let v1 = current();
@@ -991,7 +1033,7 @@ mod tests {
 
         // Only the revoked serials moved: same compiled services and users.
         assert_eq!(
-            apply(wire(2, &["alice", "bob"], &["0a"]), 2, &reg, &p, &last),
+            run(wire(2, &["alice", "bob"], &["0a"]), 2, &reg, &p, &last),
             (2, Ok((1, 2, false)))
         );
         let v2 = current();
@@ -1003,14 +1045,14 @@ mod tests {
             .contains(&ztp_proto::names::Serial::parse_hex("0a").unwrap()));
 
         // A bad serial in an otherwise unchanged snapshot is refused; nothing changes.
-        let (v, r) = apply(wire(3, &["alice", "bob"], &["not hex"]), 2, &reg, &p, &last);
+        let (v, r) = run(wire(3, &["alice", "bob"], &["not hex"]), 2, &reg, &p, &last);
         assert_eq!(v, 3);
         assert!(r.unwrap_err().contains("revoked[0]"));
         assert_eq!(current().version, 2);
 
         // A user removed: compiled again, and the user is gone.
         assert_eq!(
-            apply(wire(4, &["alice"], &["0a"]), 2, &reg, &p, &last),
+            run(wire(4, &["alice"], &["0a"]), 2, &reg, &p, &last),
             (4, Ok((1, 1, false)))
         );
         let v4 = current();
@@ -1021,7 +1063,7 @@ mod tests {
         // Too new a schema is refused even when the configuration is unchanged.
         let mut newer = pb::Snapshot::decode(wire(5, &["alice"], &["0a"])).unwrap();
         newer.schema = 3;
-        let (v, r) = apply(newer.encode_to_vec().into(), 2, &reg, &p, &last);
+        let (v, r) = run(newer.encode_to_vec().into(), 2, &reg, &p, &last);
         assert_eq!(v, 5);
         assert!(r.is_err());
         assert_eq!(current().version, 4);
@@ -1050,32 +1092,32 @@ mod tests {
             users: vec![user("carol")],
             ..Delta::default()
         };
-        let (v, r) = apply(encode(&d), 4, &reg, &p, &last);
+        let (v, r) = run(encode(&d), 4, &reg, &p, &last);
         assert_eq!(v, 2);
         assert!(r.unwrap_err().contains("no configuration applied yet"));
 
         assert_eq!(
-            apply(wire(1, &["alice", "bob"], &[]), 4, &reg, &p, &last),
+            run(wire(1, &["alice", "bob"], &[]), 4, &reg, &p, &last),
             (1, Ok((1, 2, false)))
         );
         let d = Delta {
             deleted_users: vec!["bob".into()],
             ..d
         };
-        assert_eq!(apply(encode(&d), 4, &reg, &p, &last), (2, Ok((1, 2, true))));
+        assert_eq!(run(encode(&d), 4, &reg, &p, &last), (2, Ok((1, 2, true))));
         let v2 = current();
         assert_eq!(v2.version, 2);
         assert!(v2.directory.user("carol@example.com").is_some());
         assert!(v2.directory.user("bob@example.com").is_none());
         // Replayed: refused, nothing changes.
-        let (_, r) = apply(encode(&d), 4, &reg, &p, &last);
+        let (_, r) = run(encode(&d), 4, &reg, &p, &last);
         assert!(r
             .unwrap_err()
             .contains("does not follow the applied version 2"));
         assert_eq!(current().version, 2);
         // A revocation as a whole snapshot (reusing the compiled one), then a delta on it.
         assert_eq!(
-            apply(wire(3, &["alice", "carol"], &["0a"]), 4, &reg, &p, &last),
+            run(wire(3, &["alice", "carol"], &["0a"]), 4, &reg, &p, &last),
             (3, Ok((1, 2, false)))
         );
         let d = Delta {
@@ -1085,7 +1127,7 @@ mod tests {
             revoked: vec!["0b".into()],
             ..Delta::default()
         };
-        assert_eq!(apply(encode(&d), 4, &reg, &p, &last), (4, Ok((1, 2, true))));
+        assert_eq!(run(encode(&d), 4, &reg, &p, &last), (4, Ok((1, 2, true))));
         let v4 = current();
         let serial = |s: &str| ztp_proto::names::Serial::parse_hex(s).unwrap();
         assert!(!v4.revoked.contains(&serial("0a")) && v4.revoked.contains(&serial("0b")));
@@ -1097,11 +1139,43 @@ mod tests {
             deleted_groups: vec!["g".into()],
             ..Delta::default()
         };
-        let (_, r) = apply(encode(&bad), 4, &reg, &p, &last);
+        let (_, r) = run(encode(&bad), 4, &reg, &p, &last);
         assert!(r.is_err());
         assert_eq!(current().version, 4);
+        // The kept configuration is the same as the one served, and its digest is that
+        // of the whole snapshot of version 4 (what the control plane computes).
+        let whole = |version: u64, users: &[&str], revoked: &[&str]| {
+            ztp_proto::Snapshot::try_from(
+                pb::Snapshot::decode(wire(version, users, revoked)).unwrap(),
+            )
+            .unwrap()
+        };
+        let want = ztp_proto::digest::Digest::of(&whole(4, &["alice", "carol"], &["0b"]));
+        assert_eq!(current().digest, want);
+        assert_eq!(last.lock().unwrap().as_ref().unwrap().digest(), want);
+        // A one-user delta copies the directory and shares the routes.
+        let d = Delta {
+            version: 5,
+            previous_version: 4,
+            users: vec![user("dave")],
+            ..Delta::default()
+        };
+        let (_, r) = run(encode(&d), 4, &reg, &p, &last);
+        assert_eq!(r, Ok((1, 3, true)));
+        let v5 = current();
+        assert!(Arc::ptr_eq(&v4.routes, &v5.routes));
+        assert!(!Arc::ptr_eq(&v4.directory, &v5.directory));
+        assert!(
+            v4.directory.user("dave@example.com").is_none(),
+            "the old one is unchanged"
+        );
+        assert!(v5.directory.user("dave@example.com").is_some());
+        assert_eq!(
+            v5.digest,
+            ztp_proto::digest::Digest::of(&whole(5, &["alice", "carol", "dave"], &["0b"]))
+        );
         // A node that announced schema 3 refuses a delta as too new.
-        let (_, r) = apply(encode(&d), 3, &reg, &p, &last);
+        let (_, r) = run(encode(&d), 3, &reg, &p, &last);
         assert!(r.unwrap_err().contains("newer"));
     }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use rustls::crypto::CryptoProvider;
 use rustls::server::ProducesTickets;
 use tokio::sync::watch;
+use ztp_proto::config::{Applied, Config};
+use ztp_proto::digest::Digest;
 use ztp_proto::names::Serial;
 use ztp_proto::{Invalid, Snapshot};
 
@@ -25,14 +27,14 @@ pub mod background;
 pub mod file;
 pub mod grpc;
 
-/// A snapshot compiled for lookups.
+/// A configuration compiled for lookups.
 #[derive(Debug)]
 pub struct Policy {
     pub version: u64,
     pub routes: Arc<Routes>,
     pub directory: Arc<Directory>,
     pub revoked: Arc<HashSet<Serial>>,
-    /// Users in the snapshot.
+    /// Users in the configuration.
     pub users: usize,
     /// The connectors that may hold tunnels to this node.
     pub connectors: Arc<HashSet<String>>,
@@ -41,6 +43,8 @@ pub struct Policy {
     /// `grpc::config_digest`). A next snapshot with the same digest differs at most in
     /// those, and reuses this one's validated, compiled services and users.
     pub config_digest: Option<[u8; 32]>,
+    /// The configuration's digest (`ztp_proto::digest`), sent with each ack.
+    pub digest: Digest,
 }
 
 impl Policy {
@@ -55,58 +59,89 @@ impl Policy {
             users: 0,
             connectors: Arc::default(),
             config_digest: None,
+            digest: Digest::default(),
         }
     }
 
     /// Validates and indexes a snapshot, resolving handler names in `registry`.
     pub fn compile(snap: &Snapshot, registry: &Registry) -> Result<Policy, Invalid> {
-        snap.validate()?;
-        Self::compile_validated(snap, registry)
+        Self::from_config(&Config::new(snap.clone())?, registry)
     }
 
     /// Indexes a snapshot that has just passed [`Snapshot::validate`]: what
     /// `Snapshot::from_yaml` and the wire conversion return (validating 100,000 users
     /// again would cost as much as indexing them).
-    pub fn compile_validated(snap: &Snapshot, registry: &Registry) -> Result<Policy, Invalid> {
+    pub fn compile_validated(snap: Snapshot, registry: &Registry) -> Result<Policy, Invalid> {
+        Self::from_config(&Config::from_validated(snap)?, registry)
+    }
+
+    /// Indexes a validated configuration.
+    pub fn from_config(config: &Config, registry: &Registry) -> Result<Policy, Invalid> {
         Ok(Policy {
-            version: snap.version,
-            routes: Arc::new(Routes::compile(&snap.services, registry)?),
-            directory: Arc::new(Directory::compile(&snap.users)),
-            revoked: Arc::new(revoked_set(&snap.revoked)?),
-            users: snap.users.len(),
-            connectors: Arc::new(snap.connectors.iter().map(|c| c.name.clone()).collect()),
+            version: config.version(),
+            routes: Arc::new(Routes::from_config(config, registry)?),
+            directory: Arc::new(Directory::from_config(config)),
+            revoked: Arc::new(config.revoked().clone()),
+            users: config.user_count(),
+            connectors: Arc::new(config.connector_names().map(str::to_owned).collect()),
             config_digest: None,
+            digest: config.digest(),
         })
     }
 
-    /// This policy at `version` with `revoked` as the revoked serials: services, users
-    /// and groups shared, not compiled again.
-    pub fn with_revoked(&self, version: u64, revoked: &[String]) -> Result<Policy, Invalid> {
+    /// This policy updated with what a delta changed, `config` being the configuration
+    /// after it: the routes and the directory are copies sharing what the delta left
+    /// alone, so the cost grows with the delta, not with the configuration.
+    pub fn update(
+        &self,
+        config: &Config,
+        applied: &Applied,
+        registry: &Registry,
+    ) -> Result<Policy, Invalid> {
         Ok(Policy {
-            version,
+            version: config.version(),
+            routes: if applied.services.is_empty() {
+                self.routes.clone()
+            } else {
+                Arc::new(self.routes.update(&applied.services, registry)?)
+            },
+            directory: if applied.users.is_empty() {
+                self.directory.clone()
+            } else {
+                Arc::new(self.directory.update(&applied.users))
+            },
+            revoked: if applied.revoked {
+                Arc::new(config.revoked().clone())
+            } else {
+                self.revoked.clone()
+            },
+            users: config.user_count(),
+            connectors: if applied.connectors {
+                Arc::new(config.connector_names().map(str::to_owned).collect())
+            } else {
+                self.connectors.clone()
+            },
+            // A delta's configuration has no wire form of its own to compare.
+            config_digest: None,
+            digest: config.digest(),
+        })
+    }
+
+    /// This policy at `config`'s version and revoked serials: services, users and
+    /// groups shared, not compiled again (`config` differs from this policy's only in
+    /// those).
+    pub fn with_revoked(&self, config: &Config) -> Policy {
+        Policy {
+            version: config.version(),
             routes: self.routes.clone(),
             directory: self.directory.clone(),
-            revoked: Arc::new(revoked_set(revoked)?),
+            revoked: Arc::new(config.revoked().clone()),
             users: self.users,
             connectors: self.connectors.clone(),
             config_digest: self.config_digest,
-        })
+            digest: config.digest(),
+        }
     }
-}
-
-fn revoked_set(revoked: &[String]) -> Result<HashSet<Serial>, Invalid> {
-    revoked
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            Serial::parse_hex(s).map_err(|message| {
-                Invalid(vec![ztp_proto::FieldError {
-                    field: format!("revoked[{i}]"),
-                    message,
-                }])
-            })
-        })
-        .collect()
 }
 
 /// Whether the node is ready for traffic: it holds a snapshot, and (with
