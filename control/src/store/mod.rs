@@ -219,6 +219,23 @@ impl Store {
         (st.changes_since(version), st.version)
     }
 
+    /// The digest of the configuration at `version` (what a node that applied it
+    /// should hold): the current version's, or an older one's the change log still
+    /// holds; `None` when it cannot be told.
+    pub fn digest_at(&self, version: u64) -> Option<ztp_proto::digest::Digest> {
+        self.state().digest_at(version)
+    }
+
+    /// A new version that changes no record (no write makes one; a version that only
+    /// moves must still reach the nodes).
+    #[cfg(test)]
+    pub(crate) async fn empty_version(&self) -> Result<u64, StoreError> {
+        self.write(None, &Actor::system(), |_| {
+            Ok(commit::Plan::config(vec![], "test.empty", ""))
+        })
+        .await
+    }
+
     /// Whether other instances share the backend.
     pub fn is_shared(&self) -> bool {
         self.shared.backend.is_shared()

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 
 use serde::Deserialize;
-use ztp_proto::names::identity_key;
+use ztp_proto::digest::{Digest, Record};
+use ztp_proto::names::{identity_key, Serial};
 use ztp_proto::{Connector, Group, Service, Snapshot, User};
 
 use super::backend::{BackendError, Kind, Loaded, Op};
@@ -30,6 +31,10 @@ pub(super) struct State {
     pub(super) tokens: BTreeMap<String, TokenInfo>,
     /// Identity key → the user that claims it.
     pub(super) identities: HashMap<String, String>,
+    /// The digest of the configuration's records (services, users, groups, connectors,
+    /// revoked serials), kept up to date by every write: what a node's ack is compared
+    /// with.
+    pub(super) digest: Digest,
     /// A commit's outcome is unknown (the backend failed mid-write, or the writer went
     /// away during it): read everything again before it is trusted.
     pub(super) unsure: bool,
@@ -49,6 +54,8 @@ pub struct Change {
     /// The records written (`Some`, the JSON) or removed, in order: services, users,
     /// groups, connectors and revoked serials (tokens are not configuration).
     pub ops: Vec<Op>,
+    /// The digest of the configuration at `version`.
+    pub digest: Digest,
 }
 
 /// Versions the change log keeps at most, and operations (an import of 100,000 users is
@@ -64,6 +71,42 @@ fn decode<V: for<'de> Deserialize<'de>>(kind: Kind, key: &str, v: &[u8]) -> Resu
             reason: e.to_string(),
         })
     })
+}
+
+/// What a stored value counts for in the configuration's digest: a record, or nothing
+/// (a token).
+trait Digested {
+    fn record(&self) -> Option<Record<'_>>;
+}
+
+impl Digested for Service {
+    fn record(&self) -> Option<Record<'_>> {
+        Some(Record::Service(self))
+    }
+}
+
+impl Digested for User {
+    fn record(&self) -> Option<Record<'_>> {
+        Some(Record::User(self))
+    }
+}
+
+impl Digested for Group {
+    fn record(&self) -> Option<Record<'_>> {
+        Some(Record::Group(self))
+    }
+}
+
+impl Digested for Connector {
+    fn record(&self) -> Option<Record<'_>> {
+        Some(Record::Connector(self))
+    }
+}
+
+impl Digested for TokenInfo {
+    fn record(&self) -> Option<Record<'_>> {
+        None
+    }
 }
 
 impl State {
@@ -87,23 +130,34 @@ impl State {
 
     /// Applies a commit's writes, in order, and the sequence and version it made.
     pub(super) fn apply(&mut self, seq: u64, version: u64, ops: &[Op]) -> Result<(), StoreError> {
-        fn put<V: for<'de> Deserialize<'de>>(
+        /// Writes `op` to `map`; the digest loses the record replaced or removed and gains
+        /// the one written.
+        fn put<V: for<'de> Deserialize<'de> + Digested>(
             map: &mut BTreeMap<String, V>,
             op: &Op,
+            digest: &mut Digest,
         ) -> Result<Option<V>, StoreError> {
-            Ok(match &op.value {
+            let old = match &op.value {
                 Some(v) => map.insert(op.key.clone(), decode(op.kind, &op.key, v)?),
                 None => map.remove(&op.key),
-            })
+            };
+            if let Some(r) = old.as_ref().and_then(Digested::record) {
+                digest.remove(r);
+            }
+            if let Some(r) = map.get(&op.key).and_then(Digested::record) {
+                digest.add(r);
+            }
+            Ok(old)
         }
+        let d = &mut self.digest;
         for op in ops {
             match op.kind {
-                Kind::Service => drop(put(&mut self.services, op)?),
-                Kind::Group => drop(put(&mut self.groups, op)?),
-                Kind::Connector => drop(put(&mut self.connectors, op)?),
-                Kind::Token => drop(put(&mut self.tokens, op)?),
+                Kind::Service => drop(put(&mut self.services, op, d)?),
+                Kind::Group => drop(put(&mut self.groups, op, d)?),
+                Kind::Connector => drop(put(&mut self.connectors, op, d)?),
+                Kind::Token => drop(put(&mut self.tokens, op, d)?),
                 Kind::User => {
-                    if let Some(old) = put(&mut self.users, op)? {
+                    if let Some(old) = put(&mut self.users, op, d)? {
                         for id in &old.identities {
                             let k = identity_key(id);
                             if self.identities.get(&k) == Some(&old.name) {
@@ -118,10 +172,20 @@ impl State {
                     }
                 }
                 Kind::Revoked => {
-                    if op.value.is_some() {
-                        self.revoked.insert(op.key.clone());
+                    // Keys are normalized hex; one that does not parse counts as nothing,
+                    // as in `Digest::of`.
+                    let serial = Serial::parse_hex(&op.key).ok();
+                    let changed = if op.value.is_some() {
+                        self.revoked.insert(op.key.clone())
                     } else {
-                        self.revoked.remove(&op.key);
+                        self.revoked.remove(&op.key)
+                    };
+                    if let (true, Some(s)) = (changed, &serial) {
+                        if op.value.is_some() {
+                            d.add(Record::Revoked(s));
+                        } else {
+                            d.remove(Record::Revoked(s));
+                        }
                     }
                 }
             }
@@ -138,6 +202,7 @@ impl State {
                     .filter(|o| o.kind != Kind::Token)
                     .cloned()
                     .collect(),
+                digest: self.digest,
             });
         }
         self.seq = seq;
@@ -167,6 +232,23 @@ impl State {
             .iter()
             .position(|c| c.previous_version == version)?;
         Some(self.log.iter().skip(start).cloned().collect())
+    }
+
+    /// The digest of the configuration at `version`: the current one, or one the change
+    /// log holds; `None` for any other (too old, from before a full read, not yet here),
+    /// and while the configuration in memory is not trusted.
+    pub(super) fn digest_at(&self, version: u64) -> Option<Digest> {
+        if self.unsure {
+            return None;
+        }
+        if version == self.version {
+            return Some(self.digest);
+        }
+        let i = self
+            .log
+            .binary_search_by_key(&version, |c| c.version)
+            .ok()?;
+        Some(self.log[i].digest)
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {

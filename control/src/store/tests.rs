@@ -1455,6 +1455,153 @@ pub async fn the_change_log_says_what_each_version_changed(p: &dyn Place) {
     assert_eq!(writer.changes_since(revoked).0, Some(vec![]));
 }
 
+/// The configuration's digest, kept write by write, is the digest of the store's whole
+/// snapshot after every kind of write (each kind created, replaced and deleted, a
+/// cascade, revocations, a token, an import), on the writer and on a store following it;
+/// an older version's, from the change log, is that version's snapshot's; a store read
+/// whole starts at the digest of what it read.
+pub async fn the_digest_follows_every_write(p: &dyn Place) {
+    use ztp_proto::digest::Digest;
+    let a = Actor::system();
+    let shared = p.backend().await.is_shared();
+    let writer = Arc::new(p.open().await);
+    let follower = if shared {
+        Arc::new(p.open().await)
+    } else {
+        writer.clone()
+    };
+    let mut seen: Vec<(u64, Digest, String)> = Vec::new();
+    let step = |what: &'static str| {
+        let (writer, follower) = (writer.clone(), follower.clone());
+        async move {
+            let snap = writer.snapshot().await.unwrap();
+            let v = snap.version;
+            let want = Digest::of(&snap);
+            assert_eq!(writer.digest_at(v), Some(want), "writer after {what}");
+            wait_version(&follower, v, 5, what).await;
+            assert_eq!(follower.digest_at(v), Some(want), "follower after {what}");
+            (v, want, what.to_owned())
+        }
+    };
+    assert_eq!(
+        writer.digest_at(0),
+        Some(Digest::default()),
+        "empty at version 0"
+    );
+    writer.create_group(group("ops"), None, &a).await.unwrap();
+    writer.create_group(group("dev"), None, &a).await.unwrap();
+    seen.push(step("group create").await);
+    writer.replace_group(group("dev"), None, &a).await.unwrap();
+    seen.push(step("group replaced by itself").await);
+    writer
+        .put_connector(connector("lab", "the lab"), true, None, &a)
+        .await
+        .unwrap();
+    seen.push(step("connector create").await);
+    writer
+        .put_connector(connector("lab", "moved"), false, None, &a)
+        .await
+        .unwrap();
+    seen.push(step("connector replace").await);
+    writer
+        .put_service(svc("a.svc.internal", &["ops"]), true, None, &a)
+        .await
+        .unwrap();
+    writer
+        .put_service(dark("db.svc.internal", "lab"), true, None, &a)
+        .await
+        .unwrap();
+    seen.push(step("service create").await);
+    writer
+        .put_service(svc("A.svc.internal", &["ops", "dev"]), false, None, &a)
+        .await
+        .unwrap();
+    seen.push(step("service replace").await);
+    writer
+        .put_user(user("alice", &["alice@x"], &["ops", "dev"]), true, None, &a)
+        .await
+        .unwrap();
+    writer
+        .put_user(user("bob", &["bob@x"], &[]), true, None, &a)
+        .await
+        .unwrap();
+    seen.push(step("user create").await);
+    let mut alice = user("alice", &["alice@y", "alice@x"], &["ops", "dev"]);
+    alice.disabled = true;
+    writer.put_user(alice, false, None, &a).await.unwrap();
+    seen.push(step("user replace").await);
+    let before_token = writer.version().unwrap();
+    writer.create_token("not-config", &a).await.unwrap();
+    assert_eq!(writer.version().unwrap(), before_token);
+    seen.push(step("token (no version)").await);
+    writer
+        .revoke(&["0a".into(), "0x0B".into()], None, &a)
+        .await
+        .unwrap();
+    seen.push(step("revoke").await);
+    let d = seen.last().unwrap().1;
+    writer.revoke(&["0A".into()], None, &a).await.unwrap();
+    seen.push(step("revoke again").await);
+    assert_eq!(
+        seen.last().unwrap().1,
+        d,
+        "a serial revoked twice counts once"
+    );
+    writer.unrevoke("0a", None, &a).await.unwrap();
+    seen.push(step("unrevoke").await);
+    writer.delete_group("ops", true, None, &a).await.unwrap();
+    seen.push(step("group cascade").await);
+    writer
+        .delete_service("db.svc.internal", None, &a)
+        .await
+        .unwrap();
+    seen.push(step("service delete").await);
+    writer.delete_connector("lab", None, &a).await.unwrap();
+    seen.push(step("connector delete").await);
+    writer.delete_user("bob", None, &a).await.unwrap();
+    seen.push(step("user delete").await);
+    writer
+        .put_user(user("alice", &["alice@x"], &[]), false, None, &a)
+        .await
+        .unwrap();
+    writer
+        .put_service(svc("a.svc.internal", &[]), false, None, &a)
+        .await
+        .unwrap();
+    writer.delete_group("dev", false, None, &a).await.unwrap();
+    seen.push(step("group delete").await);
+    let imported = Snapshot {
+        version: 0,
+        services: vec![svc("b.svc.internal", &["staff"])],
+        users: vec![user("carol", &["carol@x"], &["staff"])],
+        groups: vec![group("staff")],
+        revoked: vec!["0c".into()],
+        connectors: vec![connector("edge", "")],
+    };
+    writer.import(imported.clone(), None, &a).await.unwrap();
+    seen.push(step("import").await);
+    assert_eq!(
+        seen.last().unwrap().1,
+        Digest::of(&imported),
+        "the digest is of the records alone"
+    );
+    // Every version still in the log: its own digest, on either store.
+    let now = writer.version().unwrap();
+    for (v, d, what) in &seen {
+        assert_eq!(writer.digest_at(*v), Some(*d), "writer at {what}");
+        assert_eq!(follower.digest_at(*v), Some(*d), "follower at {what}");
+    }
+    assert_eq!(writer.digest_at(now + 1), None, "a version not yet here");
+    // Read whole: the digest of what was read; nothing older can be told.
+    let opened = p.open().await;
+    assert_eq!(opened.digest_at(now), Some(seen.last().unwrap().1));
+    assert_eq!(opened.digest_at(seen[0].0), None);
+    writer.state().unsure = true;
+    assert_eq!(writer.digest_at(now), None, "not trusted until read again");
+    writer.services(None, 1).await.unwrap();
+    assert_eq!(writer.digest_at(now), Some(seen.last().unwrap().1));
+}
+
 /// Calls `$then!` with every case of the shared suite.
 macro_rules! with_cases {
     ($then:ident) => {
@@ -1479,7 +1626,8 @@ macro_rules! with_cases {
             the_first_token_is_stored_once,
             a_large_import_is_one_version_everywhere,
             updates_follow_from_a_sequence_and_report_a_gap,
-            the_change_log_says_what_each_version_changed
+            the_change_log_says_what_each_version_changed,
+            the_digest_follows_every_write
         );
     };
 }
