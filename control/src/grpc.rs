@@ -466,7 +466,10 @@ impl ConfigServer {
         let (tx, rx) = mpsc::channel(1);
         let (store, cache) = (self.store.clone(), self.cache.clone());
         let mut versions = store.watch_version();
-        let mut sent = (hello.last_version > 0).then_some(hello.last_version);
+        // A node known to have diverged gets the whole configuration, whatever version
+        // it has.
+        let mut sent =
+            (hello.last_version > 0 && !self.nodes.is_diverged(&id)).then_some(hello.last_version);
         let takes_deltas = hello.schema >= ztp_proto::wire::DELTA_SCHEMA;
         let refused = Arc::new(RefusedDelta::default());
         let refused_out = refused.clone();
@@ -500,7 +503,10 @@ impl ConfigServer {
                             (version, [bytes, bytes::Bytes::new()])
                         }
                         None => match cache.current(&store).await {
-                            Ok(s) => s,
+                            Ok(s) => {
+                                refused.sent_whole(s.0);
+                                s
+                            }
                             Err(e) => {
                                 let _ = tx.send(Err(e)).await;
                                 return;
@@ -534,6 +540,7 @@ impl ConfigServer {
                     })) => {
                         tracing::debug!(node.id = %id, version = a.version, "node applied");
                         nodes.acked(&id, a.version);
+                        check_digest(&store, &nodes, &refused, &id, &a);
                     }
                     Ok(Some(pb::NodeMessage {
                         kind: Some(Kind::Nack(n)),
@@ -735,12 +742,15 @@ pub async fn serve(
         .await
 }
 
-/// Between a node's two streams: which version went as a delta, and whether the node
-/// refused it (then the whole configuration follows).
+/// Between the two halves of a node's stream: which version went as a delta and which
+/// whole, and whether the whole configuration must go next (the node refused a delta, or
+/// acked a version with a configuration digest other than the store's).
 #[derive(Default)]
 struct RefusedDelta {
     /// The version last sent as a delta.
     delta: std::sync::Mutex<Option<u64>>,
+    /// The version last sent whole.
+    whole_at: std::sync::Mutex<Option<u64>>,
     whole: std::sync::atomic::AtomicBool,
     wake: tokio::sync::Notify,
 }
@@ -748,6 +758,10 @@ struct RefusedDelta {
 impl RefusedDelta {
     fn sent_delta(&self, version: u64) {
         *self.delta.lock().unwrap_or_else(|p| p.into_inner()) = Some(version);
+    }
+
+    fn sent_whole(&self, version: u64) {
+        *self.whole_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(version);
     }
 
     /// A nack of `version`: if it was a delta, the whole configuration goes next.
@@ -759,9 +773,24 @@ impl RefusedDelta {
             .take_if(|v| *v == version)
             .is_some();
         if was_delta {
-            self.whole.store(true, std::sync::atomic::Ordering::SeqCst);
-            self.wake.notify_one();
+            self.send_whole();
         }
+    }
+
+    /// An ack of `version` whose digest differs from the store's: the whole
+    /// configuration goes next, unless `version` itself went whole (the same snapshot
+    /// again would end the same way, and again: a loop). Whether it goes.
+    fn diverged(&self, version: u64) -> bool {
+        let was_whole = *self.whole_at.lock().unwrap_or_else(|p| p.into_inner()) == Some(version);
+        if !was_whole {
+            self.send_whole();
+        }
+        !was_whole
+    }
+
+    fn send_whole(&self) {
+        self.whole.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     fn take(&self) -> bool {
@@ -769,8 +798,44 @@ impl RefusedDelta {
     }
 }
 
+/// Compares the configuration digest an ack carries with the store's at the acked
+/// version. A node whose configuration differs is diverged (until an ack matches again)
+/// and gets the whole configuration next. No digest (a node from before digests), a
+/// malformed one, or a version whose digest the store cannot tell: no verdict.
+fn check_digest(store: &Store, nodes: &Nodes, refused: &RefusedDelta, id: &str, ack: &pb::Applied) {
+    use ztp_proto::digest::Digest;
+    if ack.digest.is_empty() {
+        return;
+    }
+    let Some(theirs) = Digest::from_bytes(&ack.digest) else {
+        tracing::debug!(node.id = %id, version = ack.version, bytes = ack.digest.len(), "an ack's digest is not 32 bytes; ignored");
+        return;
+    };
+    let ours = store.digest_at(ack.version);
+    let matched = ours.map(|ours| ours == theirs);
+    nodes.digest_acked(id, &theirs.to_string(), matched);
+    if let (Some(ours), Some(false)) = (ours, matched) {
+        let resent = refused.diverged(ack.version);
+        tracing::warn!(
+            node.id = %id,
+            version = ack.version,
+            node.digest = %theirs,
+            store.digest = %ours,
+            resent,
+            "the node's configuration differs from the control plane's at this version; {}",
+            if resent {
+                "the whole configuration follows"
+            } else {
+                "it was sent whole already"
+            }
+        );
+    }
+}
+
 /// The encoded delta from version `from` to the store's current one, if the change log
-/// reaches back to `from` and there is a change (the last write of each record wins).
+/// reaches back to `from` and the store is past it (the last write of each record wins).
+/// Versions that changed no record (or only tokens) make an empty delta: the node still
+/// learns it is at the current version.
 fn delta_since(store: &Store, from: u64) -> Option<(u64, bytes::Bytes)> {
     use prost::Message as _;
     use std::collections::BTreeMap;
@@ -778,7 +843,7 @@ fn delta_since(store: &Store, from: u64) -> Option<(u64, bytes::Bytes)> {
     use crate::store::Kind;
     let (changes, at) = store.changes_since(from);
     let changes = changes?;
-    if at == from || changes.is_empty() {
+    if at <= from {
         return None;
     }
     let mut last: BTreeMap<(Kind, String), Option<Vec<u8>>> = BTreeMap::new();
@@ -910,6 +975,257 @@ mod tests {
         assert_eq!(applied, store.snapshot().await.unwrap());
         // From a version the log does not hold: none (a whole snapshot goes instead).
         assert!(delta_since(&store, from + 1000).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A data-plane node on a stream served in process: its messages go to the server
+    /// gRPC-framed, as on the wire; the server's messages come back as the parts it
+    /// sends. It keeps its configuration as a node does (whole snapshots and deltas) to
+    /// ack with its digest.
+    struct TestNode {
+        to_server: mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+        from_server: ReceiverStream<Result<[bytes::Bytes; 2], Status>>,
+        config: Option<ztp_proto::config::Config>,
+    }
+
+    impl TestNode {
+        async fn subscribe(server: &ConfigServer, id: &str, last_version: u64) -> TestNode {
+            use tonic::codec::Codec as _;
+            let (to_server, rx) = mpsc::channel(16);
+            let body = axum::body::Body::from_stream(ReceiverStream::new(rx));
+            let inbound = Streaming::new_request(ServerCodec.decoder(), body, None, None);
+            let mut req = Request::new(inbound);
+            req.extensions_mut().insert(NodePeer {
+                id: id.into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            });
+            let node = |from_server| TestNode {
+                to_server: to_server.clone(),
+                from_server,
+                config: None,
+            };
+            let hello = Kind::Hello(pb::Hello {
+                node_id: id.into(),
+                last_version,
+                schema: ztp_proto::wire::DELTA_SCHEMA,
+                ..Default::default()
+            });
+            // Sent before the call: the server waits for it.
+            node(ReceiverStream::new(mpsc::channel(1).1))
+                .send(hello)
+                .await;
+            let from_server = server.subscribe(req).await.unwrap().into_inner();
+            node(from_server)
+        }
+
+        async fn send(&self, kind: Kind) {
+            let msg = pb::NodeMessage { kind: Some(kind) }.encode_to_vec();
+            let mut frame = vec![0u8];
+            frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&msg);
+            self.to_server.send(Ok(frame.into())).await.unwrap();
+        }
+
+        /// The next message, decoded.
+        async fn next(&mut self) -> pb::Snapshot {
+            use tonic::codegen::tokio_stream::StreamExt as _;
+            let parts = tokio::time::timeout(Duration::from_secs(5), self.from_server.next())
+                .await
+                .expect("a message within 5 s")
+                .expect("the stream goes on")
+                .unwrap();
+            pb::Snapshot::decode(&[&parts[0][..], &parts[1][..]].concat()[..]).unwrap()
+        }
+
+        /// Whether a message comes within `ms`.
+        async fn quiet_for(&mut self, ms: u64) -> bool {
+            use tonic::codegen::tokio_stream::StreamExt as _;
+            tokio::time::timeout(Duration::from_millis(ms), self.from_server.next())
+                .await
+                .is_err()
+        }
+
+        /// Applies a message as a node does; its version.
+        fn apply(&mut self, m: pb::Snapshot) -> u64 {
+            use ztp_proto::config::Config;
+            if m.delta {
+                let d = ztp_proto::wire::Delta::try_from(m).unwrap();
+                let c = self
+                    .config
+                    .as_mut()
+                    .expect("a delta after a whole snapshot");
+                c.apply(d).unwrap();
+            } else {
+                let snap = ztp_proto::Snapshot::try_from(m).unwrap();
+                self.config = Some(Config::new(snap).unwrap());
+            }
+            self.config.as_ref().unwrap().version()
+        }
+
+        fn digest(&self) -> ztp_proto::digest::Digest {
+            self.config.as_ref().unwrap().digest()
+        }
+
+        async fn ack(&self, version: u64, digest: Vec<u8>) {
+            self.send(Kind::Ack(pb::Applied { version, digest })).await;
+        }
+    }
+
+    /// Waits until the registry's entry for `id` satisfies `ok`.
+    async fn wait_node(nodes: &Nodes, id: &str, what: &str, ok: impl Fn(&NodeInfo) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if nodes.local().iter().any(|n| n.id == id && ok(n)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                nodes.local()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    use crate::nodes::NodeInfo;
+
+    /// A server on a fresh store in `dir`; it stops when the sender is dropped.
+    fn server_on(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<Store>,
+        Arc<Nodes>,
+        ConfigServer,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let _ = std::fs::remove_dir_all(dir);
+        let store = Arc::new(Store::open(dir).unwrap());
+        let nodes = Arc::new(Nodes::default());
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let server = ConfigServer::new(store.clone(), nodes.clone(), stop);
+        (store, nodes, server, stop_tx)
+    }
+
+    /// A node's ack carries its configuration digest: the right one leaves it in sync; a
+    /// wrong one (a divergence) marks it diverged at once, counts, and brings the whole
+    /// configuration next, which repairs it (the next ack's digest matches and clears
+    /// it). A digest the store cannot judge changes nothing; a whole snapshot the node
+    /// still disagrees with is not sent again and again; a diverged node that
+    /// reconnects gets the whole configuration although it is at the current version.
+    #[tokio::test]
+    async fn a_node_whose_digest_differs_is_diverged_and_gets_the_whole_configuration() {
+        let dir = std::env::temp_dir().join(format!("ztp-grpc-diverge-{}", std::process::id()));
+        let (store, nodes, server, _stop) = server_on(&dir);
+        let a = Actor::system();
+        store
+            .create_group(Group { name: "g".into() }, None, &a)
+            .await
+            .unwrap();
+        store.put_user(user("alice"), true, None, &a).await.unwrap();
+        let v1 = store.version().unwrap();
+
+        let mut node = TestNode::subscribe(&server, "n1", 0).await;
+        let first = node.next().await;
+        assert!(!first.delta, "the first is whole");
+        assert_eq!(node.apply(first), v1);
+        node.ack(v1, node.digest().to_bytes().to_vec()).await;
+        let digest = node.digest().to_string();
+        wait_node(&nodes, "n1", "the digest acked", |n| {
+            n.digest.as_deref() == Some(digest.as_str())
+        })
+        .await;
+        assert!(!nodes.list()[0].diverged, "the same configuration");
+        assert_eq!(nodes.divergences(), 0);
+
+        // A delta, applied wrong: the node misses bob.
+        store.put_user(user("bob"), true, None, &a).await.unwrap();
+        let v2 = store.version().unwrap();
+        let delta = node.next().await;
+        assert!(delta.delta && delta.previous_version == v1 && delta.version == v2);
+        let wrong = node.digest();
+        node.apply(delta);
+        assert_ne!(node.digest(), wrong);
+        node.ack(v2, wrong.to_bytes().to_vec()).await;
+        wait_node(&nodes, "n1", "diverged after one ack", |n| n.diverged).await;
+        assert_eq!(nodes.divergences(), 1);
+        // The whole configuration, at the version the node already has.
+        let whole = node.next().await;
+        assert!(!whole.delta, "whole");
+        assert_eq!(whole.version, v2);
+        assert_eq!(whole.users.len(), 2);
+        node.apply(whole);
+        node.ack(v2, node.digest().to_bytes().to_vec()).await;
+        wait_node(&nodes, "n1", "repaired", |n| !n.diverged).await;
+        assert_eq!(nodes.divergences(), 1, "a match counts nothing");
+
+        // No verdict: a version the store cannot tell, no digest, a malformed one.
+        node.ack(v2 + 100, wrong.to_bytes().to_vec()).await;
+        node.ack(v2, Vec::new()).await;
+        node.ack(v2, vec![1, 2, 3]).await;
+        // A match after them shows they were all handled.
+        node.ack(v2, node.digest().to_bytes().to_vec()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!nodes.list()[0].diverged);
+        assert_eq!(nodes.divergences(), 1);
+        assert!(node.quiet_for(200).await, "nothing sent for them");
+
+        // Disagreeing with a whole snapshot: diverged and counted, but the same snapshot
+        // is not sent again (it would end the same way, over and over).
+        node.ack(v2, wrong.to_bytes().to_vec()).await;
+        wait_node(&nodes, "n1", "diverged again", |n| n.diverged).await;
+        assert_eq!(nodes.divergences(), 2);
+        assert!(node.quiet_for(300).await, "no loop of whole snapshots");
+
+        // Reconnecting at the current version while diverged: the whole configuration.
+        let mut again = TestNode::subscribe(&server, "n1", v2).await;
+        let whole = again.next().await;
+        assert!(!whole.delta && whole.version == v2);
+        again.apply(whole);
+        again.ack(v2, again.digest().to_bytes().to_vec()).await;
+        wait_node(&nodes, "n1", "repaired after reconnecting", |n| !n.diverged).await;
+        drop((node, again, server));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A version that changed no record reaches a node that takes deltas as an empty
+    /// delta from its version (not a whole snapshot, and not nothing).
+    #[tokio::test]
+    async fn a_version_that_changes_nothing_reaches_the_node_as_an_empty_delta() {
+        let dir = std::env::temp_dir().join(format!("ztp-grpc-empty-{}", std::process::id()));
+        let (store, nodes, server, _stop) = server_on(&dir);
+        let a = Actor::system();
+        store
+            .create_group(Group { name: "g".into() }, None, &a)
+            .await
+            .unwrap();
+        let v1 = store.version().unwrap();
+        let mut node = TestNode::subscribe(&server, "n1", 0).await;
+        let first = node.next().await;
+        node.apply(first);
+        node.ack(v1, node.digest().to_bytes().to_vec()).await;
+
+        let v2 = store.empty_version().await.unwrap();
+        assert_eq!(v2, v1 + 1);
+        let m = node.next().await;
+        assert!(m.delta, "a delta");
+        assert_eq!((m.previous_version, m.version), (v1, v2));
+        let d = ztp_proto::wire::Delta::try_from(m.clone()).unwrap();
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(node.apply(m), v2);
+        // The digest at a version that changed nothing is the one before it.
+        node.ack(v2, node.digest().to_bytes().to_vec()).await;
+        let digest = node.digest().to_string();
+        wait_node(&nodes, "n1", "acked", |n| {
+            n.applied == v2 && n.digest.as_deref() == Some(digest.as_str())
+        })
+        .await;
+        assert!(!nodes.list()[0].diverged);
+        // And from the function itself: empty, from the version before.
+        let (to, bytes) = delta_since(&store, v1).unwrap();
+        let d =
+            ztp_proto::wire::Delta::try_from(pb::Snapshot::decode(&bytes[..]).unwrap()).unwrap();
+        assert_eq!((to, d.previous_version, d.is_empty()), (v2, v1, true));
+        drop((node, server));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -13,6 +13,7 @@
 //! is where those reports land; `/v1/connectors` shows them.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,15 @@ pub struct NodeInfo {
     /// subscription is open, else when it ended.
     pub last_seen_ms: u64,
     pub connected: bool,
+    /// The node's configuration differed from the control plane's at a version it acked
+    /// (their digests differ): it is sent the whole configuration, and this holds until
+    /// an ack's digest matches again.
+    #[serde(default)]
+    pub diverged: bool,
+    /// The configuration digest of the node's last ack that carried one (the first 8
+    /// bytes in hex); absent from nodes that send none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -84,6 +94,8 @@ pub struct Nodes {
     /// Moves whenever where the tunnels are may have changed (a report, a node's
     /// subscription or its end): the replicas are told (`holders`).
     tunnel_changes: tokio::sync::watch::Sender<u64>,
+    /// Acks whose digest differed from the control plane's, since this instance started.
+    divergences: AtomicU64,
 }
 
 impl Default for Nodes {
@@ -93,6 +105,7 @@ impl Default for Nodes {
             remote: Mutex::default(),
             tunnels: Mutex::default(),
             tunnel_changes: tokio::sync::watch::Sender::new(0),
+            divergences: AtomicU64::new(0),
         }
     }
 }
@@ -121,7 +134,10 @@ impl Nodes {
             if m.len() >= MAX_NODES && !m.contains_key(id) {
                 m.retain(|_, n| n.connected);
             }
-            let last_nack = m.get(id).and_then(|n| n.last_nack.clone());
+            // What the node's earlier subscriptions told survives a reconnect.
+            let (last_nack, diverged, digest) = m.get(id).map_or((None, false, None), |n| {
+                (n.last_nack.clone(), n.diverged, n.digest.clone())
+            });
             m.insert(
                 id.to_owned(),
                 NodeInfo {
@@ -134,6 +150,8 @@ impl Nodes {
                     last_nack,
                     last_seen_ms: now_ms(),
                     connected: true,
+                    diverged,
+                    digest,
                 },
             );
         });
@@ -148,6 +166,33 @@ impl Nodes {
                 n.last_seen_ms = now_ms();
             }
         })
+    }
+
+    /// The digest an ack carried, and whether it matched the control plane's for that
+    /// version (`Some(false)`: it did not, the node diverged; `None`: no verdict, which
+    /// changes nothing).
+    pub fn digest_acked(&self, id: &str, digest: &str, matched: Option<bool>) {
+        if matched == Some(false) {
+            self.divergences.fetch_add(1, Ordering::Relaxed);
+        }
+        self.with(|m| {
+            if let Some(n) = m.get_mut(id) {
+                n.digest = Some(digest.to_owned());
+                if let Some(matched) = matched {
+                    n.diverged = !matched;
+                }
+            }
+        })
+    }
+
+    /// Whether the node is known here as diverged.
+    pub fn is_diverged(&self, id: &str) -> bool {
+        self.with(|m| m.get(id).is_some_and(|n| n.diverged))
+    }
+
+    /// Divergences found since this instance started (acks whose digest differed).
+    pub fn divergences(&self) -> u64 {
+        self.divergences.load(Ordering::Relaxed)
     }
 
     pub fn nacked(&self, id: &str, version: u64, reason: String) {
@@ -424,6 +469,8 @@ mod tests {
             last_nack: None,
             last_seen_ms,
             connected,
+            diverged: false,
+            digest: None,
         }
     }
 

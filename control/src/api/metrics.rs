@@ -1,5 +1,6 @@
 //! `/metrics` of the control plane (Prometheus text): the config version and, per data
-//! plane node, whether it is connected, the version it applied and its lag.
+//! plane node, whether it is connected, the version it applied, its lag and whether its
+//! configuration diverged from the control plane's; divergences found by this instance.
 
 use std::fmt::Write;
 
@@ -64,6 +65,23 @@ pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, Api
             u8::from(n.connected)
         );
     }
+    out.push_str("# HELP ztp_nodes_diverged Data-plane nodes whose configuration digest differed from the control plane's at their last verdict.\n# TYPE ztp_nodes_diverged gauge\n");
+    let _ = writeln!(
+        out,
+        "ztp_nodes_diverged {}",
+        nodes.iter().filter(|n| n.diverged).count()
+    );
+    out.push_str("# HELP ztp_node_diverged Whether a node's configuration digest differed from the control plane's at its last verdict.\n# TYPE ztp_node_diverged gauge\n");
+    for n in &nodes {
+        let _ = writeln!(
+            out,
+            "ztp_node_diverged{{node=\"{}\"}} {}",
+            label(&n.id),
+            u8::from(n.diverged)
+        );
+    }
+    out.push_str("# HELP ztp_node_divergences_total Acks whose configuration digest differed from the control plane's, found by this instance.\n# TYPE ztp_node_divergences_total counter\n");
+    let _ = writeln!(out, "ztp_node_divergences_total {}", s.nodes.divergences());
     out.push_str("# HELP ztp_node_last_seen_seconds Seconds since a node's last message.\n# TYPE ztp_node_last_seen_seconds gauge\n");
     for n in &nodes {
         let _ = writeln!(

@@ -2111,6 +2111,53 @@ async fn a_connected_node_is_seen_now_and_cannot_be_removed() {
     assert_eq!(audit["items"][0]["target"], "n1", "{audit}");
 }
 
+/// A node whose acked configuration digest differed is `diverged` in `/v1/nodes` (with
+/// its last digest) and in the metrics, until an ack matches; divergences are counted.
+#[tokio::test]
+async fn a_diverged_node_shows_in_the_list_and_the_metrics() {
+    let api = Api::new().await;
+    let nodes = api.state.nodes.clone();
+    nodes.connected("n1", "127.0.0.1:5000".into(), "[::]:9743".into(), 0, 4);
+    let listed = api.get("/v1/nodes").await.ok(OK);
+    assert_eq!(listed["items"][0]["diverged"], false, "{listed}");
+    assert!(listed["items"][0].get("digest").is_none(), "{listed}");
+
+    nodes.digest_acked("n1", "00ff00ff00ff00ff", Some(false));
+    let listed = api.get("/v1/nodes").await.ok(OK);
+    assert_eq!(listed["items"][0]["diverged"], true, "{listed}");
+    assert_eq!(listed["items"][0]["digest"], "00ff00ff00ff00ff", "{listed}");
+    let metrics = api.get("/metrics").await;
+    metrics.expect(OK);
+    let text = metrics.text();
+    for line in [
+        "ztp_nodes_diverged 1\n",
+        "ztp_node_diverged{node=\"n1\"} 1\n",
+        "ztp_node_divergences_total 1\n",
+        "# TYPE ztp_node_divergences_total counter\n",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+
+    // No verdict changes nothing; a match clears it, and the count stays.
+    nodes.digest_acked("n1", "1111111111111111", None);
+    assert_eq!(
+        api.get("/v1/nodes").await.ok(OK)["items"][0]["diverged"],
+        true
+    );
+    nodes.digest_acked("n1", "2222222222222222", Some(true));
+    let listed = api.get("/v1/nodes").await.ok(OK);
+    assert_eq!(listed["items"][0]["diverged"], false, "{listed}");
+    assert_eq!(listed["items"][0]["digest"], "2222222222222222", "{listed}");
+    let text = api.get("/metrics").await.text();
+    assert!(text.contains("ztp_nodes_diverged 0\n"), "{text}");
+    assert!(text.contains("ztp_node_divergences_total 1\n"), "{text}");
+    // The schema says so too.
+    let doc = api.get("/v1/openapi.json").await.ok(OK);
+    let props = &doc["components"]["schemas"]["NodeInfo"]["properties"];
+    assert_eq!(props["diverged"]["type"], "boolean", "{props}");
+    assert!(props.get("digest").is_some(), "{props}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Connectors
 // ---------------------------------------------------------------------------------------
