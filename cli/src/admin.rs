@@ -647,13 +647,18 @@ fn nodes_table(items: &[Value], now_ms: u64, wide: bool) -> String {
                 v => format!("v{}: {}", s(&v["version"]), s(&v["reason"])),
             };
             let up = n["connected"].as_bool() == Some(true);
+            let mut state = if up { "up" } else { "down" }.to_owned();
+            // Its configuration differs from the control plane's (by digest).
+            if n["diverged"].as_bool() == Some(true) {
+                state.push_str(",diverged");
+            }
             let mut row = vec![
                 s(&n["id"]),
                 s(&n["listen"]),
                 s(&n["peer"]),
                 s(&n["applied"]),
                 s(&n["lag"]),
-                if up { "up" } else { "down" }.into(),
+                state,
                 // A node whose subscription is open is seen now, however idle it is.
                 if up {
                     "now".into()
@@ -662,7 +667,11 @@ fn nodes_table(items: &[Value], now_ms: u64, wide: bool) -> String {
                 },
             ];
             if wide {
-                row.extend([clock::local(seen), s(&n["schema"])]);
+                let digest = match &n["digest"] {
+                    Value::String(d) => d.clone(),
+                    _ => "-".to_owned(),
+                };
+                row.extend([clock::local(seen), s(&n["schema"]), digest]);
             }
             row.push(nack);
             row
@@ -678,7 +687,7 @@ fn nodes_table(items: &[Value], now_ms: u64, wide: bool) -> String {
         "LAST SEEN",
     ];
     if wide {
-        header.extend(["SEEN AT", "SCHEMA"]);
+        header.extend(["SEEN AT", "SCHEMA", "DIGEST"]);
     }
     header.push("LAST NACK");
     table::render(&header, &rows)

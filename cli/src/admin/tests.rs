@@ -123,3 +123,42 @@ fn a_connected_node_is_seen_now() {
     let row = first_row(&t);
     assert!(row.contains(" now") && !row.contains("ago"), "{t}");
 }
+
+#[test]
+fn a_diverged_node_says_so_in_its_state() {
+    let node = |diverged: bool, connected: bool| {
+        json!({
+            "id": "n1", "listen": "[::]:9743", "peer": "10.0.0.1:5000", "applied": 7,
+            "schema": 4, "last_nack": null, "connected": connected,
+            "last_seen_ms": NOW, "diverged": diverged, "digest": "00ff00ff00ff00ff",
+        })
+    };
+    let t = nodes_table(&[node(true, true)], NOW, false);
+    let header: Vec<&str> = t.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = first_row(&t).split_whitespace().collect();
+    let state = header.iter().position(|h| *h == "STATE").unwrap();
+    assert_eq!(row[state], "up,diverged", "{t}");
+    assert!(
+        !t.contains("00ff00ff00ff00ff"),
+        "the digest only in wide: {t}"
+    );
+    let row = first_row(&nodes_table(&[node(true, false)], NOW, false)).to_owned();
+    assert!(row.contains("down,diverged"), "{row}");
+    let t = nodes_table(&[node(false, true)], NOW, false);
+    assert!(!t.contains("diverged"), "{t}");
+    // From a server before digests: no field, no mark.
+    let mut old = node(false, true);
+    old.as_object_mut().unwrap().remove("diverged");
+    old.as_object_mut().unwrap().remove("digest");
+    assert!(!nodes_table(&[old.clone()], NOW, false).contains("diverged"));
+    let w = nodes_table(&[node(true, true)], NOW, true);
+    assert!(
+        w.contains("DIGEST") && w.contains("00ff00ff00ff00ff"),
+        "{w}"
+    );
+    assert!(nodes_table(&[old], NOW, true)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .contains(" - "));
+}
