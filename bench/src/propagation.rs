@@ -4,9 +4,10 @@
 //! Starts the release binaries next to this one (`cargo build --release --workspace
 //! --bins`): one `ztp-control` and up to the largest replica count of `ztp-dataplane`
 //! nodes on loopback, imports SERVICES services and USERS users, then for each replica
-//! count makes WRITES writes (one new group each) and polls `/v1/nodes` every
+//! count makes WRITES writes of one record each (a new group and a user moved to another
+//! group, in turn) and polls `/v1/nodes` every
 //! millisecond until every node reports the version the write returned. Prints the
-//! median, p90 and max per replica count.
+//! median, p90, p99 and max per replica count.
 //!
 //! Usage: propagation [--replicas 1,2,8] [--services 10000] [--users 100000] [--writes 15]
 
@@ -107,10 +108,29 @@ fn main() {
         });
         let mut times = Vec::new();
         for w in 0..o.writes {
-            let body = format!("{{\"name\":\"bench-{n}-{w}\"}}");
-            let (status, etag, resp) = http(api, "POST", "/v1/groups", &token, body.as_bytes());
+            // One record each: a new group, then a user moved to another group.
+            let (status, etag, resp) = if w % 2 == 0 {
+                let body = format!("{{\"name\":\"bench-{n}-{w}\"}}");
+                http(api, "POST", "/v1/groups", &token, body.as_bytes())
+            } else {
+                let body = format!(
+                    "{{\"name\":\"u{w}\",\"identities\":[\"u{w}@example.com\"],\"groups\":[\"g{}\"]}}",
+                    (w + n) % 10
+                );
+                http(
+                    api,
+                    "PUT",
+                    &format!("/v1/users/u{w}"),
+                    &token,
+                    body.as_bytes(),
+                )
+            };
             let returned = Instant::now();
-            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&resp));
+            assert!(
+                status == 200 || status == 201,
+                "{status}: {}",
+                String::from_utf8_lossy(&resp)
+            );
             let version: u64 = etag.and_then(|e| e.parse().ok()).expect("ETag");
             wait_until("every replica to ack", Duration::from_secs(120), || {
                 let a = applied(api, &token);
@@ -119,11 +139,13 @@ fn main() {
             times.push(returned.elapsed());
         }
         times.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "replicas {n}: write -> all acked: median {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} writes)",
-            percentile(&times, 0.5).as_secs_f64() * 1e3,
-            percentile(&times, 0.9).as_secs_f64() * 1e3,
-            times.last().unwrap().as_secs_f64() * 1e3,
+            "replicas {n}: write -> all acked: median {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} writes)",
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.9)),
+            ms(percentile(&times, 0.99)),
+            ms(*times.last().unwrap()),
             times.len()
         );
     }
