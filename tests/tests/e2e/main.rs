@@ -17,6 +17,7 @@ mod control_failover;
 mod control_plane;
 mod deltas;
 mod dgram;
+mod digests;
 mod drain;
 mod enforcement;
 mod etcd_store;
