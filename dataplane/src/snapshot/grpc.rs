@@ -772,8 +772,13 @@ fn apply(
     } else {
         match last.as_mut() {
             // Only the version and the revoked serials moved: the compiled services and
-            // users are reused.
-            Some(config) if wire_digest.is_some() && current.config_digest == wire_digest => {
+            // users are reused. Not for the version applied (or older): a whole snapshot
+            // sent again at it repairs a divergence, so it is compiled whole.
+            Some(config)
+                if wire_digest.is_some()
+                    && current.config_digest == wire_digest
+                    && version > current.version =>
+            {
                 match config.set_revoked(version, &snap.revoked) {
                     Ok(()) => Ok(current.with_revoked(config)),
                     Err(e) => return (version, Err(e.to_string())),
@@ -1177,6 +1182,36 @@ mod tests {
         // A node that announced schema 3 refuses a delta as too new.
         let (_, r) = run(encode(&d), 3, &reg, &p, &last);
         assert!(r.unwrap_err().contains("newer"));
+    }
+
+    /// A node whose kept configuration was altered (a divergence) is repaired by the
+    /// whole snapshot the control plane sends again at the same version: it is compiled
+    /// whole, not taken as a revocation of what the node holds.
+    #[test]
+    fn a_whole_snapshot_sent_again_at_the_applied_version_repairs_a_divergence() {
+        let reg = Registry::builtin();
+        let p = publisher();
+        let last = Mutex::new(None);
+        assert_eq!(
+            run(wire(1, &["alice", "bob"], &[]), 4, &reg, &p, &last),
+            (1, Ok((1, 2, false)))
+        );
+        let right = p.lock().unwrap().current().policy.digest;
+        // The node's state altered: bob gone from what it keeps.
+        let altered =
+            ztp_proto::Snapshot::try_from(pb::Snapshot::decode(wire(1, &["alice"], &[])).unwrap())
+                .unwrap();
+        *last.lock().unwrap() = Some(Config::from_validated(altered).unwrap());
+        let (_, r) = apply(wire(1, &["alice", "bob"], &[]), 4, &reg, &p, &last);
+        assert_eq!(r.unwrap().digest, right);
+        assert_eq!(last.lock().unwrap().as_ref().unwrap().digest(), right);
+        // A revocation at a newer version still reuses what is compiled.
+        let before = p.lock().unwrap().current().policy.clone();
+        run(wire(2, &["alice", "bob"], &["0a"]), 4, &reg, &p, &last)
+            .1
+            .unwrap();
+        let after = p.lock().unwrap().current().policy.clone();
+        assert!(Arc::ptr_eq(&before.directory, &after.directory));
     }
 
     #[test]
