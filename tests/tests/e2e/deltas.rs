@@ -45,6 +45,13 @@ async fn a_change_reaches_a_node_as_a_small_delta_and_an_older_node_whole() {
             "admins",
         ])
         .await;
+    // A one-user change: at most 1 KiB on the wire.
+    let v_user = p.wait_current().await;
+    let line = applied_at(&p.replicas[0], v_user).pop().expect("applied");
+    assert_eq!(line["delta"], true, "{line}");
+    let bytes = line["bytes"].as_u64().unwrap();
+    assert!(bytes <= 1024, "a one-user delta of {bytes} bytes");
+    eprintln!("a one-user change on the wire: {bytes} bytes");
     p.control.ztpctl_ok(["group", "add", "ops"]).await;
     p.control.ztpctl_ok(["pki", "revoke", "0a0b"]).await;
     let v = p.wait_current().await;
