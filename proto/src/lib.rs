@@ -15,6 +15,7 @@ pub mod config;
 pub mod digest;
 mod duration;
 pub mod framing;
+pub mod keyless;
 mod model;
 pub mod names;
 pub mod quic;
