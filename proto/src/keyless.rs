@@ -527,7 +527,8 @@ mod tests {
         let key = [1u8; 32];
         let d32 = [2u8; 32];
         use ErrorCode::*;
-        let cases: &[(&[(u8, &[u8])], ErrorCode)] = &[
+        type Case<'a> = (&'a [(u8, &'a [u8])], ErrorCode);
+        let cases: &[Case] = &[
             (&[(0x11, &[0x99]), (0x01, &key), (0x12, &d32)], BadOpcode),
             (
                 &[(0x11, &[0xF0]), (0x01, &key), (0x12, &d32)],
