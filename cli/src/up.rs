@@ -779,7 +779,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         quic,
         tls: TlsFiles {
             cert: pki_dir.join("server.pem"),
-            key: pki_dir.join("server.key"),
+            key: ztp_dataplane::tls::KeySource::File(pki_dir.join("server.key")),
             client_ca: pki_dir.join("ca.pem"),
         },
         source: Source::Control(ControlSource {

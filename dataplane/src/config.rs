@@ -50,9 +50,25 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
 
-    /// The server certificate's private key (PEM).
-    #[arg(long, value_name = "FILE")]
+    /// The server certificate's private key (PEM), or `keyless://HOST:PORT[,HOST:PORT…]`:
+    /// key servers that hold it and sign for this node, which then never holds it (with
+    /// --keyless-cert, --keyless-key and --keyless-ca).
+    #[arg(long, value_name = "FILE|keyless://HOST:PORT[,…]")]
     pub key: Option<PathBuf>,
+
+    /// With `--key keyless://…`: this node's certificate towards the key servers (PEM,
+    /// carrying spiffe://DOMAIN/node/ID).
+    #[arg(long, value_name = "FILE")]
+    pub keyless_cert: Option<PathBuf>,
+
+    /// With `--key keyless://…`: the key of --keyless-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub keyless_key: Option<PathBuf>,
+
+    /// With `--key keyless://…`: CA certificates (PEM) the key servers' certificates must
+    /// chain to.
+    #[arg(long, value_name = "FILE")]
+    pub keyless_ca: Option<PathBuf>,
 
     /// CA certificates that client certificates must chain to (PEM).
     #[arg(long, value_name = "FILE")]
@@ -199,6 +215,27 @@ impl Args {
         };
         let cert = need(self.cert, "--cert")?;
         let key = need(self.key, "--key")?;
+        let key = match crate::keyless::parse_url(&key.to_string_lossy()) {
+            None => {
+                if let Some(flag) = [
+                    ("--keyless-cert", &self.keyless_cert),
+                    ("--keyless-key", &self.keyless_key),
+                    ("--keyless-ca", &self.keyless_ca),
+                ]
+                .iter()
+                .find_map(|(f, v)| v.is_some().then_some(f))
+                {
+                    return Err(format!("{flag} goes with --key keyless://HOST:PORT"));
+                }
+                crate::tls::KeySource::File(key)
+            }
+            Some(servers) => crate::tls::KeySource::keyless(crate::keyless::KeylessFiles {
+                servers: servers?,
+                cert: need(self.keyless_cert, "--keyless-cert (with --key keyless://…)")?,
+                key: need(self.keyless_key, "--keyless-key (with --key keyless://…)")?,
+                ca: need(self.keyless_ca, "--keyless-ca (with --key keyless://…)")?,
+            }),
+        };
         let client_ca = need(self.client_ca, "--client-ca")?;
         let source = match (self.snapshot, self.control) {
             (Some(path), None) => Source::File(path),

@@ -319,7 +319,7 @@ async fn gate(
         .is_some_and(|mut offered| offered.any(|p| p == ztp_proto::tunnel::ALPN))
     {
         rec.sni = start.client_hello().server_name().map(str::to_owned);
-        return match tls::complete(start, active.tls.tunnel.clone()).await {
+        return match tls::complete(start, active.tls.tunnel.clone(), active.tls.offload).await {
             Ok(client) => Some((client, active)),
             Err(e) => {
                 rec.tls_error = Some(e.to_string());
@@ -363,7 +363,7 @@ async fn gate(
     rec.service = Some(route.name.clone());
     // A certificate the verifier refuses is noted, on the polling thread, with the
     // identity it claims: taken right after each poll, so it is this connection's.
-    let mut handshake = std::pin::pin!(tls::complete(start, config));
+    let mut handshake = std::pin::pin!(tls::complete(start, config, active.tls.offload));
     let mut claimed = None;
     let done = std::future::poll_fn(|cx| {
         let _ = tls::take_refused_identity();

@@ -34,6 +34,7 @@ pub mod conn;
 pub mod cowmap;
 pub mod handler;
 pub mod identity;
+pub mod keyless;
 pub mod listener;
 pub mod metrics;
 pub mod node;

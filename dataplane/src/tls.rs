@@ -33,14 +33,39 @@ pub use ztp_infra::tls::{provider, TlsError};
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
-    pub key: PathBuf,
+    pub key: KeySource,
     pub client_ca: PathBuf,
+}
+
+/// Where the server certificate's private key is.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A PEM file: the key is in this process.
+    File(PathBuf),
+    /// On key servers (`--key keyless://…`): this process never holds it. The pool of
+    /// connections is started by the first load and kept across reloads.
+    Keyless {
+        files: crate::keyless::KeylessFiles,
+        pool: Arc<std::sync::Mutex<Option<Arc<crate::keyless::Pool>>>>,
+    },
+}
+
+impl KeySource {
+    pub fn keyless(files: crate::keyless::KeylessFiles) -> KeySource {
+        KeySource::Keyless {
+            files,
+            pool: Arc::default(),
+        }
+    }
 }
 
 /// The node's certificate, key and client CA set, loaded and checked.
 #[derive(Debug, Clone)]
 pub struct TlsMaterial {
     certified: Arc<CertifiedKey>,
+    /// With a keyless key: the resolver that names each handshake's SNI to the key
+    /// server.
+    keyless: Option<Arc<crate::keyless::Resolver>>,
     roots: Arc<RootCertStore>,
     /// Chains this CA set has vouched for; lives and dies with the CA set.
     chains: Arc<ChainCache>,
@@ -149,10 +174,39 @@ impl ChainCache {
 impl TlsMaterial {
     /// Loads PEM files: the server chain (leaf first), its key (PKCS#8, PKCS#1 or SEC1),
     /// and one or more CA certificates for clients.
-    pub fn load(files: &TlsFiles, provider: &CryptoProvider) -> Result<Self, TlsError> {
-        let certified = ztp_infra::tls::certified_key(&files.cert, &files.key, provider)?;
+    pub fn load(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Self, TlsError> {
         let roots = ztp_infra::tls::read_roots(&files.client_ca)?;
-        Ok(Self::from_parts(certified, roots))
+        match &files.key {
+            KeySource::File(key) => {
+                let certified = ztp_infra::tls::certified_key(&files.cert, key, provider)?;
+                Ok(Self::from_parts(certified, roots))
+            }
+            KeySource::Keyless { files: k, pool } => {
+                let chain = ztp_infra::tls::read_certs(&files.cert)?;
+                let leaf = chain.first().ok_or_else(|| {
+                    TlsError::Config(format!("{}: no certificate", files.cert.display()))
+                })?;
+                let pool = {
+                    let mut started = pool.lock().unwrap_or_else(|p| p.into_inner());
+                    match started.as_ref() {
+                        Some(p) => p.clone(),
+                        None => {
+                            let tls = crate::keyless::client_config(k, provider)?;
+                            let p = crate::keyless::Pool::start(k.servers.clone(), tls)
+                                .map_err(|e| TlsError::Config(format!("keyless pool: {e}")))?;
+                            *started = Some(p.clone());
+                            p
+                        }
+                    }
+                };
+                let key = crate::keyless::RemoteKey::new(leaf, pool)
+                    .map_err(|e| TlsError::Config(format!("{}: {e}", files.cert.display())))?;
+                let resolver = Arc::new(crate::keyless::Resolver::new(chain, key));
+                let mut m = Self::from_parts(resolver.certified(None), roots);
+                m.keyless = Some(resolver);
+                Ok(m)
+            }
+        }
     }
 
     /// The server's certificate with its signing key, and the client CA set. The key is
@@ -161,6 +215,7 @@ impl TlsMaterial {
     pub fn from_parts(certified: Arc<CertifiedKey>, roots: RootCertStore) -> Self {
         TlsMaterial {
             certified,
+            keyless: None,
             roots: Arc::new(roots),
             chains: Arc::default(),
         }
@@ -185,6 +240,9 @@ pub struct TlsConfigs {
     /// its configs from them (see `quic::config`).
     pub certified: Arc<CertifiedKey>,
     pub provider: Arc<CryptoProvider>,
+    /// The key is on key servers: a handshake's first flight (which rustls signs
+    /// synchronously) runs off the async workers (see [`complete`]).
+    pub offload: bool,
 }
 
 /// Session resumption for all configs, so that it survives snapshot swaps (each resumed
@@ -215,7 +273,10 @@ impl TlsConfigs {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier.clone())
-            .with_cert_resolver(Arc::new(SingleCertAndKey::from(material.certified.clone())));
+            .with_cert_resolver(match &material.keyless {
+                Some(r) => r.clone() as Arc<dyn rustls::server::ResolvesServerCert>,
+                None => Arc::new(SingleCertAndKey::from(material.certified.clone())),
+            });
         stream.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         stream.ticketer = sessions;
         let mut dgram = stream.clone();
@@ -230,6 +291,7 @@ impl TlsConfigs {
             verifier,
             certified: material.certified.clone(),
             provider,
+            offload: material.keyless.is_some(),
         })
     }
 }
@@ -523,12 +585,22 @@ pub async fn refuse_hello(mut tcp: TcpStream, alert: HelloAlert) {
     let _ = tcp.shutdown().await;
 }
 
-/// Completes the handshake with the config chosen for this ClientHello.
+/// Completes the handshake with the config chosen for this ClientHello. With `offload`
+/// (a keyless key), the step that processes the ClientHello and signs runs on tokio's
+/// blocking pool: it waits for a key server, and must not hold an async worker.
 pub async fn complete(
     start: StartHandshake<TcpStream>,
     config: Arc<ServerConfig>,
+    offload: bool,
 ) -> Result<TlsStream<TcpStream>, HandshakeError> {
-    start.into_stream(config).await.map_err(HandshakeError::Tls)
+    let accept = if offload {
+        tokio::task::spawn_blocking(move || start.into_stream(config))
+            .await
+            .map_err(|e| HandshakeError::Tls(std::io::Error::other(e)))?
+    } else {
+        start.into_stream(config)
+    };
+    accept.await.map_err(HandshakeError::Tls)
 }
 
 /// The verified client chain, leaf first.
@@ -587,7 +659,7 @@ pub(crate) fn test_material() -> TlsMaterial {
     std::fs::write(dir.join("k.pem"), ca.signing_key.serialize_pem()).unwrap();
     let files = crate::tls::TlsFiles {
         cert: dir.join("c.pem"),
-        key: dir.join("k.pem"),
+        key: crate::tls::KeySource::File(dir.join("k.pem")),
         client_ca: dir.join("c.pem"),
     };
     let m = crate::tls::TlsMaterial::load(&files, &crate::tls::provider()).unwrap();

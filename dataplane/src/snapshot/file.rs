@@ -1,6 +1,7 @@
 //! Snapshots from a YAML file: for tests, demos and air-gapped nodes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use ztp_proto::{FieldError, Snapshot, SnapshotError};
@@ -69,7 +70,7 @@ pub fn load(path: &Path) -> Result<Snapshot, FileError> {
 pub fn reload(
     path: Option<&Path>,
     files: &TlsFiles,
-    provider: &CryptoProvider,
+    provider: &Arc<CryptoProvider>,
     registry: &Registry,
     publisher: &mut Publisher,
 ) -> Result<(u64, u64), ReloadError> {

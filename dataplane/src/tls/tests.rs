@@ -61,7 +61,7 @@ impl Ca {
         std::fs::write(dir.join("ca.pem"), self.issuer.pem()).unwrap();
         let files = TlsFiles {
             cert: dir.join("s.pem"),
-            key: dir.join("s.key"),
+            key: KeySource::File(dir.join("s.key")),
             client_ca: dir.join("ca.pem"),
         };
         let m = TlsMaterial::load(&files, &provider()).unwrap();
@@ -512,7 +512,7 @@ mod incompatible {
         let server = async {
             let (tcp, _) = listener.accept().await.unwrap();
             let start = read_hello(tcp).await.expect("a well-formed ClientHello");
-            match complete(start, configs.stream.clone()).await {
+            match complete(start, configs.stream.clone(), false).await {
                 Ok(_) => panic!("the handshake succeeded"),
                 Err(e) => e,
             }
