@@ -1,17 +1,17 @@
-//! Locating (and building) the workspace's binaries: `ztp-dataplane`, `ztp-control` and
-//! `ztpctl`.
+//! Locating (and building) the workspace's binaries: `ztp-dataplane`, `ztp-control`,
+//! `ztpctl` and `ztp-keyserver`.
 //!
 //! Tests in `tests/` cannot use `CARGO_BIN_EXE_*` of another package, so the binaries are
 //! looked up next to the test executable (`target/<profile>/NAME`). `cargo test` does not
 //! build another package's binaries, and a stale binary would test old code, so the first
 //! lookup in a test process runs
-//! `cargo build -p ztp-dataplane -p ztp-control -p ztpctl -p ztp-tests --bins` (in the
-//! test's profile and target directory; quick when everything is fresh), once for all
-//! three.
+//! `cargo build -p ztp-dataplane -p ztp-control -p ztpctl -p ztp-keyserver -p ztp-tests
+//! --bins` (in the test's profile and target directory; quick when everything is fresh),
+//! once for all of them.
 //!
 //! `ZTP_TESTS_NO_BUILD=1` uses existing binaries as they are. `ZTP_DATAPLANE_BIN`,
-//! `ZTP_CONTROL_BIN` and `ZTPCTL_BIN` point at other binaries altogether (if all three
-//! are set, nothing is built).
+//! `ZTP_CONTROL_BIN`, `ZTPCTL_BIN` and `ZTP_KEYSERVER_BIN` point at other binaries
+//! altogether (if all are set, nothing is built).
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -29,11 +29,13 @@ pub enum Bin {
     Control,
     /// `ztpctl` (package `ztpctl`).
     Ztpctl,
+    /// `ztp-keyserver` (package `ztp-keyserver`).
+    Keyserver,
 }
 
 impl Bin {
     /// Every binary the harness runs.
-    pub const ALL: [Bin; 3] = [Bin::Dataplane, Bin::Control, Bin::Ztpctl];
+    pub const ALL: [Bin; 4] = [Bin::Dataplane, Bin::Control, Bin::Ztpctl, Bin::Keyserver];
 
     /// The binary's (and its package's) name.
     pub fn name(self) -> &'static str {
@@ -41,6 +43,7 @@ impl Bin {
             Bin::Dataplane => "ztp-dataplane",
             Bin::Control => "ztp-control",
             Bin::Ztpctl => "ztpctl",
+            Bin::Keyserver => "ztp-keyserver",
         }
     }
 
@@ -50,6 +53,7 @@ impl Bin {
             Bin::Dataplane => "ZTP_DATAPLANE_BIN",
             Bin::Control => "ZTP_CONTROL_BIN",
             Bin::Ztpctl => "ZTPCTL_BIN",
+            Bin::Keyserver => "ZTP_KEYSERVER_BIN",
         }
     }
 
@@ -137,6 +141,8 @@ fn build() -> Result<(), String> {
         "-p",
         "ztpctl",
         "-p",
+        "ztp-keyserver",
+        "-p",
         "ztp-tests",
         "--bins",
     ]);
@@ -162,9 +168,9 @@ fn build() -> Result<(), String> {
         .map_err(|e| format!("cannot run cargo to build the binaries: {e}"))?;
     if !status.success() {
         return Err(format!(
-            "building ztp-dataplane, ztp-control and ztpctl failed ({status}); build them \
-             with `cargo build --workspace --bins` and rerun, or set ZTP_DATAPLANE_BIN, \
-             ZTP_CONTROL_BIN and ZTPCTL_BIN"
+            "building ztp-dataplane, ztp-control, ztpctl and ztp-keyserver failed \
+             ({status}); build them with `cargo build --workspace --bins` and rerun, or set \
+             ZTP_DATAPLANE_BIN, ZTP_CONTROL_BIN, ZTPCTL_BIN and ZTP_KEYSERVER_BIN"
         ));
     }
     Ok(())

@@ -20,6 +20,9 @@
 //! - [`control`]: a guard around the real `ztp-control` binary (fresh or given store,
 //!   gRPC stream with the test PKI, admin token, SIGKILL and restart on the same store and
 //!   ports), a REST helper and the `ztpctl` runner.
+//! - [`keyserver`]: a guard around the real `ztp-keyserver` binary: its certificate (for
+//!   localhost, 127.0.0.1 and ::1), signing keys written mode 0600 with their `.nodes`
+//!   files, SIGHUP reloads awaited, SIGKILL by PID; and the key id of a certificate.
 //! - [`etcd`]: a real etcd cluster on loopback (plain or with client-certificate TLS),
 //!   its leader, and faults by PID: kill, freeze / thaw, restart on the same data.
 //! - [`http`]: a minimal HTTP/1.1 client for the admin APIs.
@@ -28,7 +31,7 @@
 //!   long-running process with its output lines, and bounded one-shot runs.
 //! - [`quic`]: a quinn client for the QUIC transport, waiting for the server's
 //!   confirmation of the handshake, and the datagram flows' varint framing.
-//! - [`bins`]: locating the three binaries, building them once per test process.
+//! - [`bins`]: locating the workspace's binaries, building them once per test process.
 //! - [`tempdir`]: a self-removing temporary directory.
 //!
 //! The contract (refusal alerts, `ZTP-ERROR` lines, the snapshot schema, flags, REST
@@ -44,6 +47,7 @@ pub mod control;
 pub mod dataplane;
 pub mod etcd;
 pub mod http;
+pub mod keyserver;
 pub mod pki;
 pub mod process;
 pub mod quic;
