@@ -108,8 +108,9 @@ impl Dataplane {
     /// Writes `pki`'s files and `snapshot_yaml` into a fresh temporary directory and starts
     /// the data plane there with the standard flags plus `extra_args`.
     ///
-    /// The standard flags include `--listen 127.0.0.1:0` and `--admin-listen 127.0.0.1:0`
-    /// unless `extra_args` set that flag themselves (e.g. `["--listen", "[::1]:0"]`).
+    /// The standard flags include `--listen 127.0.0.1:0`, `--admin-listen 127.0.0.1:0` and
+    /// `--key server.key` unless `extra_args` set that flag themselves (e.g. `["--listen",
+    /// "[::1]:0"]`, or `["--key", "keyless://…"]`).
     ///
     /// # Panics
     /// If it does not log both listening addresses within [`STARTUP_TIMEOUT`] (the logs
@@ -177,10 +178,11 @@ impl Dataplane {
         if !has_flag(extra_args, "--admin-listen") {
             cmd.arg("--admin-listen").arg("127.0.0.1:0");
         }
+        if !has_flag(extra_args, "--key") {
+            cmd.arg("--key").arg(dir.join("server.key"));
+        }
         cmd.arg("--cert")
             .arg(dir.join("server.pem"))
-            .arg("--key")
-            .arg(dir.join("server.key"))
             .arg("--client-ca")
             .arg(dir.join("ca.pem"))
             .args(source_args)

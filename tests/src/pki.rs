@@ -204,6 +204,7 @@ impl TestPki {
             serial: None,
             eku: ExtendedKeyUsagePurpose::ClientAuth,
             extensions: Vec::new(),
+            key: None,
         }
     }
 
@@ -292,6 +293,7 @@ pub struct CertBuilder<'a> {
     serial: Option<Vec<u8>>,
     eku: ExtendedKeyUsagePurpose,
     extensions: Vec<CustomExtension>,
+    key: Option<KeyPair>,
 }
 
 impl CertBuilder<'_> {
@@ -381,9 +383,20 @@ impl CertBuilder<'_> {
         self
     }
 
-    /// Generates a fresh P-256 key and issues the certificate.
+    /// Issues the certificate for this key (of any type rcgen reads: ECDSA P-256/P-384,
+    /// Ed25519, RSA) instead of a fresh P-256 one.
+    pub fn key(mut self, key: KeyPair) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Issues the certificate (for a fresh P-256 key unless [`CertBuilder::key`] gave
+    /// one).
     pub fn issue(self) -> TestCert {
-        let key = KeyPair::generate().expect("generate leaf key");
+        let key = match self.key {
+            Some(k) => k,
+            None => KeyPair::generate().expect("generate leaf key"),
+        };
         let serial = self
             .serial
             .unwrap_or_else(|| self.pki.next_serial(key.public_key_raw()));

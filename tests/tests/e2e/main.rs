@@ -26,6 +26,7 @@ mod forwarding;
 mod handlers;
 mod identity;
 mod ipv6;
+mod keyless;
 mod leaks;
 mod limits;
 mod live;
