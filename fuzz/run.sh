@@ -23,7 +23,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
-all=(snapshot_yaml snapshot_proto framed sni identity rest_bodies)
+all=(snapshot_yaml snapshot_proto framed sni identity rest_bodies keyless_frame)
 if (($#)); then
   targets=("$@")
 else

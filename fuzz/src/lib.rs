@@ -11,6 +11,7 @@
 
 pub mod framed;
 pub mod identity;
+pub mod keyless;
 pub mod rest;
 pub mod snapshot;
 pub mod sni;
@@ -27,4 +28,5 @@ pub const TARGETS: &[Target] = &[
     ("sni", sni::run),
     ("identity", identity::run),
     ("rest_bodies", rest::run),
+    ("keyless_frame", keyless::run),
 ];

@@ -308,6 +308,75 @@ fn rest_seeds() {
     );
 }
 
+fn keyless_seeds() {
+    use ztp_proto::keyless::{ErrorCode, Op, Outcome, Request, Response};
+    let t = "keyless_frame";
+    let req = |id: u32, op: Op, len: usize| Request {
+        id,
+        op,
+        key_id: (op != Op::Ping).then_some([0x5a; 32]),
+        sni: Some("app.svc.internal".into()),
+        client_ip: Some(if id & 1 == 0 {
+            "192.0.2.1".parse().unwrap()
+        } else {
+            "2001:db8::1".parse().unwrap()
+        }),
+        payload: vec![0xab; len],
+    };
+    let ops = [
+        (Op::EcdsaSha256, 32),
+        (Op::EcdsaSha384, 48),
+        (Op::RsaPssSha256, 32),
+        (Op::RsaPssSha384, 48),
+        (Op::RsaPssSha512, 64),
+        (Op::Ed25519, 130),
+        (Op::Ping, 5),
+    ];
+    let mut pipeline = Vec::new();
+    for (i, (op, len)) in ops.into_iter().enumerate() {
+        let bytes = req(i as u32, op, len).encode().unwrap();
+        write(t, &format!("request_{}", op.as_str()), &bytes);
+        pipeline.extend_from_slice(&bytes);
+    }
+    write(t, "pipelined_requests", &pipeline);
+    let mut answers = Vec::new();
+    for (i, outcome) in [
+        Outcome::Signature(vec![0x30; 71]),
+        Outcome::Pong(b"ping".to_vec()),
+        Outcome::Error(ErrorCode::KeyNotFound),
+        Outcome::Error(ErrorCode::FormatError),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        answers.extend(
+            Response {
+                id: i as u32,
+                outcome,
+            }
+            .encode(),
+        );
+    }
+    write(t, "answers", &answers);
+    // Malformed: an unknown opcode, an answer's opcode as a request, version 2, a
+    // truncated item, an item given twice, a body cut short.
+    let msg = |major: u8, body: &[u8]| {
+        let mut m = vec![major, 0];
+        m.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        m.extend_from_slice(&9u32.to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let mut bad = Vec::new();
+    bad.extend(msg(1, &[0x11, 0, 1, 0x99, 0x12, 0, 1, 0]));
+    bad.extend(msg(1, &[0x11, 0, 1, 0xF0, 0x12, 0, 1, 0]));
+    bad.extend(msg(2, &[0x11, 0, 1, 0xF1]));
+    bad.extend(msg(1, &[0x11, 0, 5, 0x15]));
+    bad.extend(msg(1, &[0x11, 0, 1, 0xF1, 0x11, 0, 1, 0xF1]));
+    bad.extend(&msg(1, &[0x11, 0, 1, 0xF1, 0x12, 0, 4, 1, 2, 3, 4])[..12]);
+    write(t, "malformed", &bad);
+}
+
 #[test]
 #[ignore = "writes the committed seeds; run by hand"]
 fn make_seeds() {
@@ -317,4 +386,5 @@ fn make_seeds() {
     sni_seeds();
     identity_seeds();
     rest_seeds();
+    keyless_seeds();
 }

@@ -92,3 +92,8 @@ fn identity() {
 fn rest_bodies() {
     replay("rest_bodies");
 }
+
+#[test]
+fn keyless_frame() {
+    replay("keyless_frame");
+}
