@@ -20,6 +20,8 @@
 //! answered `unexpected opcode` (0x06): the opcode is one the protocol knows, but not one
 //! this key serves.
 
+pub mod p256_table;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
@@ -148,6 +150,9 @@ impl Key {
             }
             _ => return Err("an unsupported kind of private key".into()),
         };
+        if algorithm == Algorithm::EcdsaP256 {
+            p256_table::warm_up();
+        }
         Ok(Key {
             name: name.to_owned(),
             id: key_id(&spki),
@@ -169,7 +174,8 @@ impl Key {
         let crypto = |_| ErrorCode::CryptoFailure;
         match (&self.signer, op) {
             (Signer::P256(k), Op::EcdsaSha256 | Op::EcdsaSha384) => {
-                let sig: p256::ecdsa::DerSignature = k.sign_prehash(payload).map_err(crypto)?;
+                let sig = p256_table::sign_prehash(k.as_nonzero_scalar(), payload)
+                    .ok_or(ErrorCode::CryptoFailure)?;
                 Ok(sig.as_bytes().to_vec())
             }
             (Signer::P384(k), Op::EcdsaSha256 | Op::EcdsaSha384) => {

@@ -208,3 +208,36 @@ fn a_folder_loads_whole_with_authorization_or_not_at_all() {
     let e = KeySet::load_dir(dir.path(), td).unwrap_err().to_string();
     assert!(e.contains("a.nodes:1:"), "{e}");
 }
+
+#[test]
+fn the_p256_table_signs_byte_for_byte_as_the_p256_crate() {
+    use p256::ecdsa::signature::hazmat::PrehashSigner as _;
+    use p256::pkcs8::DecodePrivateKey as _;
+    use sha2::Digest as _;
+    for i in 0..64u32 {
+        let made = testkeys::generate(testkeys::Kind::P256);
+        let der = PrivateKeyDer::from_pem_slice(made.pem.as_bytes()).unwrap();
+        let key = p256::ecdsa::SigningKey::from_pkcs8_der(der.secret_der()).unwrap();
+        let message = format!("message {i}");
+        // SHA-256 and SHA-384 digests (the latter truncated to the curve's size).
+        let digests = [
+            sha2::Sha256::digest(message.as_bytes()).to_vec(),
+            sha2::Sha384::digest(message.as_bytes()).to_vec(),
+        ];
+        for digest in digests {
+            let want: p256::ecdsa::DerSignature = key.sign_prehash(&digest).unwrap();
+            let got = p256_table::sign_prehash(key.as_nonzero_scalar(), &digest).unwrap();
+            assert_eq!(
+                got.as_bytes(),
+                want.as_bytes(),
+                "key {i}, a {}-byte digest",
+                digest.len()
+            );
+        }
+    }
+    assert!(p256_table::sign_prehash(
+        &p256::NonZeroScalar::from_uint(1u64.into()).unwrap(),
+        &[1; 15]
+    )
+    .is_none());
+}
