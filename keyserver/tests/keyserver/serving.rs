@@ -393,3 +393,41 @@ async fn ping_answers_its_payload_without_a_key() {
     assert_eq!(answer.id, 42);
     assert_eq!(answer.outcome, Outcome::Pong(b"are you there".to_vec()));
 }
+
+#[tokio::test]
+async fn the_connection_cap_and_the_handshake_and_idle_timeouts_close_connections() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt as _;
+    let pki = TestPki::new();
+    let limits = Limits {
+        max_connections: 1,
+        handshake_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let ks = serve(&pki, &[], limits).await;
+    let closed = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+    };
+    // A silent connection holds the only place until its handshake time is up.
+    let start = Instant::now();
+    let silent = tokio::net::TcpStream::connect(ks.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::net::TcpStream::connect(ks.addr).await.unwrap();
+    assert!(closed(second).await, "a connection past the cap was served");
+    assert!(closed(silent).await, "the silent connection was kept");
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    // A node that sends nothing after its handshake is closed after the idle timeout.
+    let mut idle = Client::connect(ks.addr, &pki, &pki.node("edge-1")).await;
+    assert!(idle.try_recv().await.is_err());
+    let metrics = ks.server.metrics().render();
+    for line in [
+        "ztp_keyserver_handshake_failures_total{reason=\"timeout\"} 1",
+        "ztp_keyserver_connections_refused_total 1",
+        "ztp_keyserver_connections_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
+}
