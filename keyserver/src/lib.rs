@@ -2,10 +2,17 @@
 //! hold no server key (DESIGN.md "Keyless").
 //!
 //! ```text
-//! data plane ──TLS 1.3 + node certificate──► listener ─► connection ─► request
-//!   (keyless://HOST:2407)                     (cap, handshake   (pipelined:  │ error, pong: answered at once
-//!                                              timeout, node     in-flight    ▼ sign: SignPool thread ─► answer,
-//!                                              identity only)    cap)           in any order
+//! data plane ──TLS 1.3, node certificate──► listener    --max-connections, --handshake-timeout,
+//!   (--key keyless://HOST:2407)                 │         node identities only (tls)
+//!                                               ▼
+//!                                           connection    message after message, each holding
+//!                                               │         one of --max-inflight places
+//!                                               ▼
+//!                                            request ───► error or pong: answered at once
+//!                                               │
+//!                                               ▼
+//!                                       SignPool thread ─► answer, in any order; the place is
+//!                                                          freed once it is written
 //! ```
 //!
 //! Owns: the keys of `--keys DIR` and who may use them ([`keys`]), the listener's TLS
