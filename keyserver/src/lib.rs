@@ -21,7 +21,7 @@
 //! the data plane's client) or anything of the data plane.
 //!
 //! What a client sees: a request that cannot be served is answered with its error code
-//! and the connection goes on (malformed 0x07, unknown opcode 0x05, an answer's opcode
+//! and the connection goes on (malformed or a body over [`server::MAX_BODY`] 0x07, unknown opcode 0x05, an answer's opcode
 //! 0x06, major version other than 1 0x04); a key id unknown, or a key this node may not
 //! use, 0x02 alike; an opcode that does not fit the key's algorithm (RSA-PSS on an ECDSA
 //! key...) 0x06; a signing failure 0x01.

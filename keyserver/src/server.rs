@@ -9,6 +9,7 @@
 //!   connection goes on (the header says where the next message starts). A signing
 //!   request goes to the [`SignPool`], whose threads sign off the async workers, many
 //!   requests at once; its answer is written when it is ready, in any order.
+//! - A request body over [`MAX_BODY`] is skipped unbuffered and answered `format error`.
 //! - A connection with nothing to read and no answer leaving for
 //!   [`Limits::idle_timeout`] is closed.
 
@@ -27,6 +28,12 @@ use ztp_proto::keyless::{ErrorCode, Header, Op, Outcome, Request, Response, HEAD
 
 use crate::keys::{short_id, Key, KeySet};
 use crate::metrics::Metrics;
+
+/// The largest request body served, in bytes: a signing request is a few hundred (a
+/// digest, or an Ed25519 handshake message of ~160 bytes, and the SNI). A longer one is
+/// read past without being buffered and answered `format error` (0x07), the connection
+/// kept; so a connection buffers at most `--max-inflight` times this.
+pub const MAX_BODY: usize = 16 * 1024;
 
 /// Limits on what a client can hold.
 #[derive(Debug, Clone, Copy)]
@@ -307,9 +314,30 @@ impl Server {
                 }
             }
             let header = Header::parse(&head);
-            body.resize(header.len as usize, 0);
-            match timeout(idle, rd.read_exact(&mut body)).await {
-                Ok(Ok(_)) => {}
+            // An oversize body is read past, never buffered, and answered.
+            let oversize = usize::from(header.len) > MAX_BODY;
+            let read = if oversize {
+                body.clear();
+                let mut rest = (&mut rd).take(u64::from(header.len));
+                timeout(idle, tokio::io::copy(&mut rest, &mut tokio::io::sink()))
+                    .await
+                    .map(|r| {
+                        r.and_then(|n| {
+                            if n == u64::from(header.len) {
+                                Ok(())
+                            } else {
+                                Err(std::io::ErrorKind::UnexpectedEof.into())
+                            }
+                        })
+                    })
+            } else {
+                body.resize(usize::from(header.len), 0);
+                timeout(idle, rd.read_exact(&mut body))
+                    .await
+                    .map(|r| r.map(|_| ()))
+            };
+            match read {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "read failed in a message");
                     return;
@@ -321,6 +349,25 @@ impl Server {
             }
             if tx.is_closed() {
                 return;
+            }
+            if oversize {
+                let code = ErrorCode::FormatError;
+                self.metrics.error(code);
+                tracing::info!(
+                    request.id = header.id,
+                    body.len = header.len,
+                    error = code.as_str(),
+                    "request refused: body over the key server's limit"
+                );
+                let _ = tx.send(Reply {
+                    bytes: Response {
+                        id: header.id,
+                        outcome: Outcome::Error(code),
+                    }
+                    .encode(),
+                    place,
+                });
+                continue;
             }
             self.request(header, &body, place, &tx, &node);
         }

@@ -272,6 +272,11 @@ async fn each_malformed_request_gets_its_code_and_the_connection_goes_on() {
             ErrorCode::FormatError,
         ),
         (
+            "a ping of 20,000 bytes (over the body limit)",
+            ping(1, &[7; 20_000]).encode().unwrap(),
+            ErrorCode::FormatError,
+        ),
+        (
             "RSA-PSS on an ECDSA key",
             rsa_on_ec.encode().unwrap(),
             ErrorCode::UnexpectedOpcode,
@@ -300,9 +305,19 @@ async fn each_malformed_request_gets_its_code_and_the_connection_goes_on() {
             signature(&answer.outcome),
         );
     }
+    // A ping whose body is exactly the limit is served.
+    let largest = ping(8, &[7; ztp_keyserver::server::MAX_BODY - 7]);
+    assert_eq!(
+        largest.encode().unwrap().len(),
+        8 + ztp_keyserver::server::MAX_BODY
+    );
+    assert_eq!(
+        client.call(&largest).await.outcome,
+        Outcome::Pong(largest.payload.clone())
+    );
     let metrics = ks.server.metrics().render();
     assert!(
-        metrics.contains("ztp_keyserver_errors_total{code=\"format_error\"} 7"),
+        metrics.contains("ztp_keyserver_errors_total{code=\"format_error\"} 8"),
         "{metrics}"
     );
     assert!(
