@@ -388,15 +388,27 @@ async fn certificates_that_are_not_a_nodes_are_refused() {
             .unwrap();
         assert!(got.is_err(), "{what}: answered {got:?}");
     }
-    let metrics = ks.server.metrics().render();
-    assert!(
-        metrics.contains("ztp_keyserver_handshake_failures_total{reason=\"not_node\"} 3"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("ztp_keyserver_connections_total 0"),
-        "{metrics}"
-    );
+    // Counted once the server's side of the handshake ends, which may be just after the
+    // client read the alert.
+    wait_for_metric(
+        &ks.server,
+        "ztp_keyserver_handshake_failures_total{reason=\"not_node\"} 3",
+    )
+    .await;
+    wait_for_metric(&ks.server, "ztp_keyserver_connections_total 0").await;
+}
+
+/// Waits (up to 5 s) for the metrics to show `line`.
+async fn wait_for_metric(server: &Server, line: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let metrics = server.metrics().render();
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{line}: {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -439,12 +451,11 @@ async fn the_connection_cap_and_the_handshake_and_idle_timeouts_close_connection
     // A node that sends nothing after its handshake is closed after the idle timeout.
     let mut idle = Client::connect(ks.addr, &pki, &pki.node("edge-1")).await;
     assert!(idle.try_recv().await.is_err());
-    let metrics = ks.server.metrics().render();
     for line in [
         "ztp_keyserver_handshake_failures_total{reason=\"timeout\"} 1",
         "ztp_keyserver_connections_refused_total 1",
         "ztp_keyserver_connections_total 1",
     ] {
-        assert!(metrics.contains(line), "{line}: {metrics}");
+        wait_for_metric(&ks.server, line).await;
     }
 }
