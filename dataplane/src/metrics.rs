@@ -210,6 +210,33 @@ impl Metrics {
             now_secs().saturating_sub(applied)
         };
         let _ = writeln!(out, "ztp_snapshot_age_seconds {age}");
+        {
+            use crate::keyless::pool::{CONNECTED, SIGNATURES, SIGNATURE_FAILURES};
+            out.push_str("# HELP ztp_keyless_signatures_total Handshake signatures asked of key servers (--key keyless://), and those not obtained.\n");
+            out.push_str("# TYPE ztp_keyless_signatures_total counter\n");
+            let (asked, failed) = (
+                SIGNATURES.load(Ordering::Relaxed),
+                SIGNATURE_FAILURES.load(Ordering::Relaxed),
+            );
+            let _ = writeln!(
+                out,
+                "ztp_keyless_signatures_total{{outcome=\"ok\"}} {}",
+                asked.saturating_sub(failed)
+            );
+            let _ = writeln!(
+                out,
+                "ztp_keyless_signatures_total{{outcome=\"failed\"}} {failed}"
+            );
+            out.push_str(
+                "# HELP ztp_keyless_servers_connected Key servers this node is connected to now.\n",
+            );
+            out.push_str("# TYPE ztp_keyless_servers_connected gauge\n");
+            let _ = writeln!(
+                out,
+                "ztp_keyless_servers_connected {}",
+                CONNECTED.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }

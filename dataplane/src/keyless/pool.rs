@@ -27,6 +27,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use ztp_proto::keyless::{split, ErrorCode, Op, Outcome, Request, Response};
 
+/// Process-wide counts for the data plane's `/metrics`: signatures asked of key servers
+/// and not obtained, and key-server connections up now.
+pub static SIGNATURES: AtomicU64 = AtomicU64::new(0);
+pub static SIGNATURE_FAILURES: AtomicU64 = AtomicU64::new(0);
+pub static CONNECTED: AtomicUsize = AtomicUsize::new(0);
+
 /// Why a signature did not come.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignError {
@@ -239,8 +245,10 @@ impl Pool {
         let r = rx
             .recv_timeout(deadline + Duration::from_millis(100))
             .unwrap_or(Err(SignError::Stopped));
+        SIGNATURES.fetch_add(1, Ordering::Relaxed);
         if r.is_err() {
             self.failed.fetch_add(1, Ordering::Relaxed);
+            SIGNATURE_FAILURES.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -370,6 +378,7 @@ async fn serve(
         closed: AtomicBool::new(false),
     });
     *server.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+    CONNECTED.fetch_add(1, Ordering::Relaxed);
     let last_answer = Arc::new(Mutex::new(Instant::now()));
 
     let writer = async {
@@ -447,6 +456,7 @@ async fn serve(
         r = reader => r,
     };
     conn.fail_all();
+    CONNECTED.fetch_sub(1, Ordering::Relaxed);
     let mut current = server.conn.lock().unwrap_or_else(|p| p.into_inner());
     if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
         *current = None;
