@@ -4,7 +4,8 @@
 //! Starts the release binaries next to this one (`cargo build --release -p ztp-dataplane
 //! -p ztp-keyserver -p ztp-bench --bins`): two data planes (`--threads 1`, both pinned
 //! to CPU 0), one with `--key server.key`, one with `--key keyless://…`; one key server
-//! and this program (the load client, one thread) and the echo backend on CPU 1. Each
+//! (`--threads 1 --sign-threads 1`) and this program (the load client, one thread) and
+//! the echo backend on CPU 1. Each
 //! round offers RATE full mTLS handshakes per second (open loop: a new connection every
 //! 1/RATE s whatever the previous ones do, ECDSA P-256 keys) for SECS seconds to each
 //! data plane in turn, and times each from the TCP connect to the completed handshake
@@ -100,7 +101,8 @@ fn main() {
             pem: &pki.server.key_pem,
             nodes: None,
         }],
-        &[],
+        // Sized to the one CPU it is pinned to.
+        &["--threads", "1", "--sign-threads", "1"],
     ));
     pin(ks.pid(), "1");
 
