@@ -149,6 +149,17 @@ async fn handshakes_with_ecdsa_rsa_and_ed25519_keys_held_by_a_key_server() {
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}\n{:?}", dp.raw_logs()));
         assert!(answer.contains("alice@example.com"), "{name}: {answer}");
+        // Over QUIC too: its handshake's signature is waited for inside quinn's tasks.
+        let opts = ztp_tests::quic::with_alpn(
+            ClientOptions::new(&pki.ca_pem)
+                .sni("whoami.svc.internal")
+                .cert(&alice),
+        );
+        let ep = ztp_tests::quic::endpoint_for(dp.addr());
+        let conn = ztp_tests::quic::connect(&ep, dp.addr(), &opts)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: QUIC handshake: {e:?}"));
+        conn.close(0u32.into(), b"done");
         assert!(
             ks.signatures(name).await >= 1,
             "{name}: the key server signed nothing"
