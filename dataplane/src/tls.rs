@@ -243,6 +243,9 @@ pub struct TlsConfigs {
     /// The key is on key servers: a handshake's first flight (which rustls signs
     /// synchronously) runs off the async workers (see [`complete`]).
     pub offload: bool,
+    /// With a key on key servers: the certificate and key for a handshake naming an SNI
+    /// (the QUIC listener resolves its own).
+    pub keyless: Option<Arc<crate::keyless::Resolver>>,
 }
 
 /// Session resumption for all configs, so that it survives snapshot swaps (each resumed
@@ -292,6 +295,7 @@ impl TlsConfigs {
             certified: material.certified.clone(),
             provider,
             offload: material.keyless.is_some(),
+            keyless: material.keyless.clone(),
         })
     }
 }

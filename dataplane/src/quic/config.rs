@@ -155,6 +155,7 @@ pub fn connection_crypto(
         routes,
         source,
         certified: tls.certified.clone(),
+        keyless: tls.keyless.clone(),
         node_key,
         notes,
     });
@@ -196,6 +197,8 @@ struct SniGate {
     routes: Arc<Routes>,
     source: IpAddr,
     certified: Arc<CertifiedKey>,
+    /// With a key on key servers: the key that names the handshake's SNI to them.
+    keyless: Option<Arc<crate::keyless::Resolver>>,
     /// The node's own certificate: what it presents to a replica relaying to it.
     node_key: Option<Arc<CertifiedKey>>,
     notes: SharedNotes,
@@ -223,7 +226,7 @@ impl ResolvesServerCert for SniGate {
             note(&self.notes, |n| {
                 n.sni = hello.server_name().map(str::to_owned)
             });
-            return Some(self.certified.clone());
+            return Some(self.server_key(hello.server_name()));
         }
         let Some(sni) = hello.server_name() else {
             note(&self.notes, |n| n.refused = Some("no sni"));
@@ -243,7 +246,17 @@ impl ResolvesServerCert for SniGate {
             note(&self.notes, |n| n.refused = Some("source not allowed"));
             return None;
         }
-        Some(self.certified.clone())
+        Some(self.server_key(Some(sni)))
+    }
+}
+
+impl SniGate {
+    /// The server certificate and key for a handshake naming `sni`.
+    fn server_key(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        match &self.keyless {
+            Some(r) => r.certified(sni),
+            None => self.certified.clone(),
+        }
     }
 }
 

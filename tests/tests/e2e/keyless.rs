@@ -160,6 +160,24 @@ async fn handshakes_with_ecdsa_rsa_and_ed25519_keys_held_by_a_key_server() {
             .await
             .unwrap_or_else(|e| panic!("{name}: QUIC handshake: {e:?}"));
         conn.close(0u32.into(), b"done");
+        // Both handshakes were signed for, each naming its SNI.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let named = ks
+                .logs()
+                .iter()
+                .filter(|l| l["message"] == "signed" && l["tls.sni"] == "whoami.svc.internal")
+                .count();
+            if named >= 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: {named} signatures named the SNI: {:?}",
+                ks.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(
             ks.signatures(name).await >= 1,
             "{name}: the key server signed nothing"
