@@ -6,7 +6,6 @@
 //! gets the current snapshot when behind, then each new version (a slow node skips the
 //! versions it missed: bursts coalesce), and acks or nacks each one.
 
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,12 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
 use rustls::sign::SingleCertAndKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -40,65 +34,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress on the gRPC port, at most.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
-/// WebPKI verification against the node CA, then: the certificate must name a node.
-struct NodeVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
-}
-
-impl fmt::Debug for NodeVerifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeVerifier")
-            .field("trust_domain", &self.trust_domain)
-            .finish()
-    }
-}
-
-impl ClientCertVerifier for NodeVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self
-            .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if ztp_proto::names::node_id_of_cert(end_entity, &self.trust_domain).is_none() {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
-        Ok(ok)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-}
-
 /// The gRPC port's TLS config: TLS 1.3, ALPN h2, node certificates only.
 pub fn server_config(
     cert: &Path,
@@ -111,13 +46,8 @@ pub fn server_config(
     // The key enters as a rustls signer, so a remote one can replace it.
     let certified = ztp_infra::tls::certified_key(cert, key, &provider)?;
     let roots = ztp_infra::tls::read_roots(node_ca)?;
-    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
+    let verifier = ztp_infra::tls::node_verifier(roots, provider.clone(), trust_domain)
         .context("cannot build the node verifier")?;
-    let verifier = Arc::new(NodeVerifier {
-        webpki,
-        trust_domain: trust_domain.to_owned(),
-    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

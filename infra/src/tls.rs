@@ -124,6 +124,93 @@ pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A client verifier for machine ports (the control plane's gRPC port, the key server):
+/// WebPKI against `roots`, then the certificate must name a node of `trust_domain`
+/// (`spiffe://DOMAIN/node/ID`). Any other certificate from the CA (a user's, a
+/// connector's) is refused with `ApplicationVerificationFailure` (the `access_denied`
+/// alert): see [`is_not_a_node`].
+pub fn node_verifier(
+    roots: RootCertStore,
+    provider: Arc<CryptoProvider>,
+    trust_domain: &str,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::server::VerifierBuilderError>
+{
+    let webpki =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()?;
+    Ok(Arc::new(NodeVerifier {
+        webpki,
+        trust_domain: trust_domain.to_owned(),
+    }))
+}
+
+/// Whether a handshake error is [`node_verifier`]'s refusal of a certificate that names
+/// no node.
+pub fn is_not_a_node(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+    )
+}
+
+struct NodeVerifier {
+    webpki: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for NodeVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for NodeVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if ztp_proto::names::node_id_of_cert(end_entity, &self.trust_domain).is_none() {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,16 +3,11 @@
 //! certificate from the same CA is refused in the handshake: the client sees the alert
 //! on its first read, and the server logs the refusal.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::CertificateDer;
 use rustls::sign::SingleCertAndKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// The files of the listener's TLS.
 #[derive(Debug, Clone)]
@@ -22,87 +17,11 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
 }
 
-/// Why a client certificate that chains to the CA is refused: it names no node.
-#[derive(Debug)]
-pub struct NotANode;
-
-impl fmt::Display for NotANode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("not a node certificate (its only URI SAN must be spiffe://DOMAIN/node/ID)")
-    }
-}
-
-impl std::error::Error for NotANode {}
-
-/// WebPKI verification against the client CA, then: the certificate must name a node.
-struct NodeVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
-}
-
-impl fmt::Debug for NodeVerifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeVerifier")
-            .field("trust_domain", &self.trust_domain)
-            .finish()
-    }
-}
-
-impl ClientCertVerifier for NodeVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self
-            .webpki
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if ztp_proto::names::node_id_of_cert(end_entity, &self.trust_domain).is_none() {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotANode))),
-            ));
-        }
-        Ok(ok)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-}
-
 /// Whether a handshake error is the refusal of a certificate that names no node.
 pub fn is_not_a_node(e: &std::io::Error) -> bool {
-    let Some(inner) = e.get_ref() else {
-        return false;
-    };
-    matches!(
-        inner.downcast_ref::<rustls::Error>(),
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)))
-            if o.0.downcast_ref::<NotANode>().is_some()
-    )
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .is_some_and(ztp_infra::tls::is_not_a_node)
 }
 
 /// Builds the listener's config from its files.
@@ -114,16 +33,13 @@ pub fn server_config(
     let provider = ztp_infra::tls::provider();
     let certified = ztp_infra::tls::certified_key(&files.cert, &files.key, &provider)?;
     let roots = ztp_infra::tls::read_roots(&files.client_ca)?;
-    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::BadCa {
-            path: files.client_ca.clone(),
-            reason: e.to_string(),
+    let verifier =
+        ztp_infra::tls::node_verifier(roots, provider.clone(), trust_domain).map_err(|e| {
+            TlsError::BadCa {
+                path: files.client_ca.clone(),
+                reason: e.to_string(),
+            }
         })?;
-    let verifier = Arc::new(NodeVerifier {
-        webpki,
-        trust_domain: trust_domain.to_owned(),
-    });
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
