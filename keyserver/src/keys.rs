@@ -206,26 +206,10 @@ fn from_pkcs8(der: &[u8]) -> Result<Parsed, String> {
     use p256::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
     // The algorithm identifier decides; each parser refuses another curve's key.
     if let Ok(k) = p256::SecretKey::from_pkcs8_der(der) {
-        let spki = k
-            .public_key()
-            .to_public_key_der()
-            .map_err(|e| e.to_string())?;
-        return Ok((
-            Signer::P256(k.into()),
-            spki.into_vec(),
-            Algorithm::EcdsaP256,
-        ));
+        return p256_key(k);
     }
     if let Ok(k) = p384::SecretKey::from_pkcs8_der(der) {
-        let spki = k
-            .public_key()
-            .to_public_key_der()
-            .map_err(|e| e.to_string())?;
-        return Ok((
-            Signer::P384(k.into()),
-            spki.into_vec(),
-            Algorithm::EcdsaP384,
-        ));
+        return p384_key(k);
     }
     if let Ok(k) = ed25519_dalek::SigningKey::from_pkcs8_der(der) {
         let spki = k
@@ -241,30 +225,39 @@ fn from_pkcs8(der: &[u8]) -> Result<Parsed, String> {
 }
 
 fn from_sec1(der: &[u8]) -> Result<Parsed, String> {
-    use p256::pkcs8::EncodePublicKey as _;
     if let Ok(k) = p256::SecretKey::from_sec1_der(der) {
-        let spki = k
-            .public_key()
-            .to_public_key_der()
-            .map_err(|e| e.to_string())?;
-        return Ok((
-            Signer::P256(k.into()),
-            spki.into_vec(),
-            Algorithm::EcdsaP256,
-        ));
+        return p256_key(k);
     }
     if let Ok(k) = p384::SecretKey::from_sec1_der(der) {
-        let spki = k
-            .public_key()
-            .to_public_key_der()
-            .map_err(|e| e.to_string())?;
-        return Ok((
-            Signer::P384(k.into()),
-            spki.into_vec(),
-            Algorithm::EcdsaP384,
-        ));
+        return p384_key(k);
     }
     Err("not a supported EC key (P-256 or P-384)".into())
+}
+
+fn p256_key(k: p256::SecretKey) -> Result<Parsed, String> {
+    use p256::pkcs8::EncodePublicKey as _;
+    let spki = k
+        .public_key()
+        .to_public_key_der()
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Signer::P256(k.into()),
+        spki.into_vec(),
+        Algorithm::EcdsaP256,
+    ))
+}
+
+fn p384_key(k: p384::SecretKey) -> Result<Parsed, String> {
+    use p256::pkcs8::EncodePublicKey as _;
+    let spki = k
+        .public_key()
+        .to_public_key_der()
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Signer::P384(k.into()),
+        spki.into_vec(),
+        Algorithm::EcdsaP384,
+    ))
 }
 
 fn rsa_key(mut k: rsa::RsaPrivateKey) -> Result<Parsed, String> {
