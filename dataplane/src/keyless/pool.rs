@@ -175,9 +175,6 @@ impl Server {
 pub struct Pool {
     servers: Vec<Arc<Server>>,
     handle: tokio::runtime::Handle,
-    /// Signatures asked for, answered, and failed: for the metrics and tests.
-    pub asked: AtomicU64,
-    pub failed: AtomicU64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -214,20 +211,7 @@ impl Pool {
         for s in &servers {
             handle.spawn(keep_connected(s.clone(), TlsConnector::from(tls.clone())));
         }
-        Ok(Arc::new(Pool {
-            servers,
-            handle,
-            asked: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-        }))
-    }
-
-    /// How many servers are connected now.
-    pub fn connected(&self) -> usize {
-        self.servers
-            .iter()
-            .filter(|s| s.current().is_some())
-            .count()
+        Ok(Arc::new(Pool { servers, handle }))
     }
 
     /// Asks for a signature and waits for it, at most `deadline`: from a synchronous
@@ -235,7 +219,6 @@ impl Pool {
     pub fn sign_blocking(&self, ask: Ask, deadline: Duration) -> Result<Vec<u8>, SignError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let servers = self.servers.clone();
-        self.asked.fetch_add(1, Ordering::Relaxed);
         self.handle.spawn(async move {
             let r = tokio::time::timeout(deadline, attempts(&servers, &ask))
                 .await
@@ -247,7 +230,6 @@ impl Pool {
             .unwrap_or(Err(SignError::Stopped));
         SIGNATURES.fetch_add(1, Ordering::Relaxed);
         if r.is_err() {
-            self.failed.fetch_add(1, Ordering::Relaxed);
             SIGNATURE_FAILURES.fetch_add(1, Ordering::Relaxed);
         }
         r
