@@ -1,31 +1,34 @@
 //! Connections to the key servers, and the signing requests on them.
 //!
-//! The pool runs on a runtime of its own (one thread, `ztp-keyless`): a signature is
-//! asked for from inside rustls's handshake processing, which is synchronous, so the
-//! caller blocks (off the data plane's async workers, see [`super::RemoteSigner`]) while
-//! the pool's thread does the I/O; no caller can stall the pool, nor the pool a worker.
+//! A signature is asked for from inside rustls's handshake processing, which is
+//! synchronous: the caller is a thread that may block (tokio's blocking pool, or a worker
+//! inside `block_in_place`, see [`super::RemoteSigner`]). So the pool is plain threads
+//! and blocking sockets, and the caller does its own I/O: it writes its request on the
+//! connection itself and waits for the answer on a channel. Each key server has one
+//! thread (`ztp-keyless-N`) that dials, keeps the TLS connection, reads the answers and
+//! hands each to its waiter. A signature costs the key server's round trip and one
+//! thread wake-up (the reader's), nothing more.
 //!
 //! Each key server has one TLS connection at a time, pipelined: every request has an id,
 //! answers complete them in any order. A connection is pinged every second and dropped if
-//! a ping goes unanswered for two; it is dialled again with a backoff. A request goes to
-//! the connected server with the fewest requests in flight; if it has no answer after a
+//! nothing answers for two; it is dialled again with a backoff. A request goes to the
+//! connected server with the fewest requests in flight; if it has no answer after a
 //! hedge delay (three times the server's recent latency, 2 to 50 ms) it is sent to
 //! another server too, and the first answer wins; if its server's connection is lost,
 //! it is sent to another at once. An answer with an error code (key not found, crypto
 //! failure, ...) is final.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::TlsConnector;
-use ztp_proto::keyless::{split, ErrorCode, Op, Outcome, Request, Response};
+use rustls::ClientConnection;
+use ztp_proto::keyless::{split, ErrorCode, Header, Op, Outcome, Request, Response, HEADER_LEN};
 
 /// Process-wide counts for the data plane's `/metrics`: signatures asked of key servers
 /// and not obtained, and key-server connections up now.
@@ -40,8 +43,8 @@ pub enum SignError {
     Remote(ErrorCode),
     #[error("no key server answered within {0:?}")]
     Timeout(Duration),
-    #[error("the keyless pool has stopped")]
-    Stopped,
+    #[error("the request cannot be encoded: {0}")]
+    Encode(String),
 }
 
 /// Where a key server is.
@@ -70,35 +73,87 @@ pub struct Ask {
     pub payload: Vec<u8>,
 }
 
-/// Time between pings on an idle or busy connection, and how long a ping may go
-/// unanswered before the connection is dropped.
+/// Time between pings, and how long a connection may go without any answer (to a ping
+/// or a request) before it is dropped.
 const PING_EVERY: Duration = Duration::from_secs(1);
 const PING_DEADLINE: Duration = Duration::from_secs(2);
 /// Dialling a key server (TCP and TLS).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Requests in flight on one connection; past it, a request waits for room (bounded
+/// How often a connection's reader looks up from the socket (pings, the pool stopping).
+const READ_TICK: Duration = Duration::from_millis(100);
+/// A write the key server does not take within this drops the connection (its waiters
+/// go to another server).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a caller with no connected server looks for one.
+const NO_SERVER_POLL: Duration = Duration::from_millis(10);
+/// Requests in flight on one connection; past it the server is not picked (bounded
 /// memory whatever the handshake rate).
 const MAX_IN_FLIGHT: usize = 1024;
 /// Largest answer body accepted (a signature is at most 512 bytes, RSA-4096).
 const MAX_ANSWER: usize = 4096;
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a waiter hears from server `.0`: the answer, or `None` when the connection was
+/// lost before it.
+type Heard = (usize, Option<Outcome>);
+
+/// The TLS session and the socket it writes to, used under one lock by the callers
+/// (writing requests) and the reader (feeding what it read).
+struct Io {
+    tls: ClientConnection,
+    sock: TcpStream,
+}
+
+/// Writes out whatever TLS records the session has queued.
+fn flush(tls: &mut ClientConnection, sock: &mut TcpStream) -> std::io::Result<()> {
+    while tls.wants_write() {
+        tls.write_tls(sock)?;
+    }
+    Ok(())
+}
+
 /// One live connection.
 struct Conn {
-    frames: mpsc::Sender<Vec<u8>>,
-    pending: Mutex<HashMap<u32, oneshot::Sender<Outcome>>>,
+    /// Which server of the pool.
+    index: usize,
+    io: Mutex<Io>,
+    /// The socket again, to shut it down from any thread without the lock.
+    sock: TcpStream,
+    pending: Mutex<HashMap<u32, SyncSender<Heard>>>,
     next_id: AtomicU32,
     closed: AtomicBool,
 }
 
 impl Conn {
-    fn fail_all(&self) {
+    /// Writes one message. An error means the connection is no good: the caller closes it.
+    fn write(&self, frame: &[u8]) -> std::io::Result<()> {
+        let mut io = lock(&self.io);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        }
+        let Io { tls, sock } = &mut *io;
+        tls.writer().write_all(frame)?;
+        flush(tls, sock)
+    }
+
+    /// Ends the connection: its socket is shut (the reader wakes and stops), and every
+    /// waiter hears that its answer is lost.
+    fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        let _ = self.sock.shutdown(Shutdown::Both);
+        let waiters: Vec<SyncSender<Heard>> = lock(&self.pending).drain().map(|(_, w)| w).collect();
+        for w in waiters {
+            let _ = w.try_send((self.index, None));
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        lock(&self.pending).len()
     }
 }
 
@@ -106,16 +161,13 @@ impl Conn {
 struct Server {
     addr: ServerAddr,
     conn: Mutex<Option<Arc<Conn>>>,
-    in_flight: AtomicUsize,
     /// Recent answer latency, microseconds (an exponentially weighted average).
     latency_us: AtomicU64,
 }
 
 impl Server {
     fn current(&self) -> Option<Arc<Conn>> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.conn)
             .clone()
             .filter(|c| !c.closed.load(Ordering::SeqCst))
     }
@@ -125,56 +177,27 @@ impl Server {
         Duration::from_micros(us).clamp(Duration::from_millis(2), Duration::from_millis(50))
     }
 
-    /// One request on the current connection: the answer, or `None` if the connection
-    /// is down or was lost before the answer.
-    async fn call(&self, ask: &Ask) -> Option<Outcome> {
-        let conn = self.current()?;
-        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Request {
-            id,
-            op: ask.op,
-            key_id: Some(ask.key_id),
-            sni: ask.sni.clone(),
-            client_ip: None,
-            payload: ask.payload.clone(),
-        }
-        .encode()
-        .ok()?;
-        let (tx, rx) = oneshot::channel();
-        conn.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
-        if conn.closed.load(Ordering::SeqCst) {
-            return None;
-        }
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let answer = async {
-            conn.frames.send(frame).await.ok()?;
-            rx.await.ok()
-        }
-        .await;
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if answer.is_some() {
-            let us = started.elapsed().as_micros() as u64;
-            let old = self.latency_us.load(Ordering::Relaxed);
-            let new = if old == 0 { us } else { (old * 7 + us) / 8 };
-            self.latency_us.store(new, Ordering::Relaxed);
-        } else {
-            conn.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-        }
-        answer
+    fn answered_in(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.latency_us.store(new, Ordering::Relaxed);
     }
+}
+
+/// A request sent and not yet heard of.
+struct Sent {
+    server: usize,
+    conn: Arc<Conn>,
+    id: u32,
+    at: Instant,
 }
 
 /// The key servers of `--key keyless://…`.
 pub struct Pool {
     servers: Vec<Arc<Server>>,
-    handle: tokio::runtime::Handle,
+    /// Tells the connection threads to end (when the pool is dropped).
+    stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -184,264 +207,394 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Pool {
-    /// Starts the pool's thread and a connection to each server.
+    /// Starts a thread per server that keeps a connection to it.
     pub fn start(
         servers: Vec<ServerAddr>,
         tls: Arc<rustls::ClientConfig>,
     ) -> std::io::Result<Arc<Pool>> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
-        std::thread::Builder::new()
-            .name("ztp-keyless".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        let stop = Arc::new(AtomicBool::new(false));
         let servers: Vec<Arc<Server>> = servers
             .into_iter()
             .map(|addr| {
                 Arc::new(Server {
                     addr,
                     conn: Mutex::new(None),
-                    in_flight: AtomicUsize::new(0),
                     latency_us: AtomicU64::new(0),
                 })
             })
             .collect();
-        for s in &servers {
-            handle.spawn(keep_connected(s.clone(), TlsConnector::from(tls.clone())));
+        for (index, server) in servers.iter().enumerate() {
+            let (server, tls, stop) = (server.clone(), tls.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("ztp-keyless-{index}"))
+                .spawn(move || keep_connected(index, &server, &tls, &stop))?;
         }
-        Ok(Arc::new(Pool { servers, handle }))
+        Ok(Arc::new(Pool { servers, stop }))
     }
 
-    /// Asks for a signature and waits for it, at most `deadline`: from a synchronous
-    /// context (rustls's signer), never from the pool's own thread.
+    /// Asks for a signature and waits for it, at most `deadline`: from a thread that
+    /// may block.
     pub fn sign_blocking(&self, ask: Ask, deadline: Duration) -> Result<Vec<u8>, SignError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let servers = self.servers.clone();
-        self.handle.spawn(async move {
-            let r = tokio::time::timeout(deadline, attempts(&servers, &ask))
-                .await
-                .unwrap_or(Err(SignError::Timeout(deadline)));
-            let _ = tx.try_send(r);
-        });
-        let r = rx
-            .recv_timeout(deadline + Duration::from_millis(100))
-            .unwrap_or(Err(SignError::Stopped));
+        let r = self.attempts(&ask, deadline);
         SIGNATURES.fetch_add(1, Ordering::Relaxed);
         if r.is_err() {
             SIGNATURE_FAILURES.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
-}
 
-/// The connected server, not yet tried, with the fewest requests in flight.
-fn pick(servers: &[Arc<Server>], tried: &[usize]) -> Option<usize> {
-    servers
-        .iter()
-        .enumerate()
-        .filter(|(i, s)| !tried.contains(i) && s.current().is_some())
-        .min_by_key(|(_, s)| s.in_flight.load(Ordering::Relaxed))
-        .map(|(i, _)| i)
-}
+    /// The connected server, not yet tried and not full, with the fewest requests in
+    /// flight.
+    fn pick(&self, tried: &[usize]) -> Option<(usize, Arc<Conn>)> {
+        self.servers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !tried.contains(i))
+            .filter_map(|(i, s)| s.current().map(|c| (c.in_flight(), i, c)))
+            .filter(|(n, _, _)| *n < MAX_IN_FLIGHT)
+            .min_by_key(|(n, _, _)| *n)
+            .map(|(_, i, c)| (i, c))
+    }
 
-/// Sends `ask` to one server, a second one when the first is slow or lost, and so on,
-/// until an answer (the caller bounds the time).
-async fn attempts(servers: &[Arc<Server>], ask: &Ask) -> Result<Vec<u8>, SignError> {
-    use std::future::Future;
-    use std::pin::Pin;
-    type Call<'a> = Pin<Box<dyn Future<Output = (usize, Option<Outcome>)> + Send + 'a>>;
-    let call = |i: usize| -> Call<'_> {
-        let s = servers[i].clone();
-        Box::pin(async move { (i, s.call(ask).await) })
-    };
-    let mut tried: Vec<usize> = Vec::new();
-    let mut calls: Vec<Call<'_>> = Vec::new();
-    loop {
-        if calls.is_empty() {
-            match pick(servers, &tried) {
-                Some(i) => {
-                    tried.push(i);
-                    calls.push(call(i));
-                }
-                None => {
-                    // None connected (or all tried): wait for one to come (back).
-                    tried.clear();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
+    /// Sends `ask` to the best server not yet tried: false if there is none (or no
+    /// connection took the request).
+    fn send_to_best(
+        &self,
+        ask: &Ask,
+        waiter: &SyncSender<Heard>,
+        tried: &mut Vec<usize>,
+        sent: &mut Vec<Sent>,
+    ) -> Result<bool, SignError> {
+        while let Some((server, conn)) = self.pick(tried) {
+            tried.push(server);
+            let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+            let frame = Request {
+                id,
+                op: ask.op,
+                key_id: Some(ask.key_id),
+                sni: ask.sni.clone(),
+                client_ip: None,
+                payload: ask.payload.clone(),
             }
+            .encode()
+            .map_err(|e| SignError::Encode(e.to_string()))?;
+            lock(&conn.pending).insert(id, waiter.clone());
+            let at = Instant::now();
+            if conn.write(&frame).is_ok() {
+                sent.push(Sent {
+                    server,
+                    conn,
+                    id,
+                    at,
+                });
+                return Ok(true);
+            }
+            // This one failed to take it: forget it here, then end the connection (its
+            // other waiters hear it), and try the next server.
+            lock(&conn.pending).remove(&id);
+            conn.close();
         }
-        let hedge = servers[*tried.last().unwrap_or(&0)].hedge_after();
-        let can_hedge = pick(servers, &tried).is_some();
-        let next = std::future::poll_fn(|cx| {
-            for (k, c) in calls.iter_mut().enumerate() {
-                if let std::task::Poll::Ready(r) = c.as_mut().poll(cx) {
-                    return std::task::Poll::Ready((k, r));
+        Ok(false)
+    }
+
+    /// Sends `ask` to one server, to a second one when the first is slow or lost, and
+    /// so on, until an answer or the deadline.
+    fn attempts(&self, ask: &Ask, deadline: Duration) -> Result<Vec<u8>, SignError> {
+        let end = Instant::now() + deadline;
+        // Each request sent is heard of once (its answer, or its connection's loss).
+        let (waiter, heard) = sync_channel::<Heard>(2 * self.servers.len() + 1);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut sent: Vec<Sent> = Vec::new();
+        let result = loop {
+            let now = Instant::now();
+            if now >= end {
+                break Err(SignError::Timeout(deadline));
+            }
+            if sent.is_empty() {
+                match self.send_to_best(ask, &waiter, &mut tried, &mut sent) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // None connected (or all tried): wait for one to come (back).
+                        tried.clear();
+                        std::thread::sleep(NO_SERVER_POLL.min(end - now));
+                        continue;
+                    }
+                    Err(e) => break Err(e),
                 }
             }
-            std::task::Poll::Pending
-        });
-        tokio::select! {
-            (k, (_, answer)) = next => {
-                drop(calls.swap_remove(k));
-                match answer {
-                    Some(Outcome::Signature(s)) => return Ok(s),
-                    Some(Outcome::Error(e)) => return Err(SignError::Remote(e)),
-                    Some(Outcome::Pong(_)) => return Err(SignError::Remote(ErrorCode::Internal)),
-                    // Lost with its connection: another server at once.
-                    None => {
-                        if let Some(i) = pick(servers, &tried) {
-                            tried.push(i);
-                            calls.push(call(i));
+            let hedge = self
+                .pick(&tried)
+                .and_then(|_| sent.last())
+                .map(|s| self.servers[s.server].hedge_after());
+            let left = end.saturating_duration_since(Instant::now());
+            match heard.recv_timeout(hedge.map_or(left, |h| h.min(left))) {
+                Ok((i, Some(outcome))) => {
+                    if let Some(s) = sent.iter().find(|s| s.server == i) {
+                        self.servers[i].answered_in(s.at.elapsed());
+                    }
+                    sent.retain(|s| s.server != i);
+                    break match outcome {
+                        Outcome::Signature(sig) => Ok(sig),
+                        Outcome::Error(e) => Err(SignError::Remote(e)),
+                        Outcome::Pong(_) => Err(SignError::Remote(ErrorCode::Internal)),
+                    };
+                }
+                // Lost with its connection: another server at once.
+                Ok((i, None)) => {
+                    sent.retain(|s| s.server != i);
+                    if let Err(e) = self.send_to_best(ask, &waiter, &mut tried, &mut sent) {
+                        break Err(e);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if hedge.is_some() && Instant::now() < end {
+                        if let Err(e) = self.send_to_best(ask, &waiter, &mut tried, &mut sent) {
+                            break Err(e);
                         }
                     }
                 }
+                // The pool keeps `waiter`: never.
+                Err(RecvTimeoutError::Disconnected) => break Err(SignError::Timeout(deadline)),
             }
-            () = tokio::time::sleep(hedge), if can_hedge => {
-                if let Some(i) = pick(servers, &tried) {
-                    tried.push(i);
-                    calls.push(call(i));
-                }
-            }
+        };
+        // What is still out (a hedge that lost, a server past the deadline): a late
+        // answer finds no waiter.
+        for s in sent {
+            lock(&s.conn.pending).remove(&s.id);
         }
+        result
     }
 }
 
-/// Keeps one connection to `server` up, for the life of the process.
-async fn keep_connected(server: Arc<Server>, tls: TlsConnector) {
+/// Keeps one connection to `server` up until the pool stops.
+fn keep_connected(
+    index: usize,
+    server: &Server,
+    tls: &Arc<rustls::ClientConfig>,
+    stop: &AtomicBool,
+) {
     let mut backoff = BACKOFF_FIRST;
-    loop {
-        match tokio::time::timeout(CONNECT_TIMEOUT, dial(&server.addr, &tls)).await {
-            Ok(Ok(stream)) => {
+    while !stop.load(Ordering::SeqCst) {
+        match dial(&server.addr, tls) {
+            Ok((sock, session)) => {
                 tracing::info!(keyserver = %server.addr, "connected to the key server");
                 backoff = BACKOFF_FIRST;
-                let reason = serve(&server, stream).await;
+                let reason = serve(index, server, sock, session, stop);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
                 tracing::warn!(keyserver = %server.addr, reason, "lost the key server");
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(keyserver = %server.addr, error = %e, "cannot reach the key server")
             }
-            Err(_) => {
-                tracing::warn!(keyserver = %server.addr, "the key server did not answer the connection in time")
-            }
         }
-        tokio::time::sleep(backoff).await;
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(READ_TICK.min(until.saturating_duration_since(Instant::now())));
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
-async fn dial(
+/// A TCP connection and a completed TLS handshake, within [`CONNECT_TIMEOUT`].
+fn dial(
     addr: &ServerAddr,
-    tls: &TlsConnector,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = match addr.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => TcpStream::connect(SocketAddr::new(ip, addr.port)).await?,
-        Err(_) => TcpStream::connect((addr.host.as_str(), addr.port)).await?,
+    tls: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<(TcpStream, ClientConnection)> {
+    use std::io::{Error, ErrorKind};
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let targets: Vec<SocketAddr> = match addr.host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, addr.port)],
+        Err(_) => (addr.host.as_str(), addr.port).to_socket_addrs()?.collect(),
     };
-    let _ = tcp.set_nodelay(true);
+    let mut sock = None;
+    let mut last = Error::new(ErrorKind::NotFound, "the name has no address");
+    for target in targets {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            last = Error::new(ErrorKind::TimedOut, "no connection in time");
+            break;
+        }
+        match TcpStream::connect_timeout(&target, left) {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let mut sock = sock.ok_or(last)?;
+    sock.set_nodelay(true)?;
     let name = ServerName::try_from(addr.host.clone())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    tls.connect(name, tcp).await
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
+    let mut session = ClientConnection::new(tls.clone(), name).map_err(Error::other)?;
+    while session.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                "the TLS handshake did not finish in time",
+            ));
+        }
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
+        session.complete_io(&mut sock)?;
+    }
+    flush(&mut session, &mut sock)?;
+    Ok((sock, session))
 }
 
-/// Runs one connection until it fails; why it ended.
-async fn serve(
+/// Runs one connection until it fails or the pool stops; why it ended.
+fn serve(
+    index: usize,
     server: &Server,
-    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    sock: TcpStream,
+    session: ClientConnection,
+    stop: &AtomicBool,
 ) -> &'static str {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (frames, mut outbox) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    let clones = (|| {
+        sock.set_read_timeout(Some(READ_TICK))?;
+        sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        Ok::<_, std::io::Error>((sock.try_clone()?, sock.try_clone()?))
+    })();
+    let Ok((reader, shut)) = clones else {
+        return "cannot set up the socket";
+    };
     let conn = Arc::new(Conn {
-        frames,
+        index,
+        io: Mutex::new(Io { tls: session, sock }),
+        sock: shut,
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU32::new(1),
         closed: AtomicBool::new(false),
     });
-    *server.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+    *lock(&server.conn) = Some(conn.clone());
     CONNECTED.fetch_add(1, Ordering::Relaxed);
-    let last_answer = Arc::new(Mutex::new(Instant::now()));
-
-    let writer = async {
-        let mut ping = tokio::time::interval(PING_EVERY);
-        let mut buf = Vec::new();
-        loop {
-            tokio::select! {
-                f = outbox.recv() => {
-                    let Some(f) = f else { return "closed" };
-                    buf.extend_from_slice(&f);
-                    // Whatever else is queued goes in the same write.
-                    while let Ok(f) = outbox.try_recv() {
-                        buf.extend_from_slice(&f);
-                    }
-                }
-                _ = ping.tick() => {
-                    let quiet = last_answer.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-                    if quiet > PING_DEADLINE {
-                        return "no answer to pings";
-                    }
-                    let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(f) = (Request { id, op: Op::Ping, key_id: None, sni: None, client_ip: None, payload: Vec::new() }).encode() {
-                        buf.extend_from_slice(&f);
-                    }
-                }
-            }
-            if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-                return "write failed";
-            }
-            buf.clear();
-        }
-    };
-    let reader = async {
-        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            let n = match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => return "connection closed",
-                Ok(n) => n,
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            let mut start = 0;
-            while let Some((h, body)) = split(&buf[start..]) {
-                if h.len as usize > MAX_ANSWER {
-                    return "answer too large";
-                }
-                let body = start + body.start..start + body.end;
-                let answer = match Response::decode(&h, &buf[body.clone()]) {
-                    Ok(a) => a,
-                    Err(_) => return "malformed answer",
-                };
-                start = body.end;
-                *last_answer.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                if let Outcome::Pong(_) = answer.outcome {
-                    conn.pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&answer.id);
-                    continue;
-                }
-                let waiter = conn
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&answer.id);
-                if let Some(w) = waiter {
-                    let _ = w.send(answer.outcome);
-                }
-            }
-            buf.drain(..start);
-        }
-    };
-    let reason = tokio::select! {
-        r = writer => r,
-        r = reader => r,
-    };
-    conn.fail_all();
+    let reason = read_answers(&conn, reader, stop);
+    conn.close();
     CONNECTED.fetch_sub(1, Ordering::Relaxed);
-    let mut current = server.conn.lock().unwrap_or_else(|p| p.into_inner());
+    let mut current = lock(&server.conn);
     if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
         *current = None;
     }
     reason
+}
+
+/// Reads answers and hands each to its waiter; pings; why the connection ended.
+fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static str {
+    let mut raw = vec![0u8; 16 * 1024];
+    let mut plain: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut last_answer = Instant::now();
+    let mut last_ping = Instant::now();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return "the pool stopped";
+        }
+        if conn.closed.load(Ordering::SeqCst) {
+            return "a write failed";
+        }
+        if last_answer.elapsed() > PING_DEADLINE {
+            return "no answer to pings";
+        }
+        if last_ping.elapsed() >= PING_EVERY {
+            last_ping = Instant::now();
+            let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+            let ping = Request {
+                id,
+                op: Op::Ping,
+                key_id: None,
+                sni: None,
+                client_ip: None,
+                payload: Vec::new(),
+            };
+            if let Ok(frame) = ping.encode() {
+                if conn.write(&frame).is_err() {
+                    return "a write failed";
+                }
+            }
+        }
+        let n = match sock.read(&mut raw) {
+            Ok(0) => return "connection closed",
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return "connection closed",
+        };
+        // What was read goes through the TLS session, under the writers' lock.
+        let mut peer_closed = false;
+        {
+            let mut io = lock(&conn.io);
+            let Io { tls, sock: out } = &mut *io;
+            let mut data = &raw[..n];
+            while !data.is_empty() {
+                if tls.read_tls(&mut data).is_err() {
+                    return "TLS read failed";
+                }
+                let state = match tls.process_new_packets() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        // rustls queued an alert for the key server.
+                        let _ = flush(tls, out);
+                        return "TLS error";
+                    }
+                };
+                let ready = state.plaintext_bytes_to_read();
+                peer_closed |= state.peer_has_closed();
+                if ready > 0 {
+                    let at = plain.len();
+                    plain.resize(at + ready, 0);
+                    if tls.reader().read_exact(&mut plain[at..]).is_err() {
+                        return "TLS read failed";
+                    }
+                }
+            }
+            // A key update, say.
+            if flush(tls, out).is_err() {
+                return "a write failed";
+            }
+        }
+        let mut start = 0;
+        loop {
+            let rest = &plain[start..];
+            if let Some(Ok(head)) = rest.get(..HEADER_LEN).map(<&[u8; HEADER_LEN]>::try_from) {
+                if usize::from(Header::parse(head).len) > MAX_ANSWER {
+                    return "answer too large";
+                }
+            }
+            let Some((h, body)) = split(rest) else { break };
+            let answer = match Response::decode(&h, &rest[body.clone()]) {
+                Ok(a) => a,
+                Err(_) => return "malformed answer",
+            };
+            start += body.end;
+            last_answer = Instant::now();
+            if let Outcome::Pong(_) = answer.outcome {
+                continue;
+            }
+            let waiter = lock(&conn.pending).remove(&answer.id);
+            if let Some(w) = waiter {
+                let _ = w.try_send((conn.index, Some(answer.outcome)));
+            }
+        }
+        plain.drain(..start);
+        if peer_closed {
+            return "connection closed";
+        }
+    }
 }
