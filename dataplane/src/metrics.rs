@@ -211,7 +211,9 @@ impl Metrics {
         };
         let _ = writeln!(out, "ztp_snapshot_age_seconds {age}");
         {
-            use crate::keyless::pool::{CONNECTED, SIGNATURES, SIGNATURE_FAILURES};
+            use crate::keyless::pool::{
+                Latency, CONNECTED, LATENCY, SIGNATURES, SIGNATURE_FAILURES,
+            };
             out.push_str("# HELP ztp_keyless_signatures_total Handshake signatures asked of key servers (--key keyless://), and those not obtained.\n");
             out.push_str("# TYPE ztp_keyless_signatures_total counter\n");
             let (asked, failed) = (
@@ -236,6 +238,21 @@ impl Metrics {
                 "ztp_keyless_servers_connected {}",
                 CONNECTED.load(Ordering::Relaxed)
             );
+            out.push_str("# HELP ztp_keyless_signature_seconds Time from asking the key servers for a handshake signature to its answer (or to giving up).\n");
+            out.push_str("# TYPE ztp_keyless_signature_seconds histogram\n");
+            let (cumulative, count, sum) = LATENCY.read();
+            for (bound, n) in Latency::BOUNDS.iter().zip(&cumulative) {
+                let _ = writeln!(
+                    out,
+                    "ztp_keyless_signature_seconds_bucket{{le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "ztp_keyless_signature_seconds_bucket{{le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(out, "ztp_keyless_signature_seconds_sum {sum}");
+            let _ = writeln!(out, "ztp_keyless_signature_seconds_count {count}");
         }
         out
     }

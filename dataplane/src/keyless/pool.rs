@@ -35,6 +35,56 @@ use ztp_proto::keyless::{split, ErrorCode, Header, Op, Outcome, Request, Respons
 pub static SIGNATURES: AtomicU64 = AtomicU64::new(0);
 pub static SIGNATURE_FAILURES: AtomicU64 = AtomicU64::new(0);
 pub static CONNECTED: AtomicUsize = AtomicUsize::new(0);
+/// How long signatures took, asked to answered (or given up), for `/metrics`.
+pub static LATENCY: Latency = Latency::new();
+
+/// A latency histogram: counts per bucket and the sum.
+pub struct Latency {
+    /// Per bucket of [`Latency::BOUNDS`], then the overflow (past the last bound).
+    counts: [AtomicU64; 13],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    /// Upper bounds of the buckets, seconds: from a loopback round trip to the 2 s a
+    /// signature may take.
+    pub const BOUNDS: [f64; 12] = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
+    ];
+
+    const fn new() -> Latency {
+        Latency {
+            counts: [const { AtomicU64::new(0) }; 13],
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = Self::BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(Self::BOUNDS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (Prometheus's `le`), the total count and the sum in
+    /// seconds.
+    pub fn read(&self) -> (Vec<u64>, u64, f64) {
+        let mut total = 0;
+        let mut cumulative = Vec::with_capacity(Self::BOUNDS.len());
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Ordering::Relaxed);
+            if i < Self::BOUNDS.len() {
+                cumulative.push(total);
+            }
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (cumulative, total, sum)
+    }
+}
 
 /// Why a signature did not come.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -242,7 +292,9 @@ impl Pool {
     /// Asks for a signature and waits for it, at most `deadline`: from a thread that
     /// may block.
     pub fn sign_blocking(&self, ask: Ask, deadline: Duration) -> Result<Vec<u8>, SignError> {
+        let asked = Instant::now();
         let r = self.attempts(&ask, deadline);
+        LATENCY.observe(asked.elapsed());
         SIGNATURES.fetch_add(1, Ordering::Relaxed);
         if r.is_err() {
             SIGNATURE_FAILURES.fetch_add(1, Ordering::Relaxed);

@@ -113,6 +113,21 @@ async fn whoami(dp: &Dataplane, pki: &TestPki, alice: &TestCert) -> Result<Strin
     Ok(String::from_utf8_lossy(&data).into_owned())
 }
 
+/// The data plane's `/metrics`, and one sample's value in it.
+async fn metrics(dp: &Dataplane) -> String {
+    let r = ztp_tests::http::request(dp.admin_addr(), "GET", "/metrics", &[], None)
+        .await
+        .expect("GET /metrics");
+    r.text().to_string()
+}
+
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_with_ecdsa_rsa_and_ed25519_keys_held_by_a_key_server() {
     let pki = TestPki::new();
@@ -193,6 +208,22 @@ async fn handshakes_with_ecdsa_rsa_and_ed25519_keys_held_by_a_key_server() {
         assert_eq!(line["tls.sni"], "whoami.svc.internal", "{line}");
         assert_eq!(line["key.name"], name, "{line}");
         assert!(line.get("payload").is_none(), "{line}");
+        // The node counts and times its signatures.
+        let m = metrics(&dp).await;
+        let ok = sample(&m, "ztp_keyless_signatures_total{outcome=\"ok\"}");
+        assert!(ok >= 2.0, "{name}: {ok} signatures counted\n{m}");
+        assert_eq!(
+            sample(&m, "ztp_keyless_signatures_total{outcome=\"failed\"}"),
+            0.0
+        );
+        assert_eq!(sample(&m, "ztp_keyless_servers_connected"), 1.0, "{m}");
+        assert_eq!(sample(&m, "ztp_keyless_signature_seconds_count"), ok, "{m}");
+        assert_eq!(
+            sample(&m, "ztp_keyless_signature_seconds_bucket{le=\"+Inf\"}"),
+            ok,
+            "{m}"
+        );
+        assert!(sample(&m, "ztp_keyless_signature_seconds_sum") > 0.0, "{m}");
     }
 }
 
@@ -223,6 +254,16 @@ async fn a_node_the_key_is_not_allowed_for_gets_no_signature() {
     assert!(
         line["error"].as_str().unwrap().contains("key not found"),
         "{line}"
+    );
+    let m = metrics(&refused).await;
+    assert!(
+        sample(&m, "ztp_keyless_signatures_total{outcome=\"failed\"}") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "ztp_keyless_signatures_total{outcome=\"ok\"}"),
+        0.0,
+        "{m}"
     );
     // The node it is allowed for signs.
     let allowed = keyless_dataplane(&pki, &pki.server, &[&ks], "dp-allowed").await;
