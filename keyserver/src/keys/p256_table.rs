@@ -12,12 +12,29 @@
 //! makes (a test checks it). Constant time: each table entry is chosen by scanning all 16
 //! of its window with `conditional_assign`, and the complete addition formulas handle the
 //! identity without a branch.
+//!
+//! One step differs in how, not in what: the nonce's inverse k⁻¹. `p256`'s constant-time
+//! `Scalar::invert` is a square-and-multiply chain of ~450 multiplications (about as long as
+//! the table's k×G); the variable-time binary GCD (`Invert::invert_vartime`, Stein's
+//! algorithm) takes a quarter of that, but its time depends on its input, and timing
+//! that leaks bits of k leaks the key (lattice attacks on ECDSA need only a few bits of
+//! many nonces). So it never sees k: with b a uniformly random nonzero scalar drawn from
+//! the OS for each signature, it inverts k·b, and k⁻¹ = (k·b)⁻¹·b. For any nonzero k,
+//! k·b is uniform over the nonzero scalars and independent of k (multiplying by k is a
+//! bijection of the group), so the inversion's timing tells nothing of k; b itself only
+//! enters constant-time multiplications. The result is the same k⁻¹, so the signature is
+//! unchanged (and stays deterministic, RFC 6979's).
+//!
+//! Not done: the field inversion of `to_affine` (r's x-coordinate) could be blinded the
+//! same way, but `p256` offers no variable-time field inversion and keeps the projective
+//! coordinates private.
 
 use std::sync::OnceLock;
 
 use p256::ecdsa::{DerSignature, Signature};
-use p256::elliptic_curve::ops::Reduce;
+use p256::elliptic_curve::ops::{Invert as _, Reduce};
 use p256::elliptic_curve::point::{AffineCoordinates as _, Double as _};
+use p256::elliptic_curve::rand_core::OsRng;
 use p256::elliptic_curve::subtle::{ConditionallySelectable as _, ConstantTimeEq as _};
 use p256::elliptic_curve::{Curve as _, Field as _, FieldBytesEncoding as _, PrimeField as _};
 use p256::{AffinePoint, FieldBytes, NistP256, NonZeroScalar, ProjectivePoint, Scalar, U256};
@@ -101,7 +118,10 @@ pub fn sign_prehash(d: &NonZeroScalar, prehash: &[u8]) -> Option<DerSignature> {
         return None;
     }
     let z = <Scalar as Reduce<U256>>::reduce_bytes(&z);
-    let k_inv: Scalar = Option::from(k.invert())?;
+    // The blinded variable-time inversion of the module's docs: (k·b)⁻¹·b = k⁻¹.
+    let b = NonZeroScalar::random(&mut OsRng);
+    let kb_inv: Scalar = Option::from((k * b.as_ref()).invert_vartime())?;
+    let k_inv = kb_inv * b.as_ref();
     let r_point = mul_base(&k).to_affine();
     let r = <Scalar as Reduce<U256>>::reduce_bytes(&r_point.x());
     let s = k_inv * (z + r * d.as_ref());
