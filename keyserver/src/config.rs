@@ -72,7 +72,8 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
     pub threads: Option<u16>,
 
-    /// Signing threads (default: the cores this process may run on).
+    /// Threads for the slow signatures, RSA and ECDSA P-384 (default: the cores this
+    /// process may run on); ECDSA P-256 and Ed25519 are signed on the async workers.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
     pub sign_threads: Option<u16>,
 

@@ -8,12 +8,16 @@
 //!                                           connection    message after message, each holding
 //!                                               │         one of --max-inflight places
 //!                                               ▼
-//!                                            request ───► error or pong: answered at once
-//!                                               │
+//!                                            request ───► error, pong, ECDSA P-256 or Ed25519
+//!                                               │         signature (tens of µs): made and
+//!                                               │         answered on the connection's task
 //!                                               ▼
-//!                                       SignPool thread ─► answer, in any order; the place is
-//!                                                          freed once it is written
+//!                                       SignPool thread ─► RSA or ECDSA P-384 signature (up to
+//!                                       (--sign-threads)   ms): made and answered there
 //! ```
+//!
+//! Answers go out as they are ready, in any order; a place is freed once its answer is
+//! written.
 //!
 //! Owns: the keys of `--keys DIR` and who may use them ([`keys`]), the listener's TLS
 //! ([`tls`]), serving the protocol ([`server`]), its metrics ([`metrics`]) and settings

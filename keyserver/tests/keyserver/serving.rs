@@ -174,6 +174,80 @@ async fn past_max_inflight_the_connection_waits_and_all_are_answered() {
     pipeline(limits, 100).await;
 }
 
+/// Requests for every kind of key (P-256 and Ed25519 signed on the connection's task,
+/// RSA and P-384 in the pool) and pings, written at once: every one answered by its id,
+/// every signature verifies, every one counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_mixing_fast_and_slow_keys_are_all_answered_by_id() {
+    let pki = TestPki::new();
+    let made: Vec<(Kind, Made)> = Kind::ALL.iter().map(|&k| (k, generate(k))).collect();
+    let keys: Vec<(&str, &Made, Option<&str>)> =
+        made.iter().map(|(k, m)| (k.algorithm(), m, None)).collect();
+    let ks = serve(&pki, &keys, Limits::default()).await;
+    let mut client = Client::connect(ks.addr, &pki, &pki.node("edge-1")).await;
+    type Alg = &'static dyn rs::VerificationAlgorithm;
+    // The key and how to verify its signature; none for a ping.
+    let kinds: [(Op, Option<(Kind, Alg)>); 5] = [
+        (
+            Op::RsaPssSha256,
+            Some((Kind::Rsa2048, &rs::RSA_PSS_2048_8192_SHA256)),
+        ),
+        (
+            Op::EcdsaSha256,
+            Some((Kind::P256, &rs::ECDSA_P256_SHA256_ASN1)),
+        ),
+        (
+            Op::EcdsaSha384,
+            Some((Kind::P384, &rs::ECDSA_P384_SHA384_ASN1)),
+        ),
+        (Op::Ed25519, Some((Kind::Ed25519, &rs::ED25519))),
+        (Op::Ping, None),
+    ];
+    let n = 40u32;
+    let case = |id: u32| kinds[id as usize % kinds.len()];
+    let made_for = |kind: Kind| &made.iter().find(|(k, _)| *k == kind).unwrap().1;
+    let mut all = Vec::new();
+    for id in 0..n {
+        let message = format!("message {id}");
+        let req = match case(id) {
+            (op, Some((kind, _))) => request(
+                id,
+                op,
+                id_of(made_for(kind)),
+                payload(op, message.as_bytes()),
+            ),
+            (_, None) => ping(id, message.as_bytes()),
+        };
+        all.extend_from_slice(&req.encode().unwrap());
+    }
+    client.send_raw(&all).await;
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let answer = client.recv().await;
+        let message = format!("message {}", answer.id);
+        match case(answer.id) {
+            (_, Some((kind, alg))) => verify(
+                alg,
+                made_for(kind),
+                message.as_bytes(),
+                signature(&answer.outcome),
+            ),
+            (_, None) => assert_eq!(answer.outcome, Outcome::Pong(message.into_bytes())),
+        }
+        assert!(seen.insert(answer.id), "{} answered twice", answer.id);
+    }
+    let metrics = ks.server.metrics().render();
+    for line in [
+        "ztp_keyserver_signatures_total{key=\"rsa-2048\",op=\"rsa-pss-sha256\"} 8",
+        "ztp_keyserver_signatures_total{key=\"ecdsa-p256\",op=\"ecdsa-sha256\"} 8",
+        "ztp_keyserver_signatures_total{key=\"ecdsa-p384\",op=\"ecdsa-sha384\"} 8",
+        "ztp_keyserver_signatures_total{key=\"ed25519\",op=\"ed25519\"} 8",
+        "ztp_keyserver_requests_inflight 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+}
+
 #[tokio::test]
 async fn each_malformed_request_gets_its_code_and_the_connection_goes_on() {
     let pki = TestPki::new();
