@@ -591,20 +591,43 @@ pub async fn refuse_hello(mut tcp: TcpStream, alert: HelloAlert) {
 
 /// Completes the handshake with the config chosen for this ClientHello. With `offload`
 /// (a keyless key), the step that processes the ClientHello and signs runs on tokio's
-/// blocking pool: it waits for a key server, and must not hold an async worker.
+/// blocking pool: it waits for a key server, and must not hold an async worker. That
+/// thread also sends the server's flight it produced (one poll of the handshake), so
+/// the client does not wait for a worker to wake up to get it; the worker polls the
+/// handshake on from there.
 pub async fn complete(
     start: StartHandshake<TcpStream>,
     config: Arc<ServerConfig>,
     offload: bool,
 ) -> Result<TlsStream<TcpStream>, HandshakeError> {
-    let accept = if offload {
-        tokio::task::spawn_blocking(move || start.into_stream(config))
-            .await
-            .map_err(|e| HandshakeError::Tls(std::io::Error::other(e)))?
-    } else {
-        start.into_stream(config)
-    };
-    accept.await.map_err(HandshakeError::Tls)
+    if !offload {
+        return start.into_stream(config).await.map_err(HandshakeError::Tls);
+    }
+    let first = tokio::task::spawn_blocking(move || {
+        let mut accept = start.into_stream(config);
+        // The flight goes out now; a pending handshake registers the worker's waker
+        // when it is polled next.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(std::pin::Pin::new(&mut accept), &mut cx) {
+            std::task::Poll::Pending => FirstStep::Going(Box::new(accept)),
+            std::task::Poll::Ready(ended) => FirstStep::Ended(Box::new(ended)),
+        }
+    })
+    .await
+    .map_err(|e| HandshakeError::Tls(std::io::Error::other(e)))?;
+    match first {
+        FirstStep::Going(accept) => (*accept).await,
+        FirstStep::Ended(ended) => *ended,
+    }
+    .map_err(HandshakeError::Tls)
+}
+
+/// A keyless handshake after its step on the blocking pool (see [`complete`]).
+enum FirstStep {
+    /// The server's flight is out; the handshake goes on.
+    Going(Box<tokio_rustls::Accept<TcpStream>>),
+    /// It ended already (an error, as a rule).
+    Ended(Box<std::io::Result<TlsStream<TcpStream>>>),
 }
 
 /// The verified client chain, leaf first.
