@@ -4,16 +4,20 @@
 //! Starts the release binaries next to this one (`cargo build --release -p ztp-dataplane
 //! -p ztp-keyserver -p ztp-bench --bins`): two data planes (`--threads 1`, both pinned
 //! to CPU 0), one with `--key server.key`, one with `--key keyless://…`; one key server
-//! (`--threads 1 --sign-threads 1`) and this program (the load client, one thread) and
-//! the echo backend on CPU 1. Each
+//! (`--threads 1 --sign-threads 1`, its log, a line per signature, to a file) and this
+//! program (the load client, one thread) and the echo backend on CPU 1. Each
 //! round offers RATE full mTLS handshakes per second (open loop: a new connection every
 //! 1/RATE s whatever the previous ones do, ECDSA P-256 keys) for SECS seconds to each
 //! data plane in turn, and times each from the TCP connect to the completed handshake
 //! (the client's view). Meanwhile a canary session on the same data plane sends one byte
 //! every millisecond and times its echo: a worker stalled by signing would show in it.
-//! Prints p50 and p99 of both, per data plane, medians over the rounds.
+//! Prints p50 and p99 of both, per data plane, over the samples of all rounds (which
+//! alternate between the two, so that a drift of the machine falls on both alike).
 //!
-//! Usage: keyless [--rate 1000] [--secs 5] [--rounds 3]
+//! Usage: keyless [--rate 1000] [--secs 1] [--rounds 20] [--keyserver-cpus 1]
+//!
+//! `--keyserver-cpus` moves the key server (a `taskset` CPU list: `0` beside the data
+//! planes, `0,1` wherever the kernel puts it).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -21,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztp_tests::keyserver::{KeyFile, Keyserver};
 
 mod common;
 use common::*;
@@ -30,13 +33,15 @@ struct Opts {
     rate: u64,
     secs: u64,
     rounds: usize,
+    keyserver_cpus: String,
 }
 
 fn opts() -> Opts {
     let mut o = Opts {
         rate: 1000,
-        secs: 5,
-        rounds: 3,
+        secs: 1,
+        rounds: 20,
+        keyserver_cpus: "1".into(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
@@ -45,6 +50,7 @@ fn opts() -> Opts {
             "--rate" => o.rate = v.parse().expect("--rate N"),
             "--secs" => o.secs = v.parse().expect("--secs N"),
             "--rounds" => o.rounds = v.parse().expect("--rounds N"),
+            "--keyserver-cpus" => o.keyserver_cpus = v,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -71,8 +77,6 @@ struct Round {
 fn main() {
     let o = opts();
     ztp_tests::install_crypto_provider();
-    // The harness's key server guard runs the release binary next to this one.
-    std::env::set_var("ZTP_KEYSERVER_BIN", bin("ztp-keyserver"));
     raise_nofile();
     pin(std::process::id(), "1");
     let dir = std::env::temp_dir().join(format!("ztp-bench-keyless-{}", std::process::id()));
@@ -94,17 +98,49 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let ks = rt.block_on(Keyserver::start(
-        &pki,
-        &[KeyFile {
-            name: "server",
-            pem: &pki.server.key_pem,
-            nodes: None,
-        }],
-        // Sized to the one CPU it is pinned to.
-        &["--threads", "1", "--sign-threads", "1"],
-    ));
-    pin(ks.pid(), "1");
+    // The key server, its log (a line per signature) written to a file as in
+    // production: through the test harness, a thread of this process would wake for
+    // every line, on the CPU the key server shares with the load client.
+    let ks_port = free_port();
+    let ks_log = dir.join("keyserver.log");
+    let _ks = {
+        ztp_tests::keyserver::keyserver_cert(&pki)
+            .write(&dir, "keyserver")
+            .unwrap();
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(keys.join("server.key"), &pki.server.key_pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            keys.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let child = Command::new(bin("ztp-keyserver"))
+            .args(["--listen", &format!("127.0.0.1:{ks_port}")])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(dir.join("keyserver.pem"))
+            .arg("--key")
+            .arg(dir.join("keyserver.key"))
+            .arg("--client-ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--keys")
+            .arg(&keys)
+            // Sized to the one CPU it is pinned to.
+            .args(["--threads", "1", "--sign-threads", "1"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&ks_log).unwrap())
+            .spawn()
+            .expect("spawn ztp-keyserver");
+        let p = Proc(child);
+        pin(p.0.id(), &o.keyserver_cpus);
+        wait_until("the key server to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", ks_port)).is_ok()
+        });
+        p
+    };
 
     let start_dp = |key: &[String]| -> (Proc, SocketAddr) {
         let port = free_port();
@@ -137,13 +173,13 @@ fn main() {
     let (_local, local) = start_dp(&["--key".into(), path("server.key")]);
     let (_keyless, keyless) = start_dp(&[
         "--key".into(),
-        ks.url(),
+        format!("keyless://127.0.0.1:{ks_port}"),
         "--keyless-cert".into(),
         path("node.pem"),
         "--keyless-key".into(),
         path("node.key"),
         "--keyless-ca".into(),
-        ks.ca_path().display().to_string(),
+        path("ca.pem"),
     ]);
     let config = client_config(&pki.ca_pem, &alice);
 
@@ -159,24 +195,25 @@ fn main() {
         }
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
+    // Every round's samples pooled: the rounds alternate between the two data planes,
+    // so a drift of the machine's speed falls on both alike.
+    let pooled = |rounds: &[Round], f: &dyn Fn(&Round) -> &Vec<Duration>| {
+        let mut all: Vec<Duration> = rounds.iter().flat_map(|r| f(r).iter().copied()).collect();
+        all.sort();
+        all
     };
     let mut figures = Vec::new();
     for (name, rounds) in &results {
-        let stat =
-            |f: &dyn Fn(&Round) -> Duration| median(rounds.iter().map(|r| ms(f(r))).collect());
-        let hs50 = stat(&|r| percentile(&r.handshakes, 0.5));
-        let hs99 = stat(&|r| percentile(&r.handshakes, 0.99));
-        let c50 = stat(&|r| percentile(&r.canary, 0.5));
-        let c99 = stat(&|r| percentile(&r.canary, 0.99));
-        let cmax = stat(&|r| *r.canary.last().unwrap());
+        let hs = pooled(rounds, &|r| &r.handshakes);
+        let canary = pooled(rounds, &|r| &r.canary);
+        let (hs50, hs99) = (ms(percentile(&hs, 0.5)), ms(percentile(&hs, 0.99)));
+        let (c50, c99) = (ms(percentile(&canary, 0.5)), ms(percentile(&canary, 0.99)));
+        let cmax = ms(*canary.last().unwrap());
         let failed: usize = rounds.iter().map(|r| r.failed).sum();
-        let done: usize = rounds.iter().map(|r| r.handshakes.len()).sum();
         println!(
-            "{name:>9}: handshake p50 {hs50:.2} ms, p99 {hs99:.2} ms ({done} handshakes, {failed} failed); \
-             canary echo p50 {c50:.2} ms, p99 {c99:.2} ms, max {cmax:.2} ms"
+            "{name:>9}: handshake p50 {hs50:.2} ms, p99 {hs99:.2} ms ({} handshakes, {failed} failed); \
+             canary echo p50 {c50:.2} ms, p99 {c99:.2} ms, max {cmax:.2} ms",
+            hs.len()
         );
         figures.push((hs50, hs99, c99, cmax));
     }
@@ -188,11 +225,30 @@ fn main() {
         k.2 - l.2,
         k.3 - l.3
     );
+    // The spread: each round's p50 difference against the local round just before it.
+    let mut diffs: Vec<f64> = results[0]
+        .1
+        .iter()
+        .zip(&results[1].1)
+        .map(|(l, k)| ms(percentile(&k.handshakes, 0.5)) - ms(percentile(&l.handshakes, 0.5)))
+        .collect();
+    diffs.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "at {} handshakes/s for {} s, {} rounds (medians of the rounds)",
-        o.rate, o.secs, o.rounds
+        "p50 difference per round: median {:+.2} ms, from {:+.2} to {:+.2} ms",
+        diffs[diffs.len() / 2],
+        diffs[0],
+        diffs[diffs.len() - 1]
     );
-    drop(ks);
+    println!(
+        "at {} handshakes/s, {} rounds of {} s against each in turn (samples pooled); key server on CPU {}",
+        o.rate, o.rounds, o.secs, o.keyserver_cpus
+    );
+    let signed = std::fs::read_to_string(&ks_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("signed") && !l.contains("not signed"))
+        .count();
+    println!("the key server logged {signed} signatures");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
