@@ -8,7 +8,8 @@
 //! (`tls::complete` with `offload`); elsewhere (QUIC, whose handshakes run inside
 //! quinn's tasks) the signer hands its worker's other tasks to another thread for the
 //! wait (`tokio::task::block_in_place`). Either way no async worker stalls on a
-//! signature, and every wait is bounded by [`SIGN_DEADLINE`].
+//! signature, and every wait is bounded by [`SIGN_DEADLINE`] (a key server that stops
+//! reading can add one socket write timeout, 1 s, before its connection is dropped).
 
 pub mod pool;
 

@@ -6,8 +6,8 @@
 //! and blocking sockets, and the caller does its own I/O: it writes its request on the
 //! connection itself and waits for the answer on a channel. Each key server has one
 //! thread (`ztp-keyless-N`) that dials, keeps the TLS connection, reads the answers and
-//! hands each to its waiter. A signature costs the key server's round trip and one
-//! thread wake-up (the reader's), nothing more.
+//! hands each to its waiter. A signature costs the key server's round trip and two
+//! thread wake-ups (the reader's, then the waiter's).
 //!
 //! Each key server has one TLS connection at a time, pipelined: every request has an id,
 //! answers complete them in any order. A connection is pinged every second and dropped if
@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -133,8 +133,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a connection's reader looks up from the socket (pings, the pool stopping).
 const READ_TICK: Duration = Duration::from_millis(100);
-/// A write the key server does not take within this drops the connection (its waiters
-/// go to another server).
+/// A write the key server does not take within this (or within the caller's deadline,
+/// if sooner) drops the connection (its waiters go to another server).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a caller with no connected server looks for one.
 const NO_SERVER_POLL: Duration = Duration::from_millis(10);
@@ -148,47 +148,72 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What a waiter hears from server `.0`: the answer, or `None` when the connection was
-/// lost before it.
-type Heard = (usize, Option<Outcome>);
+/// What a waiter hears of its request `.1` to server `.0`: the answer, or `None` when
+/// the connection was lost before it.
+type Heard = (usize, u32, Option<Outcome>);
 
-/// The TLS session and the socket it writes to, used under one lock by the callers
-/// (writing requests) and the reader (feeding what it read).
-struct Io {
-    tls: ClientConnection,
-    sock: TcpStream,
-}
-
-/// Writes out whatever TLS records the session has queued.
-fn flush(tls: &mut ClientConnection, sock: &mut TcpStream) -> std::io::Result<()> {
+/// The TLS records the session has queued.
+fn records(tls: &mut ClientConnection) -> Vec<u8> {
+    let mut out = Vec::new();
     while tls.wants_write() {
-        tls.write_tls(sock)?;
+        // Writing into a Vec does not fail.
+        if tls.write_tls(&mut out).is_err() {
+            break;
+        }
     }
-    Ok(())
+    out
 }
 
 /// One live connection.
 struct Conn {
     /// Which server of the pool.
     index: usize,
-    io: Mutex<Io>,
-    /// The socket again, to shut it down from any thread without the lock.
+    /// The TLS session: callers encrypt requests with it, the reader decrypts answers.
+    tls: Mutex<ClientConnection>,
+    /// The socket's writing side. Taken before the session is let go, so that records
+    /// go out in the order they were made; written to without holding the session, so
+    /// a slow write does not keep the reader from handing out answers.
+    out: Mutex<TcpStream>,
+    /// The socket again, to shut it down from any thread without a lock.
     sock: TcpStream,
-    pending: Mutex<HashMap<u32, SyncSender<Heard>>>,
-    next_id: AtomicU32,
+    pending: Mutex<HashMap<u32, Sender<Heard>>>,
     closed: AtomicBool,
 }
 
 impl Conn {
-    /// Writes one message. An error means the connection is no good: the caller closes it.
-    fn write(&self, frame: &[u8]) -> std::io::Result<()> {
-        let mut io = lock(&self.io);
+    /// Writes one message, taking at most `within` (and [`WRITE_TIMEOUT`]). An error
+    /// means the connection is no good: the caller closes it.
+    fn write(&self, frame: &[u8], within: Duration) -> std::io::Result<()> {
+        let mut tls = lock(&self.tls);
         if self.closed.load(Ordering::SeqCst) {
             return Err(std::io::ErrorKind::NotConnected.into());
         }
-        let Io { tls, sock } = &mut *io;
         tls.writer().write_all(frame)?;
-        flush(tls, sock)
+        let bytes = records(&mut tls);
+        let out = lock(&self.out);
+        drop(tls);
+        self.send(out, &bytes, within)
+    }
+
+    /// Writes records the session made (under `out`, taken while the session was held).
+    fn send(
+        &self,
+        mut out: MutexGuard<'_, TcpStream>,
+        bytes: &[u8],
+        within: Duration,
+    ) -> std::io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        }
+        let within = within.min(WRITE_TIMEOUT);
+        if within.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        out.set_write_timeout(Some(within))?;
+        out.write_all(bytes)
     }
 
     /// Ends the connection: its socket is shut (the reader wakes and stops), and every
@@ -196,9 +221,9 @@ impl Conn {
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         let _ = self.sock.shutdown(Shutdown::Both);
-        let waiters: Vec<SyncSender<Heard>> = lock(&self.pending).drain().map(|(_, w)| w).collect();
-        for w in waiters {
-            let _ = w.try_send((self.index, None));
+        let waiters: Vec<(u32, Sender<Heard>)> = lock(&self.pending).drain().collect();
+        for (id, w) in waiters {
+            let _ = w.send((self.index, id, None));
         }
     }
 
@@ -213,6 +238,9 @@ struct Server {
     conn: Mutex<Option<Arc<Conn>>>,
     /// Recent answer latency, microseconds (an exponentially weighted average).
     latency_us: AtomicU64,
+    /// Request ids, unique across the server's connections (a waiter knows its answer
+    /// by server and id).
+    next_id: AtomicU32,
 }
 
 impl Server {
@@ -277,6 +305,7 @@ impl Pool {
                     addr,
                     conn: Mutex::new(None),
                     latency_us: AtomicU64::new(0),
+                    next_id: AtomicU32::new(1),
                 })
             })
             .collect();
@@ -320,13 +349,14 @@ impl Pool {
     fn send_to_best(
         &self,
         ask: &Ask,
-        waiter: &SyncSender<Heard>,
+        waiter: &Sender<Heard>,
         tried: &mut Vec<usize>,
         sent: &mut Vec<Sent>,
+        end: Instant,
     ) -> Result<bool, SignError> {
         while let Some((server, conn)) = self.pick(tried) {
             tried.push(server);
-            let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = self.servers[server].next_id.fetch_add(1, Ordering::Relaxed);
             let frame = Request {
                 id,
                 op: ask.op,
@@ -339,7 +369,10 @@ impl Pool {
             .map_err(|e| SignError::Encode(e.to_string()))?;
             lock(&conn.pending).insert(id, waiter.clone());
             let at = Instant::now();
-            if conn.write(&frame).is_ok() {
+            if conn
+                .write(&frame, end.saturating_duration_since(at))
+                .is_ok()
+            {
                 sent.push(Sent {
                     server,
                     conn,
@@ -361,7 +394,7 @@ impl Pool {
     fn attempts(&self, ask: &Ask, deadline: Duration) -> Result<Vec<u8>, SignError> {
         let end = Instant::now() + deadline;
         // Each request sent is heard of once (its answer, or its connection's loss).
-        let (waiter, heard) = sync_channel::<Heard>(2 * self.servers.len() + 1);
+        let (waiter, heard) = channel::<Heard>();
         let mut tried: Vec<usize> = Vec::new();
         let mut sent: Vec<Sent> = Vec::new();
         let result = loop {
@@ -370,7 +403,7 @@ impl Pool {
                 break Err(SignError::Timeout(deadline));
             }
             if sent.is_empty() {
-                match self.send_to_best(ask, &waiter, &mut tried, &mut sent) {
+                match self.send_to_best(ask, &waiter, &mut tried, &mut sent, end) {
                     Ok(true) => {}
                     Ok(false) => {
                         // None connected (or all tried): wait for one to come (back).
@@ -387,27 +420,31 @@ impl Pool {
                 .map(|s| self.servers[s.server].hedge_after());
             let left = end.saturating_duration_since(Instant::now());
             match heard.recv_timeout(hedge.map_or(left, |h| h.min(left))) {
-                Ok((i, Some(outcome))) => {
-                    if let Some(s) = sent.iter().find(|s| s.server == i) {
-                        self.servers[i].answered_in(s.at.elapsed());
-                    }
-                    sent.retain(|s| s.server != i);
+                Ok((i, id, heard)) => {
+                    // Only a request still out counts (not one given up on already).
+                    let Some(k) = sent.iter().position(|s| s.server == i && s.id == id) else {
+                        continue;
+                    };
+                    let request = sent.swap_remove(k);
+                    let Some(outcome) = heard else {
+                        // Lost with its connection: another server at once.
+                        if let Err(e) = self.send_to_best(ask, &waiter, &mut tried, &mut sent, end)
+                        {
+                            break Err(e);
+                        }
+                        continue;
+                    };
+                    self.servers[i].answered_in(request.at.elapsed());
                     break match outcome {
                         Outcome::Signature(sig) => Ok(sig),
                         Outcome::Error(e) => Err(SignError::Remote(e)),
                         Outcome::Pong(_) => Err(SignError::Remote(ErrorCode::Internal)),
                     };
                 }
-                // Lost with its connection: another server at once.
-                Ok((i, None)) => {
-                    sent.retain(|s| s.server != i);
-                    if let Err(e) = self.send_to_best(ask, &waiter, &mut tried, &mut sent) {
-                        break Err(e);
-                    }
-                }
                 Err(RecvTimeoutError::Timeout) => {
                     if hedge.is_some() && Instant::now() < end {
-                        if let Err(e) = self.send_to_best(ask, &waiter, &mut tried, &mut sent) {
+                        if let Err(e) = self.send_to_best(ask, &waiter, &mut tried, &mut sent, end)
+                        {
                             break Err(e);
                         }
                     }
@@ -500,7 +537,8 @@ fn dial(
         sock.set_write_timeout(Some(left))?;
         session.complete_io(&mut sock)?;
     }
-    flush(&mut session, &mut sock)?;
+    let rest = records(&mut session);
+    sock.write_all(&rest)?;
     Ok((sock, session))
 }
 
@@ -514,7 +552,6 @@ fn serve(
 ) -> &'static str {
     let clones = (|| {
         sock.set_read_timeout(Some(READ_TICK))?;
-        sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok::<_, std::io::Error>((sock.try_clone()?, sock.try_clone()?))
     })();
     let Ok((reader, shut)) = clones else {
@@ -522,15 +559,15 @@ fn serve(
     };
     let conn = Arc::new(Conn {
         index,
-        io: Mutex::new(Io { tls: session, sock }),
+        tls: Mutex::new(session),
+        out: Mutex::new(sock),
         sock: shut,
         pending: Mutex::new(HashMap::new()),
-        next_id: AtomicU32::new(1),
         closed: AtomicBool::new(false),
     });
     *lock(&server.conn) = Some(conn.clone());
     CONNECTED.fetch_add(1, Ordering::Relaxed);
-    let reason = read_answers(&conn, reader, stop);
+    let reason = read_answers(server, &conn, reader, stop);
     conn.close();
     CONNECTED.fetch_sub(1, Ordering::Relaxed);
     let mut current = lock(&server.conn);
@@ -541,7 +578,12 @@ fn serve(
 }
 
 /// Reads answers and hands each to its waiter; pings; why the connection ended.
-fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static str {
+fn read_answers(
+    server: &Server,
+    conn: &Conn,
+    mut sock: TcpStream,
+    stop: &AtomicBool,
+) -> &'static str {
     let mut raw = vec![0u8; 16 * 1024];
     let mut plain: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut last_answer = Instant::now();
@@ -558,7 +600,7 @@ fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static
         }
         if last_ping.elapsed() >= PING_EVERY {
             last_ping = Instant::now();
-            let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = server.next_id.fetch_add(1, Ordering::Relaxed);
             let ping = Request {
                 id,
                 op: Op::Ping,
@@ -568,7 +610,7 @@ fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static
                 payload: Vec::new(),
             };
             if let Ok(frame) = ping.encode() {
-                if conn.write(&frame).is_err() {
+                if conn.write(&frame, WRITE_TIMEOUT).is_err() {
                     return "a write failed";
                 }
             }
@@ -588,11 +630,10 @@ fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static
             }
             Err(_) => return "connection closed",
         };
-        // What was read goes through the TLS session, under the writers' lock.
+        // What was read goes through the TLS session.
         let mut peer_closed = false;
         {
-            let mut io = lock(&conn.io);
-            let Io { tls, sock: out } = &mut *io;
+            let mut tls = lock(&conn.tls);
             let mut data = &raw[..n];
             while !data.is_empty() {
                 if tls.read_tls(&mut data).is_err() {
@@ -602,7 +643,10 @@ fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static
                     Ok(s) => s,
                     Err(_) => {
                         // rustls queued an alert for the key server.
-                        let _ = flush(tls, out);
+                        let alert = records(&mut tls);
+                        let out = lock(&conn.out);
+                        drop(tls);
+                        let _ = conn.send(out, &alert, WRITE_TIMEOUT);
                         return "TLS error";
                     }
                 };
@@ -617,7 +661,10 @@ fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static
                 }
             }
             // A key update, say.
-            if flush(tls, out).is_err() {
+            let update = records(&mut tls);
+            let out = lock(&conn.out);
+            drop(tls);
+            if conn.send(out, &update, WRITE_TIMEOUT).is_err() {
                 return "a write failed";
             }
         }
@@ -641,7 +688,7 @@ fn read_answers(conn: &Conn, mut sock: TcpStream, stop: &AtomicBool) -> &'static
             }
             let waiter = lock(&conn.pending).remove(&answer.id);
             if let Some(w) = waiter {
-                let _ = w.try_send((conn.index, Some(answer.outcome)));
+                let _ = w.send((conn.index, answer.id, Some(answer.outcome)));
             }
         }
         plain.drain(..start);
