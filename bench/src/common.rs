@@ -349,3 +349,49 @@ pub fn stat_cpu(pid: u32) -> Duration {
     let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
     Duration::from_millis(ticks * 10)
 }
+
+/// A release `ztp-keyserver` on `127.0.0.1` sized to one CPU (`--threads 1 --sign-threads
+/// 1`) and pinned to `cpus`, holding the test PKI's server key (the one the data plane's
+/// certificate names) in `dir/keys/`, its own certificate `dir/keyserver.pem` and the
+/// node CA `dir/ca.pem`; logging at `rust_log` to `log`. Returns once its port accepts.
+pub fn start_keyserver(
+    dir: &Path,
+    pki: &ztp_tests::TestPki,
+    cpus: &str,
+    rust_log: &str,
+    log: Stdio,
+) -> (Proc, SocketAddr) {
+    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+    ztp_tests::keyserver::keyserver_cert(pki)
+        .write(dir, "keyserver")
+        .unwrap();
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    pki.server.write(&keys, "server").unwrap();
+    std::fs::remove_file(keys.join("server.pem")).unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let ks = Proc(
+        Command::new(bin("ztp-keyserver"))
+            .args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(dir.join("keyserver.pem"))
+            .arg("--key")
+            .arg(dir.join("keyserver.key"))
+            .arg("--client-ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--keys")
+            .arg(&keys)
+            .args(["--threads", "1", "--sign-threads", "1"])
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ztp-keyserver"),
+    );
+    pin(ks.0.id(), cpus);
+    wait_until("the key server's port", Duration::from_secs(20), || {
+        TcpStream::connect(addr).is_ok()
+    });
+    (ks, addr)
+}

@@ -101,46 +101,14 @@ fn main() {
     // The key server, its log (a line per signature) written to a file as in
     // production: through the test harness, a thread of this process would wake for
     // every line, on the CPU the key server shares with the load client.
-    let ks_port = free_port();
     let ks_log = dir.join("keyserver.log");
-    let _ks = {
-        ztp_tests::keyserver::keyserver_cert(&pki)
-            .write(&dir, "keyserver")
-            .unwrap();
-        let keys = dir.join("keys");
-        std::fs::create_dir_all(&keys).unwrap();
-        std::fs::write(keys.join("server.key"), &pki.server.key_pem).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            keys.join("server.key"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-        let child = Command::new(bin("ztp-keyserver"))
-            .args(["--listen", &format!("127.0.0.1:{ks_port}")])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .arg("--cert")
-            .arg(dir.join("keyserver.pem"))
-            .arg("--key")
-            .arg(dir.join("keyserver.key"))
-            .arg("--client-ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--keys")
-            .arg(&keys)
-            // Sized to the one CPU it is pinned to.
-            .args(["--threads", "1", "--sign-threads", "1"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&ks_log).unwrap())
-            .spawn()
-            .expect("spawn ztp-keyserver");
-        let p = Proc(child);
-        pin(p.0.id(), &o.keyserver_cpus);
-        wait_until("the key server to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", ks_port)).is_ok()
-        });
-        p
-    };
+    let (_ks, ks_addr) = start_keyserver(
+        &dir,
+        &pki,
+        &o.keyserver_cpus,
+        "info",
+        std::fs::File::create(&ks_log).unwrap().into(),
+    );
 
     let start_dp = |key: &[String]| -> (Proc, SocketAddr) {
         let port = free_port();
@@ -173,7 +141,7 @@ fn main() {
     let (_local, local) = start_dp(&["--key".into(), path("server.key")]);
     let (_keyless, keyless) = start_dp(&[
         "--key".into(),
-        format!("keyless://127.0.0.1:{ks_port}"),
+        format!("keyless://{ks_addr}"),
         "--keyless-cert".into(),
         path("node.pem"),
         "--keyless-key".into(),

@@ -18,7 +18,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztp_proto::keyless::{split, Op, Outcome, Request, Response};
 
-use common::{bin, free_port, machine, pin, stat_cpu, wait_until, Proc};
+use common::{machine, pin, start_keyserver, stat_cpu};
 
 struct Opts {
     secs: u64,
@@ -115,42 +115,10 @@ fn main() {
     pin(std::process::id(), "1");
     let dir = ztp_tests::TempDir::new("bench-keyserver");
     let pki = ztp_tests::TestPki::new();
-    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
-    ztp_tests::keyserver::keyserver_cert(&pki)
-        .write(dir.path(), "ks")
-        .unwrap();
-    std::fs::create_dir(dir.join("keys")).unwrap();
-    // The data plane's server key, held by the key server.
-    pki.server.write(&dir.join("keys"), "server").unwrap();
-    std::fs::remove_file(dir.join("keys").join("server.pem")).unwrap();
     let key_id = ztp_tests::keyserver::key_id_of_cert(&pki.server.cert_der).unwrap();
-
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let ks = Proc(
-        Command::new(bin("ztp-keyserver"))
-            .args(["--listen", &addr.to_string()])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--cert")
-            .arg(dir.join("ks.pem"))
-            .arg("--key")
-            .arg(dir.join("ks.key"))
-            .arg("--client-ca")
-            .arg(dir.join("ca.pem"))
-            .arg("--keys")
-            .arg(dir.join("keys"))
-            .args(["--threads", "1", "--sign-threads", "1"])
-            .env("RUST_LOG", &o.log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ztp-keyserver"),
-    );
+    // Its log to /dev/null: the figure includes formatting each line, not a disk.
+    let (ks, addr) = start_keyserver(dir.path(), &pki, "0", &o.log, Stdio::null());
     let pid = ks.0.id();
-    pin(pid, "0");
-    wait_until("the key server's port", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
 
     let node = pki.node("bench");
     let config = common::client_config(&pki.ca_pem, &node);
